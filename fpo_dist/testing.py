@@ -1,0 +1,169 @@
+"""Tiny, fully local models for tests, benchmarks and the demo.
+
+Nothing here downloads anything: a byte-level BPE tokenizer is trained on a built-in corpus with
+``tokenizers``, a small ``LlamaForCausalLM`` is initialised from a config, and a sae-lens JumpReLU SAE
+is built from its config.  All three are saved in the formats the real loading code reads
+(``save_pretrained`` / ``SAE.save_model``), so tests exercise the same paths as a real run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# A Llama-3-like chat template: BOS, then one header per turn, turns closed by <|eot|>.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "<|start|>{{ m['role'] }}\n{{ m['content'] }}<|eot|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant\n{% endif %}"
+)
+
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<|start|>", "<|eot|>"]
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Please write a short poem about the sea and the sky.",
+    "I like apples, bananas and cherries; she likes grapes.",
+    "Answer with yes or no: is water wet? Yes, water is wet.",
+    "Explain gradient descent in one sentence: follow the slope downhill.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 100 1000 3.14 2.71",
+    "Hello! How are you today? I am fine, thank you.",
+    "user assistant system: helpful harmless honest",
+    "Human: tell me a joke. Assistant: why did the chicken cross the road?",
+    "def f(x):\n    return x * 2  # code with spaces\n\tand tabs",
+    "Ünïcödé, emoji 🙂 and CJK 漢字 survive byte-level tokenisation.",
+]
+
+
+def build_tokenizer(out_dir: str | os.PathLike | None = None, vocab_size: int = 512, chat_template: bool = True):
+    """Train a byte-level BPE tokenizer (real merges, so tokens can span word boundaries) and wrap it.
+
+    Returns a ``PreTrainedTokenizerFast`` with BOS/EOS/PAD set; saves it when ``out_dir`` is given.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    # Like Llama: plain encoding adds BOS (the chat template writes its own BOS instead).
+    bos_id = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos_id)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|start|>", "<|eot|>"],
+    )
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    if out_dir is not None:
+        fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def build_llama(
+    out_dir: str | os.PathLike | None = None,
+    vocab_size: int = 512,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 64,
+    max_position_embeddings: int = 512,
+    seed: int = 0,
+    tokenizer=None,
+):
+    """A randomly initialised ``LlamaForCausalLM`` (deterministic for a seed), saved in HF format."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=getattr(tokenizer, "bos_token_id", 1),
+        eos_token_id=getattr(tokenizer, "eos_token_id", 2),
+        pad_token_id=getattr(tokenizer, "pad_token_id", 0),
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    # Default init (std 0.02) gives near-uniform next-token distributions; scale up the embeddings
+    # and head so log-probs, features and losses have real spread in tests.
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(25.0)
+        model.lm_head.weight.mul_(25.0)
+    model.eval()
+    if out_dir is not None:
+        model.save_pretrained(str(out_dir))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out_dir))
+    return model
+
+
+def build_sae(
+    out_dir: str | os.PathLike | None = None,
+    d_in: int = 32,
+    d_sae: int = 128,
+    hook_layer: int = 1,
+    seed: int = 0,
+    threshold: float = 0.5,
+    apply_b_dec_to_input: bool = False,
+):
+    """A sae-lens ``JumpReLUSAE`` with random weights and a positive threshold (so codes are sparse)."""
+    import torch
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    cfg = JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=apply_b_dec_to_input)
+    cfg.metadata.hook_name = f"blocks.{hook_layer}.hook_resid_post"
+    cfg.metadata.model_name = "tiny-llama"
+    sae = JumpReLUSAE(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
+        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) / d_sae**0.5)
+        sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.1)
+        sae.b_dec.copy_(torch.randn(d_in, generator=g) * 0.1)
+        sae.threshold.copy_(torch.full((d_sae,), threshold) + torch.rand(d_sae, generator=g) * 0.5)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        sae.save_model(str(out_dir))
+    return sae
+
+
+@dataclass(frozen=True)
+class TinyArtifacts:
+    model_dir: Path  # HF model + tokenizer
+    sae_dir: Path  # sae-lens save_model directory
+    hook_layer: int
+
+
+def build_tiny_artifacts(root: str | os.PathLike, hook_layer: int = 1, num_layers: int = 2, seed: int = 0) -> TinyArtifacts:
+    """Tokenizer + tiny Llama + tiny SAE, under ``root``; idempotent (reuses what is already there)."""
+    root = Path(root)
+    model_dir, sae_dir = root / "model", root / "sae"
+    if not (model_dir / "config.json").exists():
+        tok = build_tokenizer()
+        build_llama(model_dir, vocab_size=len(tok), num_layers=num_layers, tokenizer=tok, seed=seed)
+    if not (sae_dir / "cfg.json").exists():
+        build_sae(sae_dir, d_in=32, hook_layer=hook_layer, seed=seed)
+    return TinyArtifacts(model_dir=model_dir, sae_dir=sae_dir, hook_layer=hook_layer)
