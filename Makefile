@@ -1,0 +1,32 @@
+# fpo-dist: `make demo` runs the whole pipeline on the bundled task; `make test` runs the test suite.
+# Both create .venv (if missing) and install the project with its pinned dependencies first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# re-install only when the dependency list changes
+STAMP := $(VENV)/.fpo-installed-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast demo bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24"
+	# DS_BUILD_OPS=0: DeepSpeed ops are JIT-compiled when first used, not at install time.
+	# torch==2.13.0 is pinned in pyproject.toml: on a CPU machine pip takes the CPU build.
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev,demo]"
+	@rm -f $(VENV)/.fpo-installed-*
+	@touch $@
+
+test: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the suite without the real-model and multi-process tests (seconds, for editing loops)
+test-fast: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not realmodel and not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

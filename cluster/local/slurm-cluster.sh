@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# slurm-cluster.sh: a real, private SLURM cluster on this one machine, for CI and local runs of cluster/slurm/*.
+#
+#   slurm-cluster.sh up [--nodes N] [--cpus C]   install (if missing) and start munged + slurmctld + N slurmd
+#   slurm-cluster.sh down                        cancel its jobs, stop everything it started (by PID), keep logs
+#   slurm-cluster.sh status                      its daemons (pid, alive/dead) and sinfo
+#   slurm-cluster.sh env                         print `export SLURM_CONF=...`; use: eval "$(slurm-cluster.sh env)"
+#
+# Debian's slurm-wlm (22.05, built with --enable-multiple-slurmd): nodes node1..N are slurmd processes on this host
+# (NodeHostname=localhost, one Port each), so an allocation of N nodes is a real one: SLURM_NODEID 0..N-1, one
+# srun task per node, dependencies, exit codes, jobcomp records. Everything is private to the state dir: its own
+# munged (own key and socket, AuthInfo=socket=...), its own ports, config, spool, pid files and logs; nothing in
+# /etc or /run is touched, so it coexists with a system SLURM/munge or another copy of this harness (other dir,
+# other ports). Needs root (slurmd runs jobs as their submitting user). Never pkill/killall: daemons are stopped
+# by the PIDs in their pid files, and job processes by their SLURM_CONF (= this cluster's) in /proc/PID/environ.
+#
+# Environment (defaults):
+#   FPO_SLURM_DIR=/tmp/fpo-slurm-$UID    config, state, spool, logs (log/), pid files (run/), munge (munge/)
+#   FPO_SLURM_NODES=2                    node count (or `up --nodes N`)
+#   FPO_SLURM_CPUS=<nproc>               CPUs= per node (or `up --cpus C`); each node claims them, so N nodes
+#                                        oversubscribe the real cores (SlurmdParameters=config_overrides)
+#   FPO_SLURM_MEM=4000                   RealMemory= (MB) per node
+#   FPO_SLURM_CTLD_PORT=16817            slurmctld port
+#   FPO_SLURM_SLURMD_PORT=16820          node i's slurmd listens on FPO_SLURM_SLURMD_PORT + i
+#   FPO_SLURM_INSTALL=1                  0: never apt-get; fail if slurm-wlm/munge are missing
+set -euo pipefail
+
+DIR=${FPO_SLURM_DIR:-/tmp/fpo-slurm-$(id -u)}
+NNODES=${FPO_SLURM_NODES:-2}
+CPUS=${FPO_SLURM_CPUS:-$(nproc)}
+MEM=${FPO_SLURM_MEM:-4000}
+CTLD_PORT=${FPO_SLURM_CTLD_PORT:-16817}
+SLURMD_PORT=${FPO_SLURM_SLURMD_PORT:-16820}
+INSTALL=${FPO_SLURM_INSTALL:-1}
+CONF=$DIR/etc/slurm.conf
+MUNGE_SOCK=$DIR/munge/munge.socket
+export SLURM_CONF=$CONF
+
+log() { printf '[slurm-cluster %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }   # alive PIDFILE
+node_names() { sed -n 's/^NodeName=\([^ ]*\) .*/\1/p' "$CONF" 2>/dev/null; }   # from the written config
+
+install_pkgs() {
+  local need=() p
+  for p in slurm-wlm munge; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+  [ ${#need[@]} -eq 0 ] && return 0
+  [ "$INSTALL" = 1 ] || die "missing packages: ${need[*]} (FPO_SLURM_INSTALL=0)"
+  command -v apt-get >/dev/null || die "missing packages ${need[*]} and no apt-get: install SLURM + munge yourself"
+  log "apt-get install ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+}
+
+start_munge() {   # a munged of our own: own key, socket and pid file under $DIR/munge (mode 0755: munged requires it)
+  install -d -m 0755 "$DIR/munge"
+  [ -s "$DIR/munge/munge.key" ] || { mungekey -c -k "$DIR/munge/munge.key" && chmod 600 "$DIR/munge/munge.key"; }
+  munged --socket="$MUNGE_SOCK" --key-file="$DIR/munge/munge.key" --pid-file="$DIR/run/munged.pid" \
+    --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/munged.seed"       # daemonizes
+  for _ in $(seq 50); do munge -n --socket="$MUNGE_SOCK" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  die "munged did not come up (see $DIR/log/munged.log)"
+}
+
+write_conf() {
+  local i
+  cat > "$CONF" <<EOF
+# written by cluster/local/slurm-cluster.sh; private to $DIR
+ClusterName=fpolocal
+SlurmctldHost=localhost(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$MUNGE_SOCK
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+SlurmdParameters=config_overrides
+ReturnToService=2
+SlurmctldPort=$CTLD_PORT
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool/%n
+SlurmctldPidFile=$DIR/run/slurmctld.pid
+SlurmdPidFile=$DIR/run/slurmd-%n.pid
+SlurmctldLogFile=$DIR/log/slurmctld.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+MailProg=/bin/true
+InactiveLimit=0
+KillWait=5
+MinJobAge=300
+Waittime=0
+JobCompType=jobcomp/filetxt
+JobCompLoc=$DIR/log/jobcomp.txt
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+EOF
+  for i in $(seq "$NNODES"); do
+    echo "NodeName=node$i NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((SLURMD_PORT + i)) CPUs=$CPUS RealMemory=$MEM State=UNKNOWN"
+  done >> "$CONF"
+  echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO" >> "$CONF"
+}
+
+idle_nodes() { sinfo -h -t idle -o '%D' 2>/dev/null | awk '{s += $1} END {print s + 0}'; }
+
+all_up() {   # every daemon in the pid files is alive
+  local n
+  alive "$DIR/run/munged.pid" && alive "$DIR/run/slurmctld.pid" || return 1
+  for n in $(node_names); do alive "$DIR/run/slurmd-$n.pid" || return 1; done
+}
+
+cmd_up() {
+  local t0=$SECONDS n
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --nodes) NNODES=$2; shift 2 ;;
+      --nodes=*) NNODES=${1#*=}; shift ;;
+      --cpus) CPUS=$2; shift 2 ;;
+      --cpus=*) CPUS=${1#*=}; shift ;;
+      *) die "up: unknown argument $1" ;;
+    esac
+  done
+  [ "$(id -u)" = 0 ] || die "needs root (slurmd must be able to run jobs as their user)"
+  if [ -f "$CONF" ] && all_up; then
+    log "already up ($DIR); export SLURM_CONF=$CONF"; return 0
+  fi
+  [ -e "$DIR/run" ] && { log "stale state in $DIR: cleaning up first"; cmd_down; }
+  install_pkgs
+  install -d -m 0755 "$DIR" "$DIR"/{etc,state,log,run}
+  rm -rf "${DIR:?}/state"/* "${DIR:?}/spool"
+  start_munge
+  write_conf
+  for n in $(node_names); do mkdir -p "$DIR/spool/$n"; done
+  slurmctld -i                           # -i: ignore old state; daemonizes, pid file in $DIR/run
+  for n in $(node_names); do slurmd -N "$n"; done
+  for _ in $(seq 150); do [ "$(idle_nodes)" = "$NNODES" ] && break; sleep 0.2; done
+  [ "$(idle_nodes)" = "$NNODES" ] || { sinfo >&2 || true; die "nodes not idle after 30 s (logs: $DIR/log)"; }
+  sinfo
+  log "up in $((SECONDS - t0)) s: $NNODES nodes x $CPUS CPUs; export SLURM_CONF=$CONF"
+}
+
+kill_pids() {   # kill_pids PID...: SIGTERM, wait up to 15 s for all, then SIGKILL
+  local p alive_any
+  [ $# -gt 0 ] || return 0
+  kill "$@" 2>/dev/null || true
+  for _ in $(seq 150); do
+    alive_any=0; for p in "$@"; do kill -0 "$p" 2>/dev/null && alive_any=1; done
+    [ $alive_any = 0 ] && return 0; sleep 0.1
+  done
+  for p in "$@"; do kill -0 "$p" 2>/dev/null && { log "pid $p still alive, SIGKILL"; kill -9 "$p" 2>/dev/null || true; }; done
+}
+
+kill_pidfiles() {
+  local f pids=()
+  for f in "$@"; do alive "$f" && pids+=("$(cat "$f")"); done
+  kill_pids "${pids[@]}"
+  rm -f "$@"
+}
+
+job_pids() {   # processes of this cluster's jobs and steps: SLURM_CONF=$CONF and a SLURM_JOB_ID (or slurmstepd)
+  local p env
+  for p in /proc/[0-9]*; do
+    p=${p#/proc/}
+    [ "$p" = $$ ] && continue
+    env=$(tr '\0' '\n' < "/proc/$p/environ" 2>/dev/null) || continue
+    grep -qx "SLURM_CONF=$CONF" <<< "$env" || continue
+    if grep -q '^SLURM_JOB_ID=' <<< "$env" || [ "$(cat "/proc/$p/comm" 2>/dev/null)" = slurmstepd ]; then echo "$p"; fi
+  done
+}
+
+cmd_down() {
+  local pids
+  if alive "$DIR/run/slurmctld.pid"; then
+    scancel --user="$(id -un)" 2>/dev/null || true
+    for _ in $(seq 75); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.2; done
+  fi
+  kill_pidfiles "$DIR"/run/slurmd-*.pid
+  # slurmstepd and job processes that outlived slurmd (or escaped its process tree): this cluster's only
+  pids=$(job_pids | tr '\n' ' ')
+  [ -n "$pids" ] && { log "leftover job processes: $pids"; kill_pids $pids; }
+  kill_pidfiles "$DIR/run/slurmctld.pid"
+  kill_pidfiles "$DIR/run/munged.pid"
+  rm -f "$MUNGE_SOCK" "$MUNGE_SOCK.lock"
+  log "down ($DIR; logs kept in $DIR/log)"
+}
+
+cmd_status() {
+  local f
+  for f in "$DIR"/run/*.pid; do
+    [ -s "$f" ] && printf '%-48s %-8s %s\n' "$f" "$(cat "$f")" "$(alive "$f" && echo alive || echo dead)"
+  done
+  if alive "$DIR/run/slurmctld.pid"; then sinfo; squeue; else echo "slurmctld not running ($DIR)"; return 1; fi
+}
+
+case ${1:-} in
+  up) shift; cmd_up "$@" ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  env) echo "export SLURM_CONF=$CONF" ;;
+  *) sed -n '2,26p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,407 @@
+"""Typed configuration for the cache job and the train job.
+
+A config is a tree of dataclasses.  It is built from defaults, then a YAML file, then command-line
+overrides (``--section.key value`` or ``--section.key=value``; top-level keys as ``--key value``), and
+checked before any work: unknown keys, wrong types, values outside a fixed set and invalid flag
+combinations raise :class:`ConfigError` with the key and what to change.  Every run prints the
+resolved config in full (:func:`to_yaml`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any work is done."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections shared by both jobs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where the preference pairs come from and how they become token sequences."""
+
+    source: str = ""  # hub dataset id, or local .json/.jsonl/.parquet file(s) (comma-separated or a glob)
+    split: str = "train"
+    revision: str | None = None  # hub datasets only
+    schema: Literal["auto", "strings", "messages", "transcripts"] = "auto"
+    columns: dict[str, str] = field(default_factory=dict)  # e.g. {prompt: question, chosen: good}
+    template: Literal["auto", "chat", "plain"] = "auto"  # auto: chat template if the tokenizer has one
+    max_length: int = 1024  # prompt + response tokens
+    max_prompt_length: int = 512
+    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"  # which part of the prompt survives
+    over_length: Literal["truncate", "drop"] = "truncate"  # drop: over-length rows become bad rows
+    on_bad_row: Literal["fail", "skip"] = "fail"  # skip: bad rows are counted and reported, not fatal
+    max_rows: int | None = None  # use only the first N rows (smoke runs)
+
+    def validate(self, prefix: str = "data") -> None:
+        if not self.source:
+            raise ConfigError(f"'{prefix}.source' is required: a hub dataset id or local .json/.jsonl/.parquet file(s)")
+        if self.max_prompt_length <= 0 or self.max_length <= 0:
+            raise ConfigError(f"'{prefix}.max_length' and '{prefix}.max_prompt_length' must be positive")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"'{prefix}.max_prompt_length' ({self.max_prompt_length}) must be smaller than "
+                f"'{prefix}.max_length' ({self.max_length}), or no response token fits"
+            )
+        unknown = set(self.columns) - {"prompt", "chosen", "rejected"}
+        if unknown:
+            raise ConfigError(f"'{prefix}.columns' maps unknown fields {sorted(unknown)}; use prompt/chosen/rejected")
+        if self.max_rows is not None and self.max_rows <= 0:
+            raise ConfigError(f"'{prefix}.max_rows' must be positive or null")
+
+
+@dataclass
+class ModelConfig:
+    """A causal LM: hub id or local directory (optionally a GGUF file inside it)."""
+
+    name_or_path: str = ""
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gguf_file: str | None = None
+    tokenizer: str | None = None  # defaults to name_or_path
+    trust_remote_code: bool = False  # only when the user explicitly asks
+
+
+@dataclass
+class SAEConfig:
+    """A sae-lens SAE: a release + id for ``SAE.from_pretrained``, or a directory saved by sae-lens."""
+
+    source: str = ""  # release name (e.g. gemma-scope-2b-pt-res-canonical) or local directory
+    sae_id: str | None = None  # e.g. layer_25/width_16k/canonical (releases only)
+    layer: int | None = None  # hook layer ℓ: residual output of decoder block ℓ (0-based)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache job
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CacheConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    output: str = ""  # store path or fsspec URL
+    workers: int = 0  # 0: one per GPU in the cluster, else CPU workers (one per cpus_per_worker)
+    cpus_per_worker: int = 1  # CPU workers: torch threads per actor
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    rows_per_shard: int = 512
+    chunk_rows: int = 256  # zarr chunk length; rows_per_shard must be a multiple
+    batch_size: int = 8  # pairs per forward (2x sequences)
+    per_token_logps: bool = False
+    per_token_codes: bool = False
+    overwrite: bool = False
+    ray_address: str | None = None  # None: local Ray instance (or RAY_ADDRESS when set); "auto": attach
+    max_retries: int = 3  # per shard, when an actor dies
+    seed: int = 0
+
+    def validate(self) -> None:
+        self.data.validate()
+        if not self.model.name_or_path:
+            raise ConfigError("'model.name_or_path' is required: the reference model (hub id or local dir)")
+        if not self.sae.source:
+            raise ConfigError("'sae.source' is required: a sae-lens release or a local SAE directory")
+        if self.sae.layer is None:
+            raise ConfigError("'sae.layer' is required: the decoder block whose residual output the SAE reads")
+        if not self.output:
+            raise ConfigError("'output' is required: where the cache store is written (path or fsspec URL)")
+        if self.chunk_rows <= 0 or self.rows_per_shard <= 0 or self.rows_per_shard % self.chunk_rows:
+            raise ConfigError(
+                f"'rows_per_shard' ({self.rows_per_shard}) must be a positive multiple of 'chunk_rows' "
+                f"({self.chunk_rows}) so that exactly one writer owns each chunk"
+            )
+        if self.batch_size <= 0 or self.cpus_per_worker <= 0 or self.workers < 0:
+            raise ConfigError("'batch_size' and 'cpus_per_worker' must be positive, 'workers' >= 0")
+
+
+# --------------------------------------------------------------------------------------------------
+# Train job
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossConfig:
+    name: Literal["fpo", "dpo", "simpo", "dpo-online", "tdpo1", "tdpo2"] = "fpo"
+    beta: float | None = None  # None: the loss's default (0.1; SimPO 2.0)
+    alpha: float = 0.5  # FPO feature weight / TDPO2 KL weight
+    k: int = 50  # FPO top-k
+    topk_mode: Literal["union", "policy"] = "union"  # paper: union; authors' code: policy
+    stop_grad_chosen: bool = True  # FPO: sg on the chosen-side feature term
+    gamma: float = 1.0  # SimPO margin
+    gamma_is_ratio: bool = False  # SimPO: gamma is γ/β (SimPO code's convention)
+    encode_selected: bool = True  # FPO: grad path encodes only the needed SAE columns
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adam", "rmsprop"] = "adamw"
+    lr: float = 5e-7
+    weight_decay: float = 0.0
+    warmup_steps: int = 150
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    cache: str = ""  # the store built by the cache job
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    policy: ModelConfig = field(default_factory=ModelConfig)  # empty: the cache's reference model
+    ref_model: ModelConfig = field(default_factory=ModelConfig)  # online losses; empty: the cache's
+    sae: SAEConfig = field(default_factory=SAEConfig)  # empty: the cache's SAE
+    output_dir: str = "runs/fpo"
+    deepspeed: str = ""  # path to a DeepSpeed JSON config
+    micro_batch_size: int = 2  # pairs per rank per micro-step
+    grad_accum: int = 1
+    global_batch_size: int | None = None  # checked = micro * accum * data-parallel world
+    epochs: int = 1
+    max_steps: int | None = None
+    seed: int = 0
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
+    keep_last: int = 2
+    resume: str | None = None  # "auto" or a checkpoint path
+    log_every: int = 1
+    step0_check: bool = True
+    step0_rows: int = 4
+    step0_atol_logp: float = 1e-3  # per-token average log-prob tolerance
+    step0_atol_mse: float = 1e-4  # pooled-feature MSE tolerance
+    export: bool = True  # HF export at the end
+    prefetch: int = 2  # micro-batches read ahead by the loader
+    dist_timeout_s: int = 1800
+
+    def validate(self) -> None:
+        if not self.cache:
+            raise ConfigError("'cache' is required: the path of a store built by `python -m fpo_dist.cache`")
+        if self.micro_batch_size <= 0 or self.grad_accum <= 0 or self.epochs <= 0:
+            raise ConfigError("'micro_batch_size', 'grad_accum' and 'epochs' must be positive")
+        if self.loss.k <= 0:
+            raise ConfigError("'loss.k' must be positive")
+        if self.loss.name != "fpo" and self.sae.source:
+            raise ConfigError(
+                f"'sae.source' is set but loss '{self.loss.name}' uses no SAE; drop 'sae.*' or use --loss.name fpo"
+            )
+        online = self.loss.name in ("dpo-online", "tdpo1", "tdpo2")
+        if self.ref_model.name_or_path and not online:
+            raise ConfigError(
+                f"'ref_model' is set but loss '{self.loss.name}' uses no resident reference model; "
+                "drop 'ref_model.*' or choose dpo-online/tdpo1/tdpo2"
+            )
+        if self.resume not in (None, "auto") and not Path(self.resume).exists():
+            raise ConfigError(f"'resume' must be 'auto' or an existing checkpoint directory, got '{self.resume}'")
+        if self.keep_last < 1:
+            raise ConfigError("'keep_last' must be at least 1")
+
+
+# --------------------------------------------------------------------------------------------------
+# Building configs: defaults < YAML < CLI
+# --------------------------------------------------------------------------------------------------
+
+_T = typing.TypeVar("_T")
+
+
+def load_config(cls: type[_T], yaml_path: str | Path | None = None, overrides: list[str] | None = None) -> _T:
+    """Build ``cls`` from defaults, a YAML file and ``--key value`` overrides; validate it."""
+    cfg = cls()
+    if yaml_path:
+        import yaml
+
+        path = Path(yaml_path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+        _apply_mapping(cfg, raw, prefix="", origin=str(path))
+    for key, value in _parse_overrides(overrides or []):
+        _apply_dotted(cfg, key, value, origin="command line")
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False, default_flow_style=False)
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}': overrides are --key value or --key=value")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value = args[i + 1]
+            i += 2
+        else:  # a bare flag: boolean true
+            value = "true"
+            i += 1
+        out.append((key.replace("-", "_"), value))
+    return out
+
+
+def _fields(obj: Any) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _unknown_key(key: str, known: list[str], where: str, origin: str) -> ConfigError:
+    hint = difflib.get_close_matches(key.split(".")[-1], known, n=1)
+    did_you_mean = f"; did you mean '{hint[0]}'?" if hint else ""
+    return ConfigError(f"{origin}: unknown key '{key}'{did_you_mean} (known keys in {where}: {', '.join(known)})")
+
+
+def _apply_mapping(obj: Any, raw: dict, prefix: str, origin: str) -> None:
+    fields = _fields(obj)
+    hints = typing.get_type_hints(type(obj))
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise _unknown_key(full, sorted(fields), f"'{prefix[:-1]}'" if prefix else "the top level", origin)
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{origin}: '{full}' is a section; give it a mapping, not {value!r}")
+            _apply_mapping(current, value, prefix=f"{full}.", origin=origin)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full, origin, from_string=False))
+
+
+def _apply_dotted(cfg: Any, key: str, value: str, origin: str) -> None:
+    parts = key.split(".")
+    obj, prefix = cfg, ""
+    for part in parts[:-1]:
+        fields = _fields(obj)
+        if part not in fields or not dataclasses.is_dataclass(getattr(obj, part)):
+            raise _unknown_key(prefix + part, sorted(fields), f"'{prefix[:-1]}'" if prefix else "the top level", origin)
+        obj, prefix = getattr(obj, part), f"{prefix}{part}."
+    last = parts[-1]
+    fields = _fields(obj)
+    if last not in fields:
+        raise _unknown_key(key, sorted(fields), f"'{prefix[:-1]}'" if prefix else "the top level", origin)
+    if dataclasses.is_dataclass(getattr(obj, last)):
+        raise ConfigError(f"{origin}: '{key}' is a section; set its keys, e.g. --{key}.<key> value")
+    hint = typing.get_type_hints(type(obj))[last]
+    setattr(obj, last, _coerce(value, hint, key, origin, from_string=True))
+
+
+def _coerce(value: Any, tp: Any, key: str, origin: str, from_string: bool) -> Any:
+    """Convert ``value`` to type ``tp`` (from YAML or from a CLI string), or raise naming ``key``."""
+    origin_tp = get_origin(tp)
+    args = get_args(tp)
+    if origin_tp in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        if value is None or (from_string and str(value).lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        last_err: ConfigError | None = None
+        for a in non_none:
+            try:
+                return _coerce(value, a, key, origin, from_string)
+            except ConfigError as e:
+                last_err = e
+        raise last_err or ConfigError(f"{origin}: '{key}': cannot use {value!r}")
+    if origin_tp is Literal:
+        choices = list(args)
+        if value not in choices:
+            raise ConfigError(f"{origin}: '{key}' must be one of {choices}, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_string and str(value).lower() in ("true", "1", "yes", "on"):
+            return True
+        if from_string and str(value).lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{origin}: '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{origin}: '{key}' must be an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{origin}: '{key}' must be an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{origin}: '{key}' must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{origin}: '{key}' must be a number, got {value!r}") from None
+    if tp is str:
+        if from_string or isinstance(value, str):
+            return str(value)
+        raise ConfigError(f"{origin}: '{key}' must be a string, got {value!r}")
+    if origin_tp in (dict,) or tp is dict:
+        if from_string:
+            import yaml
+
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ConfigError(f"{origin}: '{key}' must be a mapping of strings, e.g. {{prompt: question}}")
+        return dict(value)
+    if origin_tp in (tuple, list):
+        if from_string:
+            value = [v for v in str(value).split(",") if v != ""]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{origin}: '{key}' must be a list, got {value!r}")
+        elem = args[0] if args else str
+        if origin_tp is tuple and len(args) >= 2 and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{origin}: '{key}' must have {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, key, origin, from_string) for v, a in zip(value, args))
+        items = [_coerce(v, elem, key, origin, from_string) for v in value]
+        return tuple(items) if origin_tp is tuple else items
+    raise ConfigError(f"{origin}: '{key}': unsupported config type {tp!r}")  # pragma: no cover
+
+
+def split_config_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Pull ``--config PATH`` out of ``argv``; the rest are overrides."""
+    rest, path = [], None
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            path, i = argv[i + 1], i + 2
+        elif argv[i].startswith("--config="):
+            path, i = argv[i].split("=", 1)[1], i + 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    return path, rest

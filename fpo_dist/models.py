@@ -1,0 +1,271 @@
+"""Hugging Face models: loading, the block-ℓ residual hook, and the chosen/rejected batch layout.
+
+The hook point is the raw residual-stream output of decoder block ℓ — TransformerLens's
+``blocks.ℓ.hook_resid_post``, what Gemma Scope residual SAEs were trained on.  It is captured with a plain
+forward hook on the block module, so it carries gradients, works with Hugging Face gradient checkpointing
+(transformers checkpoints ``forward``, module hooks stay outside) and with DeepSpeed ZeRO-3 (whose own
+hooks gather the block's parameters around the same call).
+
+Do not use ``output_hidden_states``: ``hidden_states[ℓ + 1]`` equals the hook for every block except the
+last, whose entry is taken AFTER the final norm.
+
+Heavy imports (transformers) happen inside the loading functions; this module never imports sae_lens,
+ray, deepspeed or zarr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fpo_dist.data import TokenizedPair
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from and how to load it (also the model part of a cache's provenance).
+
+    ``name_or_path`` is a hub id (``google/gemma-2-2b``) or a local directory.  ``gguf_file`` names a GGUF
+    checkpoint inside that directory (or repo); transformers dequantises it to ``dtype``.
+    ``trust_remote_code`` is passed to transformers only when set.
+    """
+
+    name_or_path: str
+    revision: str | None = None
+    dtype: str = "float32"
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path:
+            raise ValueError("ModelSpec.name_or_path is empty: give a hub id or a local model directory")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"ModelSpec.dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def is_local(self) -> bool:
+        return Path(os.path.expanduser(self.name_or_path)).is_dir()
+
+
+def _source_kwargs(spec: ModelSpec) -> tuple[str, dict]:
+    """Resolve ``spec`` to the first argument and the shared keyword arguments of ``from_pretrained``."""
+    path = os.path.expanduser(spec.name_or_path)
+    looks_like_path = spec.name_or_path.startswith(("/", "./", "../", "~"))
+    if looks_like_path and not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory {spec.name_or_path!r} does not exist")
+    kwargs: dict = {}
+    if spec.revision is not None:
+        kwargs["revision"] = spec.revision
+    if spec.gguf_file is not None:
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, spec.gguf_file)):
+            raise FileNotFoundError(f"GGUF file {spec.gguf_file!r} not found in {path!r}")
+        kwargs["gguf_file"] = spec.gguf_file
+    if spec.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    return (path if os.path.isdir(path) else spec.name_or_path), kwargs
+
+
+@contextlib.contextmanager
+def _explain_hub_errors(spec: ModelSpec, what: str) -> Iterator[None]:
+    """Re-raise a failed hub load with the id in the message and what to do offline."""
+    try:
+        yield
+    except OSError as e:  # transformers/huggingface_hub raise OSError subclasses for missing/offline repos
+        if spec.is_local:
+            raise
+        rev = f" (revision {spec.revision!r})" if spec.revision else ""
+        raise OSError(
+            f"could not load the {what} for hub id {spec.name_or_path!r}{rev}: {e}\n"
+            "If this machine cannot reach the Hugging Face Hub, download the model elsewhere and pass its "
+            "local directory as the model path, or pre-fill the HF cache and set HF_HUB_OFFLINE=1."
+        ) from e
+
+
+def load_tokenizer(spec: ModelSpec):
+    """The tokenizer for ``spec`` (``AutoTokenizer``; from the GGUF file when ``spec.gguf_file`` is set)."""
+    from transformers import AutoTokenizer
+
+    source, kwargs = _source_kwargs(spec)
+    with _explain_hub_errors(spec, "tokenizer"):
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+
+
+def load_causal_lm(spec: ModelSpec, *, requires_grad: bool = False, device: str | torch.device | None = None):
+    """``AutoModelForCausalLM`` for ``spec`` in ``spec.dtype``, in eval mode.
+
+    ``requires_grad=False`` freezes every parameter (reference model); the policy passes True.
+    ``device=None`` leaves placement to the caller (under ZeRO-3 DeepSpeed places the partitions: create
+    ``HfDeepSpeedConfig`` before calling this).
+    """
+    from transformers import AutoModelForCausalLM
+
+    source, kwargs = _source_kwargs(spec)
+    with _explain_hub_errors(spec, "model"):
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=spec.torch_dtype, **kwargs)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(requires_grad)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoder blocks and the residual hook
+# ---------------------------------------------------------------------------------------------------------
+
+# Attribute paths to the decoder block list, most specific first.
+_LAYER_PATHS: tuple[tuple[str, ...], ...] = (
+    ("model", "language_model", "layers"),  # Gemma3ForConditionalGeneration (and other multimodal wrappers)
+    ("model", "layers"),  # *ForCausalLM: Llama, Gemma, Gemma2, Gemma3, Mistral, Qwen2
+    ("language_model", "layers"),  # a bare multimodal base model (Gemma3Model)
+    ("layers",),  # a bare decoder (LlamaModel, Gemma3TextModel)
+    ("transformer", "h"),  # GPT-2
+    ("h",),  # bare GPT2Model
+)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Strip wrappers that hold the model in ``.module`` (DeepSpeedEngine, DistributedDataParallel)."""
+    while not any(hasattr(model, p[0]) for p in _LAYER_PATHS) and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ``nn.ModuleList`` of decoder blocks of a causal LM (see ``_LAYER_PATHS`` for what is recognised)."""
+    inner = _unwrap(model)
+    for path in _LAYER_PATHS:
+        obj = inner
+        for name in path:
+            obj = getattr(obj, name, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    tried = ", ".join(".".join(p) for p in _LAYER_PATHS)
+    raise TypeError(f"cannot find the decoder blocks of {type(inner).__name__}: none of {tried} is an nn.ModuleList")
+
+
+class BlockCapture:
+    """What ``capture_block_output`` yields: ``.output`` is the last forward's block output [B, T, D]."""
+
+    def __init__(self, layer: int) -> None:
+        self.layer = layer
+        self._output: torch.Tensor | None = None
+
+    @property
+    def output(self) -> torch.Tensor:
+        if self._output is None:
+            raise RuntimeError(f"block {self.layer} has not run yet: call the model inside capture_block_output")
+        return self._output
+
+    def _hook(self, module: nn.Module, args, output) -> None:
+        self._output = output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextlib.contextmanager
+def capture_block_output(model: nn.Module, layer: int) -> Iterator[BlockCapture]:
+    """Capture the residual output of decoder block ``layer`` (``blocks.{layer}.hook_resid_post``).
+
+    The tensor is stored as the block returned it — no detach, no copy — so gradients flow through it.
+    Each forward inside the context overwrites ``.output``; it stays readable after the context exits.
+    """
+    layers = decoder_layers(model)
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"layer {layer} is out of range: the model has {len(layers)} blocks (0..{len(layers) - 1})")
+    capture = BlockCapture(layer)
+    handle = layers[layer].register_forward_hook(capture._hook)
+    try:
+        yield capture
+    finally:
+        handle.remove()
+
+
+def forward_with_hook(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass: ``(logits [B, T, V], block-``layer`` residual output [B, T, D])``."""
+    with capture_block_output(model, layer) as capture:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.logits, capture.output
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batch layout
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """``B`` preference pairs as ONE right-padded batch of ``2B`` sequences.
+
+    Rows ``[0, B)`` are ``prompt + chosen``, rows ``[B, 2B)`` are ``prompt + rejected`` of the same pairs.
+    ``response_mask[i, t]`` is True iff ``input_ids[i, t]`` is a response token.  The hidden state and the
+    logits that PREDICT those tokens sit one position earlier: see ``prediction_mask``.
+    """
+
+    input_ids: torch.Tensor  # [2B, T] int64, pad_id after the end
+    attention_mask: torch.Tensor  # [2B, T] int64, 1 on real tokens
+    response_mask: torch.Tensor  # [2B, T] bool
+
+    @property
+    def n_pairs(self) -> int:
+        return self.input_ids.shape[0] // 2
+
+    @property
+    def prediction_mask(self) -> torch.Tensor:
+        """[2B, T] bool: True at positions ``t`` whose next token ``t + 1`` is a response token.
+
+        These are the positions whose logits give ``log π(y_t | ·)`` and whose hidden states are pooled.
+        """
+        mask = torch.zeros_like(self.response_mask)
+        mask[:, :-1] = self.response_mask[:, 1:]
+        return mask
+
+
+def build_batch(pairs: Sequence[TokenizedPair], pad_id: int) -> PairBatch:
+    """Lay out ``pairs`` as one right-padded ``PairBatch`` (chosen rows first); T = longest sequence."""
+    if not pairs:
+        raise ValueError("build_batch needs at least one pair")
+    for p in pairs:
+        for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            if not getattr(p, name):
+                # An empty prompt would leave the first response token without a predicting position.
+                raise ValueError(f"pair for source row {p.index} has an empty {name}")
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    T = max(len(prompt) + len(resp) for prompt, resp in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+    response_mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    for i, (prompt, resp) in enumerate(rows):
+        n_p, n = len(prompt), len(prompt) + len(resp)
+        input_ids[i, :n_p] = torch.tensor(prompt, dtype=torch.long)
+        input_ids[i, n_p:n] = torch.tensor(resp, dtype=torch.long)
+        attention_mask[i, :n] = 1
+        response_mask[i, n_p:n] = True
+    return PairBatch(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask)

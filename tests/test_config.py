@@ -1,0 +1,99 @@
+"""Typed configuration: YAML + CLI, unknown keys and bad combinations fail before any work."""
+
+from __future__ import annotations
+
+import pytest
+
+from fpo_dist.config import CacheConfig, ConfigError, TrainConfig, load_config, split_config_args, to_yaml
+
+CACHE_YAML = """
+model: {name_or_path: /models/ref, dtype: bfloat16}
+sae: {source: /saes/l1, layer: 1}
+data:
+  source: data/train.jsonl
+  max_length: 256
+  max_prompt_length: 128
+output: /tmp/store
+rows_per_shard: 64
+chunk_rows: 32
+"""
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_yaml_then_cli_overrides_with_types(tmp_path):
+    cfg = load_config(
+        CacheConfig,
+        write(tmp_path, CACHE_YAML),
+        ["--data.max_length", "300", "--per_token_logps", "--model.revision=abc", "--data.columns",
+         "{prompt: question}", "--ray_address", "null"],
+    )
+    assert cfg.model.dtype == "bfloat16" and cfg.data.max_length == 300 and cfg.per_token_logps is True
+    assert cfg.model.revision == "abc" and cfg.data.columns == {"prompt": "question"} and cfg.ray_address is None
+    assert cfg.rows_per_shard == 64 and cfg.sae.layer == 1
+    text = to_yaml(cfg)  # printed in full at the start of every run
+    assert "max_length: 300" in text and "rows_per_shard: 64" in text and "on_bad_row: fail" in text
+
+
+def test_unknown_key_in_yaml_names_key_and_suggests(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(CacheConfig, write(tmp_path, CACHE_YAML.replace("  max_length: 256", "  max_lenght: 256")))
+    msg = str(e.value)
+    assert "unknown key 'data.max_lenght'" in msg and "did you mean 'max_length'" in msg and "c.yaml" in msg
+
+
+def test_unknown_key_on_cli(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'loss.bta'.*did you mean 'beta'"):
+        load_config(TrainConfig, None, ["--cache", "/s", "--loss.bta", "0.2"])
+    with pytest.raises(ConfigError, match=r"unknown key 'optimizer'"):
+        load_config(TrainConfig, None, ["--cache", "/s", "--optimizer.lr", "1"])
+
+
+def test_wrong_types_and_choices(tmp_path):
+    with pytest.raises(ConfigError, match=r"'data.max_length' must be an integer, got 'ten'"):
+        load_config(CacheConfig, write(tmp_path, CACHE_YAML), ["--data.max_length", "ten"])
+    with pytest.raises(ConfigError, match=r"'loss.name' must be one of .*'fpo'.*got 'ppo'"):
+        load_config(TrainConfig, None, ["--cache", "/s", "--loss.name", "ppo"])
+    with pytest.raises(ConfigError, match=r"'loss.topk_mode' must be one of"):
+        load_config(TrainConfig, None, ["--cache", "/s", "--loss.topk_mode", "reference"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--data.max_prompt_length", "256"], r"'data.max_prompt_length' \(256\) must be smaller than 'data.max_length'"),
+        (["--rows_per_shard", "50"], r"'rows_per_shard' \(50\) must be a positive multiple of 'chunk_rows' \(32\)"),
+        (["--sae.layer", "null"], r"'sae.layer' is required"),
+        (["--data.columns", "{answer: x}"], r"'data.columns' maps unknown fields \['answer'\]"),
+    ],
+)
+def test_invalid_cache_combinations(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CacheConfig, write(tmp_path, CACHE_YAML), overrides)
+
+
+def test_invalid_train_combinations():
+    with pytest.raises(ConfigError, match=r"'sae.source' is set but loss 'dpo' uses no SAE"):
+        load_config(TrainConfig, None, ["--cache", "/s", "--loss.name", "dpo", "--sae.source", "/x"])
+    with pytest.raises(ConfigError, match=r"'ref_model' is set but loss 'fpo'"):
+        load_config(TrainConfig, None, ["--cache", "/s", "--ref_model.name_or_path", "/m"])
+    with pytest.raises(ConfigError, match=r"'cache' is required"):
+        load_config(TrainConfig, None, [])
+    cfg = load_config(TrainConfig, None, ["--cache", "/s", "--loss.name", "tdpo2", "--ref_model.name_or_path", "/m"])
+    assert cfg.loss.name == "tdpo2" and cfg.optim.betas == (0.9, 0.999)
+
+
+def test_split_config_args():
+    assert split_config_args(["--config", "a.yaml", "--x", "1"]) == ("a.yaml", ["--x", "1"])
+    assert split_config_args(["--config=b.yaml"]) == ("b.yaml", [])
+
+
+def test_missing_or_broken_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(CacheConfig, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML"):
+        load_config(CacheConfig, write(tmp_path, "a: [1,\n", "bad.yaml"))
