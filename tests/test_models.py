@@ -249,7 +249,7 @@ def test_gradients_flow_through_captured_hidden(tiny):
 
     # Same gradients with HF gradient checkpointing in training mode (the hook sits outside the checkpoint).
     plain = _grads_from_block(model, 1, ids)
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     model.train()
     calls = []
     handle = decoder_layers(model)[1].register_forward_hook(lambda *a: calls.append(1))
@@ -330,7 +330,7 @@ def test_gemma3_270m_last_block_hook(gemma):
     model, tok = gemma
     layers = decoder_layers(model)
     assert len(layers) == 18
-    prompts = ["The capital of France is", "Two plus two equals"]
+    prompts = ["The capital of France is the city of", "Two plus two equals"]
     responses = [" Paris.", " four."]
     pairs = [
         _pair(i, tok(p).input_ids, tok(r, add_special_tokens=False).input_ids, tok(" no", add_special_tokens=False).input_ids)
@@ -350,9 +350,11 @@ def test_gemma3_270m_last_block_hook(gemma):
     assert (hs[18][real] - h17.output[real]).abs().max() > 1.0  # hidden_states[-1] is after the final norm
     torch.testing.assert_close(hs[18], model.model.norm(h17.output), atol=1e-4, rtol=1e-4)
 
-    # The real model predicts sensibly from the hooked layout, and padding leaves real rows unchanged.
-    paris = b.prediction_mask[0].nonzero()[0].item()
-    assert out.logits[0, paris].argmax().item() == pairs[0].chosen_ids[0]
+    # The real model predicts the first response token (" Paris", " four") at the first predicting
+    # position of each chosen row, and padding leaves a real row unchanged.
+    for row, p in enumerate(pairs):
+        first = b.prediction_mask[row].nonzero()[0].item()
+        assert out.logits[row, first].argmax().item() == p.chosen_ids[0]
     n = int(b.attention_mask[2].sum())
     with torch.no_grad():
         alone_logits, alone_hidden = forward_with_hook(model, b.input_ids[2:3, :n], b.attention_mask[2:3, :n], 17)

@@ -52,8 +52,13 @@ install_pkgs() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 }
 
-start_munge() {   # a munged of our own: own key, socket and pid file under $DIR/munge (mode 0755: munged requires it)
-  install -d -m 0755 "$DIR/munge"
+start_munge() {   # a munged of our own: own key, socket and pid file under $DIR/munge
+  local d=$DIR/munge
+  install -d -m 0755 "$d"
+  while [ "$d" != / ]; do   # munged requires every directory above its socket to be searchable by all
+    [ -n "$(find "$d" -maxdepth 0 -perm -o+x)" ] || die "$d is not searchable by all (chmod o+x): munged refuses it"
+    d=$(dirname "$d")
+  done
   [ -s "$DIR/munge/munge.key" ] || { mungekey -c -k "$DIR/munge/munge.key" && chmod 600 "$DIR/munge/munge.key"; }
   munged --socket="$MUNGE_SOCK" --key-file="$DIR/munge/munge.key" --pid-file="$DIR/run/munged.pid" \
     --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/munged.seed"       # daemonizes
@@ -128,7 +133,7 @@ cmd_up() {
   if [ -f "$CONF" ] && all_up; then
     log "already up ($DIR); export SLURM_CONF=$CONF"; return 0
   fi
-  [ -e "$DIR/run" ] && { log "stale state in $DIR: cleaning up first"; cmd_down; }
+  compgen -G "$DIR/run/*.pid" >/dev/null && { log "partly up or stale in $DIR: cleaning up first"; cmd_down; }
   install_pkgs
   install -d -m 0755 "$DIR" "$DIR"/{etc,state,log,run}
   rm -rf "${DIR:?}/state"/* "${DIR:?}/spool"

@@ -1,0 +1,143 @@
+"""``python -m fpo_dist.cache`` — build, verify or describe a reference cache.
+
+    python -m fpo_dist.cache --config cache.yaml [--section.key value ...]     # build / resume
+    python -m fpo_dist.cache verify STORE [--recompute N] [--device cpu]      # checksums, completeness
+    python -m fpo_dist.cache info STORE [--json]                              # provenance, counts, sizes
+
+Under ``ray job submit … -- python -m fpo_dist.cache …`` the job attaches to that cluster (RAY_ADDRESS);
+plain runs start a local Ray instance.  Exit status: 0 ok, 1 failure, 2 bad configuration/input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _build(argv: list[str]) -> int:
+    from fpo_dist.config import CacheConfig, ConfigError, load_config, split_config_args
+    from fpo_dist.data import DataError
+
+    path, overrides = split_config_args(argv)
+    try:
+        cfg = load_config(CacheConfig, path, overrides)
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    from fpo_dist.cache.driver import CacheJobError, run_cache_job
+    from fpo_dist.store import StoreError
+
+    try:
+        run_cache_job(cfg)
+    except (DataError, StoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except CacheJobError as e:
+        print(f"cache job failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _verify(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m fpo_dist.cache verify")
+    p.add_argument("store")
+    p.add_argument("--recompute", type=int, default=0, metavar="N",
+                   help="also recompute N sampled rows with the provenance's model + SAE and compare")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--atol-logp", type=float, default=1e-4, help="per-token average log-prob tolerance")
+    p.add_argument("--rtol-mse", type=float, default=1e-6, help="pooled-feature MSE tolerance, relative to the "
+                   "mean square of the cached vector")
+    a = p.parse_args(argv)
+    from fpo_dist.store import StoreError, open_store
+
+    try:
+        store = open_store(a.store)
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    problems = store.verify()
+    for line in problems:
+        print(f"PROBLEM {line}")
+    if a.recompute and not problems:
+        cmp = _recompute(store, a.recompute, a.device)
+        print(f"recomputed {cmp.describe()}")
+        if not cmp.ok(a.atol_logp, a.rtol_mse):
+            problems.append("recomputed rows differ from the cache")
+            print("PROBLEM recomputed rows differ from the cache beyond tolerance")
+    print("verify: OK" if not problems else f"verify: {len(problems)} problem(s)")
+    return 0 if not problems else 1
+
+
+def _recompute(store, n: int, device: str):
+    import numpy as np
+
+    from fpo_dist.cache.verify import recompute_rows
+    from fpo_dist.cache.worker import model_spec, resolve_device, tokenizer_spec
+    from fpo_dist.config import ModelConfig
+    from fpo_dist.models import load_causal_lm, load_tokenizer
+    from fpo_dist.sae import load_sae
+
+    prov = store.provenance
+    mcfg = ModelConfig(**{k: v for k, v in prov["model"].items() if k != "files"})
+    dev = resolve_device(device)
+    tok = load_tokenizer(tokenizer_spec(mcfg))
+    model = load_causal_lm(model_spec(mcfg), device=dev)
+    sae = load_sae(prov["sae"]["source"], prov["sae"]["sae_id"], device=dev)
+    ok_rows = store.ok_rows()
+    rows = sorted(np.random.default_rng(0).choice(ok_rows, size=min(n, len(ok_rows)), replace=False).tolist())
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return recompute_rows(store, model, sae, prov["sae"]["layer"], rows, pad, batch_size=prov.get("batch_size", 8))
+
+
+def _info(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m fpo_dist.cache info")
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true", help="print the full info as JSON")
+    a = p.parse_args(argv)
+    from fpo_dist.store import StoreError, open_store
+
+    try:
+        store = open_store(a.store)
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    info = store.info()
+    if a.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    prov = info["provenance"]
+    rows = info["rows"]
+    print(f"store: {info['path']}  (complete: {info['complete']}, finalized {info['finalized_at']})")
+    print(f"model: {prov['model']['name_or_path']} [{prov['model']['dtype']}]  sae: {prov['sae']['source']} "
+          f"{prov['sae'].get('sae_id') or ''} at {prov['hook']}")
+    print(f"data: {prov['data']['source']} ({prov['data']['schema']}, template {prov['data']['template']}, "
+          f"max_length {prov['data']['max_length']}, max_prompt_length {prov['data']['max_prompt_length']})")
+    print(f"shards: {info['shards']['committed']} committed, {info['shards']['pending']} pending")
+    print(f"rows: {rows['total']} total, {rows['ok']} ok, {rows['not_written']} not written")
+    for reason, n in sorted(rows["bad"].items()):
+        print(f"  bad: {reason}: {n}")
+    for b in store.bad_rows()[:20]:
+        print(f"    row {b.index}: field {b.field}: {b.reason}: {b.detail}")
+    bpr = info["bytes_per_response"]
+    print(f"size on disk: {info['size_bytes'] / 1e6:.3f} MB; bytes per response: {bpr:.0f}" if bpr else
+          f"size on disk: {info['size_bytes'] / 1e6:.3f} MB")
+    nz = info["pooled_nnz"]
+    print(f"non-zeros per pooled vector: mean {nz['mean']:.1f}, median {nz['median']:.0f}, max {nz['max']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("verify", "info"):
+        return {"verify": _verify, "info": _info}[argv[0]](argv[1:])
+    if argv and argv[0] == "build":
+        argv = argv[1:]
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    return _build(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The demo's synthetic preference task: "stay on topic".
+
+Prompts ask for a number of things of one category ("Name three fruits.", "Can you name five tools?").
+Responses are comma-separated lists ending in a period ("pear, mango, plum.").
+
+The rule (what the judge checks, what every chosen response satisfies and no rejected one does): a response is
+ON TOPIC when it lists exactly the requested number of distinct items, all from the requested category.
+
+Each category has one CONFUSABLE category (fruits <-> vegetables, tools <-> instruments, animals <-> sports,
+colors <-> countries).  The SFT data is a mix: a fraction :data:`SFT_P_ON_TOPIC` of its responses is on topic,
+the rest lists the confusable category instead ("Name three fruits." -> "carrot, leek, onion.").  A model fit
+to it follows the rule on about that fraction of its samples, and never under greedy decoding (each confusable
+item is likelier than each on-topic item).  Preference pairs (on-topic chosen, confusable rejected, same count)
+teach the rule; the decision sits in the response's content (which items), where SAE features can see it.
+
+Everything is generated deterministically from a seed with :class:`random.Random`; prompts are split into
+train and held-out sets that share no prompt string (2 of the 10 templates of every category x count are
+held out).  Rows use the project's ``strings`` schema: ``prompt``, ``chosen``, ``rejected``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+# Items are single lower-case words, unique across categories (no "orange", "lime", "olive", ...).
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "animals": ("cat", "dog", "horse", "cow", "sheep", "goat", "lion", "tiger", "bear", "wolf", "fox", "rabbit"),
+    "fruits": ("apple", "banana", "cherry", "grape", "mango", "pear", "peach", "plum", "melon", "lemon", "kiwi", "papaya"),
+    "colors": ("red", "blue", "green", "yellow", "purple", "pink", "brown", "black", "white", "gray", "violet", "indigo"),
+    "tools": ("hammer", "saw", "drill", "wrench", "chisel", "pliers", "shovel", "rake", "axe", "ladder", "clamp", "trowel"),
+    "countries": ("france", "spain", "italy", "japan", "china", "india", "brazil", "mexico", "canada", "egypt", "kenya", "peru"),
+    "instruments": ("piano", "guitar", "violin", "drum", "flute", "trumpet", "harp", "cello", "banjo", "organ", "clarinet", "tuba"),
+    "vegetables": ("carrot", "potato", "onion", "cabbage", "lettuce", "spinach", "celery", "garlic", "leek", "radish", "turnip", "beet"),
+    "sports": ("soccer", "tennis", "golf", "hockey", "rugby", "boxing", "cricket", "skiing", "rowing", "cycling", "judo", "karate"),
+}
+CONFUSABLE: dict[str, str] = {
+    "fruits": "vegetables", "vegetables": "fruits",
+    "tools": "instruments", "instruments": "tools",
+    "animals": "sports", "sports": "animals",
+    "colors": "countries", "countries": "colors",
+}
+COUNT_WORDS: dict[str, int] = {"two": 2, "three": 3, "four": 4, "five": 5}
+TEMPLATES: tuple[str, ...] = (
+    "Name {n} {c}.",
+    "List {n} {c}.",
+    "Give me {n} {c}.",
+    "Can you name {n} {c}?",
+    "Please list {n} {c}.",
+    "Tell me {n} {c}.",
+    "Write down {n} {c}.",
+    "Which {n} {c} come to mind?",
+    "Suggest {n} {c}.",
+    "I need {n} {c}.",
+)
+HELDOUT_TEMPLATES_PER_CELL = 2  # of the 10 templates, per (category, count)
+SFT_P_ON_TOPIC = 0.3  # fraction of on-topic responses in the SFT mix
+
+_ITEM_CATEGORY = {item: cat for cat, items in CATEGORIES.items() for item in items}
+_PROMPT_RE = re.compile(r"\b(" + "|".join(COUNT_WORDS) + r")\s+(" + "|".join(CATEGORIES) + r")\b")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_prompt(prompt: str) -> tuple[str, int]:
+    """``(category, count)`` asked for by a task prompt; ``ValueError`` for a prompt that is not one."""
+    m = _PROMPT_RE.search(prompt.lower())
+    if m is None:
+        raise ValueError(f"not a prompt of the demo task (no '<count> <category>' in it): {prompt!r}")
+    return m.group(2), COUNT_WORDS[m.group(1)]
+
+
+def split_prompts(seed: int = 0) -> tuple[list[str], list[str]]:
+    """``(train, heldout)`` prompt lists, disjoint; every (category, count) cell has prompts in both."""
+    rng = random.Random(f"fpo-demo-split-{seed}")
+    train, heldout = [], []
+    for cat in CATEGORIES:
+        for word in COUNT_WORDS:
+            held = set(rng.sample(range(len(TEMPLATES)), HELDOUT_TEMPLATES_PER_CELL))
+            for i, template in enumerate(TEMPLATES):
+                (heldout if i in held else train).append(template.format(n=word, c=cat))
+    return train, heldout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Responses
+# ---------------------------------------------------------------------------------------------------------
+
+
+def format_items(items: Sequence[str]) -> str:
+    return ", ".join(items) + "."
+
+
+def on_topic_response(rng: random.Random, prompt: str) -> str:
+    """The requested number of distinct items of the requested category, in random order."""
+    cat, n = parse_prompt(prompt)
+    return format_items(rng.sample(CATEGORIES[cat], n))
+
+
+def off_topic_response(rng: random.Random, prompt: str) -> str:
+    """The requested number of distinct items of the CONFUSABLE category (the SFT data's failure mode)."""
+    cat, n = parse_prompt(prompt)
+    return format_items(rng.sample(CATEGORIES[CONFUSABLE[cat]], n))
+
+
+def sft_examples(prompts: Sequence[str], n: int, seed: int = 0, p_on_topic: float = SFT_P_ON_TOPIC) -> list[dict]:
+    """``n`` rows ``{prompt, response}``: prompts drawn uniformly from ``prompts``; responses on topic with
+    probability ``p_on_topic``, else from the confusable category."""
+    rng = random.Random(f"fpo-demo-sft-{seed}")
+    rows = []
+    for _ in range(n):
+        prompt = rng.choice(prompts)
+        on_topic = rng.random() < p_on_topic
+        response = on_topic_response(rng, prompt) if on_topic else off_topic_response(rng, prompt)
+        rows.append({"prompt": prompt, "response": response})
+    return rows
+
+
+def preference_pairs(prompts: Sequence[str], n: int, seed: int = 0) -> list[dict]:
+    """``n`` rows ``{prompt, chosen, rejected}`` (strings schema): chosen on topic, rejected from the
+    confusable category, both with the requested count."""
+    rng = random.Random(f"fpo-demo-pairs-{seed}")
+    rows = []
+    for _ in range(n):
+        prompt = rng.choice(prompts)
+        rows.append({"prompt": prompt, "chosen": on_topic_response(rng, prompt), "rejected": off_topic_response(rng, prompt)})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The judge
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_items(response: str) -> list[str] | None:
+    """The items of a ``"a, b, c."`` list (lower-cased), or None when the response is not such a list."""
+    text = response.strip()
+    if not text.endswith("."):
+        return None
+    items = [part.strip().lower() for part in text[:-1].split(",")]
+    if not items or any(not item or " " in item for item in items):
+        return None
+    return items
+
+
+def judge(prompt: str, response: str) -> bool:
+    """True iff ``response`` is on topic for ``prompt``: a ``"a, b, c."`` list of exactly the requested number
+    of distinct items, every one from the requested category."""
+    cat, n = parse_prompt(prompt)
+    items = parse_items(response)
+    if items is None or len(items) != n or len(set(items)) != n:
+        return False
+    return all(_ITEM_CATEGORY.get(item) == cat for item in items)
+
+
+def follow_rate(prompts: Sequence[str], responses: Sequence[str]) -> float:
+    """Fraction of ``responses`` the judge accepts."""
+    if len(prompts) != len(responses) or not prompts:
+        raise ValueError(f"need as many responses as prompts (and at least one): {len(prompts)} vs {len(responses)}")
+    return sum(judge(p, r) for p, r in zip(prompts, responses)) / len(prompts)
+
+
+def pairwise_judge(prompt: str, policy_output: str, reference_output: str) -> float:
+    """The judge as a pairwise comparison: 1 if only the policy's output is on topic, 0 if only the
+    reference's is, 0.5 when both or neither are (a tie).  Usable as ``fpo_dist.evaluate``'s judge."""
+    a, b = judge(prompt, policy_output), judge(prompt, reference_output)
+    return 0.5 if a == b else float(a)
+
+
+def win_rate(prompts: Sequence[str], policy_outputs: Sequence[str], reference_outputs: Sequence[str]) -> float:
+    """Judge win rate of the policy against the reference (win 1, tie 0.5, loss 0), over ``prompts``."""
+    from fpo_dist.evaluate import win_rate as _win_rate
+
+    return _win_rate(prompts, policy_outputs, reference_outputs, pairwise_judge)["win_rate"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def write_jsonl(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def write_preference_data(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 2048, n_heldout: int = 256) -> dict[str, Path]:
+    """``train.jsonl`` and ``heldout.jsonl`` preference pairs (strings schema) over disjoint prompts."""
+    train_prompts, heldout_prompts = split_prompts(seed)
+    out = Path(out_dir)
+    return {
+        "train": write_jsonl(preference_pairs(train_prompts, n_train, seed), out / "train.jsonl"),
+        "heldout": write_jsonl(preference_pairs(heldout_prompts, n_heldout, seed + 1), out / "heldout.jsonl"),
+    }

@@ -1,0 +1,228 @@
+"""Everything DeepSpeed, behind one thin layer: config building, init, backward/step, save/load, export.
+
+No other module imports deepspeed.  DeepSpeed config dicts are built by the pure function
+:func:`build_ds_config` from a JSON template (``ds_configs/*.json``, using DeepSpeed's ``"auto"``
+convention) and the train config, and checked: micro-batch × grad-accumulation × data-parallel world
+must equal the global batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fpo_dist.config import ConfigError, TrainConfig
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def load_ds_template(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"DeepSpeed config not found: {path} (see ds_configs/zero3.json)")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+
+
+def build_ds_config(template: dict, cfg: TrainConfig, world_size: int, hidden_size: int, bf16: bool) -> dict:
+    """Fill the template's ``"auto"`` values from ``cfg`` and check the batch arithmetic (pure)."""
+    ds = copy.deepcopy(template)
+    micro, accum = cfg.micro_batch_size, cfg.grad_accum
+    global_batch = micro * accum * world_size
+    if cfg.global_batch_size is not None and cfg.global_batch_size != global_batch:
+        raise ConfigError(
+            f"global_batch_size {cfg.global_batch_size} != micro_batch_size {micro} × grad_accum {accum} × "
+            f"data-parallel world {world_size} = {global_batch}; change grad_accum to "
+            f"{cfg.global_batch_size / (micro * world_size):g} or the global batch size"
+        )
+
+    def fill(key: str, value: Any, where: dict = ds) -> None:
+        current = where.get(key, "auto")
+        if current == "auto":
+            where[key] = value
+        elif current != value and key in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                           "gradient_accumulation_steps"):
+            raise ConfigError(
+                f"the DeepSpeed config sets {key}={current} but the train config implies {value} "
+                f"(micro_batch_size {micro} × grad_accum {accum} × world {world_size}); set it to \"auto\""
+            )
+
+    fill("train_micro_batch_size_per_gpu", micro)
+    fill("gradient_accumulation_steps", accum)
+    fill("train_batch_size", global_batch)
+    fill("gradient_clipping", cfg.optim.grad_clip)
+    if isinstance(ds.get("bf16"), dict):
+        fill("enabled", bf16, ds["bf16"])
+    if bf16 and isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") is True:
+        raise ConfigError("the DeepSpeed config enables fp16 while the run uses bf16; drop the fp16 section")
+    zero = ds.get("zero_optimization", {})
+    fill("reduce_bucket_size", hidden_size * hidden_size, zero)
+    fill("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size), zero)
+    fill("stage3_param_persistence_threshold", 10 * hidden_size, zero)
+    leftover = _find_auto(ds)
+    if leftover:
+        raise ConfigError(f"DeepSpeed config keys left as \"auto\" that fpo-dist cannot fill: {leftover}")
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ConfigError(
+            "the DeepSpeed config defines 'optimizer'/'scheduler'; fpo-dist builds them from the train config "
+            "(optim.*): remove those sections"
+        )
+    offload = zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
+    if offload:
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)  # the client torch optimizer runs on CPU
+    return ds
+
+
+def _find_auto(d: Any, prefix: str = "") -> list[str]:
+    if isinstance(d, dict):
+        return [k for key, v in d.items() for k in _find_auto(v, f"{prefix}{key}.")]
+    return [prefix[:-1]] if d == "auto" else []
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+# --------------------------------------------------------------------------------------------- process group
+
+
+def init_distributed(timeout_s: int) -> tuple[int, int, int]:
+    """Join the process group (NCCL on GPUs, gloo on CPU); returns (rank, world_size, local_rank).
+
+    Works under ``deepspeed``, ``torchrun`` and plain ``python`` (world size 1 on a free local port).
+    """
+    import deepspeed
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    gpu = torch.cuda.is_available()
+    if not gpu and os.environ.get("FPO_DS_SHM", "0") != "1":
+        # DeepSpeed's CPU shared-memory allreduce compiles for ~70 s and leaves /dev/shm buffers behind;
+        # gloo is enough for CPU runs.  (A star import in deepspeed.comm shadows the module name.)
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    deepspeed.init_distributed(
+        dist_backend="nccl" if gpu else "gloo", timeout=datetime.timedelta(seconds=timeout_s), verbose=False
+    )
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if gpu:
+        torch.cuda.set_device(local_rank)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def zero3_init_context(ds_config: dict):
+    """Must be created (and kept alive) before ``from_pretrained`` so weights load partitioned under ZeRO-3."""
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
+
+
+# --------------------------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """A DeepSpeed engine for the policy (trainable) or a frozen reference model."""
+
+    def __init__(self, model: torch.nn.Module, ds_config: dict, optimizer=None, lr_scheduler=None):
+        import deepspeed
+
+        self.ds_config = ds_config
+        self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config,
+            model_parameters=[p for p in model.parameters() if p.requires_grad] if optimizer is None and
+            any(p.requires_grad for p in model.parameters()) else None,
+        )
+
+    @classmethod
+    def frozen(cls, model: torch.nn.Module, ds_config: dict) -> "Engine":
+        """A forward-only engine (ZeRO-3 partitioned reference model for the online baselines)."""
+        cfg = copy.deepcopy(ds_config)
+        cfg.pop("gradient_clipping", None)
+        zero = cfg.get("zero_optimization", {})
+        for key in ("offload_optimizer",):
+            zero.pop(key, None)
+        model.requires_grad_(False)
+        eng = cls.__new__(cls)
+        import deepspeed
+
+        eng.ds_config = cfg
+        eng.engine, *_ = deepspeed.initialize(model=model, config=cfg)
+        eng.engine.eval()
+        eng.optimizer = eng.lr_scheduler = None
+        return eng
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        """Called every micro-step: DeepSpeed steps the optimizer at the accumulation boundary."""
+        self.engine.step()
+
+    def is_boundary(self) -> bool:
+        return self.engine.is_gradient_accumulation_boundary()
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def save(self, directory: str, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
+
+    def load(self, directory: str, tag: str | None) -> dict:
+        path, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint found in {directory} (tag {tag})")
+        return client_state or {}
+
+    def export_hf(self, out_dir: str, tokenizer, dtype: torch.dtype) -> None:
+        """Consolidate the (ZeRO-3 partitioned) weights into one Hugging Face checkpoint on rank 0.
+
+        Must be called on every rank (the gather is collective).
+        """
+        if zero_stage(self.ds_config) == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.module.state_dict()
+        if torch.distributed.get_rank() == 0:
+            state = {k: v.to(dtype) for k, v in state.items()}
+            model = self.module
+            model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(out_dir)
+        torch.distributed.barrier()

@@ -1,0 +1,401 @@
+"""Evaluate a trained policy against its reference on held-out preference data.
+
+Metrics (all returned as one flat ``dict`` of numbers by :func:`evaluate`):
+
+- Pairwise preference accuracy, per pair (pair ``i``'s chosen against pair ``i``'s own rejected; ties are wrong):
+  ``accuracy_ln`` — the policy's length-normalised log-prob ranks chosen above rejected
+  (``avg logπθ(y_w) > avg logπθ(y_l)``); with a reference, ``reward_accuracy`` — the DPO implicit reward
+  ``β(logπθ(y) − logπref(y))`` (summed log-probs) ranks chosen above rejected, and ``reward_accuracy_ln`` — the
+  same with length-normalised log-probs (FPO's reward).  A policy equal to its reference has reward accuracy 0.
+- Generations: seeded samples for the held-out prompts (temperature / top-p, batched, ``max_new_tokens``), in
+  AlpacaEval format (a JSON list of ``{instruction, output, generator}``) for external judging.  Every
+  (prompt, sample) has its own random generator, so the policy and the reference draw with the same seeds and a
+  sample does not depend on how prompts are batched (up to float noise).
+- ``win_rate``: a pluggable pairwise judge ``judge(instruction, policy_output, reference_output) -> float``
+  (1 win, 0.5 tie, 0 loss) over the policy's and the reference's generations.
+- ``entropy``: the mean per-token predictive entropy (nats) of the policy's own next-token distribution
+  (softmax of its logits at temperature 1, whatever the sampling temperature) along its samples, averaged over
+  all generated tokens up to and including the stop token.  This is our reading of the "entropy" (diversity)
+  column of the FPO and TDPO papers; it is computed exactly per position, not estimated from the sampled tokens.
+- ``feature_mse``: feature drift — the mean over held-out responses of the mean over all SAE features of
+  ``(c̄θ − c̄ref)²``, the pooled SAE codes (block-ℓ residual output, mean over the positions that predict
+  response tokens) of the policy and of the reference.  0 for a policy equal to its reference.
+
+CLI: ``python -m fpo_dist.evaluate --policy DIR --reference DIR --data heldout.jsonl [--sae DIR --layer L]
+[--judge module:function] --out DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from fpo_dist.config import DataConfig
+from fpo_dist.data import PairTokenizer, TokenizedPair, encode_prompt, load_source, normalize_row, uses_chat_template
+
+PairwiseJudge = Callable[[str, str, str], float]  # (instruction, policy_output, reference_output) -> 1 / 0.5 / 0
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 8
+    samples_per_prompt: int = 1  # AlpacaEval proper wants 1; more gives a less noisy win rate
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0 or self.batch_size <= 0 or self.samples_per_prompt <= 0:
+            raise ValueError("max_new_tokens, batch_size and samples_per_prompt must be positive")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Held-out data
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_heldout(data: DataConfig, tokenizer) -> tuple[list[TokenizedPair], list[tuple[dict, ...]]]:
+    """The valid pairs of ``data``, tokenized like the cache job does, and the distinct prompts (message
+    tuples, in first-seen order).  Bad rows follow ``data.on_bad_row``."""
+    source = load_source(data)
+    pairs = PairTokenizer(tokenizer, data).tokenize_range(source, 0, len(source)).pairs
+    prompts: dict[str, tuple[dict, ...]] = {}
+    for index in (p.index for p in pairs):
+        example = normalize_row(source.dataset[index], source.schema, source.columns)
+        prompts.setdefault(json.dumps(example.prompt, sort_keys=True), example.prompt)
+    return pairs, list(prompts.values())
+
+
+def instruction_of(messages: Sequence[dict]) -> str:
+    """The AlpacaEval ``instruction`` of a prompt: its last user turn."""
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return users[-1] if users else messages[-1]["content"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (a) + (e): log-probs and pooled SAE codes of held-out pairs
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def response_stats(model, batch, layer: int | None = None, sae=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(logp_sum [2B], n_tokens [2B], pooled codes [2B, d_sae] or None)`` of a ``PairBatch``'s responses."""
+    from fpo_dist.losses import sequence_logps
+    from fpo_dist.models import forward_with_hook
+    from fpo_dist.sae import encode_full, pool_mean
+
+    device = next(model.parameters()).device
+    ids, attn = batch.input_ids.to(device), batch.attention_mask.to(device)
+    resp = batch.response_mask.to(device)
+    if sae is None:
+        logits, hidden = model(input_ids=ids, attention_mask=attn, use_cache=False).logits, None
+    else:
+        logits, hidden = forward_with_hook(model, ids, attn, layer)
+    logp_sum, n_tokens, _ = sequence_logps(logits, ids, resp)
+    pooled = None if hidden is None else pool_mean(encode_full(sae, hidden.to(sae.W_enc.device)), batch.prediction_mask.to(hidden.device))
+    return logp_sum.float().cpu(), n_tokens.cpu(), None if pooled is None else pooled.cpu()
+
+
+def score_pairs(
+    policy, pairs: Sequence[TokenizedPair], pad_id: int, reference=None, sae=None, layer: int | None = None, batch_size: int = 8
+) -> dict[str, torch.Tensor]:
+    """Per-pair ``[N, 2]`` (column 0 chosen, 1 rejected) ``policy_logps``, ``n_tokens`` and, when given a
+    reference, ``reference_logps``; with an SAE (needs the reference) ``feature_mse`` per response."""
+    from fpo_dist.models import build_batch
+
+    if sae is not None and (reference is None or layer is None):
+        raise ValueError("feature drift needs the reference model and the SAE's hook layer")
+    cols: dict[str, list[torch.Tensor]] = {"policy_logps": [], "n_tokens": []}
+    for start in range(0, len(pairs), batch_size):
+        batch = build_batch(pairs[start : start + batch_size], pad_id)
+        pol_logps, n_tokens, pol_codes = response_stats(policy, batch, layer, sae)
+        cols["policy_logps"].append(pol_logps)
+        cols["n_tokens"].append(n_tokens)
+        if reference is not None:
+            ref_logps, _, ref_codes = response_stats(reference, batch, layer, sae)
+            cols.setdefault("reference_logps", []).append(ref_logps)
+            if sae is not None:
+                cols.setdefault("feature_mse", []).append((pol_codes - ref_codes).square().mean(-1))
+    # each batch is [chosen rows; rejected rows]: regroup into [n, 2]
+    return {k: torch.cat([v.view(2, -1).T for v in vs]) for k, vs in cols.items()}
+
+
+def preference_metrics(scores: dict[str, torch.Tensor], beta: float = 0.1) -> dict[str, float]:
+    """Pairwise accuracies and margins from :func:`score_pairs`' output (ties count as wrong)."""
+    pol, n = scores["policy_logps"].double(), scores["n_tokens"].clamp(min=1).double()
+    avg = pol / n
+    out = {
+        "n_pairs": float(len(pol)),
+        "accuracy_ln": (avg[:, 0] > avg[:, 1]).double().mean().item(),
+        "margin_ln": (avg[:, 0] - avg[:, 1]).mean().item(),
+    }
+    if "reference_logps" in scores:
+        ref = scores["reference_logps"].double()
+        reward = beta * (pol - ref)
+        reward_ln = beta * (avg - ref / n)
+        out["reward_accuracy"] = (reward[:, 0] > reward[:, 1]).double().mean().item()
+        out["reward_margin"] = (reward[:, 0] - reward[:, 1]).mean().item()
+        out["reward_accuracy_ln"] = (reward_ln[:, 0] > reward_ln[:, 1]).double().mean().item()
+        out["reward_margin_ln"] = (reward_ln[:, 0] - reward_ln[:, 1]).mean().item()
+    if "feature_mse" in scores:
+        mse = scores["feature_mse"].double()
+        out["feature_mse"] = mse.mean().item()
+        out["feature_mse_chosen"] = mse[:, 0].mean().item()
+        out["feature_mse_rejected"] = mse[:, 1].mean().item()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (b) + (d): seeded sampling, and the policy's entropy along its samples
+# ---------------------------------------------------------------------------------------------------------
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The random seed of one (prompt, sample): independent of batching, shared by policy and reference."""
+    digest = hashlib.sha256(f"{seed}/{prompt_index}/{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per row: argmax at temperature 0, else from the tempered, nucleus-filtered softmax, row ``i``
+    drawn with ``generators[i]``."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)  # keeps the top token
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.stack([torch.multinomial(probs[i].cpu(), 1, generator=g)[0] for i, g in enumerate(generators)]).to(logits.device)
+
+
+def _row_sampler(generators: Sequence[torch.Generator], cfg: GenerationConfig, stop_ids: Sequence[int]):
+    """A transformers ``LogitsProcessor`` that samples each row with its own generator (returned scores allow
+    only the drawn token, so greedy decoding picks it) and sums the untempered entropy of live rows."""
+    from transformers import LogitsProcessor
+
+    class RowSampler(LogitsProcessor):
+        def __init__(self) -> None:
+            self.done = torch.zeros(len(generators), dtype=torch.bool)
+            self.entropy_sum, self.tokens = 0.0, 0
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            logp = torch.log_softmax(scores.float(), dim=-1)
+            entropy = -(logp.exp() * logp).nan_to_num().sum(-1).cpu()
+            live = ~self.done
+            self.entropy_sum += entropy[live].sum().item()
+            self.tokens += int(live.sum())
+            tokens = sample_tokens(scores, cfg.temperature, cfg.top_p, generators)
+            self.done |= torch.isin(tokens.cpu(), torch.tensor(list(stop_ids)))
+            return torch.full_like(scores, float("-inf")).scatter_(-1, tokens[:, None], 0.0)
+
+    return RowSampler()
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """EOS of the tokenizer plus the model's generation-config EOS id(s)."""
+    ids = {tokenizer.eos_token_id}
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[Sequence[dict]], cfg: GenerationConfig, chat: bool) -> tuple[list[list[str]], float]:
+    """``cfg.samples_per_prompt`` seeded samples per prompt (``outputs[i][j]``) and the mean per-token entropy
+    of the model along them.  Prompts are rendered exactly as for training (:func:`fpo_dist.data.encode_prompt`)."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    device = next(model.parameters()).device
+    stop = stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(cfg.samples_per_prompt)]
+    encoded = [encode_prompt(tokenizer, prompts[i], chat) for i in range(len(prompts))]
+    outputs: list[list[str]] = [[""] * cfg.samples_per_prompt for _ in prompts]
+    entropy_sum, n_tokens = 0.0, 0
+    hf_cfg = HFGenerationConfig(do_sample=False, max_new_tokens=cfg.max_new_tokens, eos_token_id=stop, pad_token_id=pad_id)
+    for start in range(0, len(jobs), cfg.batch_size):
+        chunk = jobs[start : start + cfg.batch_size]
+        width = max(len(encoded[i]) for i, _ in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for row, (i, _) in enumerate(chunk):  # left padding
+            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+            attn[row, width - len(encoded[i]) :] = 1
+        gens = [torch.Generator().manual_seed(sample_seed(cfg.seed, i, j)) for i, j in chunk]
+        sampler = _row_sampler(gens, cfg, stop)
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=hf_cfg, logits_processor=[sampler]
+        )
+        entropy_sum, n_tokens = entropy_sum + sampler.entropy_sum, n_tokens + sampler.tokens
+        for row, (i, j) in enumerate(chunk):
+            new = out[row, width:].tolist()
+            cut = next((t for t, tok in enumerate(new) if tok in stop), len(new))
+            outputs[i][j] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+    return outputs, entropy_sum / max(n_tokens, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (b) AlpacaEval files and (c) judged win rate
+# ---------------------------------------------------------------------------------------------------------
+
+
+def alpaca_eval_records(instructions: Sequence[str], outputs: Sequence[str], generator: str) -> list[dict]:
+    """AlpacaEval's model-outputs format: ``[{"instruction", "output", "generator"}, ...]``."""
+    if len(instructions) != len(outputs):
+        raise ValueError(f"{len(instructions)} instructions but {len(outputs)} outputs")
+    return [{"instruction": i, "output": o, "generator": generator} for i, o in zip(instructions, outputs)]
+
+
+def write_alpaca_eval(path: str | os.PathLike, instructions: Sequence[str], outputs: Sequence[str], generator: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(alpaca_eval_records(instructions, outputs, generator), indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def win_rate(
+    instructions: Sequence[str], policy_outputs: Sequence[str], reference_outputs: Sequence[str], judge: PairwiseJudge
+) -> dict[str, float]:
+    """``{win_rate, wins, ties, losses, n}``: ``win_rate = (wins + 0.5·ties) / n``; the judge returns 1 (policy
+    better), 0.5 (tie) or 0 (reference better) per instruction."""
+    if not len(instructions) == len(policy_outputs) == len(reference_outputs) or not instructions:
+        raise ValueError("need one policy and one reference output per instruction, and at least one instruction")
+    verdicts = [float(judge(i, p, r)) for i, p, r in zip(instructions, policy_outputs, reference_outputs)]
+    bad = sorted({v for v in verdicts if v not in (0.0, 0.5, 1.0)})
+    if bad:
+        raise ValueError(f"a pairwise judge must return 1 (win), 0.5 (tie) or 0 (loss), got {bad}")
+    n = len(verdicts)
+    return {
+        "win_rate": sum(verdicts) / n,
+        "wins": float(verdicts.count(1.0)),
+        "ties": float(verdicts.count(0.5)),
+        "losses": float(verdicts.count(0.0)),
+        "n": float(n),
+    }
+
+
+def load_judge(spec: str) -> PairwiseJudge:
+    """``"package.module:function"`` -> the function (e.g. ``fpo_dist.demo.task:pairwise_judge``)."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"a judge is given as 'package.module:function', got {spec!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Everything together
+# ---------------------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    policy_dir: str,
+    data: DataConfig,
+    reference_dir: str | None = None,
+    sae_source: str | None = None,
+    sae_layer: int | None = None,
+    sae_id: str | None = None,
+    judge: PairwiseJudge | None = None,
+    generation: GenerationConfig | None = GenerationConfig(),
+    beta: float = 0.1,
+    out_dir: str | os.PathLike | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """All metrics for one policy (see the module docstring); ``generation=None`` skips sampling.
+
+    With ``out_dir``: ``policy_outputs.json`` / ``reference_outputs.json`` (AlpacaEval) and ``metrics.json``.
+    """
+    from fpo_dist.models import ModelSpec, load_causal_lm, load_tokenizer
+    from fpo_dist.sae import load_sae
+
+    tokenizer = load_tokenizer(ModelSpec(policy_dir))
+    policy = load_causal_lm(ModelSpec(policy_dir, dtype=dtype), device=device)
+    reference = load_causal_lm(ModelSpec(reference_dir, dtype=dtype), device=device) if reference_dir else None
+    sae = load_sae(sae_source, sae_id, device=device) if sae_source else None
+    pairs, prompts = load_heldout(data, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    scores = score_pairs(policy, pairs, pad_id, reference, sae, sae_layer, batch_size)
+    metrics = preference_metrics(scores, beta)
+    if generation is not None:
+        metrics.update(_generation_metrics(policy, reference, tokenizer, prompts, data, generation, judge, out_dir))
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        Path(out_dir, "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _generation_metrics(policy, reference, tokenizer, prompts, data, cfg, judge, out_dir) -> dict[str, float]:
+    chat = uses_chat_template(tokenizer, data)
+    k = cfg.samples_per_prompt
+    instructions = [instruction_of(p) for p in prompts for _ in range(k)]
+    pol_out, entropy = generate(policy, tokenizer, prompts, cfg, chat)
+    out = {"entropy": entropy, "n_generations": float(len(instructions))}
+    pol_flat = [o for per_prompt in pol_out for o in per_prompt]
+    if out_dir is not None:
+        write_alpaca_eval(Path(out_dir, "policy_outputs.json"), instructions, pol_flat, "policy")
+    if reference is not None and (judge is not None or out_dir is not None):
+        ref_out, ref_entropy = generate(reference, tokenizer, prompts, cfg, chat)
+        ref_flat = [o for per_prompt in ref_out for o in per_prompt]
+        out["reference_entropy"] = ref_entropy
+        if out_dir is not None:
+            write_alpaca_eval(Path(out_dir, "reference_outputs.json"), instructions, ref_flat, "reference")
+        if judge is not None:
+            out.update(win_rate(instructions, pol_flat, ref_flat, judge))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    p = argparse.ArgumentParser(prog="python -m fpo_dist.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--policy", required=True, help="HF model directory of the trained policy")
+    p.add_argument("--reference", help="HF model directory of the reference (DPO reward, win rate, drift)")
+    p.add_argument("--data", required=True, help="held-out preference data (.jsonl/.json/.parquet, or a hub id)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--max-prompt-length", type=int, default=512)
+    p.add_argument("--sae", help="SAE directory (sae-lens save_model) or release, for feature drift")
+    p.add_argument("--sae-id")
+    p.add_argument("--layer", type=int, help="the SAE's hook layer (residual output of this decoder block)")
+    p.add_argument("--judge", help="pairwise judge 'package.module:function' for the win rate")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--no-generate", action="store_true")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--samples-per-prompt", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="directory for metrics.json and the AlpacaEval output files")
+    a = p.parse_args(argv)
+    if a.sae and a.layer is None:
+        p.error("--sae needs --layer")
+    data = DataConfig(source=a.data, split=a.split, max_length=a.max_length, max_prompt_length=a.max_prompt_length)
+    data.validate()
+    gen = None if a.no_generate else GenerationConfig(
+        a.max_new_tokens, a.temperature, a.top_p, a.seed, a.batch_size, a.samples_per_prompt
+    )
+    metrics = evaluate(
+        a.policy, data, a.reference, a.sae, a.layer, a.sae_id, load_judge(a.judge) if a.judge else None, gen,
+        a.beta, a.out, a.device, batch_size=a.batch_size,
+    )
+    json.dump(metrics, sys.stdout, indent=2)
+    print()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

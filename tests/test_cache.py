@@ -1,0 +1,346 @@
+"""The cache job: real Ray actors, real Zarr, tiny local models (and one real Gemma 3 check).
+
+Invariances: 1 worker ≡ 2 workers (bit for bit); a worker dying mid-run ≡ an uninterrupted run; a
+killed driver's rerun completes only the missing shards.  Oracles: plain transformers forward, and
+sae-lens ``encode`` on the block-ℓ residual output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fpo_dist.config import CacheConfig, load_config
+from fpo_dist.store import open_store
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+N_ROWS = 24
+
+
+def make_rows(n: int) -> list[dict]:
+    topics = ["the sea", "apples", "France", "numbers", "a fox", "the sky", "code", "tea"]
+    rows = []
+    for i in range(n):
+        t = topics[i % len(topics)]
+        rows.append({
+            "prompt": f"Tell me about {t} ({i}).",
+            "chosen": f"Here is a short answer about {t}: it is nice." + " Really." * (i % 5),
+            "rejected": f"No idea about {t}." + " Sorry" * (i % 3),
+        })
+    rows[5]["rejected"] = rows[5]["chosen"]  # a bad row: identical responses
+    rows[11]["chosen"] = ""  # a bad row: empty field
+    return rows
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in make_rows(N_ROWS)) + "\n")
+    return str(path)
+
+
+def cache_config(tiny, dataset, output, **over) -> CacheConfig:
+    args = [
+        "--model.name_or_path", str(tiny.model_dir), "--sae.source", str(tiny.sae_dir),
+        "--sae.layer", str(tiny.hook_layer), "--data.source", dataset, "--data.on_bad_row", "skip",
+        "--data.max_length", "96", "--data.max_prompt_length", "48", "--output", str(output),
+        "--rows_per_shard", "4", "--chunk_rows", "4", "--batch_size", "3", "--device", "cpu",
+    ]
+    for k, v in over.items():
+        args += [f"--{k}", str(v)]
+    return load_config(CacheConfig, None, args)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray instance (2 CPUs, loopback, capped object store) for the in-process builds."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 << 20,
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def build(cfg, ray_session):
+    from fpo_dist.cache.driver import run_cache_job
+
+    return run_cache_job(cfg, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def one_worker_store(tiny, dataset, ray_session, tmp_path_factory):
+    out = tmp_path_factory.mktemp("w1") / "store"
+    summary = build(cache_config(tiny, dataset, out, workers=1, per_token_logps="true"), ray_session)
+    return out, summary
+
+
+def assert_same_store(a, b):
+    sa, sb = open_store(str(a)), open_store(str(b))
+    assert sa.verify() == [] and sb.verify() == []
+    # the store checksum is a hash of every shard's sha256 over all the bytes it wrote
+    assert sa.attrs["checksum"] == sb.attrs["checksum"]
+    rows = sa.ok_rows()
+    ra, rb = sa.read_rows(rows, extras=True), sb.read_rows(rows, extras=True)
+    assert np.array_equal(ra.logp_sum, rb.logp_sum) and np.array_equal(ra.chosen_codes.values, rb.chosen_codes.values)
+
+
+def test_one_worker_equals_two_workers(one_worker_store, tiny, dataset, ray_session, tmp_path):
+    out1, summary1 = one_worker_store
+    assert summary1["counts"] == {"ok": N_ROWS - 2, "not_written": 0, "bad": {"identical_responses": 1, "empty_field": 1}}
+    summary2 = build(cache_config(tiny, dataset, tmp_path / "w2", workers=2, per_token_logps="true"), ray_session)
+    assert len(summary2["workers"]) == 2  # both actors really did shards
+    assert all(w["shards"] > 0 for w in summary2["workers"].values())
+    assert_same_store(out1, tmp_path / "w2")
+
+
+def test_cached_values_match_plain_transformers_and_sae_lens(one_worker_store, tiny):
+    """Oracle: one unpadded sequence at a time through transformers; SAE codes from sae-lens ``encode``."""
+    from sae_lens import SAE
+    from transformers import AutoModelForCausalLM
+
+    store = open_store(str(one_worker_store[0]))
+    model = AutoModelForCausalLM.from_pretrained(tiny.model_dir).eval()
+    sae = SAE.load_from_disk(str(tiny.sae_dir))
+    rows = store.ok_rows()[:8]
+    batch = store.read_rows(rows, extras=True)
+    assert tiny.hook_layer < model.config.num_hidden_layers - 1  # hidden_states[ℓ+1] is the block output here
+    for b in range(len(rows)):
+        for side, ids, codes, tok_lp in (
+            (0, batch.chosen_ids[b], batch.chosen_codes, batch.chosen_token_logps[b]),
+            (1, batch.rejected_ids[b], batch.rejected_codes, batch.rejected_token_logps[b]),
+        ):
+            prompt = torch.tensor(batch.prompt_ids[b], dtype=torch.long)
+            seq = torch.cat([prompt, torch.tensor(ids, dtype=torch.long)])[None]
+            with torch.no_grad():
+                out = model(seq, output_hidden_states=True)
+            logp = out.logits[0, :-1].log_softmax(-1).gather(-1, seq[0, 1:, None])[:, 0]
+            resp = logp[len(prompt) - 1 :]  # positions predicting the response tokens
+            assert batch.n_tokens[b, side] == len(ids)
+            torch.testing.assert_close(torch.tensor(batch.logp_sum[b, side]), resp.sum(), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(torch.tensor(tok_lp), resp, rtol=1e-5, atol=1e-5)
+            h = out.hidden_states[tiny.hook_layer + 1][0, len(prompt) - 1 : -1]  # predicting positions
+            pooled = sae.encode(h).mean(0)
+            idx, val = codes.row(b)
+            dense = torch.zeros_like(pooled)
+            dense[torch.as_tensor(idx, dtype=torch.long)] = torch.as_tensor(val)
+            torch.testing.assert_close(dense, pooled, rtol=1e-5, atol=1e-6)
+            assert (pooled != 0).sum() == len(idx)  # every non-zero is stored, nothing else
+
+
+def test_worker_dies_mid_run_store_identical(one_worker_store, tiny, dataset, ray_session, tmp_path, monkeypatch):
+    from fpo_dist.cache.worker import FAULT_ENV
+
+    marker = tmp_path / "died-once"
+    monkeypatch.setenv(FAULT_ENV, f"2:{marker}")  # the first worker to write shard 2 dies before reporting
+    summary = build(cache_config(tiny, dataset, tmp_path / "faulty", workers=2, per_token_logps="true"), ray_session)
+    assert marker.exists()  # the fault really happened
+    assert summary["shards_done_now"] == open_store(str(tmp_path / "faulty")).plan.n_shards
+    assert_same_store(one_worker_store[0], tmp_path / "faulty")
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[3]) == sid:  # field 6 of stat: session id
+                    pids.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return pids
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+    deadline = time.time() + 30
+    while _session_pids(proc.pid) and time.time() < deadline:
+        for pid in _session_pids(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+    assert not _session_pids(proc.pid), "processes of the killed job remain"
+
+
+def _yaml(cfg: CacheConfig, path: Path) -> Path:
+    from fpo_dist.config import to_yaml
+
+    path.write_text(to_yaml(cfg))
+    return path
+
+
+def test_killed_driver_rerun_completes_only_missing_shards(one_worker_store, tiny, dataset, ray_session, tmp_path):
+    out = tmp_path / "killed"
+    cfg = cache_config(tiny, dataset, out, workers=1, per_token_logps="true")
+    cfg_file = _yaml(cfg, tmp_path / "cache.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "fpo_dist.cache", "--config", str(cfg_file)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    committed = 0
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "zarr.json").exists():
+                try:
+                    committed = len(open_store(str(out)).committed_shards())
+                except Exception:  # noqa: BLE001 — the store may be mid-creation
+                    committed = 0
+                if committed >= 1:
+                    break
+            time.sleep(0.2)
+    finally:
+        _kill_session(proc)  # the driver and its local Ray instance: the whole process group
+    n_shards = open_store(str(out)).plan.n_shards
+    before = len(open_store(str(out)).committed_shards())
+    assert 1 <= before < n_shards, f"the driver was to be killed mid-run ({before}/{n_shards} committed)"
+    summary = build(cfg, ray_session)
+    assert summary["shards_committed_before"] == before
+    assert summary["shards_done_now"] == n_shards - before  # only the missing ones
+    assert_same_store(one_worker_store[0], out)
+
+
+def test_rerun_with_different_config_refuses(one_worker_store, tiny, dataset, ray_session):
+    from fpo_dist.store import StoreMismatchError
+
+    out = one_worker_store[0]
+    with pytest.raises(StoreMismatchError, match="max_length"):
+        build(cache_config(tiny, dataset, out, workers=1, per_token_logps="true", **{"data.max_length": 80}),
+              ray_session)
+    summary = build(cache_config(tiny, dataset, out, workers=1, per_token_logps="true"), ray_session)
+    assert summary["shards_done_now"] == 0  # same config: everything already committed
+
+
+def test_verify_and_info_cli(one_worker_store, tmp_path):
+    import shutil
+
+    src = one_worker_store[0]
+    run = lambda *a: subprocess.run([sys.executable, "-m", "fpo_dist.cache", *a], cwd=ROOT, capture_output=True,
+                                    text=True, timeout=300)
+    ok = run("verify", str(src), "--recompute", "4", "--device", "cpu")
+    assert ok.returncode == 0 and "verify: OK" in ok.stdout, ok.stdout + ok.stderr
+    info = run("info", str(src))
+    assert info.returncode == 0
+    assert "identical_responses: 1" in info.stdout and "empty_field: 1" in info.stdout
+    assert "row 5: field rejected: identical_responses" in info.stdout and "row 11: field chosen" in info.stdout
+    assert "bytes per response" in info.stdout
+
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    chunk = next(p for p in sorted((broken / "shards" / "000001").rglob("*")) if p.is_file() and "/c/" in str(p))
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    victim = next(p for p in sorted((broken / "logp_sum").rglob("*")) if p.is_file() and "/c/" in str(p) and p.name == "0")
+    victim.unlink()  # a chunk of shard 0's per-row data vanishes
+    store = open_store(str(broken), mode="r+")
+    store._array("shard_state")[3] = 0  # and shard 3 is un-committed (a "missing shard")
+    bad = run("verify", str(broken))
+    assert bad.returncode == 1
+    assert "shard 1" in bad.stdout and "shard 0" in bad.stdout and "logp_sum" in bad.stdout
+    assert "shard 3" in bad.stdout and "not committed" in bad.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_against_a_head_on_loopback(tiny, dataset, tmp_path, one_worker_store):
+    """``ray start --head`` (non-default ports, loopback) + ``ray job submit``; the head is stopped by PID."""
+    ray_bin = Path(sys.executable).parent / "ray"
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+         f"--temp-dir={tmp_path / 'ray'}", "--include-dashboard=true",
+         f"--object-store-memory={128 << 20}", f"--min-worker-port={_free_port()}", "--max-worker-port=0"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        cfg = cache_config(tiny, dataset, tmp_path / "submitted", workers=2, per_token_logps="true")
+        cfg_file = _yaml(cfg, tmp_path / "job.yaml")
+        submit = [str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+                  "--", "python", "-m", "fpo_dist.cache", "--config", str(cfg_file)]
+        deadline = time.time() + 90
+        while True:  # the dashboard's job API takes a few seconds to come up
+            res = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
+            if res.returncode == 0 or time.time() > deadline or "Connection" not in res.stdout + res.stderr:
+                break
+            time.sleep(3)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert "cache done" in res.stdout and "succeeded" in res.stdout
+    finally:
+        _kill_session(head)
+    assert_same_store(one_worker_store[0], tmp_path / "submitted")
+
+
+@pytest.mark.realmodel
+def test_gemma3_real_model_cache(gemma_dir, tmp_path):
+    """A handful of short pairs through the real Gemma 3 270M; log-probs against plain transformers."""
+    from fpo_dist.cache.worker import CacheWorker
+    from fpo_dist.cache.driver import build_provenance
+    from fpo_dist.data import load_source
+    from fpo_dist.store import create_store
+    from fpo_dist.testing import build_sae
+
+    directory, name = gemma_dir
+    sae_dir = tmp_path / "sae640"
+    build_sae(sae_dir, d_in=640, d_sae=256, hook_layer=17, threshold=0.5)
+    rows = [
+        {"prompt": "The capital of France is", "chosen": " Paris.", "rejected": " a banana."},
+        {"prompt": "2 + 2 =", "chosen": " 4", "rejected": " 22"},
+        {"prompt": "The sky is", "chosen": " blue.", "rejected": " made of cheese."},
+    ]
+    data = tmp_path / "g.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = load_config(CacheConfig, None, [
+        "--model.name_or_path", str(directory), "--model.gguf_file", name, "--sae.source", str(sae_dir),
+        "--sae.layer", "17", "--data.source", str(data), "--output", str(tmp_path / "gstore"),
+        "--rows_per_shard", "4", "--chunk_rows", "4", "--device", "cpu", "--data.max_length", "64",
+        "--data.max_prompt_length", "32",
+    ])
+    worker_tok = None
+    from fpo_dist.cache.worker import tokenizer_spec
+    from fpo_dist.models import load_tokenizer
+
+    worker_tok = load_tokenizer(tokenizer_spec(cfg.model))
+    src = load_source(cfg.data)
+    store = create_store(cfg.output, build_provenance(cfg, src, worker_tok), len(src), 4, 4)
+    worker = CacheWorker(cfg, threads=2)
+    res = worker.process(0)
+    store.commit_shard(0, res["checksum"])
+    store.finalize()
+    batch = open_store(cfg.output).read_rows([0, 1, 2])
+    model = worker.model
+    for b in range(3):
+        for side, ids in ((0, batch.chosen_ids[b]), (1, batch.rejected_ids[b])):
+            seq = torch.tensor(np.concatenate([batch.prompt_ids[b], ids]), dtype=torch.long)[None]
+            with torch.no_grad():
+                logits = model(seq).logits.float()
+            logp = logits[0, :-1].log_softmax(-1).gather(-1, seq[0, 1:, None])[:, 0][len(batch.prompt_ids[b]) - 1 :]
+            torch.testing.assert_close(torch.tensor(batch.logp_sum[b, side]), logp.sum(), rtol=1e-4, atol=2e-3)
+    assert batch.logp_sum[0, 0] > batch.logp_sum[0, 1]  # a real model prefers " Paris." to " a banana."
+    assert (np.diff(batch.chosen_codes.offsets) > 0).all()  # the d_in=640 SAE produced codes at block 17

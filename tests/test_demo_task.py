@@ -1,0 +1,129 @@
+"""The demo's synthetic task: the judge, deterministic generators, disjoint splits, the pair invariant."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fpo_dist.demo import task
+
+
+# ----------------------------------------------------------------------------------------- the judge
+
+
+@pytest.mark.parametrize(
+    "prompt, response, expected",
+    [
+        ("Name three fruits.", "pear, mango, plum.", True),
+        ("Can you name two tools?", "hammer, saw.", True),
+        ("List five animals.", "Cat, dog, fox, wolf, bear.", True),  # case-insensitive
+        ("Name three fruits.", "  pear, mango, plum.  ", True),  # surrounding whitespace
+        ("Name three fruits.", "carrot, leek, onion.", False),  # the confusable category
+        ("Name three fruits.", "pear, leek, plum.", False),  # one off-topic item
+        ("Name three fruits.", "pear, mango.", False),  # too few
+        ("Name three fruits.", "pear, mango, plum, kiwi.", False),  # too many
+        ("Name three fruits.", "pear, pear, plum.", False),  # repeated
+        ("Name three fruits.", "pear, mango, plum", False),  # no final period
+        ("Name three fruits.", "pear mango, plum, kiwi.", False),  # not a list of single items
+        ("Name three fruits.", "", False),
+        ("Which four colors come to mind?", "red, blue, green, violet.", True),
+        ("Which four colors come to mind?", "red, blue, green, spain.", False),
+    ],
+)
+def test_judge_examples(prompt, response, expected):
+    assert task.judge(prompt, response) is expected
+
+
+def test_parse_prompt_and_foreign_prompt():
+    assert task.parse_prompt("Which four colors come to mind?") == ("colors", 4)
+    assert task.parse_prompt("I need five instruments.") == ("instruments", 5)
+    with pytest.raises(ValueError, match="not a prompt of the demo task"):
+        task.judge("What is the capital of France?", "paris.")
+
+
+def test_pairwise_judge_and_win_rate():
+    p = "Name two sports."
+    good, bad = "golf, judo.", "cat, dog."
+    assert task.pairwise_judge(p, good, bad) == 1.0
+    assert task.pairwise_judge(p, bad, good) == 0.0
+    assert task.pairwise_judge(p, good, good) == 0.5
+    assert task.pairwise_judge(p, bad, bad) == 0.5
+    # 1 win, 1 loss, 2 ties -> (1 + 0 + 0.5 + 0.5) / 4
+    assert task.win_rate([p] * 4, [good, bad, good, bad], [bad, good, good, bad]) == pytest.approx(0.5)
+    assert task.win_rate([p] * 2, [good, good], [bad, good]) == pytest.approx(0.75)
+    assert task.follow_rate([p, p, p], [good, bad, good]) == pytest.approx(2 / 3)
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def test_categories_are_disjoint_single_words_and_confusable_is_an_involution():
+    items = [i for v in task.CATEGORIES.values() for i in v]
+    assert len(items) == len(set(items))
+    assert all(i.isalpha() and i.islower() for i in items)
+    assert all(len(v) >= max(task.COUNT_WORDS.values()) for v in task.CATEGORIES.values())
+    for cat, other in task.CONFUSABLE.items():
+        assert other != cat and task.CONFUSABLE[other] == cat
+
+
+def test_splits_are_disjoint_deterministic_and_cover_every_cell():
+    train, heldout = task.split_prompts(0)
+    assert set(train).isdisjoint(heldout)
+    assert len(set(train)) == len(train) and len(set(heldout)) == len(heldout)
+    assert (train, heldout) == task.split_prompts(0)
+    assert heldout != task.split_prompts(1)[1]
+    cells = {(c, n) for c in task.CATEGORIES for n in task.COUNT_WORDS.values()}
+    assert {task.parse_prompt(p) for p in train} == cells == {task.parse_prompt(p) for p in heldout}
+    assert len(train) + len(heldout) == len(cells) * len(task.TEMPLATES)
+
+
+def test_pairs_deterministic_per_seed_and_invariant():
+    train, _ = task.split_prompts(0)
+    a = task.preference_pairs(train, 300, seed=0)
+    assert a == task.preference_pairs(train, 300, seed=0)
+    assert a != task.preference_pairs(train, 300, seed=1)
+    for row in a:
+        assert set(row) == {"prompt", "chosen", "rejected"}
+        assert row["prompt"] in train
+        assert task.judge(row["prompt"], row["chosen"])
+        assert not task.judge(row["prompt"], row["rejected"])
+        # same requested count on both sides: the pair differs only in topic
+        assert len(task.parse_items(row["chosen"])) == len(task.parse_items(row["rejected"]))
+
+
+def test_sft_mix_is_mostly_off_topic():
+    train, _ = task.split_prompts(0)
+    rows = task.sft_examples(train, 4000, seed=0)
+    assert rows == task.sft_examples(train, 4000, seed=0)
+    rate = task.follow_rate([r["prompt"] for r in rows], [r["response"] for r in rows])
+    assert rate == pytest.approx(task.SFT_P_ON_TOPIC, abs=0.03)
+    # every response is well formed with the requested count, on topic or from the confusable category
+    for r in rows[:500]:
+        cat, n = task.parse_prompt(r["prompt"])
+        items = task.parse_items(r["response"])
+        assert len(items) == n == len(set(items))
+        assert {task._ITEM_CATEGORY[i] for i in items} in ({cat}, {task.CONFUSABLE[cat]})
+
+
+def test_write_preference_data(tmp_path):
+    paths = task.write_preference_data(tmp_path, seed=0, n_train=64, n_heldout=16)
+    rows = {k: [json.loads(line) for line in p.read_text().splitlines()] for k, p in paths.items()}
+    assert len(rows["train"]) == 64 and len(rows["heldout"]) == 16
+    assert {r["prompt"] for r in rows["train"]}.isdisjoint({r["prompt"] for r in rows["heldout"]})
+    again = task.write_preference_data(tmp_path / "again", seed=0, n_train=64, n_heldout=16)
+    assert all(paths[k].read_bytes() == again[k].read_bytes() for k in paths)
+
+
+def test_pairs_load_through_the_data_pipeline(tmp_path):
+    """The files are valid ``strings``-schema data for ``fpo_dist.data`` (no bad rows)."""
+    from fpo_dist.config import DataConfig
+    from fpo_dist.data import PairTokenizer, load_source
+    from fpo_dist.testing import build_tokenizer
+
+    paths = task.write_preference_data(tmp_path, seed=0, n_train=32, n_heldout=8)
+    cfg = DataConfig(source=str(paths["train"]), max_length=64, max_prompt_length=32)
+    source = load_source(cfg)
+    assert source.schema == "strings"
+    result = PairTokenizer(build_tokenizer(), cfg).tokenize_range(source, 0, len(source))
+    assert len(result.pairs) == 32 and not result.bad
