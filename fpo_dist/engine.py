@@ -140,6 +140,24 @@ def zero3_init_context(ds_config: dict):
     return HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
 
 
+def to_universal_checkpoint(load_dir: str, tag: str, is_main: bool) -> str:
+    """Convert checkpoint ``tag`` to DeepSpeed's universal format (rank 0; others wait); returns the new tag.
+
+    Needed to resume on a different data-parallel world size: ZeRO partitions optimizer state by rank.
+    """
+    target = f"{tag}_universal"
+    if is_main and not (Path(load_dir) / target / "zero").exists():
+        import subprocess
+
+        subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(Path(load_dir) / tag),
+             "--output_folder", str(Path(load_dir) / target), "--num_extract_workers", "1", "--num_merge_workers", "1"],
+            check=True, stdout=subprocess.DEVNULL,
+        )
+    torch.distributed.barrier()
+    return target
+
+
 # --------------------------------------------------------------------------------------------- engine
 
 

@@ -238,7 +238,7 @@ class CacheLoader:
     """Iterates this rank's micro-batches, in order, from ``start_state`` to the end of epoch ``epochs - 1``.
 
     ``store`` is a path/URL or a :class:`CacheStore`; the loader opens its own read handle (the prefetch thread
-    never shares one with the caller).  ``ok_rows`` (sorted, unique, all ok) restricts training to a subset;
+    never shares one with the caller).  ``ok_rows`` (unique, all ok; sorted here) restricts training to a subset;
     by default every ok row of the store.  ``prefetch`` micro-batches are read ahead by a background thread
     (0: read in the consumer's thread).  ``iter(loader)`` is the loader itself: a new ``for`` loop continues where
     the last one stopped.  Use as a context manager, or call :meth:`close`.
@@ -390,19 +390,26 @@ class CacheLoader:
 
         def consume() -> Iterator[MicroBatch]:
             while True:
-                item = q.get()
+                try:
+                    item = q.get(timeout=1.0)
+                except queue.Empty:
+                    if thread.is_alive():
+                        continue
+                    try:  # it may have handed over its last item just before it ended
+                        item = q.get_nowait()
+                    except queue.Empty:
+                        raise RuntimeError("loader prefetch thread ended without handing over a result") from None
                 if item is _END:
                     return
                 if isinstance(item, _Failure):
                     raise item.exc
                 yield item
 
-        self._stop, self._queue = stop, q
-        self._thread = threading.Thread(target=produce, name=f"fpo-loader-prefetch-rank{self.topology.rank}",
-                                        daemon=True)
+        thread = threading.Thread(target=produce, name=f"fpo-loader-prefetch-rank{self.topology.rank}", daemon=True)
+        self._stop, self._queue, self._thread = stop, q, thread
         self._finalizer = weakref.finalize(self, _stop_producer, stop)  # a dropped loader stops its thread
         self._source = consume()
-        self._thread.start()
+        thread.start()
 
     def __iter__(self) -> CacheLoader:
         return self
@@ -425,7 +432,7 @@ class CacheLoader:
         if got != expected:
             raise RuntimeError(f"loader out of order: expected (epoch, offset, micro) {expected}, got {got}")
         self._micro_next += 1
-        if True:
+        if self._micro_next == self.topology.grad_accum:
             self._micro_next = 0
             self._epoch, self._consumed = self.order.normalize(self._epoch, self._consumed + self.global_batch,
                                                                self.global_batch)

@@ -300,7 +300,7 @@ def _column_positions(columns: Tensor | None, n_cols: int, ids: Tensor) -> tuple
 
 
 def feature_distance(pol: PooledCodes, ref: SparseCodes, k: int, topk_mode: TopkMode = "union") -> tuple[Tensor, Tensor]:
-    """FPO's ``D = (1/k) Σ_{i∈I} (c̄θ_i − c̄ref_i)²`` per row, and ``|topk_pol ∩ topk_ref| / k``.
+    """FPO's ``D = (1/k) Σ_{i∈I} (c̄θ_i − c̄ref_i)²`` per row, and ``|topk_pol ∩ topk_ref| / |topk_ref|``.
 
     ``I`` = policy top-k ∪ reference top-k (``union``) or policy top-k (``policy``).  D divides by ``k`` even
     when ``|I| > k`` (the union) or ``|I| < k`` (fewer than k non-zeros).  Differentiable w.r.t. ``pol.values``
@@ -337,7 +337,9 @@ def feature_distance(pol: PooledCodes, ref: SparseCodes, k: int, topk_mode: Topk
     pol_mask = topk_mask(vals, k)
     selected = pol_mask | ref_mask if topk_mode == "union" else pol_mask
     distance = torch.where(selected, (vals - ref_vals).square(), 0.0).sum(-1) / k
-    overlap = (pol_mask & ref_mask).sum(-1).float() / k
+    # the share of the reference's top-k set (k entries, fewer if it has fewer non-zeros) that the policy's
+    # top-k recovers: 1 when policy == reference, whatever the number of non-zeros
+    overlap = (pol_mask & ref_mask).sum(-1).float() / ref_valid.sum(-1).clamp(min=1).float()
     return distance, overlap
 
 

@@ -28,6 +28,7 @@ from fpo_dist.losses import LOSSES, PooledCodes, check_loss_requirements, predic
 from fpo_dist.models import capture_block_output
 
 CHECKPOINTS = "checkpoints"
+STATE_FILE = "fpo_state.json"  # step, world size and loader state of a checkpoint, readable before the engine exists
 # DeepSpeed 0.19 still calls the deprecated collective names once per partitioned parameter.
 warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
 
@@ -248,6 +249,13 @@ class Trainer:
         template = eng.load_ds_template(cfg.deepspeed) if cfg.deepspeed else {"zero_optimization": {"stage": 0}}
         hidden = _hidden_size(policy_cfg)
         self.ds_config = eng.build_ds_config(template, cfg, self.world, hidden, self.bf16)
+        self.resume_from = self._resume_target()
+        if self.resume_from is not None and self.resume_from[2] != self.world:
+            # another data-parallel world: DeepSpeed's universal checkpoint re-partitions optimizer state
+            load_dir, tag, _ = self.resume_from
+            universal = eng.to_universal_checkpoint(load_dir, tag, self.is_main)
+            self.ds_config["checkpoint"] = {"load_universal": True}
+            self.resume_from = (load_dir, universal, self.world)
         self._zero_ctx = eng.zero3_init_context(self.ds_config)  # keep alive: partitioned loading
         spec = model_spec(policy_cfg)
         policy = load_causal_lm(type(spec)(**{**spec.__dict__, "dtype": dtype}), requires_grad=True)
@@ -305,26 +313,36 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume / checkpoints
 
-    def maybe_resume(self) -> None:
+    def _resume_target(self) -> tuple[str, str, int] | None:
+        """``(directory, tag, world size it was saved with)`` of the checkpoint to resume, or None."""
         cfg = self.cfg
         if not cfg.resume:
-            return
-        ckpt_root = Path(cfg.output_dir) / CHECKPOINTS
+            return None
         if cfg.resume == "auto":
-            latest = ckpt_root / "latest"
+            root = Path(cfg.output_dir) / CHECKPOINTS
+            latest = root / "latest"
             if not latest.exists():
                 if self.is_main:
-                    print(f"resume auto: no checkpoint under {ckpt_root}; starting fresh", flush=True)
-                return
-            load_dir, tag = ckpt_root, latest.read_text().strip()
+                    print(f"resume auto: no checkpoint under {root}; starting fresh", flush=True)
+                return None
+            load_dir, tag = root, latest.read_text().strip()
         else:
             path = Path(cfg.resume)
             load_dir, tag = path.parent, path.name
-        state = self.policy.load(str(load_dir), tag)
+        meta = load_dir / tag / STATE_FILE
+        if not meta.exists():
+            raise ConfigError(f"{load_dir / tag} is not an fpo-dist checkpoint (no {STATE_FILE})")
+        return str(load_dir), tag, int(json.loads(meta.read_text())["world_size"])
+
+    def maybe_resume(self) -> None:
+        if self.resume_from is None:
+            return
+        load_dir, tag, _ = self.resume_from
+        state = self.policy.load(load_dir, tag)
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])
         rng_file = Path(load_dir) / tag / f"rng_rank{self.rank}.pt"
-        if rng_file.exists():
+        if rng_file.exists():  # absent when the world size changed: ranks have no predecessor
             _set_rng(torch.load(rng_file, weights_only=True))
         if self.is_main:
             print(f"resumed from {load_dir}/{tag}: step {self.step}, loader {state['loader']}", flush=True)
@@ -337,9 +355,13 @@ class Trainer:
         torch.save(_get_rng(), root / tag / f"rng_rank{self.rank}.pt")
         torch.distributed.barrier()
         if self.is_main:
-            tags = sorted((p for p in root.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
+            meta = {"step": self.step, "world_size": self.world, "loader": state["loader"], "loss": self.cfg.loss.name}
+            (root / tag / STATE_FILE).write_text(json.dumps(meta, indent=1))
+            tags = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name.split("_")[1].isdigit()),
+                          key=lambda p: int(p.name.split("_")[1]))
             for old in tags[: -self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)
             print(f"checkpoint {root / tag}", flush=True)
         torch.distributed.barrier()
 

@@ -7,6 +7,7 @@ two slurmd, node1/node2, all under one temp dir) and submit the real scripts to 
 * pipeline.sh: cache.sbatch (Ray head on node1, worker on node2, the job sees 2 Ray nodes and runs a task on each)
   then, after it succeeded, train.sbatch (torchrun, one launcher per node: world size 2, node ranks 0 and 1);
 * a failing cache job fails its batch job with the driver's exit code, and the dependent training job never runs;
+* a cancelled cache job leaves no Ray process behind;
 * train.sbatch with the deepspeed launcher (--no_ssh, node rank from $SLURM_NODEID);
 * `down` leaves no process behind: daemons, Ray processes and job processes are checked by PID.
 
@@ -46,11 +47,12 @@ PY = sys.executable
 # ---------------------------------------------------------------------------------------------------------------
 CACHE_JOB = {"FPO_CACHE_CMD": "{python} {standin} cache"}
 CACHE_JOB_FAILING = {"FPO_CACHE_CMD": "{python} {standin} cache --exit 3"}  # must fail with exit code 3
+CACHE_JOB_HANGING = {"FPO_CACHE_CMD": "{python} {standin} cache --sleep 600"}  # runs until cancelled
 TRAIN_JOB = {"FPO_TRAIN_CMD": "{standin} train --some-flag 1"}  # torchrun/deepspeed run it with {python}
 
 STANDIN = r'''
 """Stand-in for the cluster jobs: `cache [--exit N]` runs as a Ray job, `train ...` as a torch.distributed rank."""
-import datetime, os, sys
+import datetime, os, sys, time
 
 if sys.argv[1] == "cache":
     import ray
@@ -68,6 +70,8 @@ if sys.argv[1] == "cache":
             for n in nodes]
     for node, raylet in ray.get(refs):
         print("TASK", node, raylet, flush=True)
+    if sys.argv[2:3] == ["--sleep"]:
+        time.sleep(float(sys.argv[3]))
     sys.exit(int(sys.argv[3]) if sys.argv[2:3] == ["--exit"] else 0)
 
 if sys.argv[1] == "train":
@@ -138,15 +142,15 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def procs_with_env(var: str, value: str) -> list[int]:
-    """PIDs whose environment has var=value (this cluster's processes carry its SLURM_CONF)."""
+def procs_with_env(**want: str) -> list[int]:
+    """Live PIDs whose environment has all of var=value (this cluster's processes carry its SLURM_CONF)."""
     found = []
-    want = f"{var}={value}".encode()
+    items = {f"{k}={v}".encode() for k, v in want.items()}
     for p in Path("/proc").iterdir():
         if not p.name.isdigit() or int(p.name) == os.getpid():
             continue
         try:
-            if want in (p / "environ").read_bytes().split(b"\0"):
+            if items <= set((p / "environ").read_bytes().split(b"\0")):
                 found.append(int(p.name))
         except OSError:
             pass
@@ -288,7 +292,7 @@ def cluster():
         yield c
     finally:
         c.harness("down", check=False)
-        leftover = procs_with_env("SLURM_CONF", c.conf)
+        leftover = procs_with_env(SLURM_CONF=c.conf)
         for pid in leftover:  # should be none (test_down_leaves_no_processes); never leave them running
             os.kill(pid, 9)
         shutil.rmtree(work, ignore_errors=True)
@@ -337,6 +341,28 @@ def test_failing_cache_job_fails_batch_job_and_cancels_training(cluster):
 
 
 @pytest.mark.slow
+def test_cancelled_cache_job_tears_down_its_ray_cluster(cluster):
+    env = cluster.env(**CACHE_JOB_HANGING)
+    log = cluster.work / "logs" / "hang-%j.out"
+    job = run(["sbatch", "--parsable", "-N2", f"--output={log}", str(SLURM / "cache.sbatch")], env).stdout.strip()
+    log = Path(str(log).replace("%j", job))
+    deadline = time.monotonic() + 180
+    while not re.search(r"^TASK node2 ", log.read_text() if log.exists() else "", re.M):  # Ray up, job running
+        assert time.monotonic() < deadline and job_info(job, env)["JobState"] in ("PENDING", "RUNNING"), (
+            log.read_text()[-3000:] if log.exists() else job_info(job, env))
+        time.sleep(1)
+    raylets = check_cache_log(log.read_text())
+    cluster.job_pids |= raylets
+    run(["scancel", job], env)
+    (info,) = wait_jobs([job], env, timeout=60)
+    assert info["JobState"] == "CANCELLED", info
+    deadline = time.monotonic() + 20  # SLURM's KillWait is 5 s
+    while [p for p in raylets if pid_alive(p)] or procs_with_env(SLURM_CONF=cluster.conf, SLURM_JOB_ID=job):
+        assert time.monotonic() < deadline, procs_with_env(SLURM_CONF=cluster.conf, SLURM_JOB_ID=job)
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
 def test_train_with_deepspeed_launcher(cluster):
     env = cluster.env(FPO_LAUNCHER="deepspeed", **TRAIN_JOB)
     log = cluster.work / "logs" / "ds-%j.out"
@@ -353,5 +379,5 @@ def test_down_leaves_no_processes(cluster):
     cluster.harness("down")
     started = cluster.daemon_pids | cluster.job_pids
     assert started and not [p for p in started if pid_alive(p)]
-    assert procs_with_env("SLURM_CONF", cluster.conf) == []
+    assert procs_with_env(SLURM_CONF=cluster.conf) == []
     assert cluster.harness("status", check=False).returncode != 0

@@ -167,13 +167,13 @@ kill_pidfiles() {
 }
 
 job_pids() {   # processes of this cluster's jobs and steps: SLURM_CONF=$CONF and a SLURM_JOB_ID (or slurmstepd)
-  local p env
-  for p in /proc/[0-9]*; do
-    p=${p#/proc/}
+  local f p
+  for f in $(grep -lzxF "SLURM_CONF=$CONF" /proc/[0-9]*/environ 2>/dev/null); do
+    p=${f#/proc/}; p=${p%/environ}
     [ "$p" = $$ ] && continue
-    env=$(tr '\0' '\n' < "/proc/$p/environ" 2>/dev/null) || continue
-    grep -qx "SLURM_CONF=$CONF" <<< "$env" || continue
-    if grep -q '^SLURM_JOB_ID=' <<< "$env" || [ "$(cat "/proc/$p/comm" 2>/dev/null)" = slurmstepd ]; then echo "$p"; fi
+    if grep -qz '^SLURM_JOB_ID=' "$f" 2>/dev/null || [ "$(cat "/proc/$p/comm" 2>/dev/null)" = slurmstepd ]; then
+      echo "$p"
+    fi
   done
 }
 

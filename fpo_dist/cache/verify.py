@@ -32,7 +32,7 @@ class CacheComparison:
 def pairs_from_batch(batch) -> list[TokenizedPair]:
     """The tokenized pairs stored in a :class:`fpo_dist.store.RowBatch` (training never re-tokenizes)."""
     return [
-        TokenizedPair(int(i), bytes(u), tuple(int(x) for x in p), tuple(int(x) for x in c), tuple(int(x) for x in r))
+        TokenizedPair(int(i), bytes(u), tuple(p.tolist()), tuple(c.tolist()), tuple(r.tolist()))
         for i, u, p, c, r in zip(batch.index, batch.uid, batch.prompt_ids, batch.chosen_ids, batch.rejected_ids)
     ]
 
