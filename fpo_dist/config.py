@@ -176,6 +176,7 @@ class TrainConfig:
     keep_last: int = 2
     resume: str | None = None  # "auto" or a checkpoint path
     log_every: int = 1
+    log_samples: bool = False  # samples.jsonl: the source rows of every step (an audit trail; one gather per step)
     step0_check: bool = True
     step0_rows: int = 4
     step0_atol_logp: float = 1e-3  # per-token average log-prob tolerance

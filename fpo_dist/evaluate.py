@@ -34,7 +34,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -104,8 +104,8 @@ def response_stats(model, batch, layer: int | None = None, sae=None) -> tuple[to
     else:
         logits, hidden = forward_with_hook(model, ids, attn, layer)
     logp_sum, n_tokens, _ = sequence_logps(logits, ids, resp)
-    pooled = None if hidden is None else pool_mean(encode_full(sae, hidden.to(sae.W_enc.device)), batch.prediction_mask.to(hidden.device))
-    return logp_sum.float().cpu(), n_tokens.cpu(), None if pooled is None else pooled.cpu()
+    pooled = None if hidden is None else pool_mean(encode_full(sae, hidden), batch.prediction_mask.to(device)).cpu()
+    return logp_sum.float().cpu(), n_tokens.cpu(), pooled
 
 
 def score_pairs(
@@ -317,12 +317,13 @@ def evaluate(
 ) -> dict[str, float]:
     """All metrics for one policy (see the module docstring); ``generation=None`` skips sampling.
 
+    The tokenizer is the reference's when there is one (the cache was tokenized with it), else the policy's.
     With ``out_dir``: ``policy_outputs.json`` / ``reference_outputs.json`` (AlpacaEval) and ``metrics.json``.
     """
     from fpo_dist.models import ModelSpec, load_causal_lm, load_tokenizer
     from fpo_dist.sae import load_sae
 
-    tokenizer = load_tokenizer(ModelSpec(policy_dir))
+    tokenizer = load_tokenizer(ModelSpec(reference_dir or policy_dir))
     policy = load_causal_lm(ModelSpec(policy_dir, dtype=dtype), device=device)
     reference = load_causal_lm(ModelSpec(reference_dir, dtype=dtype), device=device) if reference_dir else None
     sae = load_sae(sae_source, sae_id, device=device) if sae_source else None

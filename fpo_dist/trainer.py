@@ -138,11 +138,6 @@ def check_cache_provenance(prov: dict, cfg: TrainConfig, tokenizer) -> list[str]
     for key in ("tokenizer_sha256", "chat_template_sha256", "eos_token_id"):
         if fp.get(key) != prov["tokenizer"].get(key):
             diffs.append(f"tokenizer.{key}: cache {prov['tokenizer'].get(key)!r}, policy tokenizer {fp.get(key)!r}")
-    if cfg.policy.name_or_path and cfg.step0_check:
-        for key in ("name_or_path", "revision", "gguf_file"):
-            if getattr(cfg.policy, key) != prov["model"].get(key):
-                diffs.append(f"policy.{key}: cache reference {prov['model'].get(key)!r}, run {getattr(cfg.policy, key)!r} "
-                             "(FPO/DPO start from the reference; set step0_check false to start elsewhere)")
     for key in ("source", "sae_id", "layer"):
         run_value = getattr(cfg.sae, key)
         if cfg.sae.source and run_value is not None and run_value != prov["sae"].get(key):
@@ -190,6 +185,23 @@ class StepStats:
     metrics: dict = field(default_factory=dict)
     tokens: int = 0
     micro: int = 0
+    rows: list = field(default_factory=list)
+
+
+def resident_models() -> list[dict]:
+    """Every Hugging Face model object alive in this process, with its local parameter count (under
+    ZeRO-3 the local tensors are partitions): proof that an FPO run holds no reference model."""
+    import gc
+
+    from transformers import PreTrainedModel
+
+    models = [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
+    inner = {id(m) for o in models for m in o.modules() if m is not o}  # e.g. LlamaModel inside *ForCausalLM
+    return [
+        {"class": type(o).__name__, "local_numel": sum(p.numel() for p in o.parameters()),
+         "trainable": any(p.requires_grad for p in o.parameters())}
+        for o in models if id(o) not in inner
+    ]
 
 
 class Trainer:
@@ -223,6 +235,20 @@ class Trainer:
         self._setup_models(policy_cfg, ref_cfg, prov)
         self._setup_loader()
         self._setup_logging()
+        self._write_run_info()
+
+    def _write_run_info(self) -> None:
+        models = resident_models()
+        info = {
+            "world_size": self.world, "device": str(self.device), "dtype": "bfloat16" if self.bf16 else "float32",
+            "loss": self.cfg.loss.name, "zero_stage": int(self.ds_config.get("zero_optimization", {}).get("stage", 0)),
+            "resident_models": models, "reference_model_resident": self.reference is not None,
+            "sae_resident": self.sae is not None, "ds_config": self.ds_config,
+        }
+        if self.is_main:
+            (Path(self.cfg.output_dir) / "run_info.json").write_text(json.dumps(info, indent=1, default=str))
+            print(f"resident models: {[(m['class'], m['local_numel']) for m in models]}; reference model: "
+                  f"{'yes' if self.reference is not None else 'none'}", flush=True)
 
     def _setup_models(self, policy_cfg: ModelConfig, ref_cfg: ModelConfig | None, prov: dict) -> None:
         from fpo_dist import engine as eng
@@ -416,9 +442,8 @@ class Trainer:
                    file=sys.stderr, dynamic_ncols=True)
         self.policy.train(True)
         stats, t_step = StepStats(), time.perf_counter()
-        for mb in self.loader:
-            if self.step >= self.total_steps:
-                break
+        for mb in self.loader if self.step < self.total_steps else ():
+            self._epoch_of_step = mb.epoch
             mb = mb.to(self.device)
             loss, metrics = compute_loss(self.policy, mb, self.loss_inputs)
             self._check_finite(loss, metrics, mb)
@@ -430,15 +455,20 @@ class Trainer:
                 stats.metrics[k] = stats.metrics.get(k, 0.0) + float(v)
             stats.tokens += int(mb.attention_mask.sum())
             stats.micro += 1
+            stats.rows.extend(int(r) for r in mb.rows)
             if not boundary:
                 continue
             self.step += 1  # the loader's state advanced when it handed out this step's last micro-batch
             record = self._reduce(stats, time.perf_counter() - t_step)
+            if cfg.log_samples:
+                self._log_samples(stats.rows, record["epoch"])
             if self.is_main and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
                 self._log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('reward_accuracy', 0):.2f}")
             bar.update(1)
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+            if self.step >= self.total_steps:
+                break  # before the loader hands out (and counts) another step
+            if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save_checkpoint()
             stats, t_step = StepStats(), time.perf_counter()
         bar.close()
@@ -466,9 +496,17 @@ class Trainer:
         record.update({k: float(v) for k, v in zip(keys, vec[1:-1])})
         record.update(
             lr=self.policy.lr(), grad_norm=self.policy.grad_norm(), tokens_per_s=float(vec[-1]) / max(seconds, 1e-9),
-            step_time_s=seconds, peak_memory_mb=float(mem[0]), epoch=self.loader.state_dict()["epoch"],
+            step_time_s=seconds, peak_memory_mb=float(mem[0]), epoch=self._epoch_of_step,
         )
         return record
+
+    def _log_samples(self, rows: list[int], epoch: int) -> None:
+        """samples.jsonl: the source rows of every optimizer step, from all ranks (an audit trail)."""
+        gathered = [None] * self.world
+        torch.distributed.all_gather_object(gathered, rows)
+        if self.is_main:
+            with open(Path(self.cfg.output_dir) / "samples.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, "epoch": epoch, "rows": sorted(r for g in gathered for r in g)}) + "\n")
 
     def _log(self, record: dict) -> None:
         self.log_file.write(json.dumps(record) + "\n")

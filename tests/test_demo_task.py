@@ -15,24 +15,44 @@ from fpo_dist.demo import task
 @pytest.mark.parametrize(
     "prompt, response, expected",
     [
-        ("Name three fruits.", "pear, mango, plum.", True),
-        ("Can you name two tools?", "hammer, saw.", True),
-        ("List five animals.", "Cat, dog, fox, wolf, bear.", True),  # case-insensitive
-        ("Name three fruits.", "  pear, mango, plum.  ", True),  # surrounding whitespace
-        ("Name three fruits.", "carrot, leek, onion.", False),  # the confusable category
-        ("Name three fruits.", "pear, leek, plum.", False),  # one off-topic item
-        ("Name three fruits.", "pear, mango.", False),  # too few
-        ("Name three fruits.", "pear, mango, plum, kiwi.", False),  # too many
-        ("Name three fruits.", "pear, pear, plum.", False),  # repeated
-        ("Name three fruits.", "pear, mango, plum", False),  # no final period
-        ("Name three fruits.", "pear mango, plum, kiwi.", False),  # not a list of single items
+        ("Name three fruits.", "Fruits: pear, mango, plum.", True),
+        ("Can you name two tools?", "Tools: hammer, saw.", True),
+        ("List five animals.", "animals: Cat, dog, fox, wolf, bear.", True),  # case-insensitive
+        ("Name three fruits.", "  Fruits:pear,mango ,plum.  ", True),  # whitespace around the parts
+        ("Name three fruits.", "Vegetables: carrot, leek, onion.", False),  # the confusable category
+        ("Name three fruits.", "Vegetables: pear, mango, plum.", False),  # the wrong topic
+        ("Name three fruits.", "Fruits: carrot, leek, onion.", False),  # the wrong items
+        ("Name three fruits.", "Fruits: pear, leek, plum.", False),  # one off-topic item
+        ("Name three fruits.", "pear, mango, plum.", False),  # no topic
+        ("Name three fruits.", "Fruits: pear, mango.", False),  # too few
+        ("Name three fruits.", "Fruits: pear, mango, plum, kiwi.", False),  # too many
+        ("Name three fruits.", "Fruits: pear, pear, plum.", False),  # repeated
+        ("Name three fruits.", "Fruits: pear, mango, plum", False),  # no final period
+        ("Name three fruits.", "Fruits: pear mango, plum, kiwi.", False),  # not a list of single items
         ("Name three fruits.", "", False),
-        ("Which four colors come to mind?", "red, blue, green, violet.", True),
-        ("Which four colors come to mind?", "red, blue, green, spain.", False),
+        ("Which four colors come to mind?", "Colors: red, blue, green, violet.", True),
+        ("Which four colors come to mind?", "Colors: red, blue, green, spain.", False),
     ],
 )
 def test_judge_examples(prompt, response, expected):
     assert task.judge(prompt, response) is expected
+
+
+@pytest.mark.parametrize(
+    "response, outcome",
+    [
+        ("Fruits: pear, mango, plum.", "on_topic"),
+        ("Vegetables: carrot, leek, onion.", "confusable"),
+        ("Fruits: pear, mango.", "wrong_count"),
+        ("Vegetables: carrot, leek, onion, beet.", "wrong_count"),
+        ("Fruits: pear, pear, plum.", "repeated_item"),
+        ("Fruits: pear, leek, plum.", "stray_item"),
+        ("Tools: saw, axe, rake.", "stray_item"),
+        ("pear, mango, plum.", "malformed"),
+    ],
+)
+def test_classify(response, outcome):
+    assert task.classify("Name three fruits.", response) == outcome
 
 
 def test_parse_prompt_and_foreign_prompt():
@@ -44,7 +64,7 @@ def test_parse_prompt_and_foreign_prompt():
 
 def test_pairwise_judge_and_win_rate():
     p = "Name two sports."
-    good, bad = "golf, judo.", "cat, dog."
+    good, bad = "Sports: golf, judo.", "Animals: cat, dog."
     assert task.pairwise_judge(p, good, bad) == 1.0
     assert task.pairwise_judge(p, bad, good) == 0.0
     assert task.pairwise_judge(p, good, good) == 0.5
@@ -88,8 +108,9 @@ def test_pairs_deterministic_per_seed_and_invariant():
         assert row["prompt"] in train
         assert task.judge(row["prompt"], row["chosen"])
         assert not task.judge(row["prompt"], row["rejected"])
+        assert task.classify(row["prompt"], row["rejected"]) == "confusable"
         # same requested count on both sides: the pair differs only in topic
-        assert len(task.parse_items(row["chosen"])) == len(task.parse_items(row["rejected"]))
+        assert len(task.parse_response(row["chosen"])[1]) == len(task.parse_response(row["rejected"])[1])
 
 
 def test_sft_mix_is_mostly_off_topic():
@@ -99,11 +120,7 @@ def test_sft_mix_is_mostly_off_topic():
     rate = task.follow_rate([r["prompt"] for r in rows], [r["response"] for r in rows])
     assert rate == pytest.approx(task.SFT_P_ON_TOPIC, abs=0.03)
     # every response is well formed with the requested count, on topic or from the confusable category
-    for r in rows[:500]:
-        cat, n = task.parse_prompt(r["prompt"])
-        items = task.parse_items(r["response"])
-        assert len(items) == n == len(set(items))
-        assert {task._ITEM_CATEGORY[i] for i in items} in ({cat}, {task.CONFUSABLE[cat]})
+    assert {task.classify(r["prompt"], r["response"]) for r in rows} == {"on_topic", "confusable"}
 
 
 def test_write_preference_data(tmp_path):

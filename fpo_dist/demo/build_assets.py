@@ -19,6 +19,7 @@ import math
 import random
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,7 +48,7 @@ class BuildConfig:
     sae_tokens: int = 1_500_000  # training samples (activation vectors) seen by the SAE trainer
     sae_batch: int = 1024
     sae_lr: float = 3e-3
-    sae_l0_coefficient: float = 2.0
+    sae_l0_coefficient: float = 0.5
     sae_init_threshold: float = 0.1
     eval_samples_per_prompt: int = 4
 
@@ -157,10 +158,10 @@ def rule_follow(model, tokenizer, prompts: list[str], temperature: float, sample
     outputs, entropy = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts], gen, chat=True)
     flat_p = [p for p, outs in zip(prompts, outputs) for _ in outs]
     flat_o = [o for outs in outputs for o in outs]
-    well_formed = [task.parse_items(o) is not None and len(task.parse_items(o)) == task.parse_prompt(p)[1] for p, o in zip(flat_p, flat_o)]
+    outcomes = Counter(task.classify(p, o) for p, o in zip(flat_p, flat_o))
     return {
         "follow_rate": task.follow_rate(flat_p, flat_o),
-        "well_formed_rate": sum(well_formed) / len(well_formed),
+        "outcomes": {k: outcomes[k] for k in task.OUTCOMES},
         "entropy": entropy,
         "n": len(flat_o),
         "examples": [{"prompt": p, "output": o} for p, o in list(zip(flat_p, flat_o))[:: max(1, len(flat_o) // 4)][:4]],

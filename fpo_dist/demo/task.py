@@ -1,17 +1,19 @@
 """The demo's synthetic preference task: "stay on topic".
 
 Prompts ask for a number of things of one category ("Name three fruits.", "Can you name five tools?").
-Responses are comma-separated lists ending in a period ("pear, mango, plum.").
+Responses name their topic, then list items separated by commas, ending in a period ("Fruits: pear, mango, plum.").
 
 The rule (what the judge checks, what every chosen response satisfies and no rejected one does): a response is
-ON TOPIC when it lists exactly the requested number of distinct items, all from the requested category.
+ON TOPIC when its topic is the requested category and it lists exactly the requested number of distinct items,
+all from that category.
 
 Each category has one CONFUSABLE category (fruits <-> vegetables, tools <-> instruments, animals <-> sports,
 colors <-> countries).  The SFT data is a mix: a fraction :data:`SFT_P_ON_TOPIC` of its responses is on topic,
-the rest lists the confusable category instead ("Name three fruits." -> "carrot, leek, onion.").  A model fit
-to it follows the rule on about that fraction of its samples, and never under greedy decoding (each confusable
-item is likelier than each on-topic item).  Preference pairs (on-topic chosen, confusable rejected, same count)
-teach the rule; the decision sits in the response's content (which items), where SAE features can see it.
+the rest answers with the confusable category instead ("Name three fruits." -> "Vegetables: carrot, leek,
+onion.").  A model fit to it follows the rule on about that fraction of its samples, and never under greedy
+decoding (the confusable topic is the likelier one).  Preference pairs (on-topic chosen, confusable rejected, same
+count) teach the rule.  The decision is made at the response's first token (the topic) and carried by all of its
+content (which items), where SAE features can see it.
 
 Everything is generated deterministically from a seed with :class:`random.Random`; prompts are split into
 train and held-out sets that share no prompt string (2 of the 10 templates of every category x count are
@@ -58,7 +60,7 @@ TEMPLATES: tuple[str, ...] = (
     "I need {n} {c}.",
 )
 HELDOUT_TEMPLATES_PER_CELL = 2  # of the 10 templates, per (category, count)
-SFT_P_ON_TOPIC = 0.3  # fraction of on-topic responses in the SFT mix
+SFT_P_ON_TOPIC = 0.35  # fraction of on-topic responses in the SFT mix
 
 _ITEM_CATEGORY = {item: cat for cat, items in CATEGORIES.items() for item in items}
 _PROMPT_RE = re.compile(r"\b(" + "|".join(COUNT_WORDS) + r")\s+(" + "|".join(CATEGORIES) + r")\b")
@@ -94,20 +96,22 @@ def split_prompts(seed: int = 0) -> tuple[list[str], list[str]]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def format_items(items: Sequence[str]) -> str:
-    return ", ".join(items) + "."
+def format_response(category: str, items: Sequence[str]) -> str:
+    """``"Fruits: pear, mango, plum."``"""
+    return f"{category.capitalize()}: " + ", ".join(items) + "."
 
 
 def on_topic_response(rng: random.Random, prompt: str) -> str:
     """The requested number of distinct items of the requested category, in random order."""
     cat, n = parse_prompt(prompt)
-    return format_items(rng.sample(CATEGORIES[cat], n))
+    return format_response(cat, rng.sample(CATEGORIES[cat], n))
 
 
 def off_topic_response(rng: random.Random, prompt: str) -> str:
     """The requested number of distinct items of the CONFUSABLE category (the SFT data's failure mode)."""
     cat, n = parse_prompt(prompt)
-    return format_items(rng.sample(CATEGORIES[CONFUSABLE[cat]], n))
+    other = CONFUSABLE[cat]
+    return format_response(other, rng.sample(CATEGORIES[other], n))
 
 
 def sft_examples(prompts: Sequence[str], n: int, seed: int = 0, p_on_topic: float = SFT_P_ON_TOPIC) -> list[dict]:
@@ -139,25 +143,51 @@ def preference_pairs(prompts: Sequence[str], n: int, seed: int = 0) -> list[dict
 # ---------------------------------------------------------------------------------------------------------
 
 
-def parse_items(response: str) -> list[str] | None:
-    """The items of a ``"a, b, c."`` list (lower-cased), or None when the response is not such a list."""
+def parse_response(response: str) -> tuple[str, list[str]] | None:
+    """``(topic, items)`` of a ``"Topic: a, b, c."`` response (lower-cased), or None when it is not one."""
     text = response.strip()
-    if not text.endswith("."):
+    topic, sep, rest = text.partition(":")
+    if not sep or not rest.endswith("."):
         return None
-    items = [part.strip().lower() for part in text[:-1].split(",")]
-    if not items or any(not item or " " in item for item in items):
+    items = [part.strip().lower() for part in rest[:-1].split(",")]
+    if not topic.strip() or any(not item or " " in item for item in items):
         return None
-    return items
+    return topic.strip().lower(), items
 
 
 def judge(prompt: str, response: str) -> bool:
-    """True iff ``response`` is on topic for ``prompt``: a ``"a, b, c."`` list of exactly the requested number
-    of distinct items, every one from the requested category."""
+    """True iff ``response`` is on topic for ``prompt``: ``"Topic: a, b, c."`` with the requested category as
+    its topic and exactly the requested number of distinct items, every one from that category."""
     cat, n = parse_prompt(prompt)
-    items = parse_items(response)
-    if items is None or len(items) != n or len(set(items)) != n:
+    parsed = parse_response(response)
+    if parsed is None:
         return False
-    return all(_ITEM_CATEGORY.get(item) == cat for item in items)
+    topic, items = parsed
+    return topic == cat and len(items) == n == len(set(items)) and all(_ITEM_CATEGORY.get(i) == cat for i in items)
+
+
+OUTCOMES = ("on_topic", "confusable", "wrong_count", "repeated_item", "stray_item", "malformed")
+
+
+def classify(prompt: str, response: str) -> str:
+    """Why a response passes or fails (one of :data:`OUTCOMES`, first match in that order): ``on_topic`` (the
+    judge accepts it), ``confusable`` (a well-formed answer about the confusable category: the SFT failure mode),
+    ``wrong_count``, ``repeated_item``, ``stray_item`` (a topic or an item of neither category), ``malformed``."""
+    if judge(prompt, response):
+        return "on_topic"
+    parsed = parse_response(response)
+    if parsed is None:
+        return "malformed"
+    cat, n = parse_prompt(prompt)
+    topic, items = parsed
+    other = CONFUSABLE[cat]
+    if topic == other and len(items) == n == len(set(items)) and all(_ITEM_CATEGORY.get(i) == other for i in items):
+        return "confusable"
+    if len(items) != n:
+        return "wrong_count"
+    if len(set(items)) != n:
+        return "repeated_item"
+    return "stray_item"
 
 
 def follow_rate(prompts: Sequence[str], responses: Sequence[str]) -> float:

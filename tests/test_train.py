@@ -1,0 +1,296 @@
+"""The DeepSpeed trainer: real multi-process ZeRO-3 runs on CPU (gloo), partitioning really on.
+
+Invariances: 2-rank ZeRO-3 ≡ a plain single-process PyTorch loop; cached DPO ≡ online DPO; resumed ≡
+uninterrupted; resuming on another world size sees every sample exactly once per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+N_ROWS = 20  # all ok: G = 4 → 5 steps per epoch
+LR = 5e-3
+BETA, ALPHA, K = 0.5, 2.0, 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tiny, tmp_path_factory):
+    """A cache built by the real cache job (local Ray, 2 workers)."""
+    import ray
+
+    from fpo_dist.cache.driver import run_cache_job
+    from fpo_dist.config import CacheConfig, load_config
+
+    root = tmp_path_factory.mktemp("train")
+    rows = [{"prompt": f"Question {i}: what about topic {i % 7}?",
+             "chosen": f"A helpful answer number {i}." + " Indeed." * (i % 3),
+             "rejected": f"Nope {i}." + " Whatever" * (i % 4)} for i in range(N_ROWS)]
+    data = root / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = load_config(CacheConfig, None, [
+        "--model.name_or_path", str(tiny.model_dir), "--sae.source", str(tiny.sae_dir),
+        "--sae.layer", str(tiny.hook_layer), "--data.source", str(data), "--output", str(root / "store"),
+        "--rows_per_shard", "8", "--chunk_rows", "8", "--workers", "2", "--device", "cpu",
+        "--data.max_length", "64", "--data.max_prompt_length", "32",
+    ])
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        run_cache_job(cfg, log=lambda *_: None)
+    finally:
+        ray.shutdown()
+    ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every parameter
+    (root / "zero3_test.json").write_text(json.dumps(ds))
+    return {"store": str(root / "store"), "ds": str(root / "zero3_test.json"), "root": root, "tiny": tiny}
+
+
+def train(cache, out: Path, *extra: str, nproc: int = 2, launcher: str = "torchrun", timeout: int = 420):
+    """Run launchers/train.py under a real launcher in its own process group; return (rc, output)."""
+    args = ["--cache", cache["store"], "--deepspeed", cache["ds"], "--output_dir", str(out),
+            "--micro_batch_size", "2", "--optim.lr", str(LR), "--optim.warmup_steps", "0", "--seed", "3",
+            "--loss.beta", str(BETA), "--loss.alpha", str(ALPHA), "--loss.k", str(K), "--log_samples",
+            "--dist_timeout_s", "120", *extra]
+    port = str(_free_port())
+    if launcher == "deepspeed":
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port,
+               str(ROOT / "launchers" / "train.py"), *args]
+    elif nproc == 1:
+        cmd = [sys.executable, str(ROOT / "launchers" / "train.py"), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port,
+               str(ROOT / "launchers" / "train.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    env.pop("MASTER_PORT", None)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"training timed out after {timeout} s:\n{output[-4000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing of the run may outlive it
+        except ProcessLookupError:
+            pass
+    return proc.returncode, output
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def samples(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def run_a(cache):
+    """2 ranks, ZeRO-3, the deepspeed launcher: 3 steps, checkpoints at steps 2 and 3."""
+    out = cache["root"] / "run_a"
+    rc, log = train(cache, out, "--max_steps", "3", "--save_every", "2", "--epochs", "2", launcher="deepspeed")
+    assert rc == 0, log[-6000:]
+    return out, log
+
+
+# --------------------------------------------------------------------------------------------- FPO run
+
+
+def test_fpo_two_rank_zero3_run(run_a, tiny):
+    out, log = run_a
+    m = metrics(out)
+    assert [r["step"] for r in m] == [1, 2, 3]
+    assert abs(m[0]["loss"] - math.log(2)) < 1e-5  # policy == reference at the first forward
+    assert m[0]["feature_mse_chosen"] < 1e-10 and m[0]["feature_mse_rejected"] < 1e-10
+    assert abs(m[-1]["loss"] - math.log(2)) > 1e-3 and m[-1]["feature_mse_rejected"] > 1e-8  # both move
+    for key in ("lr", "grad_norm", "tokens_per_s", "step_time_s", "peak_memory_mb", "reward_accuracy",
+                "topk_overlap", "margin"):
+        assert key in m[0], key
+    assert m[0]["peak_memory_mb"] > 0
+    assert "step-0 check: rows" in log
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["zero_stage"] == 3
+    assert info["ds_config"]["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    assert info["reference_model_resident"] is False
+    assert [x["class"] for x in info["resident_models"]] == ["LlamaForCausalLM"]  # the policy, nothing else
+    total = sum(p.numel() for p in torch.nn.Module.parameters(_load(tiny.model_dir)))
+    assert info["resident_models"][0]["local_numel"] < total  # ZeRO-3: rank 0 holds only its partition
+
+    exported = _load(out / "hf")  # the export loads with plain transformers
+    initial = _load(tiny.model_dir)
+    assert any(not torch.equal(a, b) for a, b in zip(exported.state_dict().values(), initial.state_dict().values()))
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def test_two_rank_zero3_equals_plain_pytorch(run_a, cache, tiny):
+    """The first 3 steps of the ZeRO-3 run equal a plain single-process loop: same global batches (the
+    documented order), AdamW, clipping at 1.0.  Tolerance: 2e-5 on losses, 1e-5 on weights (fp32)."""
+    from sae_lens import SAE
+
+    from fpo_dist.cache.verify import pairs_from_batch
+    from fpo_dist.losses import fpo_loss, prediction_mask, sequence_logps
+    from fpo_dist.models import build_batch
+    from fpo_dist.store import open_store
+
+    out, _ = run_a
+    store = open_store(cache["store"])
+    sae = SAE.load_from_disk(str(tiny.sae_dir))
+    sae.requires_grad_(False)
+    model = _load(tiny.model_dir).train()
+    model.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    order = np.random.default_rng([3, 0]).permutation(store.ok_rows())  # documented: rng([seed, epoch])
+    losses = []
+    for step in range(3):
+        rows = order[step * 4 : (step + 1) * 4]
+        batch = store.read_rows(rows)
+        pb = build_batch(pairs_from_batch(batch), pad_id=0)
+        captured = {}
+        h = model.model.layers[tiny.hook_layer].register_forward_hook(lambda m, i, o: captured.update(x=o))
+        logits = model(input_ids=pb.input_ids, attention_mask=pb.attention_mask).logits
+        h.remove()
+        hidden = captured["x"][0] if isinstance(captured["x"], tuple) else captured["x"]
+        _, _, avg = sequence_logps(logits, pb.input_ids, pb.response_mask)
+        pm = prediction_mask(pb.response_mask)
+        pooled = (sae.encode(hidden) * pm[..., None]).sum(1) / pm.sum(1, keepdim=True)
+        ref_avg = torch.tensor(batch.logp_sum / batch.n_tokens)
+        from fpo_dist.losses import SparseCodes
+
+        refs = [SparseCodes(torch.tensor(c.offsets), torch.tensor(c.indices), torch.tensor(c.values))
+                for c in (batch.chosen_codes, batch.rejected_codes)]
+        n = len(rows)
+        loss, _ = fpo_loss(avg[:n], avg[n:], ref_avg[:, 0], ref_avg[:, 1], pooled[:n], pooled[n:], refs[0], refs[1],
+                           beta=BETA, alpha=ALPHA, k=K)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+    got = [r["loss"] for r in metrics(out)]
+    np.testing.assert_allclose(got, losses, rtol=0, atol=2e-5)
+    exported = _load(out / "hf").state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(exported[name], value, rtol=0, atol=1e-5, msg=name)
+
+
+def test_resume_same_world_size_equals_uninterrupted(run_a, cache):
+    out_a, _ = run_a
+    out = cache["root"] / "run_d"
+    rc, log = train(cache, out, "--max_steps", "3", "--epochs", "2", "--resume",
+                    str(out_a / "checkpoints" / "step_2"))
+    assert rc == 0, log[-6000:]
+    assert "resumed from" in log and "step 2" in log
+    a3, d3 = metrics(out_a)[2], metrics(out)[0]
+    assert d3["step"] == 3
+    for key in ("loss", "reward_accuracy", "feature_mse_rejected", "grad_norm"):
+        assert abs(a3[key] - d3[key]) <= 1e-6 * max(1.0, abs(a3[key])), key
+    assert samples(out)[0]["rows"] == samples(out_a)[2]["rows"]
+
+
+def test_resume_on_other_world_sizes_sees_every_sample_once_per_epoch(run_a, cache):
+    """2 ranks (steps 1-3) → 1 rank (steps 4-7, across the epoch boundary) → 2 ranks (steps 8-10)."""
+    out_a, _ = run_a
+    out_b, out_c = cache["root"] / "run_b", cache["root"] / "run_c"
+    rc, log = train(cache, out_b, "--max_steps", "7", "--epochs", "2", "--grad_accum", "2", "--resume",
+                    str(out_a / "checkpoints" / "step_3"), nproc=1)
+    assert rc == 0, log[-6000:]
+    rc, log = train(cache, out_c, "--max_steps", "10", "--epochs", "2", "--resume",
+                    str(out_b / "checkpoints" / "step_7"))
+    assert rc == 0, log[-6000:]
+    steps = samples(out_a) + samples(out_b) + samples(out_c)
+    assert [s["step"] for s in steps] == list(range(1, 11))
+    ok = set(range(N_ROWS))
+    for epoch in (0, 1):
+        seen = [r for s in steps if s["epoch"] == epoch for r in s["rows"]]
+        assert sorted(seen) == sorted(ok), f"epoch {epoch}: every sample exactly once"
+    assert metrics(out_c)[-1]["step"] == 10 and (out_c / "hf" / "config.json").exists()
+
+
+# --------------------------------------------------------------------------------------------- baselines
+
+
+def test_dpo_cached_equals_dpo_online(cache):
+    out_c, out_o = cache["root"] / "dpo", cache["root"] / "dpo_online"
+    common = ("--max_steps", "3", "--loss.alpha", "0.5", "--loss.k", "50", "--export", "false")
+    rc, log = train(cache, out_c, "--loss.name", "dpo", *common)
+    assert rc == 0, log[-6000:]
+    rc, log = train(cache, out_o, "--loss.name", "dpo-online", *common)
+    assert rc == 0, log[-6000:]
+    assert "reference model: yes" in log
+    mc, mo = metrics(out_c), metrics(out_o)
+    assert abs(mc[0]["loss"] - math.log(2)) < 1e-5  # fp32; cache and policy pad batches differently
+    for a, b in zip(mc, mo):
+        for key in ("loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a["step"], key, a[key], b[key])
+    info = json.loads((out_o / "run_info.json").read_text())
+    assert info["reference_model_resident"] is True and len(info["resident_models"]) == 2
+
+
+# --------------------------------------------------------------------------------------------- refusals
+
+
+def test_mismatched_cache_is_refused(cache, tmp_path):
+    from fpo_dist.testing import build_llama, build_tokenizer
+
+    other = tmp_path / "other"
+    tok = build_tokenizer(vocab_size=400)  # a different tokenizer
+    build_llama(other, vocab_size=len(tok), tokenizer=tok)
+    rc, log = train(cache, tmp_path / "out", "--policy.name_or_path", str(other), nproc=1, timeout=240)
+    assert rc == 2 and "does not match this run" in log and "tokenizer.tokenizer_sha256" in log
+
+
+def test_step0_check_catches_a_wrong_model(cache, tmp_path):
+    from fpo_dist.testing import build_llama
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cache["tiny"].model_dir)
+    wrong = tmp_path / "wrong"
+    build_llama(wrong, vocab_size=len(tok), tokenizer=tok, seed=123)  # same tokenizer, other weights
+    rc, log = train(cache, tmp_path / "out", "--policy.name_or_path", str(wrong), nproc=1, timeout=240)
+    assert rc != 0 and "step-0 check failed" in log and "max |Δ avg logp|" in log
+
+
+def test_step0_check_catches_a_wrong_hook_layer(cache, tmp_path):
+    """A cache whose features came from block 1 but whose provenance says block 0 (a mislabelled cache)."""
+    import zarr
+
+    store = tmp_path / "relabelled"
+    shutil.copytree(cache["store"], store)
+    group = zarr.open_group(str(store), mode="r+")
+    prov = dict(group.attrs["provenance"])
+    assert prov["sae"]["layer"] == 1
+    prov["sae"] = {**prov["sae"], "layer": 0}
+    group.attrs["provenance"] = prov
+    rc, log = train({**cache, "store": str(store)}, tmp_path / "out", nproc=1, timeout=240)
+    assert rc != 0 and "step-0 check failed" in log and "relative" in log
+    assert "max |Δ avg logp| = 0" in log  # the log-probs agree: only the features betray the layer
