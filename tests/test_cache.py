@@ -117,7 +117,9 @@ def test_cached_values_match_plain_transformers_and_sae_lens(one_worker_store, t
     sae = SAE.load_from_disk(str(tiny.sae_dir))
     rows = store.ok_rows()[:8]
     batch = store.read_rows(rows, extras=True)
-    assert tiny.hook_layer < model.config.num_hidden_layers - 1  # hidden_states[ℓ+1] is the block output here
+    captured = {}  # block ℓ's residual output (the tiny model's LAST block: hidden_states[-1] would be wrong)
+    model.model.layers[tiny.hook_layer].register_forward_hook(
+        lambda m, i, o: captured.update(h=o[0] if isinstance(o, tuple) else o))
     for b in range(len(rows)):
         for side, ids, codes, tok_lp in (
             (0, batch.chosen_ids[b], batch.chosen_codes, batch.chosen_token_logps[b]),
@@ -126,13 +128,13 @@ def test_cached_values_match_plain_transformers_and_sae_lens(one_worker_store, t
             prompt = torch.tensor(batch.prompt_ids[b], dtype=torch.long)
             seq = torch.cat([prompt, torch.tensor(ids, dtype=torch.long)])[None]
             with torch.no_grad():
-                out = model(seq, output_hidden_states=True)
+                out = model(seq)
             logp = out.logits[0, :-1].log_softmax(-1).gather(-1, seq[0, 1:, None])[:, 0]
             resp = logp[len(prompt) - 1 :]  # positions predicting the response tokens
             assert batch.n_tokens[b, side] == len(ids)
             torch.testing.assert_close(torch.tensor(batch.logp_sum[b, side]), resp.sum(), rtol=1e-5, atol=1e-4)
             torch.testing.assert_close(torch.tensor(tok_lp), resp, rtol=1e-5, atol=1e-5)
-            h = out.hidden_states[tiny.hook_layer + 1][0, len(prompt) - 1 : -1]  # predicting positions
+            h = captured["h"][0, len(prompt) - 1 : -1]  # the positions that predict response tokens
             pooled = sae.encode(h).mean(0)
             idx, val = codes.row(b)
             dense = torch.zeros_like(pooled)
@@ -268,16 +270,22 @@ def _free_port() -> int:
 
 def test_ray_job_submit_against_a_head_on_loopback(tiny, dataset, tmp_path, one_worker_store):
     """``ray start --head`` (non-default ports, loopback) + ``ray job submit``; the head is stopped by PID."""
+    import shutil
+    import tempfile
+
     ray_bin = Path(sys.executable).parent / "ray"
     port, dash = _free_port(), _free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="fpo-ray-", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+           "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
+           # as with an activated environment: the job's `python` is this interpreter
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-         f"--temp-dir={tmp_path / 'ray'}", "--include-dashboard=true",
-         f"--object-store-memory={128 << 20}", f"--min-worker-port={_free_port()}", "--max-worker-port=0"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+         f"--temp-dir={ray_tmp}", "--include-dashboard=true", "--dashboard-agent-listen-port=0",
+         f"--object-store-memory={128 << 20}", "--disable-usage-stats"],
+        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         cfg = cache_config(tiny, dataset, tmp_path / "submitted", workers=2, per_token_logps="true")
@@ -290,10 +298,12 @@ def test_ray_job_submit_against_a_head_on_loopback(tiny, dataset, tmp_path, one_
             if res.returncode == 0 or time.time() > deadline or "Connection" not in res.stdout + res.stderr:
                 break
             time.sleep(3)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert res.returncode == 0, (res.stdout[-3000:] + res.stderr[-3000:] +
+                                     "\nhead:\n" + (tmp_path / "head.log").read_text()[-3000:])
         assert "cache done" in res.stdout and "succeeded" in res.stdout
     finally:
         _kill_session(head)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert_same_store(one_worker_store[0], tmp_path / "submitted")
 
 

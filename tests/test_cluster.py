@@ -1,22 +1,26 @@
-"""cluster/: the SLURM batch scripts, end to end on a real 2-node SLURM cluster on this machine.
+"""cluster/: the SLURM batch scripts, end to end on a real 2-node SLURM cluster on this machine, with the real jobs.
 
 The dry-run tests (fast, no SLURM) check the layout and the exact commands the scripts would run. The slow tests
-bring up a private cluster with the project's own harness (cluster/local/slurm-cluster.sh: munged, slurmctld and
-two slurmd, node1/node2, all under one temp dir) and submit the real scripts to it:
+bring up ONE private cluster for the module with the project's own harness (cluster/local/slurm-cluster.sh:
+munged, slurmctld and two slurmd, node1/node2, all under one temp dir) and submit the real scripts to it, running
+the real jobs (`python -m fpo_dist.cache`, `launchers/train.py`) on the tiny local model, SAE and data:
 
-* pipeline.sh: cache.sbatch (Ray head on node1, worker on node2, the job sees 2 Ray nodes and runs a task on each)
-  then, after it succeeded, train.sbatch (torchrun, one launcher per node: world size 2, node ranks 0 and 1);
-* a failing cache job fails its batch job with the driver's exit code, and the dependent training job never runs;
-* a cancelled cache job leaves no Ray process behind;
-* train.sbatch with the deepspeed launcher (--no_ssh, node rank from $SLURM_NODEID);
+* pipeline.sh: cache.sbatch (Ray head on node1, Ray worker on node2, 2 cache actors: one on each Ray node, each
+  did shards; the store verifies) then, after it succeeded, train.sbatch (torchrun, one launcher per node: world
+  size 2, node ranks 0 and 1, ZeRO-3 with every parameter partitioned, 2 steps, a checkpoint and the HF export,
+  which plain transformers loads);
+* a cache job with a configuration error fails its batch job with the driver's exit code (2), and the dependent
+  training job never runs;
+* a cancelled cache job (stuck: its actor asks for more CPUs than any node has) leaves no process of its job behind;
+* train.sbatch with the deepspeed launcher (--no_ssh, node rank from $SLURM_NODEID) resumes the pipeline's run;
 * `down` leaves no process behind: daemons, Ray processes and job processes are checked by PID.
 
-The jobs are stand-ins (section "Job commands" below) until the real entry points can run here; the cluster
-scripts run them through the same code paths (ray job submit / srun + torchrun or deepspeed) as the real jobs.
+Set FPO_TEST_KEEP_CLUSTER_DIR=1 to keep the cluster's work dir (job logs, Ray logs, stores, runs) for debugging.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -35,76 +39,76 @@ SLURM = ROOT / "cluster" / "slurm"
 PY = sys.executable
 
 # ---------------------------------------------------------------------------------------------------------------
-# Job commands: the only section to change when switching from the stand-ins to the real cache / training jobs.
-#
-# Each *_JOB is the environment that selects the job for cache.sbatch / train.sbatch ({python}, {standin} and
-# {work} are filled in). The scripts' testing hooks FPO_CACHE_CMD / FPO_TRAIN_CMD replace the job program only;
-# for the real jobs drop them and set the configs instead, e.g.
-#   CACHE_JOB = {"FPO_CACHE_CONFIG": "<tiny cache yaml>", "FPO_CACHE_ARGS": "--store {work}/store.zarr"}
-#   TRAIN_JOB = {"FPO_TRAIN_CONFIG": "<tiny train yaml>", "FPO_TRAIN_ARGS": "--store {work}/store.zarr ..."}
-# and replace check_cache_log / check_train_log by checks on the store (`python -m fpo_dist.cache verify`) and
-# on the HF export.
+# Job commands: the environment that selects each job for cache.sbatch / train.sbatch ({work} is filled in with
+# the cluster's work dir, where the Cluster fixture writes the configs, data and DeepSpeed config).
 # ---------------------------------------------------------------------------------------------------------------
-CACHE_JOB = {"FPO_CACHE_CMD": "{python} {standin} cache"}
-CACHE_JOB_FAILING = {"FPO_CACHE_CMD": "{python} {standin} cache --exit 3"}  # must fail with exit code 3
-CACHE_JOB_HANGING = {"FPO_CACHE_CMD": "{python} {standin} cache --sleep 600"}  # runs until cancelled
-TRAIN_JOB = {"FPO_TRAIN_CMD": "{standin} train --some-flag 1"}  # torchrun/deepspeed run it with {python}
-
-STANDIN = r'''
-"""Stand-in for the cluster jobs: `cache [--exit N]` runs as a Ray job, `train ...` as a torch.distributed rank."""
-import datetime, os, sys, time
-
-if sys.argv[1] == "cache":
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    ray.init()  # RAY_ADDRESS is set by `ray job submit`
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    print("RAY_NODES", len(nodes), flush=True)
-
-    @ray.remote(num_cpus=1)
-    def where():  # the worker's parent is its node's raylet, started by that node's srun step
-        return os.environ.get("SLURMD_NODENAME"), os.getppid()
-
-    refs = [where.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
-            for n in nodes]
-    for node, raylet in ray.get(refs):
-        print("TASK", node, raylet, flush=True)
-    if sys.argv[2:3] == ["--sleep"]:
-        time.sleep(float(sys.argv[3]))
-    sys.exit(int(sys.argv[3]) if sys.argv[2:3] == ["--exit"] else 0)
-
-if sys.argv[1] == "train":
-    import torch
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    total = torch.tensor([float(dist.get_rank())])
-    dist.all_reduce(total)
-    print(f"RANK {dist.get_rank()} WORLD {dist.get_world_size()} LOCAL_RANK {os.environ['LOCAL_RANK']} "
-          f"NODE {os.environ['SLURMD_NODENAME']} NODEID {os.environ['SLURM_NODEID']} SUM {int(total.item())} "
-          f"ARGV {' '.join(sys.argv[2:])}", flush=True)
-    dist.destroy_process_group()
-'''
+N_ROWS = 16  # 4 shards of 4 rows: both actors get a shard at once, so each Ray node's actor does >= 1
+CACHE_JOB = {"FPO_CACHE_CONFIG": "{work}/cache.yaml", "FPO_CACHE_ARGS": "--workers 2 --cpus_per_worker 1"}
+# a configuration error (rows_per_shard not a multiple of chunk_rows): the driver exits 2 before any work
+CACHE_JOB_FAILING = {"FPO_CACHE_CONFIG": "{work}/cache.yaml",
+                     "FPO_CACHE_ARGS": "--output {work}/bad.zarr --rows_per_shard 3"}
+# an actor that asks for more CPUs than any Ray node has (1 each) is never scheduled: the job runs until cancelled
+CACHE_JOB_HANGING = {"FPO_CACHE_CONFIG": "{work}/cache.yaml",
+                     "FPO_CACHE_ARGS": "--output {work}/hang.zarr --workers 1 --cpus_per_worker 3"}
+TRAIN_JOB = {"FPO_TRAIN_CONFIG": "{work}/train.yaml", "FPO_DS_CONFIG": "{work}/zero3_test.json",
+             "FPO_TRAIN_ARGS": "--max_steps 2 --micro_batch_size 2"}
 
 
-def check_cache_log(log: str) -> set[int]:
-    """The cache job saw both Ray nodes and ran one task on each; returns the raylet PIDs it reported."""
-    assert "RAY_NODES 2" in log, log[-3000:]
-    tasks = set(re.findall(r"^TASK (\S+) (\d+)$", log, re.M))  # a failed job's status message repeats its log
-    assert sorted(node for node, _ in tasks) == ["node1", "node2"], log[-3000:]
-    return {int(pid) for _, pid in tasks}
+def write_job_files(work: Path, tiny) -> None:
+    """The tiny preference data, the cache and training configs, and ZeRO-3 with every parameter partitioned."""
+    rows = [{"prompt": f"Question {i}: what about topic {i % 7}?",
+             "chosen": f"A helpful answer number {i}." + " Indeed." * (i % 3),
+             "rejected": f"Nope {i}." + " Whatever" * (i % 4)} for i in range(N_ROWS)]
+    (work / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (work / "cache.yaml").write_text(json.dumps({  # YAML is a superset of JSON
+        "model": {"name_or_path": str(tiny.model_dir)},
+        "sae": {"source": str(tiny.sae_dir), "layer": tiny.hook_layer},
+        "data": {"source": str(work / "pairs.jsonl"), "max_length": 64, "max_prompt_length": 32},
+        "output": str(work / "store.zarr"), "rows_per_shard": 4, "chunk_rows": 4, "batch_size": 4,
+        "device": "cpu",
+    }, indent=1))
+    (work / "train.yaml").write_text(json.dumps({
+        "cache": str(work / "store.zarr"), "output_dir": str(work / "run"), "seed": 3, "dist_timeout_s": 120,
+        "optim": {"lr": 5e-3, "warmup_steps": 0},
+    }, indent=1))
+    ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every parameter
+    (work / "zero3_test.json").write_text(json.dumps(ds))
 
 
-def check_train_log(log: str, world: int = 2) -> None:
-    """One rank per node, world size 2, node ranks 0 (node1, rank 0) and 1 (node2, rank 1), all-reduce works."""
-    ranks = re.findall(r"RANK (\d+) WORLD (\d+) LOCAL_RANK (\d+) NODE (\S+) NODEID (\d+) SUM (\d+) ARGV (.*)$",
-                       log, re.M)
-    assert len(ranks) == world, log[-3000:]
-    seen = {int(r): (node, int(nodeid)) for r, _, _, node, nodeid, _, _ in ranks}
-    assert seen == {0: ("node1", 0), 1: ("node2", 1)}, ranks
-    for _, w, local, _, _, total, argv in ranks:
-        assert (int(w), int(local), int(total), argv.strip()) == (world, 0, sum(range(world)), "--some-flag 1")
+def check_cache_log(log: str) -> dict[str, tuple[str, int, int]]:
+    """Both Ray nodes joined and both nodes' actors did shards; returns {node id: (host, actor pid, shards)}."""
+    assert "all 2 Ray nodes joined" in log, log[-4000:]
+    workers = re.findall(r"^\s*worker (\S+):(\d+) \[cpu\] ray node ([0-9a-f]+): (\d+) shards", log, re.M)
+    nodes = {node: (host, int(pid), int(shards)) for host, pid, node, shards in workers}
+    assert len(workers) == 2 and len(nodes) == 2, log[-4000:]  # two actors, on two distinct Ray nodes
+    assert all(shards >= 1 for _, _, shards in nodes.values()), nodes
+    assert sum(shards for _, _, shards in nodes.values()) == N_ROWS // 4, nodes
+    return nodes
+
+
+def check_train_log(log: str, launcher: str = "torchrun") -> None:
+    """One launcher per node (srun --label: task 0 = node1, task 1 = node2) with node ranks 0 and 1; rank 0, which
+    alone prints the trainer's output, ran on node1."""
+    starts = set(re.findall(r"^(\d+): \[fpo\] node (\S+): node rank (\d+), ranks (\S+) of (\d+) \((\w+)\)$", log, re.M))
+    assert starts == {("0", "node1", "0", "0-0", "2", launcher), ("1", "node2", "1", "1-1", "2", launcher)}, log[-4000:]
+    assert re.search(r"^0: fpo-dist train, config:", log, re.M) and not re.search(r"^1: fpo-dist train", log, re.M)
+
+
+def check_train_run(out: Path, steps: list[int]) -> None:
+    """World size 2, the steps' metrics, a ZeRO-3 checkpoint written by both ranks, an HF export that loads."""
+    info = json.loads((out / "run_info.json").read_text())
+    assert (info["world_size"], info["zero_stage"]) == (2, 3), info
+    assert info["ds_config"]["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == steps
+    ckpt = out / "checkpoints" / f"step_{steps[-1]}"
+    assert (ckpt / "rng_rank0.pt").exists() and (ckpt / "rng_rank1.pt").exists(), list(ckpt.rglob("*"))
+    assert len(list(ckpt.rglob("*optim_states.pt"))) == 2, list(ckpt.rglob("*"))  # one ZeRO partition per rank
+    from transformers import AutoModelForCausalLM
+
+    assert (out / "hf" / "config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(str(out / "hf"))
+    assert type(model).__name__ == "LlamaForCausalLM"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,6 +159,23 @@ def procs_with_env(**want: str) -> list[int]:
         except OSError:
             pass
     return [pid for pid in found if pid_alive(pid)]
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def wait_gone(pids: set[int], conf: str, job: str, timeout: float = 20) -> None:
+    """Wait until none of pids runs and no process carries this cluster's SLURM_CONF with SLURM_JOB_ID=job.
+    (A job is over once its batch script exits; step processes may take SLURM's KillWait, 5 s, to go.)"""
+    deadline = time.monotonic() + timeout
+    while [p for p in pids if pid_alive(p)] or procs_with_env(SLURM_CONF=conf, SLURM_JOB_ID=job):
+        assert time.monotonic() < deadline, ([p for p in pids if pid_alive(p)],
+                                             procs_with_env(SLURM_CONF=conf, SLURM_JOB_ID=job))
+        time.sleep(0.5)
 
 
 def job_info(job: str, env: dict) -> dict:
@@ -258,32 +279,45 @@ class Cluster:
         self.harness_env = {**no_slurm_env(), "FPO_SLURM_DIR": str(self.dir),
                             "FPO_SLURM_CTLD_PORT": str(free_port()), "FPO_SLURM_SLURMD_PORT": str(free_port())}
         self.daemon_pids: set[int] = set()
-        self.job_pids: set[int] = set()  # Ray raylets etc. reported by the jobs
+        self.job_pids: set[int] = set()  # Ray processes, cache actors etc. seen while the jobs ran
 
     def harness(self, *args, check=True):
         return run(["bash", str(HARNESS), *args], self.harness_env, timeout=300, check=check)
 
     def env(self, **extra) -> dict:
-        """Environment for sbatch / pipeline.sh: this cluster, this Python, small Ray, everything under work/."""
-        fill = {"python": PY, "standin": str(self.work / "standin.py"), "work": str(self.work)}
-        extra = {k: v.format(**fill) for k, v in extra.items()}
+        """Environment for sbatch / pipeline.sh: this cluster, this Python, small Ray, everything under work/.
+        One CPU per node for Ray and the ranks (2 cores in all): one cache actor per Ray node, OMP_NUM_THREADS=1."""
+        extra = {k: v.format(work=self.work) for k, v in extra.items()}
         return {**no_slurm_env(), "SLURM_CONF": self.conf, "FPO_PYTHON": PY, "FPO_LOG_DIR": str(self.work / "logs"),
                 "FPO_RAY_TEMP_DIR": str(self.work / "ray"), "FPO_RAY_OBJECT_STORE_BYTES": str(80 * 2**20),
-                "FPO_RAY_JOIN_TIMEOUT": "120", **extra}
+                "FPO_RAY_JOIN_TIMEOUT": "120", "FPO_CPUS_PER_NODE": "1", "PYTHONUNBUFFERED": "1",
+                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
 
     def pidfile_pids(self) -> set[int]:
         return {int(f.read_text()) for f in (self.dir / "run").glob("*.pid")}
 
+    def pipeline(self, **extra) -> tuple[dict, dict]:
+        """pipeline.sh with these job settings; waits for both jobs and returns their `scontrol show job` info."""
+        env = self.env(FPO_CACHE_NODES="2", FPO_TRAIN_NODES="2", **extra)
+        out = run([str(SLURM / "pipeline.sh")], env).stdout
+        ids = dict(re.findall(r"^(FPO_\w+_JOB)=(\d+)$", out, re.M))
+        cache, train = wait_jobs([ids["FPO_CACHE_JOB"], ids["FPO_TRAIN_JOB"]], env)
+        return cache, train
+
+    def log(self, name: str) -> str:
+        path = self.work / "logs" / name
+        return path.read_text() if path.exists() else f"(no {path})"
+
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tiny):
     if os.geteuid() != 0:
         pytest.skip("the local SLURM harness needs root")
     if not shutil.which("slurmctld") and not shutil.which("apt-get"):
         pytest.skip("no SLURM and no apt-get to install it")
     work = Path(tempfile.mkdtemp(prefix="fpo-cl-"))  # short: unix socket paths live under it
     work.chmod(0o755)  # munged wants every directory above its socket searchable by all
-    (work / "standin.py").write_text(STANDIN)
+    write_job_files(work, tiny)
     c = Cluster(work)
     try:
         c.harness("up", "--nodes", "2", "--cpus", "2")
@@ -295,7 +329,10 @@ def cluster():
         leftover = procs_with_env(SLURM_CONF=c.conf)
         for pid in leftover:  # should be none (test_down_leaves_no_processes); never leave them running
             os.kill(pid, 9)
-        shutil.rmtree(work, ignore_errors=True)
+        if os.environ.get("FPO_TEST_KEEP_CLUSTER_DIR") == "1":
+            print(f"\nkept the cluster's work dir: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -309,33 +346,36 @@ def test_harness_up_is_idempotent(cluster):
 
 @pytest.mark.slow
 def test_pipeline_cache_on_ray_then_train_with_torchrun(cluster):
-    env = cluster.env(FPO_CACHE_NODES="2", FPO_TRAIN_NODES="2", **CACHE_JOB, **TRAIN_JOB)
-    out = run([str(SLURM / "pipeline.sh")], env).stdout
-    ids = dict(re.findall(r"^(FPO_\w+_JOB)=(\d+)$", out, re.M))
-    cache, train = wait_jobs([ids["FPO_CACHE_JOB"], ids["FPO_TRAIN_JOB"]], env)
-    cache_log = (cluster.work / "logs" / f"fpo-cache-{cache['JobId']}.out").read_text()
-    train_log = (cluster.work / "logs" / f"fpo-train-{train['JobId']}.out").read_text()
-    assert (cache["JobState"], cache["ExitCode"]) == ("COMPLETED", "0:0"), cache_log[-3000:]
-    assert (train["JobState"], train["ExitCode"]) == ("COMPLETED", "0:0"), train_log[-3000:]
+    cache, train = cluster.pipeline(**CACHE_JOB, **TRAIN_JOB)
+    cache_log = cluster.log(f"fpo-cache-{cache['JobId']}.out")
+    train_log = cluster.log(f"fpo-train-{train['JobId']}.out")
+    assert (cache["JobState"], cache["ExitCode"]) == ("COMPLETED", "0:0"), cache_log[-4000:]
+    assert (train["JobState"], train["ExitCode"]) == ("COMPLETED", "0:0"), train_log[-4000:]
     assert train["Dependency"] in ("(null)", f"afterok:{cache['JobId']}(unfulfilled)")
     assert train["StartTime"] >= cache["EndTime"]  # ISO timestamps: the chain held
-    raylets = check_cache_log(cache_log)
-    check_train_log(train_log)
+
+    # cache: Ray over both nodes, one actor on each did shards, the store is complete and verifies
+    actors = {pid for _, pid, _ in check_cache_log(cache_log).values()}
+    verify = run([PY, "-m", "fpo_dist.cache", "verify", str(cluster.work / "store.zarr")], cluster.env())
+    assert "verify: OK" in verify.stdout, verify.stdout
     # the batch script tore down its own Ray (by ending its srun steps), not just SLURM at job end
-    cluster.job_pids |= raylets
-    assert not [p for p in raylets if pid_alive(p)]
+    cluster.job_pids |= actors
+    wait_gone(actors, cluster.conf, cache["JobId"])
     assert (cluster.work / "ray" / "ray_current_cluster").exists()  # per-job Ray temp dir, not /tmp/ray
+
+    # train: one torchrun per node, world size 2, checkpoint, HF export
+    check_train_log(train_log)
+    check_train_run(cluster.work / "run", steps=[1, 2])
+    wait_gone(set(), cluster.conf, train["JobId"])
 
 
 @pytest.mark.slow
 def test_failing_cache_job_fails_batch_job_and_cancels_training(cluster):
-    env = cluster.env(FPO_CACHE_NODES="2", FPO_TRAIN_NODES="2", **CACHE_JOB_FAILING, **TRAIN_JOB)
-    out = run([str(SLURM / "pipeline.sh")], env).stdout
-    ids = dict(re.findall(r"^(FPO_\w+_JOB)=(\d+)$", out, re.M))
-    cache, train = wait_jobs([ids["FPO_CACHE_JOB"], ids["FPO_TRAIN_JOB"]], env)
-    cache_log = (cluster.work / "logs" / f"fpo-cache-{cache['JobId']}.out").read_text()
-    assert (cache["JobState"], cache["ExitCode"]) == ("FAILED", "3:0"), cache_log[-3000:]
-    cluster.job_pids |= check_cache_log(cache_log)  # Ray was up on both nodes; the driver exited 3
+    cache, train = cluster.pipeline(**CACHE_JOB_FAILING, **TRAIN_JOB)
+    cache_log = cluster.log(f"fpo-cache-{cache['JobId']}.out")
+    assert (cache["JobState"], cache["ExitCode"]) == ("FAILED", "2:0"), cache_log[-4000:]
+    assert "all 2 Ray nodes joined" in cache_log  # Ray was up on both nodes; the driver exited 2
+    assert "configuration error: 'rows_per_shard' (3) must be a positive multiple" in cache_log, cache_log[-4000:]
     assert train["JobState"] == "CANCELLED" and train["Reason"] == "DependencyNeverSatisfied", train
     assert not (cluster.work / "logs" / f"fpo-train-{train['JobId']}.out").exists()
 
@@ -347,30 +387,39 @@ def test_cancelled_cache_job_tears_down_its_ray_cluster(cluster):
     job = run(["sbatch", "--parsable", "-N2", f"--output={log}", str(SLURM / "cache.sbatch")], env).stdout.strip()
     log = Path(str(log).replace("%j", job))
     deadline = time.monotonic() + 180
-    while not re.search(r"^TASK node2 ", log.read_text() if log.exists() else "", re.M):  # Ray up, job running
+    # the driver planned its (never schedulable) actor: Ray is up on both nodes and the job runs
+    while "1 cache worker(s)" not in (log.read_text() if log.exists() else ""):
         assert time.monotonic() < deadline and job_info(job, env)["JobState"] in ("PENDING", "RUNNING"), (
-            log.read_text()[-3000:] if log.exists() else job_info(job, env))
+            log.read_text()[-4000:] if log.exists() else job_info(job, env))
         time.sleep(1)
-    raylets = check_cache_log(log.read_text())
-    cluster.job_pids |= raylets
+    assert "all 2 Ray nodes joined" in log.read_text()
+    running = set(procs_with_env(SLURM_CONF=cluster.conf, SLURM_JOB_ID=job))  # batch script, sruns, Ray, driver
+    for node in ("node1", "node2"):  # a raylet in each node's srun step
+        on_node = procs_with_env(SLURM_CONF=cluster.conf, SLURM_JOB_ID=job, SLURMD_NODENAME=node)
+        assert [p for p in on_node if "/raylet " in cmdline(p)], (node, {p: cmdline(p)[:100] for p in running})
+    cluster.job_pids |= running
     run(["scancel", job], env)
     (info,) = wait_jobs([job], env, timeout=60)
     assert info["JobState"] == "CANCELLED", info
-    deadline = time.monotonic() + 20  # SLURM's KillWait is 5 s
-    while [p for p in raylets if pid_alive(p)] or procs_with_env(SLURM_CONF=cluster.conf, SLURM_JOB_ID=job):
-        assert time.monotonic() < deadline, procs_with_env(SLURM_CONF=cluster.conf, SLURM_JOB_ID=job)
-        time.sleep(0.5)
+    wait_gone(running, cluster.conf, job)
 
 
 @pytest.mark.slow
-def test_train_with_deepspeed_launcher(cluster):
-    env = cluster.env(FPO_LAUNCHER="deepspeed", **TRAIN_JOB)
+def test_train_with_deepspeed_launcher_resumes(cluster):
+    """train.sbatch with the deepspeed launcher continues the pipeline's run (a copy): one more step, both nodes."""
+    if not (cluster.work / "run" / "checkpoints" / "step_2").exists():
+        pytest.skip("needs the pipeline test's run")
+    shutil.copytree(cluster.work / "run", cluster.work / "run_ds")
+    env = cluster.env(FPO_LAUNCHER="deepspeed", **{
+        **TRAIN_JOB, "FPO_TRAIN_ARGS": "--max_steps 3 --micro_batch_size 2 --resume auto --output_dir {work}/run_ds"})
     log = cluster.work / "logs" / "ds-%j.out"
     job = run(["sbatch", "--parsable", "-N2", f"--output={log}", str(SLURM / "train.sbatch")], env).stdout.strip()
     (info,) = wait_jobs([job], env)
     text = Path(str(log).replace("%j", job)).read_text()
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text[-3000:]
-    check_train_log(text)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text[-4000:]
+    check_train_log(text, launcher="deepspeed")
+    assert re.search(r"^0: resumed from \S+/step_2: step 2", text, re.M), text[-4000:]
+    check_train_run(cluster.work / "run_ds", steps=[1, 2, 3])
 
 
 @pytest.mark.slow

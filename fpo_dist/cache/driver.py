@@ -225,7 +225,8 @@ def _summary(cfg, store, source, results: list[dict], wall: float, done_before: 
     per_worker: dict = {}
     for r in results:
         key = f"{r['worker']['host']}:{r['worker']['pid']}"
-        w = per_worker.setdefault(key, {"shards": 0, "tokens": 0, "seconds": 0.0, "device": r["worker"]["device"]})
+        w = per_worker.setdefault(key, {"shards": 0, "tokens": 0, "seconds": 0.0, "device": r["worker"]["device"],
+                                        "node": r["worker"].get("node")})
         w["shards"] += 1
         w["tokens"] += r["tokens"]
         w["seconds"] += r["seconds"]
@@ -253,6 +254,7 @@ def format_summary(s: dict) -> str:
         f"  tokens: {s['tokens']}, wall time {s['wall_s']:.1f} s, store size {s['size_bytes'] / 1e6:.2f} MB",
     ]
     for name, w in sorted(s["workers"].items()):
-        lines.append(f"  worker {name} [{w['device']}]: {w['shards']} shards, {w['tokens_per_s']:.0f} tokens/s")
+        node = f" ray node {w['node']}" if w.get("node") else ""
+        lines.append(f"  worker {name} [{w['device']}]{node}: {w['shards']} shards, {w['tokens_per_s']:.0f} tokens/s")
     lines.append("  " + s["bad_report"].replace("\n", "\n  "))
     return "\n".join(lines)

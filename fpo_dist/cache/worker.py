@@ -169,7 +169,17 @@ class CacheWorker:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
     def info(self) -> dict:
-        return {"pid": os.getpid(), "host": os.uname().nodename, "device": str(self.device), "threads": torch.get_num_threads()}
+        """Who did the work: host, pid, device, threads, and under Ray the node id (several Ray nodes may share a
+        hostname, e.g. SLURM nodes on one machine; the node id tells them apart)."""
+        info = {"pid": os.getpid(), "host": os.uname().nodename, "device": str(self.device), "threads": torch.get_num_threads()}
+        try:
+            import ray
+
+            if ray.is_initialized():
+                info["node"] = ray.get_runtime_context().get_node_id()
+        except ImportError:  # in-process use without Ray
+            pass
+        return info
 
     def process(self, shard: int) -> dict:
         """Tokenize, run and write shard ``shard``; return what the driver needs to commit and report."""

@@ -48,7 +48,7 @@ class BuildConfig:
     sae_tokens: int = 1_500_000  # training samples (activation vectors) seen by the SAE trainer
     sae_batch: int = 1024
     sae_lr: float = 3e-3
-    sae_l0_coefficient: float = 0.5
+    sae_l0_coefficient: float = 0.2
     sae_init_threshold: float = 0.1
     eval_samples_per_prompt: int = 4
 

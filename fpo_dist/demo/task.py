@@ -1,7 +1,9 @@
 """The demo's synthetic preference task: "stay on topic".
 
 Prompts ask for a number of things of one category ("Name three fruits.", "Can you name five tools?").
-Responses name their topic, then list items separated by commas, ending in a period ("Fruits: pear, mango, plum.").
+Responses name their topic, then list distinct items in alphabetical order, separated by commas, ending in a period
+("Fruits: mango, pear, plum.").  The order makes "no repeats" a property of each next item alone (it comes after
+the previous one), which a tiny model learns far more reliably than excluding every earlier item.
 
 The rule (what the judge checks, what every chosen response satisfies and no rejected one does): a response is
 ON TOPIC when its topic is the requested category and it lists exactly the requested number of distinct items,
@@ -102,16 +104,16 @@ def format_response(category: str, items: Sequence[str]) -> str:
 
 
 def on_topic_response(rng: random.Random, prompt: str) -> str:
-    """The requested number of distinct items of the requested category, in random order."""
+    """The requested number of distinct items of the requested category, in alphabetical order."""
     cat, n = parse_prompt(prompt)
-    return format_response(cat, rng.sample(CATEGORIES[cat], n))
+    return format_response(cat, sorted(rng.sample(CATEGORIES[cat], n)))
 
 
 def off_topic_response(rng: random.Random, prompt: str) -> str:
     """The requested number of distinct items of the CONFUSABLE category (the SFT data's failure mode)."""
     cat, n = parse_prompt(prompt)
     other = CONFUSABLE[cat]
-    return format_response(other, rng.sample(CATEGORIES[other], n))
+    return format_response(other, sorted(rng.sample(CATEGORIES[other], n)))
 
 
 def sft_examples(prompts: Sequence[str], n: int, seed: int = 0, p_on_topic: float = SFT_P_ON_TOPIC) -> list[dict]:

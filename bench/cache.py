@@ -1,0 +1,225 @@
+"""2. The cache job: throughput against the bare forward (the limit), worker scaling, bytes per response.
+
+- ``reference_pass`` (the worker's computation) and a plain no-grad ``model(input_ids, attention_mask)`` run on
+  identical batches (the batches ``reference_pass`` builds, recorded during its warm-up call), on the same
+  device and threads, interleaved round by round; tokens are the real (unpadded) tokens the worker counts.
+- The real cache job (``run_cache_job``: Ray actors, Zarr store) with 1 and 2 CPU workers of 1 thread each
+  (on GPUs: 1 worker per GPU); per-worker tokens/s is what the job reports (tokenize + forward + SAE + write).
+- Bytes per response on disk (``store.info()``) against dense alternatives.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from bench.assets import Assets, data_config, tokenized_pairs
+from bench.presets import Sizes
+
+DENSE_16K_FP32_BYTES = 16384 * 4  # a dense pooled 16k-feature vector per response, fp32
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def _patched(module, name: str, wrapper):
+    original = getattr(module, name)
+    setattr(module, name, wrapper(original))
+    try:
+        yield original
+    finally:
+        setattr(module, name, original)
+
+
+def _timed(module, names: list[str], totals: dict, device):
+    """Context managers that add each named function's wall time (synchronised) to ``totals``."""
+
+    def wrap(name):
+        def deco(fn):
+            def inner(*a, **k):
+                sync(device)
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    sync(device)
+                    totals[name] += time.perf_counter() - t0
+            return inner
+        return deco
+
+    return [_patched(module, n, wrap(n)) for n in names]
+
+
+def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int | None, log=print) -> dict:
+    """reference_pass vs the bare forward on identical batches: tokens/s of each and the ratio."""
+    from contextlib import ExitStack
+
+    from fpo_dist.cache import worker
+    from fpo_dist.models import ModelSpec, load_causal_lm
+    from fpo_dist.sae import load_sae
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = load_causal_lm(ModelSpec(str(assets.model_dir), dtype=sizes.dtype), device=device)
+    sae = load_sae(str(assets.sae_dir), device=device, dtype="float32")
+    pairs, pad_id = tokenized_pairs(assets.model_dir, assets.data, sizes, sizes.bare_rows)
+    tokens = sum(len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)  # as the worker
+
+    def ref_pass():
+        return worker.reference_pass(model, sae, assets.hook_layer, pairs, pad_id, sizes.cache_batch)
+
+    batches = []  # exactly the batches reference_pass builds
+    with _patched(worker, "build_batch", lambda fn: lambda *a, **k: batches.append(fn(*a, **k)) or batches[-1]):
+        ref_pass()  # also the warm-up
+    dev_batches = [(b.input_ids, b.attention_mask) for b in batches]
+
+    @torch.no_grad()
+    def bare():
+        for ids, att in dev_batches:
+            model(input_ids=ids.to(device), attention_mask=att.to(device), use_cache=False)
+
+    bare()  # warm-up
+    t_bare, t_ref = [], []
+    for _ in range(sizes.bare_rounds):
+        for fn, out in ((bare, t_bare), (ref_pass, t_ref)):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            out.append(time.perf_counter() - t0)
+    # one more reference_pass with its parts timed: where the time beyond the forward goes
+    parts: dict = defaultdict(float)
+    with ExitStack() as stack:
+        for cm in _timed(worker, ["token_logps", "_pooled_codes", "_nonzeros", "build_batch"], parts, device):
+            stack.enter_context(cm)
+        sync(device)
+        t0 = time.perf_counter()
+        ref_pass()
+        sync(device)
+        total = time.perf_counter() - t0
+    parts = {"total": total, **{k: parts[k] for k in ("build_batch", "token_logps", "_pooled_codes", "_nonzeros")}}
+    parts["forward_and_rest"] = total - sum(v for k, v in parts.items() if k != "total")
+    ratios = [b / r for b, r in zip(t_bare, t_ref)]
+    out = {
+        "pairs": len(pairs), "tokens": tokens, "batches": len(batches), "batch_pairs": sizes.cache_batch,
+        "padded_tokens": int(sum(b.input_ids.numel() for b in batches)), "threads": torch.get_num_threads(),
+        "bare_s": t_bare, "reference_pass_s": t_ref,
+        "bare_tokens_per_s": tokens / statistics.median(t_bare),
+        "reference_pass_tokens_per_s": tokens / statistics.median(t_ref),
+        "ratio": statistics.median(ratios), "ratios": ratios,
+        "reference_pass_parts_s": parts,
+    }
+    log(f"cache: bare forward {out['bare_tokens_per_s']:.0f} tok/s, reference_pass "
+        f"{out['reference_pass_tokens_per_s']:.0f} tok/s (ratio {out['ratio']:.3f})")
+    del model, sae
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def _dir_sizes(path: Path) -> dict:
+    """Bytes on disk per top-level entry of a local store (arrays are directories)."""
+    out = {}
+    for entry in sorted(path.iterdir()):
+        if entry.is_dir():
+            out[entry.name] = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        else:
+            out[entry.name] = entry.stat().st_size
+    return out
+
+
+def bench_cache_job(assets: Assets, sizes: Sizes, device: str, workers: list[int], root: Path, log=print) -> dict:
+    """The real cache job with each worker count in ``workers``; bytes per response of the last store."""
+    import ray
+
+    from fpo_dist.cache.driver import run_cache_job
+    from fpo_dist.config import CacheConfig, load_config
+    from fpo_dist.store import open_store
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    on_gpu = device == "cuda"
+    ray.init(address="local", num_cpus=max(workers) + (2 if on_gpu else 0), include_dashboard=False,
+             object_store_memory=256 << 20, log_to_driver=False)
+    runs = []
+    try:
+        for n in workers:
+            out = root / f"store_w{n}"
+            cfg = load_config(CacheConfig, None, [
+                "--model.name_or_path", str(assets.model_dir), "--model.dtype", sizes.dtype,
+                "--sae.source", str(assets.sae_dir), "--sae.layer", str(assets.hook_layer),
+                "--data.source", str(assets.data), "--data.max_length", str(sizes.max_length),
+                "--data.max_prompt_length", str(sizes.max_prompt_length), "--output", str(out),
+                "--workers", str(n), "--cpus_per_worker", "1", "--device", device,
+                "--rows_per_shard", str(sizes.rows_per_shard), "--chunk_rows", str(sizes.rows_per_shard),
+                "--batch_size", str(sizes.cache_batch),
+            ])
+            t0 = time.perf_counter()
+            summary = run_cache_job(cfg, log=lambda *_: None)
+            wall = time.perf_counter() - t0
+            per_worker = sorted(w["tokens_per_s"] for w in summary["workers"].values())
+            busy = max(w["seconds"] for w in summary["workers"].values())
+            runs.append({
+                "workers": n, "store": str(out), "tokens": summary["tokens"], "wall_s": wall,
+                "pool_busy_s": busy, "per_worker_tokens_per_s": per_worker,
+                "mean_worker_tokens_per_s": statistics.mean(per_worker),
+                "aggregate_tokens_per_s_busy": summary["tokens"] / busy,
+                "aggregate_tokens_per_s_wall": summary["tokens"] / wall,
+                "shards": {k: v["shards"] for k, v in summary["workers"].items()},
+                "counts": summary["counts"],
+            })
+            log(f"cache job, {n} worker(s): {runs[-1]['mean_worker_tokens_per_s']:.0f} tok/s per worker, "
+                f"{runs[-1]['aggregate_tokens_per_s_wall']:.0f} tok/s end to end ({wall:.1f} s)")
+    finally:
+        ray.shutdown()
+    store = open_store(runs[-1]["store"])
+    info = store.info()
+    resp_tokens = (info["tokens"]["chosen"]["mean"] + info["tokens"]["rejected"]["mean"]) / 2
+    bpr = info["bytes_per_response"]
+    dense_logits = sizes.vocab * resp_tokens * 2
+    disk = {
+        "bytes_per_response": bpr,
+        "pooled_nnz": info["pooled_nnz"],
+        "mean_response_tokens": resp_tokens,
+        "per_array_bytes": _dir_sizes(Path(runs[-1]["store"])),
+        "dense_pooled_16k_fp32": DENSE_16K_FP32_BYTES,
+        "dense_pooled_this_sae_fp32": sizes.d_sae * 4,
+        "dense_logits_bf16": dense_logits,
+        "vs_dense_16k": bpr / DENSE_16K_FP32_BYTES,
+        "vs_dense_this_sae": bpr / (sizes.d_sae * 4),
+        "vs_dense_logits": bpr / dense_logits,
+    }
+    n_ok = int(info["rows"].get("ok", 0))
+    codes = sum(disk["per_array_bytes"].get(a, 0) for a in ("code_indices", "code_values", "nnz"))
+    disk["code_bytes_per_response"] = codes / (2 * n_ok) if n_ok else None
+    log(f"cache store: {bpr:.0f} bytes/response (pooled nnz mean {info['pooled_nnz']['mean']:.0f}); dense 16k fp32 "
+        f"{DENSE_16K_FP32_BYTES}, dense logits {dense_logits:.0f}")
+    return {"runs": runs, "disk": disk, "store": runs[-1]["store"]}
+
+
+def run(assets: Assets, sizes: Sizes, device: str, root: Path, quick: bool = False, log=print) -> dict:
+    """``quick``: one cache job (2 workers on CPU) instead of the 1-vs-2 comparison."""
+    threads = 1 if device == "cpu" else None  # a CPU cache worker runs cpus_per_worker=1 threads
+    compute = bench_reference_pass(assets, sizes, device, threads, log)
+    workers = list(range(1, min(torch.cuda.device_count(), 2) + 1)) if device == "cuda" else [1, 2]
+    if quick:
+        workers = workers[-1:]
+    job = bench_cache_job(assets, sizes, device, workers, root, log)
+    first = job["runs"][0]
+    return {
+        "compute": compute,
+        "job": job,
+        "ratio_reference_pass_vs_bare": compute["ratio"],
+        "ratio_worker_vs_bare": first["mean_worker_tokens_per_s"] / compute["bare_tokens_per_s"],
+        "store": job["store"],
+    }

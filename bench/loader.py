@@ -1,0 +1,98 @@
+"""3. Loader overhead: streaming from Zarr (``CacheLoader``, prefetch 2) against the same micro-batches in memory.
+
+A training-like loop per micro-batch: move it to the device, touch its tensors, then a fixed-cost compute
+stand-in (square matmuls on all of the process's threads) calibrated to the real FPO step time per micro-batch
+measured in part 1.  The stand-in keeps every core busy, as the training ranks do, so the prefetch thread's
+reads and decoding compete for the CPU exactly as they would in training.  Rounds alternate memory/streaming;
+the first micro-batch of each is a warm-up (the prefetch thread's start), the rest are timed.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+
+from bench.cache import sync
+
+
+class StandIn:
+    """``n`` square matmuls of size ``dim``: calibrated so one call takes ``seconds``."""
+
+    def __init__(self, seconds: float, device: str):
+        self.device = device
+        self.dim = 1024 if device == "cpu" else 8192
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        self.a = torch.randn(self.dim, self.dim, device=device, dtype=dtype)
+        self.b = torch.randn(self.dim, self.dim, device=device, dtype=dtype)
+        self.n = 1
+        per = self._per_matmul()
+        self.n = max(1, round(seconds / per))
+
+    def _per_matmul(self) -> float:
+        self.__call__()  # warm-up
+        reps = 3
+        sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            self.__call__()
+        sync(self.device)
+        return (time.perf_counter() - t0) / reps / self.n
+
+    def __call__(self) -> float:
+        x = self.a
+        for _ in range(self.n):
+            x = torch.mm(x, self.b)
+            x = x * (1.0 / self.dim**0.5)
+        return float(x[0, 0])  # a host sync, as the trainer's loss.item()
+
+
+def bench_loader(store: str, sizes, device: str, step_s: float, pad_id: int, log=print) -> dict:
+    from fpo_dist.loader import CacheLoader
+
+    if device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    kwargs = dict(micro_batch_size=sizes.micro_batch, grad_accum=1, world_size=1, rank=0, seed=0, pad_id=pad_id)
+    n = sizes.loader_steps
+    with CacheLoader(store, prefetch=0, **kwargs) as loader:
+        t0 = time.perf_counter()
+        in_memory = [mb for _, mb in zip(range(n), loader)]  # read in this thread: the raw read cost
+        read_s = (time.perf_counter() - t0) / n
+    compute = StandIn(step_s, device)
+
+    def step(mb) -> None:
+        mb = mb.to(device)
+        float(mb.input_ids.sum() + mb.ref_logp_sum.sum() + mb.ref_codes_chosen.values.sum())
+        compute()
+
+    def timed(batches) -> list[float]:
+        times, t = [], time.perf_counter()
+        for mb in batches:
+            step(mb)
+            now = time.perf_counter()
+            times.append(now - t)
+            t = now
+        return times[1:]  # the first micro-batch is the warm-up
+
+    mem_s, stream_s = [], []
+    for _ in range(sizes.loader_rounds):
+        mem_s.append(timed(in_memory))
+        with CacheLoader(store, prefetch=2, **kwargs) as loader:
+            stream_s.append(timed(mb for _, mb in zip(range(n), loader)))
+    totals = [(sum(m), sum(s)) for m, s in zip(mem_s, stream_s)]
+    overhead = statistics.median(s / m - 1 for m, s in totals)
+    out = {
+        "micro_batches_timed": n - 1, "rounds": sizes.loader_rounds, "micro_batch_pairs": sizes.micro_batch,
+        "prefetch": 2, "threads": torch.get_num_threads(), "stand_in_target_s": step_s,
+        "stand_in": {"dim": compute.dim, "matmuls": compute.n},
+        "in_memory_step_s": statistics.median(t for r in mem_s for t in r),
+        "streaming_step_s": statistics.median(t for r in stream_s for t in r),
+        "in_memory_total_s": [m for m, _ in totals], "streaming_total_s": [s for _, s in totals],
+        "read_s_per_micro_batch": read_s, "overhead": overhead,
+        "max_streaming_step_s": max(t for r in stream_s for t in r),
+    }
+    log(f"loader: in memory {out['in_memory_step_s']:.3f} s/step, streaming {out['streaming_step_s']:.3f} s/step, "
+        f"overhead {100 * overhead:+.2f}%")
+    return out

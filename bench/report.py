@@ -1,0 +1,379 @@
+"""Machine label, target checks and the results markdown."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("torch", "deepspeed", "transformers", "sae-lens", "ray", "zarr", "numpy")
+
+
+# --------------------------------------------------------------------------------------------- machine
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def _git() -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def machine_info(device: str) -> dict:
+    import torch
+
+    info = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "ram_gib": _ram_gib(),
+        "python": platform.python_version(),
+        "versions": {p: _version(p) for p in PACKAGES},
+        "device": device,
+        "git": _git(),
+    }
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count(),
+                    gpu_memory_gib=props.total_memory / 2**30, cuda=torch.version.cuda)
+    return info
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------- targets
+
+
+def ratios(results: dict) -> dict:
+    """The side-by-side ratios (None where a part or loss did not run)."""
+    t = (results.get("train") or {}).get("losses", {})
+
+    def r(a, b, key):
+        return t[a][key] / t[b][key] if a in t and b in t else None
+
+    cache, loader = results.get("cache"), results.get("loader")
+    return {
+        "time_fpo_dpo_online": r("fpo", "dpo-online", "step_time_s"),
+        "time_fpo_tdpo2": r("fpo", "tdpo2", "step_time_s"),
+        "time_fpo_simpo": r("fpo", "simpo", "step_time_s"),
+        "time_fpo_dpo": r("fpo", "dpo", "step_time_s"),
+        "mem_fpo_dpo_online": r("fpo", "dpo-online", "peak_memory_mb"),
+        "mem_fpo_tdpo2": r("fpo", "tdpo2", "peak_memory_mb"),
+        "mem_fpo_simpo": r("fpo", "simpo", "peak_memory_mb"),
+        "mem_fpo_dpo": r("fpo", "dpo", "peak_memory_mb"),
+        "cache_reference_pass_vs_bare": cache["ratio_reference_pass_vs_bare"] if cache else None,
+        "cache_worker_vs_bare": cache["ratio_worker_vs_bare"] if cache else None,
+        "loader_overhead": loader["overhead"] if loader else None,
+    }
+
+
+TARGETS = (  # (ratio key, what, comparison, threshold)
+    ("time_fpo_dpo_online", "fpo / dpo-online step time", "<=", 0.80),
+    ("time_fpo_simpo", "fpo / simpo step time", "<=", 1.05),
+    ("mem_fpo_simpo", "fpo / simpo peak memory per rank", "<=", 1.02),
+    ("mem_fpo_tdpo2", "fpo / tdpo2 peak memory per rank", "<=", 0.75),
+    ("cache_reference_pass_vs_bare", "cache: reference_pass / bare forward tokens/s (same batches, threads)", ">=", 0.90),
+    ("cache_worker_vs_bare", "cache job: tokens/s per worker (fewest workers) / bare forward", ">=", 0.90),
+    ("loader_overhead", "loader overhead: streaming vs in memory", "<=", 0.02),
+)
+
+
+def check_targets(rat: dict) -> list[dict]:
+    out = []
+    for key, what, op, threshold in TARGETS:
+        value = rat.get(key)
+        met = None if value is None else (value <= threshold if op == "<=" else value >= threshold)
+        out.append({"key": key, "what": what, "op": op, "threshold": threshold, "value": value, "met": met})
+    return out
+
+
+# --------------------------------------------------------------------------------------------- markdown
+
+
+def _f(x, fmt=".3f", none="—"):
+    return none if x is None else format(x, fmt)
+
+
+def _pct(x):
+    return "—" if x is None else f"{100 * x:+.2f} %"
+
+
+OUTSIDE_STEP = ("metrics_reduce",)  # the trainer takes step_time_s before reducing the step's metrics
+PHASE_ORDER = ("loader_next", "policy_forward", "reference_forward", "logps", "kl", "sae_encode_pool", "loss_fn",
+               "finite_check", "backward", "optimizer_step", "metrics_reduce")
+
+
+def _other(p: dict) -> float | None:
+    """Step time not covered by a timed phase."""
+    if p.get("step_time_s") is None:
+        return None
+    return p["step_time_s"] - sum(v for k, v in p["seconds"].items() if k not in OUTSIDE_STEP)
+
+
+def _phase_table(losses: dict) -> list[str]:
+    have = [n for n, r in losses.items() if r.get("phases")]
+    if not have:
+        return []
+    lines = ["| phase (s, profiled step, rank 0) | " + " | ".join(have) + " |",
+             "|---|" + "---:|" * len(have)]
+    for ph in PHASE_ORDER + ("other",):
+        cells = [_f(_other(losses[n]["phases"]) if ph == "other" else losses[n]["phases"]["seconds"].get(ph))
+                 for n in have]
+        if any(c != "—" for c in cells):
+            label = f"{ph} (after step_time_s)" if ph in OUTSIDE_STEP else ph
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| step (trainer's step_time_s) | " + " | ".join(_f(losses[n]["phases"].get("step_time_s")) for n in have) + " |")
+    return lines
+
+
+def _mem_rows(losses: dict) -> list[str]:
+    lines = ["| loss | after imports | after setup (weights, optimizer, ref model, SAE) | step peak | step peak − after setup |",
+             "|---|---:|---:|---:|---:|"]
+    for n, r in losses.items():
+        m = max(r["memory_by_rank"], key=lambda x: x["train_peak"].get("max_allocated_mb", x["train_peak"]["hwm_mb"]))
+        key = "allocated_mb" if "allocated_mb" in m["after_setup"] else "rss_mb"
+        peak_key = "max_allocated_mb" if key == "allocated_mb" else "hwm_mb"
+        a, s, p = m["after_imports"][key], m["after_setup"][key], m["train_peak"][peak_key]
+        lines.append(f"| {n} | {a:.0f} | {s:.0f} | {p:.0f} | {p - s:.0f} |")
+    return lines
+
+
+def _time_finding(losses: dict, a: str, b: str) -> list[str]:
+    pa, pb = (losses.get(x, {}).get("phases") for x in (a, b))
+    if not pa or not pb:
+        return [f"- no phase profile for {a} / {b}"]
+    keys = (set(pa["seconds"]) | set(pb["seconds"])) - set(OUTSIDE_STEP)
+    delta = {k: pa["seconds"].get(k, 0.0) - pb["seconds"].get(k, 0.0) for k in keys}
+    total_a, total_b = pa.get("step_time_s"), pb.get("step_time_s")
+    if total_a is not None and total_b is not None:
+        delta["other"] = _other(pa) - _other(pb)
+    top = sorted(delta.items(), key=lambda kv: -abs(kv[1]))[:5]
+    lines = [f"- profiled step: {a} {_f(total_a)} s vs {b} {_f(total_b)} s; largest phase differences "
+             f"({a} − {b}): " + ", ".join(f"{k} {v:+.3f} s" for k, v in top)]
+    for name, p in ((a, pa), (b, pb)):
+        tot = p.get("step_time_s")
+        if tot:
+            shares = sorted(((k, v) for k, v in p["seconds"].items() if k not in OUTSIDE_STEP), key=lambda kv: -kv[1])[:4]
+            lines.append(f"- {name}: " + ", ".join(f"{k} {100 * v / tot:.0f} %" for k, v in shares) + " of the step")
+    return lines
+
+
+def _mem_finding(results: dict, a: str, b: str) -> list[str]:
+    losses = results["train"]["losses"]
+    if a not in losses or b not in losses:
+        return []
+    out = []
+    for n in (a, b):
+        m = losses[n]["memory_by_rank"][0]
+        key = "allocated_mb" if "allocated_mb" in m["after_setup"] else "rss_mb"
+        peak = m["train_peak"]["max_allocated_mb" if key == "allocated_mb" else "hwm_mb"]
+        out.append((n, m["after_imports"][key], m["after_setup"][key], peak))
+    (na, ia, sa, pa), (nb, ib, sb, pb) = out
+    lines = [f"- rank 0: {na} = {ia:.0f} MB after imports + {sa - ia:.0f} MB setup + {pa - sa:.0f} MB in the step "
+             f"= {pa:.0f} MB; {nb} = {ib:.0f} + {sb - ib:.0f} + {pb - sb:.0f} = {pb:.0f} MB",
+             f"- difference {pa - pb:+.0f} MB: setup {(sa - ia) - (sb - ib):+.0f} MB, step {(pa - sa) - (pb - sb):+.0f} MB, "
+             f"process baseline {ia - ib:+.0f} MB"]
+    if "rss_mb" in losses[na]["memory_by_rank"][0]["after_setup"] and "allocated_mb" not in losses[na]["memory_by_rank"][0]["after_setup"]:
+        lines.append(f"- excluding the process baseline (Python, torch, transformers, deepspeed, sae_lens: "
+                     f"{ia:.0f} MB, the same in every run) the ratio {na}/{nb} is {(pa - ia) / max(pb - ib, 1e-9):.3f}")
+    sae = results.get("assets", {}).get("sae_params")
+    if sae and "fpo" in (na, nb):
+        lines.append(f"- the SAE FPO keeps resident (replicated on every rank, fp32): {sae * 4 / 2**20:.1f} MB")
+    return lines
+
+
+def markdown(results: dict) -> str:
+    m, sizes, rat = results["machine"], results["sizes"], results["ratios"]
+    lines = [f"# fpo-dist benchmark: {m['device']} ({sizes['name']} sizes)", ""]
+    label = f"{m['cpu_model']}, {m['cpu_cores']} cores, {_f(m['ram_gib'], '.0f')} GiB RAM"
+    if m["device"] == "cuda":
+        label = f"{m['gpu_count']}× {m['gpu']} ({m['gpu_memory_gib']:.0f} GiB, CUDA {m['cuda']}); host " + label
+    v = m["versions"]
+    lines += [
+        f"- machine: {label}",
+        f"- software: Python {m['python']}, " + ", ".join(f"{k} {v[k]}" for k in PACKAGES),
+        f"- date: {m['date_utc']}; code: {(m['git']['commit'] or '?')[:12]}{' (+ uncommitted changes)' if m['git']['dirty'] else ''}",
+        f"- load average (1 min) at start / end: {results['loadavg'][0]:.2f} / {results['loadavg'][1]:.2f} "
+        f"on {m['cpu_cores']} cores" + (" — the machine was shared during this run: timings are noisy"
+                                          if max(results["loadavg"]) > 0.5 * (m["cpu_cores"] or 1) + 0.5 else ""),
+        f"- command: `{results['command']}` ({results['wall_s']:.0f} s)",
+        "",
+    ]
+    a = results.get("assets")
+    if a:
+        lines += [f"Model: random-init Llama, {a['n_params'] / 1e6:.1f} M parameters ({sizes['layers']} blocks, d_model "
+                  f"{sizes['hidden']}, vocab {sizes['vocab']}), {sizes['dtype']} in the cache job; SAE: JumpReLU "
+                  f"{sizes['hidden']}×{sizes['d_sae']} ({a['sae_params'] / 1e6:.1f} M parameters) on block "
+                  f"{sizes['hook_layer']}, thresholds calibrated to a per-token L0 of {a['calibrated_l0']:.0f}. "
+                  f"Data: {sizes['rows']} synthetic pairs, max length {sizes['max_length']} (prompt "
+                  f"≤ {sizes['max_prompt_length']}).", ""]
+
+    lines += ["## Targets", "", "| target | measured | threshold | |", "|---|---:|---:|---|"]
+    for t in results["targets"]:
+        val = _pct(t["value"]) if t["key"] == "loader_overhead" else _f(t["value"])
+        thr = _pct(t["threshold"]) if t["key"] == "loader_overhead" else f"{t['threshold']:.2f}"
+        verdict = "not run" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
+        lines.append(f"| {t['what']} | {val} | {t['op']} {thr} | {verdict} |")
+    lines += ["", "Context: fpo/tdpo2 time " + _f(rat["time_fpo_tdpo2"]) + ", fpo/dpo time " + _f(rat["time_fpo_dpo"])
+              + ", fpo/dpo-online memory " + _f(rat["mem_fpo_dpo_online"]) + ", fpo/dpo memory "
+              + _f(rat["mem_fpo_dpo"]) + ".", ""]
+
+    tr = results.get("train")
+    if tr:
+        losses = tr["losses"]
+        mem_label = "peak max_allocated (MB/rank)" if m["device"] == "cuda" else "peak RSS (MB/rank)"
+        lines += ["## 1. Training step per loss", "",
+                  f"Real trainer (`Trainer.setup` + `train`), `{tr['ds_config']}`, {tr['nproc']} rank(s), micro-batch "
+                  f"{sizes['micro_batch']} pair(s)/rank, grad_accum 1; median over steps {sizes['warmup_steps'] + 1}-"
+                  f"{sizes['warmup_steps'] + sizes['measure_steps']} (first {sizes['warmup_steps']} skipped). Memory: "
+                  "high-water mark over the steps (reset after setup), max over ranks; every run imports the same "
+                  "modules.", "",
+                  f"| loss | reference | step time (s) | tokens/s | {mem_label} | time vs fpo | memory vs fpo |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        fpo = losses.get("fpo")
+        for n, r in losses.items():
+            ref = ("resident model (ZeRO-3)" if r["reference_model_resident"] else
+                   "cache + SAE" if r["sae_resident"] else "none" if n == "simpo" else "cache")
+            tv = _f(r["step_time_s"] / fpo["step_time_s"], ".2f") + "×" if fpo else "—"
+            mv = _f(r["peak_memory_mb"] / fpo["peak_memory_mb"], ".2f") + "×" if fpo else "—"
+            lines.append(f"| {n} | {ref} | {r['step_time_s']:.3f} | {r['tokens_per_s']:.0f} | "
+                         f"{r['peak_memory_mb']:.0f} | {tv} | {mv} |")
+        lines += ["", "Where the time goes (one extra profiled step, phases timed by wrapping the trainer's "
+                      "building blocks; `other` = the rest of the step):", ""] + _phase_table(losses)
+        lines += ["", "Memory by stage (rank with the highest peak, MB):", ""] + _mem_rows(losses) + [""]
+
+    c = results.get("cache")
+    if c:
+        comp, job, disk = c["compute"], c["job"], c["job"]["disk"]
+        parts = comp["reference_pass_parts_s"]
+        lines += ["## 2. Cache job", "",
+                  f"`reference_pass` vs a bare no-grad `model(input_ids, attention_mask)` on the same "
+                  f"{comp['batches']} batches ({comp['pairs']} pairs, {comp['batch_pairs']} pairs per forward, "
+                  f"{comp['tokens']} tokens, {comp['padded_tokens']} with padding), {comp['threads']} thread(s), "
+                  f"{len(comp['bare_s'])} interleaved round(s):", "",
+                  "| | tokens/s | vs bare |", "|---|---:|---:|",
+                  f"| bare forward (the limit) | {comp['bare_tokens_per_s']:.0f} | 1.000 |",
+                  f"| reference_pass (forward + log-probs + SAE + pooling) | {comp['reference_pass_tokens_per_s']:.0f} | "
+                  f"{comp['ratio']:.3f} |"]
+        for r in job["runs"]:
+            lines.append(f"| cache job, {r['workers']} worker(s): per worker (tokenize + pass + write) | "
+                         f"{r['mean_worker_tokens_per_s']:.0f} | {r['mean_worker_tokens_per_s'] / comp['bare_tokens_per_s']:.3f} |")
+        for r in job["runs"]:
+            lines.append(f"| cache job, {r['workers']} worker(s): all workers, busy time / wall incl. Ray + model "
+                         f"load | {r['aggregate_tokens_per_s_busy']:.0f} / {r['aggregate_tokens_per_s_wall']:.0f} | — |")
+        if len(job["runs"]) > 1:
+            one, two = job["runs"][0], job["runs"][-1]
+            lines += ["", f"Scaling {one['workers']} → {two['workers']} workers: "
+                          f"{two['aggregate_tokens_per_s_busy'] / one['aggregate_tokens_per_s_busy']:.2f}× tokens/s over "
+                          f"busy time, {two['aggregate_tokens_per_s_wall'] / one['aggregate_tokens_per_s_wall']:.2f}× end "
+                          f"to end (wall {one['wall_s']:.1f} s → {two['wall_s']:.1f} s, including Ray actors loading the "
+                          "model)."]
+        lines += ["", "Inside one `reference_pass` call (s): " + ", ".join(
+            f"{k} {v:.3f}" for k, v in parts.items()) + " (`forward_and_rest` = the model forward and glue).", ""]
+        lines += ["Bytes on disk per response (`store.info()`, whole store incl. tokens and metadata):", "",
+                  "| | bytes/response | store vs it |", "|---|---:|---:|",
+                  f"| this cache (pooled nnz mean {disk['pooled_nnz']['mean']:.0f} of {sizes['d_sae']}) | "
+                  f"{disk['bytes_per_response']:.0f} | 1 |",
+                  f"| of which pooled codes (indices + values + nnz) | {_f(disk['code_bytes_per_response'], '.0f')} | — |",
+                  f"| dense pooled 16k fp32 vector | {disk['dense_pooled_16k_fp32']} | "
+                  f"{disk['vs_dense_16k']:.3f} |",
+                  f"| dense pooled vector of this SAE ({sizes['d_sae']} fp32) | {disk['dense_pooled_this_sae_fp32']} | "
+                  f"{disk['vs_dense_this_sae']:.3f} |",
+                  f"| dense per-token logits (vocab {sizes['vocab']} × {disk['mean_response_tokens']:.0f} tokens × 2 B) | "
+                  f"{disk['dense_logits_bf16']:.0f} | {disk['vs_dense_logits']:.5f} |", ""]
+
+    lo = results.get("loader")
+    if lo:
+        lines += ["## 3. Loader", "",
+                  f"`CacheLoader` (prefetch {lo['prefetch']}) vs the same {lo['micro_batches_timed']} micro-batches "
+                  f"({lo['micro_batch_pairs']} pair(s) each) held in memory; per micro-batch: `.to(device)`, touch the "
+                  f"tensors, then a compute stand-in of {lo['stand_in']['matmuls']} matmuls {lo['stand_in']['dim']}² on "
+                  f"{lo['threads']} thread(s) ≈ {lo['stand_in_target_s']:.3f} s (the measured FPO step); "
+                  f"{lo['rounds']} alternating round(s).", "",
+                  "| | s / micro-batch (median) | total (s, per round) |", "|---|---:|---|",
+                  f"| in memory | {lo['in_memory_step_s']:.4f} | {', '.join(f'{x:.3f}' for x in lo['in_memory_total_s'])} |",
+                  f"| streaming from Zarr | {lo['streaming_step_s']:.4f} | {', '.join(f'{x:.3f}' for x in lo['streaming_total_s'])} |",
+                  "", f"Overhead {_pct(lo['overhead'])} (median over rounds of streaming total / in-memory total − 1). "
+                      f"A synchronous read costs {1000 * lo['read_s_per_micro_batch']:.1f} ms per micro-batch "
+                      f"({100 * lo['read_s_per_micro_batch'] / lo['stand_in_target_s']:.2f} % of the step) before "
+                      "prefetching hides it.", ""]
+
+    lines += findings(results)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def findings(results: dict) -> list[str]:
+    """For each missed target: where the time or memory goes (from the phase profile and memory stages)."""
+    missed = [t for t in results["targets"] if t["met"] is False]
+    if not missed:
+        return []
+    lines = ["## Missed targets: where it goes", ""]
+    losses = (results.get("train") or {}).get("losses", {})
+    for t in missed:
+        lines += [f"### {t['what']}: {_f(t['value'])} (target {t['op']} {t['threshold']})", ""]
+        k = t["key"]
+        if k.startswith("time_"):
+            other = {"time_fpo_dpo_online": "dpo-online", "time_fpo_simpo": "simpo"}[k]
+            lines += _time_finding(losses, "fpo", other)
+            for n in ("fpo", other):
+                if losses.get(n, {}).get("profile_top"):
+                    top = "\n".join(losses[n]["profile_top"].splitlines()[:16])
+                    lines += ["", f"<details><summary>torch.profiler, {n}, top ops by self time</summary>", "",
+                              "```text", top, "```", "</details>"]
+        elif k.startswith("mem_"):
+            other = {"mem_fpo_simpo": "simpo", "mem_fpo_tdpo2": "tdpo2"}[k]
+            lines += _mem_finding(results, "fpo", other)
+        elif k == "cache_reference_pass_vs_bare" or k == "cache_worker_vs_bare":
+            c = results["cache"]
+            parts = c["compute"]["reference_pass_parts_s"]
+            tot = parts["total"]
+            lines.append("- inside reference_pass: " + ", ".join(
+                f"{n} {100 * v / tot:.0f} %" for n, v in parts.items() if n != "total") + " of the call")
+            if k == "cache_worker_vs_bare":
+                r = c["job"]["runs"][0]
+                lines.append(f"- the job's worker time also covers tokenization and the Zarr write; worker "
+                             f"{r['mean_worker_tokens_per_s']:.0f} tok/s vs reference_pass "
+                             f"{c['compute']['reference_pass_tokens_per_s']:.0f} tok/s in-process")
+        elif k == "loader_overhead":
+            lo = results["loader"]
+            lines.append(f"- synchronous read {1000 * lo['read_s_per_micro_batch']:.1f} ms per micro-batch; slowest "
+                         f"streamed step {lo['max_streaming_step_s']:.3f} s vs median {lo['streaming_step_s']:.3f} s")
+        lines.append("")
+    notes = results.get("notes") or []
+    if notes:
+        lines += ["### Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return lines

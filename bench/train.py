@@ -1,0 +1,104 @@
+"""1. Training step cost per loss: the real trainer under one ZeRO-3 config, model and batch; one launch per loss.
+
+Each loss runs ``bench.train_rank`` under torchrun in its own process group (killed as a group afterwards);
+``--quick`` runs all losses in one launch.
+From the trainer's ``metrics.jsonl``: the median ``step_time_s`` and ``tokens_per_s`` over the measured steps
+(warm-up steps skipped) and the peak of ``peak_memory_mb`` (max over ranks; the high-water mark is reset after
+setup, so it is the training steps' peak).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+LOSSES = ("fpo", "dpo", "simpo", "dpo-online", "tdpo2")
+ROOT = Path(__file__).resolve().parents[1]
+ZERO3 = ROOT / "ds_configs" / "zero3.json"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(losses: list[str], store: str, root: Path, sizes, nproc: int, device: str) -> None:
+    """One launch training ``losses`` in turn into ``root/train_{loss}`` (raises with the log's tail on failure)."""
+    root.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(_free_port()), "-m", "bench.train_rank",
+           "--bench_root", str(root), "--bench_losses", ",".join(losses),
+           "--bench_steps", str(sizes.warmup_steps + sizes.measure_steps), "--bench_profile", "1",
+           "--cache", store, "--deepspeed", str(ZERO3),
+           "--micro_batch_size", str(sizes.micro_batch), "--grad_accum", "1", "--seed", "0",
+           "--optim.lr", "1e-6", "--optim.warmup_steps", "0", "--export", "false", "--dist_timeout_s", "300"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("MASTER_PORT", None)
+    if device == "cpu":
+        env.update(OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)), DS_ACCELERATOR="cpu",
+                   CUDA_VISIBLE_DEVICES="")
+    else:
+        env.setdefault("OMP_NUM_THREADS", "4")
+    log_path = root / f"launch_{'_'.join(losses)}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=sizes.train_timeout_s * len(losses))
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # nothing of the run may outlive it
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    if rc != 0:
+        tail = log_path.read_text()[-5000:]
+        raise RuntimeError(f"training {','.join(losses)} {'timed out' if rc is None else f'failed (exit {rc})'}:\n{tail}")
+
+
+def summarize(loss: str, out: Path, sizes) -> dict:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    n = sizes.warmup_steps + sizes.measure_steps
+    measured = [r for r in records if sizes.warmup_steps < r["step"] <= n]
+    ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+    phases = json.loads((out / "phases.json").read_text()) if (out / "phases.json").exists() else None
+    profiled = [r for r in records if r["step"] > n]
+    if phases is not None and profiled:
+        phases["step_time_s"] = profiled[-1]["step_time_s"]
+    info = json.loads((out / "run_info.json").read_text())
+    return {
+        "loss": loss,
+        "steps_measured": [r["step"] for r in measured],
+        "step_time_s": statistics.median(r["step_time_s"] for r in measured),
+        "step_times_s": [r["step_time_s"] for r in measured],
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in measured),
+        "peak_memory_mb": max(r["peak_memory_mb"] for r in measured),
+        "world_size": info["world_size"], "dtype": info["dtype"], "zero_stage": info["zero_stage"],
+        "reference_model_resident": info["reference_model_resident"], "sae_resident": info["sae_resident"],
+        "resident_models": info["resident_models"],
+        "memory_by_rank": [r["memory"] for r in ranks],
+        "phases": phases,
+        "profile_top": (out / "profile.txt").read_text() if (out / "profile.txt").exists() else None,
+        "out": str(out),
+    }
+
+
+def run(store: str, sizes, nproc: int, device: str, root: Path, losses=LOSSES, one_launch: bool = False,
+        log=print) -> dict:
+    results = {}
+    for group in [list(losses)] if one_launch else [[loss] for loss in losses]:
+        launch(group, store, root, sizes, nproc, device)
+        for loss in group:
+            r = results[loss] = summarize(loss, root / f"train_{loss}", sizes)
+            log(f"train {loss}: {r['step_time_s']:.3f} s/step, {r['tokens_per_s']:.0f} tok/s, "
+                f"peak {r['peak_memory_mb']:.0f} MB/rank")
+    return {"losses": results, "nproc": nproc, "one_launch": one_launch, "ds_config": str(ZERO3.relative_to(ROOT))}

@@ -1,0 +1,198 @@
+"""One rank of benchmark training runs (launched by ``bench.train`` under torchrun).
+
+    python -m torch.distributed.run --nproc_per_node N -m bench.train_rank --bench_root DIR \
+        --bench_losses fpo[,dpo,...] --bench_steps W+M --bench_profile 1 [TrainConfig overrides ...]
+
+Per loss, in ``DIR/train_{loss}``: runs the real trainer (``Trainer.setup`` → ``train``; no checkpoint, no
+export) for W+M steps, then one more step with a phase timer and ``torch.profiler`` on.  Writes
+``rank{r}.json`` (memory at each stage) and, on rank 0, ``phases.json`` and ``profile.txt`` next to the
+trainer's own ``metrics.jsonl``.  The full benchmark launches once per loss (a fresh process each: clean
+memory numbers); ``--quick`` runs all losses in one launch (seconds instead of minutes of start-up).
+
+Fair memory: every run imports the same modules before the trainer (sae_lens too, which only FPO needs), and the
+peak-memory high-water mark is reset after setup, so ``peak_memory_mb`` of a step is that step's peak (RSS on
+CPU via /proc/self/clear_refs; ``max_memory_allocated`` on GPU via ``reset_peak_memory_stats``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gc
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+
+def _rss_mb() -> dict:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS", "VmHWM")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def _reset_peak(cuda: bool) -> None:
+    import torch
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (and so ru_maxrss) to the current RSS
+
+
+def _memory(cuda: bool) -> dict:
+    import torch
+
+    out = {"rss_mb": _rss_mb()["VmRSS"], "hwm_mb": _rss_mb()["VmHWM"]}
+    if cuda:
+        out.update(allocated_mb=torch.cuda.memory_allocated() / 2**20,
+                   max_allocated_mb=torch.cuda.max_memory_allocated() / 2**20)
+    return out
+
+
+class PhaseTimer:
+    """Wall time per phase of a training step (synchronised on GPU), only while ``on``."""
+
+    def __init__(self, cuda: bool):
+        self.on = False
+        self.cuda = cuda
+        self.seconds: dict = defaultdict(float)
+        self.calls: dict = defaultdict(int)
+
+    def wrap(self, fn, name):
+        import torch
+
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            if not self.on:
+                return fn(*args, **kwargs)
+            label = name(args) if callable(name) else name
+            if self.cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            try:
+                with torch.profiler.record_function(f"bench::{label}"):
+                    return fn(*args, **kwargs)
+            finally:
+                if self.cuda:
+                    torch.cuda.synchronize()
+                self.seconds[label] += time.perf_counter() - t0
+                self.calls[label] += 1
+
+        return inner
+
+
+def instrument(timer: PhaseTimer) -> None:
+    """Wrap the trainer's building blocks (this process only) so the profiled step is split into phases."""
+    from fpo_dist import engine, losses, trainer
+    from fpo_dist.loader import CacheLoader
+
+    eng = engine.Engine
+    eng.__call__ = timer.wrap(eng.__call__, lambda a: "reference_forward" if a[0].optimizer is None else "policy_forward")
+    eng.backward = timer.wrap(eng.backward, "backward")
+    eng.step = timer.wrap(eng.step, "optimizer_step")
+    CacheLoader.__next__ = timer.wrap(CacheLoader.__next__, "loader_next")
+    for name, phase in (("pooled_policy_codes", "sae_encode_pool"), ("sequence_logps", "logps"),
+                        ("sequential_kl", "kl")):
+        setattr(trainer, name, timer.wrap(getattr(trainer, name), phase))
+    for name, spec in list(losses.LOSSES.items()):
+        losses.LOSSES[name] = dataclasses.replace(spec, fn=timer.wrap(spec.fn, "loss_fn"))
+    trainer.Trainer._check_finite = timer.wrap(trainer.Trainer._check_finite, "finite_check")
+    trainer.Trainer._reduce = timer.wrap(trainer.Trainer._reduce, "metrics_reduce")
+
+
+def run_one(tr, out: Path, steps: int, profile: int, timer: PhaseTimer, mem: dict, cuda: bool) -> None:
+    """Setup, ``steps`` training steps, then ``profile`` steps under the phase timer and torch.profiler."""
+    import torch
+
+    try:
+        tr.setup()
+        mem["after_setup"] = _memory(cuda)
+        _reset_peak(cuda)
+        tr.total_steps = steps
+        t0 = time.perf_counter()
+        tr.train()
+        train_s = time.perf_counter() - t0
+        mem["train_peak"] = _memory(cuda)
+        if profile:
+            tr.total_steps = steps + profile
+            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+            timer.seconds.clear()
+            timer.calls.clear()
+            timer.on = True
+            with torch.profiler.profile(activities=activities) as prof:
+                tr.train()
+            timer.on = False
+            if tr.rank == 0:
+                sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+                (out / "profile.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=25))
+                (out / "phases.json").write_text(json.dumps(
+                    {"seconds": dict(timer.seconds), "calls": dict(timer.calls), "steps": profile}, indent=1))
+        mem["end"] = _memory(cuda)
+        (out / f"rank{tr.rank}.json").write_text(json.dumps(
+            {"rank": tr.rank, "world": tr.world, "train_s": train_s, "memory": mem,
+             "reference_model_resident": tr.reference is not None, "sae_resident": tr.sae is not None}, indent=1))
+    finally:
+        tr.cleanup()
+
+
+def _split_args(argv: list[str]) -> tuple[dict, list[str]]:
+    ours, rest, i = {}, [], 0
+    while i < len(argv):
+        if argv[i].startswith("--bench_"):
+            ours[argv[i][len("--bench_"):]] = argv[i + 1]
+            i += 2
+        elif argv[i].startswith("--local_rank"):
+            i += 1 if "=" in argv[i] else 2
+        else:
+            rest.append(argv[i])
+            i += 1
+    return ours, rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    ours, overrides = _split_args(list(sys.argv[1:] if argv is None else argv))
+    root = Path(ours["root"])
+    steps, profile = int(ours["steps"]), int(ours.get("profile", "1"))
+    # the same modules in every run (FPO needs sae_lens; importing it first also keeps it ahead of zero.Init)
+    import sae_lens  # noqa: F401
+    import torch
+    import deepspeed  # noqa: F401
+    import transformers  # noqa: F401
+
+    from fpo_dist.config import TrainConfig, load_config
+    from fpo_dist.trainer import Trainer
+
+    cuda = torch.cuda.is_available()
+    if cuda and not torch.distributed.is_initialized():
+        # Trainer._reduce all-reduces CPU tensors: give the default group a gloo backend for CPU tensors next to
+        # NCCL (engine.init_distributed then finds the group initialised and keeps it).
+        import datetime
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("cpu:gloo,cuda:nccl", timeout=datetime.timedelta(seconds=600))
+    timer = PhaseTimer(cuda)
+    instrument(timer)
+    imports = _memory(cuda)
+    for loss in ours["losses"].split(","):
+        out = root / f"train_{loss}"
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = load_config(TrainConfig, None, overrides + ["--loss.name", loss, "--output_dir", str(out),
+                                                          "--max_steps", str(steps + profile)])
+        run_one(Trainer(cfg), out, steps, profile, timer, {"after_imports": imports}, cuda)
+        gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
