@@ -93,3 +93,33 @@ def gemma(gemma_dir):
     directory, name = gemma_dir
     spec = ModelSpec(str(directory), gguf_file=name, dtype="float32")
     return load_causal_lm(spec), load_tokenizer(spec)
+
+
+@pytest.fixture(scope="session")
+def gemma_hf_dir(gemma) -> Path:
+    """Gemma 3 270M re-saved once as a plain Hugging Face directory (bf16 weights + tokenizer.json) under the
+    test cache, so the tests that need the real model but not the GGUF path load it in seconds (the GGUF
+    path is parsed in pure Python: ~50 s).  Built from the session's one GGUF load."""
+    import torch
+
+    out = fpo_test_cache_dir() / "gemma3-270m-hf"
+    done = out / "fpo-complete"
+    if not done.exists():
+        model, tok = gemma
+        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+        # a GGUF-loaded model counts as quantized and refuses save_pretrained: copy its (dequantised)
+        # weights into a plain model of the same config
+        config = model.config.__class__.from_dict({k: v for k, v in model.config.to_dict().items()
+                                                   if k != "quantization_config"})
+        with torch.device("meta"):
+            plain = type(model)(config)
+        plain.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, assign=True)
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        done.write_text("ok\n")
+    return out

@@ -308,7 +308,7 @@ def test_ray_job_submit_against_a_head_on_loopback(tiny, dataset, tmp_path, one_
 
 
 @pytest.mark.realmodel
-def test_gemma3_real_model_cache(gemma_dir, tmp_path):
+def test_gemma3_real_model_cache(gemma_hf_dir, tmp_path):
     """A handful of short pairs through the real Gemma 3 270M; log-probs against plain transformers."""
     from fpo_dist.cache.worker import CacheWorker
     from fpo_dist.cache.driver import build_provenance
@@ -316,7 +316,6 @@ def test_gemma3_real_model_cache(gemma_dir, tmp_path):
     from fpo_dist.store import create_store
     from fpo_dist.testing import build_sae
 
-    directory, name = gemma_dir
     sae_dir = tmp_path / "sae640"
     build_sae(sae_dir, d_in=640, d_sae=256, hook_layer=17, threshold=0.5)
     rows = [
@@ -327,12 +326,11 @@ def test_gemma3_real_model_cache(gemma_dir, tmp_path):
     data = tmp_path / "g.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
     cfg = load_config(CacheConfig, None, [
-        "--model.name_or_path", str(directory), "--model.gguf_file", name, "--sae.source", str(sae_dir),
+        "--model.name_or_path", str(gemma_hf_dir), "--sae.source", str(sae_dir),
         "--sae.layer", "17", "--data.source", str(data), "--output", str(tmp_path / "gstore"),
         "--rows_per_shard", "4", "--chunk_rows", "4", "--device", "cpu", "--data.max_length", "64",
         "--data.max_prompt_length", "32",
     ])
-    worker_tok = None
     from fpo_dist.cache.worker import tokenizer_spec
     from fpo_dist.models import load_tokenizer
 
