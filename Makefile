@@ -30,3 +30,7 @@ test-fast: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# benchmarks: step cost per loss, cache throughput and size, loader overhead → bench/results/
+bench: install
+	OMP_NUM_THREADS=1 $(PY) -m bench.run $(BENCH_ARGS)
