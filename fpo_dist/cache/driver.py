@@ -106,6 +106,7 @@ def connect_ray(cfg: CacheConfig):
         n_cpus = max(1, cfg.workers * cfg.cpus_per_worker) if cfg.workers else None
         ray.init(
             address="local",
+            _node_ip_address="127.0.0.1",  # a local instance serves loopback only
             num_cpus=n_cpus,
             include_dashboard=False,
             object_store_memory=256 << 20,
