@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.fpo-installed-*
 	@touch $@
 
+# the whole pipeline on the bundled task: Ray cache job, DeepSpeed ZeRO-3 training of FPO, DPO, SimPO and
+# TDPO2 on 2 CPU ranks, evaluation, report (its path is printed)
+demo: install
+	$(PY) -m fpo_dist.demo $(DEMO_ARGS)
+
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 

@@ -86,11 +86,11 @@ def calibrate_thresholds(sae, model, pairs, pad_id: int, layer: int, target_l0: 
             h = cap.output[prediction_mask(batch.response_mask).to(device)].float()
             if sae.cfg.apply_b_dec_to_input:
                 h = h - sae.b_dec
-            pre.append((h @ sae.W_enc + sae.b_enc).cpu())
+            pre.append(h @ sae.W_enc + sae.b_enc)
         pre = torch.cat(pre)  # [tokens, d_sae]
         k = max(1, int(round(pre.shape[0] * (1 - target_l0 / pre.shape[1]))))
         threshold = pre.kthvalue(k, dim=0).values.clamp(min=1e-3)
-        sae.threshold.copy_(threshold.to(sae.threshold.device))
+        sae.threshold.copy_(threshold)
         return float(((pre > threshold) & (pre > 0)).sum(1).float().mean())
 
 

@@ -87,15 +87,15 @@ def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int
         for ids, att in dev_batches:
             model(input_ids=ids.to(device), attention_mask=att.to(device), use_cache=False)
 
-    bare()  # warm-up
-    t_bare, t_ref = [], []
+    t_bare, t_ref, c_bare, c_ref = [], [], [], []  # wall and process CPU seconds per call
     for _ in range(sizes.bare_rounds):
-        for fn, out in ((bare, t_bare), (ref_pass, t_ref)):
+        for fn, wall, cpu in ((bare, t_bare, c_bare), (ref_pass, t_ref, c_ref)):
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             sync(device)
-            out.append(time.perf_counter() - t0)
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     # one more reference_pass with its parts timed: where the time beyond the forward goes
     parts: dict = defaultdict(float)
     with ExitStack() as stack:
@@ -116,6 +116,8 @@ def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int
         "bare_tokens_per_s": tokens / statistics.median(t_bare),
         "reference_pass_tokens_per_s": tokens / statistics.median(t_ref),
         "ratio": statistics.median(ratios), "ratios": ratios,
+        "bare_cpu_s": c_bare, "reference_pass_cpu_s": c_ref,
+        "ratio_cpu": statistics.median(b / r for b, r in zip(c_bare, c_ref)),
         "reference_pass_parts_s": parts,
     }
     log(f"cache: bare forward {out['bare_tokens_per_s']:.0f} tok/s, reference_pass "
@@ -126,15 +128,15 @@ def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int
     return out
 
 
-def _dir_sizes(path: Path) -> dict:
-    """Bytes on disk per top-level entry of a local store (arrays are directories)."""
-    out = {}
-    for entry in sorted(path.iterdir()):
-        if entry.is_dir():
-            out[entry.name] = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
-        else:
-            out[entry.name] = entry.stat().st_size
-    return out
+def _array_sizes(path: Path) -> dict:
+    """Bytes on disk per array of a local store (ragged arrays summed over their per-shard groups)."""
+    out: dict = defaultdict(int)
+    for f in path.rglob("*"):
+        if f.is_file():
+            parts = f.relative_to(path).parts
+            name = parts[2] if parts[0] == "shards" and len(parts) > 3 else parts[0]
+            out[name] += f.stat().st_size
+    return dict(sorted(out.items()))
 
 
 def bench_cache_job(assets: Assets, sizes: Sizes, device: str, workers: list[int], root: Path, log=print) -> dict:
@@ -191,7 +193,7 @@ def bench_cache_job(assets: Assets, sizes: Sizes, device: str, workers: list[int
         "bytes_per_response": bpr,
         "pooled_nnz": info["pooled_nnz"],
         "mean_response_tokens": resp_tokens,
-        "per_array_bytes": _dir_sizes(Path(runs[-1]["store"])),
+        "per_array_bytes": _array_sizes(Path(runs[-1]["store"])),
         "dense_pooled_16k_fp32": DENSE_16K_FP32_BYTES,
         "dense_pooled_this_sae_fp32": sizes.d_sae * 4,
         "dense_logits_bf16": dense_logits,

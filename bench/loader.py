@@ -27,19 +27,20 @@ class StandIn:
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
         self.a = torch.randn(self.dim, self.dim, device=device, dtype=dtype)
         self.b = torch.randn(self.dim, self.dim, device=device, dtype=dtype)
-        self.n = 1
-        per = self._per_matmul()
-        self.n = max(1, round(seconds / per))
+        self.n = 4
+        self.__call__()  # warm-up (thread pool, caches)
+        self.n = max(1, round(seconds / self._per_matmul()))
 
-    def _per_matmul(self) -> float:
-        self.__call__()  # warm-up
-        reps = 3
-        sync(self.device)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            self.__call__()
-        sync(self.device)
-        return (time.perf_counter() - t0) / reps / self.n
+    def _per_matmul(self, min_s: float = 1.0) -> float:
+        """Seconds per matmul, timed over at least ``min_s`` (the median of 3 such timings)."""
+        times = []
+        for _ in range(3):
+            calls, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < min_s / 3 or calls == 0:
+                self.__call__()
+                calls += 1
+            times.append((time.perf_counter() - t0) / (calls * self.n))
+        return statistics.median(times)
 
     def __call__(self) -> float:
         x = self.a
@@ -67,20 +68,26 @@ def bench_loader(store: str, sizes, device: str, step_s: float, pad_id: int, log
         float(mb.input_ids.sum() + mb.ref_logp_sum.sum() + mb.ref_codes_chosen.values.sum())
         compute()
 
-    def timed(batches) -> list[float]:
-        times, t = [], time.perf_counter()
+    def timed(batches) -> tuple[list[float], float]:
+        """Wall seconds per micro-batch and process CPU seconds (all threads), the first micro-batch excluded."""
+        times, t, c0 = [], time.perf_counter(), None
         for mb in batches:
             step(mb)
             now = time.perf_counter()
             times.append(now - t)
             t = now
-        return times[1:]  # the first micro-batch is the warm-up
+            c0 = time.process_time() if c0 is None else c0
+        return times[1:], time.process_time() - c0
 
-    mem_s, stream_s = [], []
+    mem_s, stream_s, mem_cpu, stream_cpu = [], [], [], []
     for _ in range(sizes.loader_rounds):
-        mem_s.append(timed(in_memory))
+        wall, cpu = timed(in_memory)
+        mem_s.append(wall)
+        mem_cpu.append(cpu)
         with CacheLoader(store, prefetch=2, **kwargs) as loader:
-            stream_s.append(timed(mb for _, mb in zip(range(n), loader)))
+            wall, cpu = timed(mb for _, mb in zip(range(n), loader))
+        stream_s.append(wall)
+        stream_cpu.append(cpu)
     totals = [(sum(m), sum(s)) for m, s in zip(mem_s, stream_s)]
     overhead = statistics.median(s / m - 1 for m, s in totals)
     out = {
@@ -92,6 +99,8 @@ def bench_loader(store: str, sizes, device: str, step_s: float, pad_id: int, log
         "in_memory_total_s": [m for m, _ in totals], "streaming_total_s": [s for _, s in totals],
         "read_s_per_micro_batch": read_s, "overhead": overhead,
         "max_streaming_step_s": max(t for r in stream_s for t in r),
+        "in_memory_cpu_s": mem_cpu, "streaming_cpu_s": stream_cpu,
+        "overhead_cpu": statistics.median(s / m - 1 for m, s in zip(mem_cpu, stream_cpu)),
     }
     log(f"loader: in memory {out['in_memory_step_s']:.3f} s/step, streaming {out['streaming_step_s']:.3f} s/step, "
         f"overhead {100 * overhead:+.2f}%")

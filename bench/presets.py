@@ -49,14 +49,14 @@ class Sizes:
 
 
 PRESETS: dict[str, Sizes] = {
-    # ~42.5M parameters, sequences of ~250-380 tokens: fp32, 1 thread per rank, 2 ranks.
+    # ~42.5M parameters, sequences of ~220-320 tokens: fp32, 1 thread per rank, 2 ranks (~10 min on 2 cores).
     "cpu": Sizes(
         name="cpu", hidden=512, layers=8, heads=8, intermediate=1408, vocab=16384, hook_layer=6,
         d_sae=4096, target_l0=64, dtype="float32",
-        rows=48, max_length=384, max_prompt_length=128, prompt_words=(40, 90), response_words=(150, 240),
-        cache_batch=8, rows_per_shard=8, bare_rows=16, bare_rounds=3,
-        micro_batch=1, warmup_steps=2, measure_steps=5,
-        loader_steps=6, loader_rounds=2, train_timeout_s=420,
+        rows=32, max_length=320, max_prompt_length=96, prompt_words=(30, 70), response_words=(130, 200),
+        cache_batch=8, rows_per_shard=8, bare_rows=8, bare_rounds=2,
+        micro_batch=1, warmup_steps=2, measure_steps=4,
+        loader_steps=4, loader_rounds=2, train_timeout_s=420,
     ),
     # ~0.47B parameters, sequences of ~600-1000 tokens, bf16, one H200 (under 8 minutes in all).
     "gpu": Sizes(

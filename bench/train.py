@@ -75,11 +75,16 @@ def summarize(loss: str, out: Path, sizes) -> dict:
     if phases is not None and profiled:
         phases["step_time_s"] = profiled[-1]["step_time_s"]
     info = json.loads((out / "run_info.json").read_text())
+    # CPU seconds per step summed over ranks (entry i of a rank's list is step i + 1)
+    cpu = [sum(r["cpu_s_per_step"][s - 1] for r in ranks) for s in (x["step"] for x in measured)
+           if all(len(r["cpu_s_per_step"]) >= s for r in ranks)]
     return {
         "loss": loss,
         "steps_measured": [r["step"] for r in measured],
         "step_time_s": statistics.median(r["step_time_s"] for r in measured),
         "step_times_s": [r["step_time_s"] for r in measured],
+        "min_step_time_s": min(r["step_time_s"] for r in measured),
+        "cpu_s_per_step": statistics.median(cpu) if cpu else None,
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in measured),
         "peak_memory_mb": max(r["peak_memory_mb"] for r in measured),
         "world_size": info["world_size"], "dtype": info["dtype"], "zero_stage": info["zero_stage"],

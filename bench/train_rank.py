@@ -89,7 +89,29 @@ class PhaseTimer:
         return inner
 
 
-def instrument(timer: PhaseTimer) -> None:
+class StepClock:
+    """CPU seconds of this process (all threads) per optimizer step: robust to other load on a shared host."""
+
+    def __init__(self):
+        self.last = None
+        self.per_step: list[float] = []
+
+    def start(self) -> None:
+        self.last, self.per_step = time.process_time(), []
+
+    def wrap(self, fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            now = time.process_time()  # _reduce runs once per optimizer step, right after step_time_s is taken
+            if self.last is not None:
+                self.per_step.append(now - self.last)
+            self.last = now
+            return fn(*args, **kwargs)
+
+        return inner
+
+
+def instrument(timer: PhaseTimer, clock: StepClock) -> None:
     """Wrap the trainer's building blocks (this process only) so the profiled step is split into phases."""
     from fpo_dist import engine, losses, trainer
     from fpo_dist.loader import CacheLoader
@@ -105,10 +127,11 @@ def instrument(timer: PhaseTimer) -> None:
     for name, spec in list(losses.LOSSES.items()):
         losses.LOSSES[name] = dataclasses.replace(spec, fn=timer.wrap(spec.fn, "loss_fn"))
     trainer.Trainer._check_finite = timer.wrap(trainer.Trainer._check_finite, "finite_check")
-    trainer.Trainer._reduce = timer.wrap(trainer.Trainer._reduce, "metrics_reduce")
+    trainer.Trainer._reduce = clock.wrap(timer.wrap(trainer.Trainer._reduce, "metrics_reduce"))
 
 
-def run_one(tr, out: Path, steps: int, profile: int, timer: PhaseTimer, mem: dict, cuda: bool) -> None:
+def run_one(tr, out: Path, steps: int, profile: int, timer: PhaseTimer, clock: StepClock, mem: dict,
+            cuda: bool) -> None:
     """Setup, ``steps`` training steps, then ``profile`` steps under the phase timer and torch.profiler."""
     import torch
 
@@ -117,9 +140,11 @@ def run_one(tr, out: Path, steps: int, profile: int, timer: PhaseTimer, mem: dic
         mem["after_setup"] = _memory(cuda)
         _reset_peak(cuda)
         tr.total_steps = steps
+        clock.start()
         t0 = time.perf_counter()
         tr.train()
         train_s = time.perf_counter() - t0
+        cpu_s = list(clock.per_step)
         mem["train_peak"] = _memory(cuda)
         if profile:
             tr.total_steps = steps + profile
@@ -137,7 +162,7 @@ def run_one(tr, out: Path, steps: int, profile: int, timer: PhaseTimer, mem: dic
                     {"seconds": dict(timer.seconds), "calls": dict(timer.calls), "steps": profile}, indent=1))
         mem["end"] = _memory(cuda)
         (out / f"rank{tr.rank}.json").write_text(json.dumps(
-            {"rank": tr.rank, "world": tr.world, "train_s": train_s, "memory": mem,
+            {"rank": tr.rank, "world": tr.world, "train_s": train_s, "cpu_s_per_step": cpu_s, "memory": mem,
              "reference_model_resident": tr.reference is not None, "sae_resident": tr.sae is not None}, indent=1))
     finally:
         tr.cleanup()
@@ -178,15 +203,15 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group("cpu:gloo,cuda:nccl", timeout=datetime.timedelta(seconds=600))
-    timer = PhaseTimer(cuda)
-    instrument(timer)
+    timer, clock = PhaseTimer(cuda), StepClock()
+    instrument(timer, clock)
     imports = _memory(cuda)
     for loss in ours["losses"].split(","):
         out = root / f"train_{loss}"
         out.mkdir(parents=True, exist_ok=True)
         cfg = load_config(TrainConfig, None, overrides + ["--loss.name", loss, "--output_dir", str(out),
                                                           "--max_steps", str(steps + profile)])
-        run_one(Trainer(cfg), out, steps, profile, timer, {"after_imports": imports}, cuda)
+        run_one(Trainer(cfg), out, steps, profile, timer, clock, {"after_imports": imports}, cuda)
         gc.collect()
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

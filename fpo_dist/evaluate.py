@@ -90,7 +90,9 @@ def instruction_of(messages: Sequence[dict]) -> str:
 
 
 @torch.no_grad()
-def response_stats(model, batch, layer: int | None = None, sae=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def response_stats(
+    model, batch, layer: int | None = None, sae=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(logp_sum [2B], n_tokens [2B], pooled codes [2B, d_sae] or None)`` of a ``PairBatch``'s responses."""
     from fpo_dist.losses import sequence_logps
     from fpo_dist.models import forward_with_hook
@@ -109,7 +111,13 @@ def response_stats(model, batch, layer: int | None = None, sae=None) -> tuple[to
 
 
 def score_pairs(
-    policy, pairs: Sequence[TokenizedPair], pad_id: int, reference=None, sae=None, layer: int | None = None, batch_size: int = 8
+    policy,
+    pairs: Sequence[TokenizedPair],
+    pad_id: int,
+    reference=None,
+    sae=None,
+    layer: int | None = None,
+    batch_size: int = 8,
 ) -> dict[str, torch.Tensor]:
     """Per-pair ``[N, 2]`` (column 0 chosen, 1 rejected) ``policy_logps``, ``n_tokens`` and, when given a
     reference, ``reference_logps``; with an SAE (needs the reference) ``feature_mse`` per response."""
@@ -168,7 +176,9 @@ def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generators: Sequence[torch.Generator]) -> torch.Tensor:
+def sample_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float, generators: Sequence[torch.Generator]
+) -> torch.Tensor:
     """One token per row: argmax at temperature 0, else from the tempered, nucleus-filtered softmax, row ``i``
     drawn with ``generators[i]``."""
     if temperature == 0:
@@ -178,7 +188,8 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, genera
         sorted_p, order = probs.sort(dim=-1, descending=True)
         sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)  # keeps the top token
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.stack([torch.multinomial(probs[i].cpu(), 1, generator=g)[0] for i, g in enumerate(generators)]).to(logits.device)
+    drawn = [torch.multinomial(probs[i].cpu(), 1, generator=g)[0] for i, g in enumerate(generators)]
+    return torch.stack(drawn).to(logits.device)
 
 
 def _row_sampler(generators: Sequence[torch.Generator], cfg: GenerationConfig, stop_ids: Sequence[int]):
@@ -213,7 +224,9 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[Sequence[dict]], cfg: GenerationConfig, chat: bool) -> tuple[list[list[str]], float]:
+def generate(
+    model, tokenizer, prompts: Sequence[Sequence[dict]], cfg: GenerationConfig, chat: bool
+) -> tuple[list[list[str]], float]:
     """``cfg.samples_per_prompt`` seeded samples per prompt (``outputs[i][j]``) and the mean per-token entropy
     of the model along them.  Prompts are rendered exactly as for training (:func:`fpo_dist.data.encode_prompt`)."""
     from transformers import GenerationConfig as HFGenerationConfig
@@ -225,7 +238,10 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[dict]], cfg: Generatio
     encoded = [encode_prompt(tokenizer, prompts[i], chat) for i in range(len(prompts))]
     outputs: list[list[str]] = [[""] * cfg.samples_per_prompt for _ in prompts]
     entropy_sum, n_tokens = 0.0, 0
-    hf_cfg = HFGenerationConfig(do_sample=False, max_new_tokens=cfg.max_new_tokens, eos_token_id=stop, pad_token_id=pad_id)
+    # greedy over the sampler's one-hot scores; a fresh config, so no model-default processors run before it
+    hf_cfg = HFGenerationConfig(
+        do_sample=False, max_new_tokens=cfg.max_new_tokens, eos_token_id=stop, pad_token_id=pad_id
+    )
     for start in range(0, len(jobs), cfg.batch_size):
         chunk = jobs[start : start + cfg.batch_size]
         width = max(len(encoded[i]) for i, _ in chunk)
@@ -237,7 +253,10 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[dict]], cfg: Generatio
         gens = [torch.Generator().manual_seed(sample_seed(cfg.seed, i, j)) for i, j in chunk]
         sampler = _row_sampler(gens, cfg, stop)
         out = model.generate(
-            input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=hf_cfg, logits_processor=[sampler]
+            input_ids=ids.to(device),
+            attention_mask=attn.to(device),
+            generation_config=hf_cfg,
+            logits_processor=[sampler],
         )
         entropy_sum, n_tokens = entropy_sum + sampler.entropy_sum, n_tokens + sampler.tokens
         for row, (i, j) in enumerate(chunk):
@@ -259,10 +278,13 @@ def alpaca_eval_records(instructions: Sequence[str], outputs: Sequence[str], gen
     return [{"instruction": i, "output": o, "generator": generator} for i, o in zip(instructions, outputs)]
 
 
-def write_alpaca_eval(path: str | os.PathLike, instructions: Sequence[str], outputs: Sequence[str], generator: str) -> Path:
+def write_alpaca_eval(
+    path: str | os.PathLike, instructions: Sequence[str], outputs: Sequence[str], generator: str
+) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(alpaca_eval_records(instructions, outputs, generator), indent=2, ensure_ascii=False) + "\n")
+    records = alpaca_eval_records(instructions, outputs, generator)
+    path.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n")
     return path
 
 

@@ -195,10 +195,17 @@ def resident_models() -> list[dict]:
 
     from transformers import PreTrainedModel
 
+    def local(p) -> int:  # a ZeRO-3 parameter is an empty placeholder; its shard is ``ds_tensor``
+        return p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+
+    def full(p) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))
+
     models = [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
     inner = {id(m) for o in models for m in o.modules() if m is not o}  # e.g. LlamaModel inside *ForCausalLM
     return [
-        {"class": type(o).__name__, "local_numel": sum(p.numel() for p in o.parameters()),
+        {"class": type(o).__name__, "numel": sum(full(p) for p in o.parameters()),
+         "local_numel": sum(local(p) for p in o.parameters()),
          "trainable": any(p.requires_grad for p in o.parameters())}
         for o in models if id(o) not in inner
     ]
@@ -247,7 +254,7 @@ class Trainer:
         }
         if self.is_main:
             (Path(self.cfg.output_dir) / "run_info.json").write_text(json.dumps(info, indent=1, default=str))
-            print(f"resident models: {[(m['class'], m['local_numel']) for m in models]}; reference model: "
+            print(f"resident models: {[(m['class'], m['numel'], 'local', m['local_numel']) for m in models]}; reference model: "
                   f"{'yes' if self.reference is not None else 'none'}", flush=True)
 
     def _setup_models(self, policy_cfg: ModelConfig, ref_cfg: ModelConfig | None, prov: dict) -> None:

@@ -144,3 +144,58 @@ def test_pairs_load_through_the_data_pipeline(tmp_path):
     assert source.schema == "strings"
     result = PairTokenizer(build_tokenizer(), cfg).tokenize_range(source, 0, len(source))
     assert len(result.pairs) == 32 and not result.bad
+
+
+# ----------------------------------------------------------------------------------------- assets
+
+
+@pytest.fixture(scope="module")
+def assets():
+    from fpo_dist.demo.build_assets import DEFAULT_OUT
+
+    if not (DEFAULT_OUT / "manifest.json").exists():
+        pytest.skip("fpo_dist/demo/assets not built (python -m fpo_dist.demo.build_assets)")
+    return DEFAULT_OUT
+
+
+def test_bundled_assets_are_small_and_consistent(assets):
+    """The committed reference + SAE load through the project's loaders and match the manifest."""
+    import torch
+
+    from fpo_dist.data import encode_prompt
+    from fpo_dist.models import ModelSpec, capture_block_output, load_causal_lm, load_tokenizer
+    from fpo_dist.sae import encode_full, load_sae
+
+    manifest = json.loads((assets / "manifest.json").read_text())
+    assert sum(f.stat().st_size for f in assets.rglob("*") if f.is_file()) < 4 * 2**20
+    spec = ModelSpec(str(assets / "model"))
+    model, tok, sae = load_causal_lm(spec), load_tokenizer(spec), load_sae(str(assets / "sae"))
+    layer = manifest["sae"]["hook_layer"]
+    assert 0 < layer < model.config.num_hidden_layers - 1  # a middle block
+    assert sae.cfg.d_in == model.config.hidden_size and sae.cfg.metadata.hook_name == f"blocks.{layer}.hook_resid_post"
+    assert tok.chat_template and len(tok) == model.config.vocab_size == manifest["model"]["vocab_size"]
+    # every item is one token after ", " (so the topic shows in item tokens, not sub-word pieces)
+    items = [item for v in task.CATEGORIES.values() for item in v]
+    assert all(len(tok(" " + item, add_special_tokens=False)["input_ids"]) == 1 for item in items)
+    ids = torch.tensor([encode_prompt(tok, [{"role": "user", "content": "Name three fruits."}], chat=True)])
+    with capture_block_output(model, layer) as cap:
+        model(input_ids=ids)
+    assert 0 < (encode_full(sae, cap.output) > 0).sum(-1).float().mean() < sae.cfg.d_sae / 4  # sparse, not dead
+    follow = manifest["reference_rule_follow"]
+    assert 0.2 <= follow["sampled_t1"]["follow_rate"] <= 0.45 and follow["greedy"]["follow_rate"] <= 0.1
+
+
+def test_build_assets_smoke(tmp_path):
+    """The whole build (tokenizer, SFT, sae-lens SAETrainer, save, reload, manifest) at toy sizes."""
+    from fpo_dist.demo.build_assets import BuildConfig, build
+    from fpo_dist.sae import load_sae
+
+    cfg = BuildConfig(
+        sft_examples=256, sft_steps=3, sft_batch=16, sae_tokens=4096, sae_batch=512, eval_samples_per_prompt=1
+    )
+    manifest = build(tmp_path, cfg, log=lambda *a: None)
+    assert (tmp_path / "model" / "config.json").exists() and (tmp_path / "model" / "tokenizer.json").exists()
+    sae = load_sae(str(tmp_path / "sae"))
+    assert type(sae).__name__ == "JumpReLUSAE" and sae.cfg.normalize_activations == "none"  # scaling folded in
+    assert json.loads((tmp_path / "manifest.json").read_text())["sae"]["hook_name"] == "blocks.2.hook_resid_post"
+    assert set(manifest["reference_rule_follow"]["greedy"]["outcomes"]) == set(task.OUTCOMES)

@@ -106,7 +106,8 @@ def test_preference_metrics_by_hand():
     assert m["feature_mse"] == pytest.approx(1.5)
     assert (m["feature_mse_chosen"], m["feature_mse_rejected"]) == (pytest.approx(1.0), pytest.approx(2.0))
     # without a reference only the policy's own ranking is reported
-    assert set(preference_metrics({k: scores[k] for k in ("policy_logps", "n_tokens")})) == {"n_pairs", "accuracy_ln", "margin_ln"}
+    no_ref = preference_metrics({k: scores[k] for k in ("policy_logps", "n_tokens")})
+    assert set(no_ref) == {"n_pairs", "accuracy_ln", "margin_ln"}
 
 
 def test_sample_tokens_greedy_and_nucleus():
@@ -136,7 +137,8 @@ def test_score_pairs_matches_direct_computation(loaded, heldout):
     assert len(pairs) == len(ROWS) and len(prompts) == 4  # distinct prompts, first-seen order
     scores = score_pairs(model, pairs, tok.pad_token_id, batch_size=2)  # batches of 2, 2, 1 pairs
     expected = torch.tensor(
-        [[_direct_logp(model, p.prompt_ids, r) for r in (p.chosen_ids, p.rejected_ids)] for p in pairs], dtype=torch.float64
+        [[_direct_logp(model, p.prompt_ids, r) for r in (p.chosen_ids, p.rejected_ids)] for p in pairs],
+        dtype=torch.float64,
     )
     torch.testing.assert_close(scores["policy_logps"].double(), expected, atol=1e-4, rtol=1e-5)
     n = torch.tensor([[len(p.chosen_ids), len(p.rejected_ids)] for p in pairs])
@@ -165,7 +167,8 @@ def test_feature_drift_is_positive_for_a_perturbed_policy(loaded, heldout, tiny)
     with torch.no_grad():
         policy.model.layers[0].mlp.down_proj.weight.mul_(1.5)
     pairs, _ = load_heldout(heldout, tok)
-    m = preference_metrics(score_pairs(policy, pairs, tok.pad_token_id, reference=model, sae=sae, layer=tiny.hook_layer))
+    scores = score_pairs(policy, pairs, tok.pad_token_id, reference=model, sae=sae, layer=tiny.hook_layer)
+    m = preference_metrics(scores)
     assert m["feature_mse"] > 0 and m["reward_margin"] != 0
 
 

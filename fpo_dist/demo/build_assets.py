@@ -7,8 +7,8 @@ blocks, trained with sae-lens's own ``SAETrainer``.
 Writes ``model/`` (HF ``save_pretrained``: weights + tokenizer), ``sae/`` (sae-lens ``save_inference_model``;
 loads with ``SAE.load_from_disk`` / ``fpo_dist.sae.load_sae``) and ``manifest.json`` (seed, sizes, SFT loss,
 SAE L0 / explained variance, the reference's rule-follow rate on held-out prompts, wall time, versions).
-Deterministic for a seed on one thread (it sets ``torch.set_num_threads(1)``), up to float noise across
-machines.  Takes a few minutes on one CPU core.
+Deterministic for a seed on one thread (it sets ``torch.set_num_threads(1)``): two builds on one machine give
+byte-identical files; other machines may differ by float noise.  ~2.5 min on one CPU core (SFT ~2 min, SAE ~20 s).
 """
 
 from __future__ import annotations
@@ -77,7 +77,9 @@ def build_task_tokenizer(texts: list[str], vocab_size: int):
     )
     tok.train_from_iterator(texts, trainer=trainer)
     bos_id = tok.token_to_id("<bos>")
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos_id)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos_id)]
+    )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
         additional_special_tokens=["<|start|>", "<|eot|>"],
@@ -86,17 +88,28 @@ def build_task_tokenizer(texts: list[str], vocab_size: int):
     return fast
 
 
+def tokenizer_text(row: dict) -> str:
+    """The text a tokenizer is trained on for one SFT row (the chat template's role names, not its special
+    tokens)."""
+    return f"user\n{row['prompt']}\nassistant\n{row['response']}"
+
+
 def tokenize_sft(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
     """``(prompt_ids, response_ids)`` rendered exactly like the preference pipeline (chat template, EOS)."""
     from fpo_dist.data import encode_prompt, encode_response
 
     return [
-        (encode_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}], chat=True), encode_response(tokenizer, r["response"]))
+        (
+            encode_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}], chat=True),
+            encode_response(tokenizer, r["response"]),
+        )
         for r in rows
     ]
 
 
-def sft_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sft_batch(
+    examples: list[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``(input_ids, attention_mask, labels)``; labels are -100 except on response tokens."""
     width = max(len(p) + len(r) for p, r in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -117,7 +130,9 @@ def response_nll(model, examples, pad_id: int, batch_size: int = 256) -> float:
             ids, attn, labels = sft_batch(examples[s : s + batch_size], pad_id)
             logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
             target = labels[:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
+            )
             total, count = total + nll.item(), count + int((target != -100).sum())
     return total / count
 
@@ -154,7 +169,9 @@ def rule_follow(model, tokenizer, prompts: list[str], temperature: float, sample
     """Judge acceptance of the model's generations: the rule-follow rate (and an example)."""
     from fpo_dist.evaluate import GenerationConfig, generate
 
-    gen = GenerationConfig(max_new_tokens=24, temperature=temperature, seed=seed, batch_size=64, samples_per_prompt=samples)
+    gen = GenerationConfig(
+        max_new_tokens=24, temperature=temperature, seed=seed, batch_size=64, samples_per_prompt=samples
+    )
     outputs, entropy = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts], gen, chat=True)
     flat_p = [p for p, outs in zip(prompts, outputs) for _ in outs]
     flat_o = [o for outs in outputs for o in outs]
@@ -261,7 +278,6 @@ def _dir_bytes(path: Path) -> int:
 
 
 def build(out: Path, cfg: BuildConfig = BuildConfig(), log=print) -> dict:
-    from fpo_dist.models import capture_block_output  # noqa: F401  (the hook the cache job uses)
     from fpo_dist.sae import load_sae
     from fpo_dist.testing import build_llama
 
@@ -271,9 +287,8 @@ def build(out: Path, cfg: BuildConfig = BuildConfig(), log=print) -> dict:
     train_prompts, heldout_prompts = task.split_prompts(cfg.seed)
     sft_rows = task.sft_examples(train_prompts, cfg.sft_examples, cfg.seed)
     heldout_rows = task.sft_examples(heldout_prompts, 1024, cfg.seed + 1)
-    tokenizer = build_task_tokenizer(
-        [tokenizer_text(r) for r in sft_rows[:4096]] + [", ".join(v) + "." for v in task.CATEGORIES.values()], cfg.vocab_size
-    )
+    corpus = [tokenizer_text(r) for r in sft_rows[:4096]] + [", ".join(v) + "." for v in task.CATEGORIES.values()]
+    tokenizer = build_task_tokenizer(corpus, cfg.vocab_size)
     train_ex, heldout_ex = tokenize_sft(tokenizer, sft_rows), tokenize_sft(tokenizer, heldout_rows)
     pad_id = tokenizer.pad_token_id
     model = build_llama(
@@ -286,15 +301,15 @@ def build(out: Path, cfg: BuildConfig = BuildConfig(), log=print) -> dict:
     t_sft = time.time()
     losses = train_sft(model, train_ex, pad_id, cfg, log)
     sft = {
-        "train_loss_last50": sum(losses[-50:]) / 50,
+        "train_loss_last50": sum(losses[-50:]) / len(losses[-50:]),
         "heldout_response_nll": response_nll(model, heldout_ex, pad_id),
         "seconds": round(time.time() - t_sft, 1),
     }
     log(f"sft: {sft}")
 
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
+    for old in (out / "model", out / "sae"):  # only what this script writes: never the whole --out
+        shutil.rmtree(old, ignore_errors=True)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
 
@@ -304,21 +319,39 @@ def build(out: Path, cfg: BuildConfig = BuildConfig(), log=print) -> dict:
     training_sae = train_sae(acts, cfg, model_name="fpo-demo-tiny-llama")
     training_sae.save_inference_model(str(out / "sae"))
     sae = load_sae(str(out / "sae"))  # the SAE exactly as the cache job and trainer will load it
-    sae_metrics = {**sae_quality(sae, heldout_acts), "train_activations": len(acts), "seconds": round(time.time() - t_sae, 1)}
+    sae_metrics = {
+        **sae_quality(sae, heldout_acts),
+        "train_activations": len(acts),
+        "seconds": round(time.time() - t_sae, 1),
+    }
     log(f"sae: {sae_metrics}")
 
     reference = {
         "sampled_t1": rule_follow(model, tokenizer, heldout_prompts, 1.0, cfg.eval_samples_per_prompt, cfg.seed),
         "greedy": rule_follow(model, tokenizer, heldout_prompts, 0.0, 1, cfg.seed),
     }
-    log(f"reference on held-out prompts: " + ", ".join(f"{k} follow {v['follow_rate']:.3f}" for k, v in reference.items()))
+    log("reference on held-out prompts: " + ", ".join(f"{k} {v['follow_rate']:.3f}" for k, v in reference.items()))
     manifest = {
-        "task": "fpo_dist.demo.task (stay on topic)",
+        "task": "fpo_dist.demo.task",
+        "rule": "on topic: the response's topic is the requested category and it lists exactly the requested "
+        "number of distinct items, all from that category",
         "seed": cfg.seed,
         "build_config": asdict(cfg),
-        "model": {"parameters": n_params, "vocab_size": len(tokenizer), "dtype": "float32", "bytes": _dir_bytes(out / "model")},
-        "sae": {"architecture": "jumprelu", "d_in": cfg.hidden_size, "d_sae": cfg.d_sae, "hook_layer": cfg.hook_layer,
-                "hook_name": f"blocks.{cfg.hook_layer}.hook_resid_post", "bytes": _dir_bytes(out / "sae"), **sae_metrics},
+        "model": {
+            "parameters": n_params,
+            "vocab_size": len(tokenizer),
+            "dtype": "float32",
+            "bytes": _dir_bytes(out / "model"),
+        },
+        "sae": {
+            "architecture": "jumprelu",
+            "d_in": cfg.hidden_size,
+            "d_sae": cfg.d_sae,
+            "hook_layer": cfg.hook_layer,
+            "hook_name": f"blocks.{cfg.hook_layer}.hook_resid_post",
+            "bytes": _dir_bytes(out / "sae"),
+            **sae_metrics,
+        },
         "sft": sft,
         "splits": {"train_prompts": len(train_prompts), "heldout_prompts": len(heldout_prompts),
                    "sft_p_on_topic": task.SFT_P_ON_TOPIC},
@@ -328,11 +361,6 @@ def build(out: Path, cfg: BuildConfig = BuildConfig(), log=print) -> dict:
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def tokenizer_text(row: dict) -> str:
-    """The text a tokenizer is trained on for one SFT row (the chat template's role names, without its special tokens)."""
-    return f"user\n{row['prompt']}\nassistant\n{row['response']}"
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -33,14 +33,17 @@ from pathlib import Path
 
 # Items are single lower-case words, unique across categories (no "orange", "lime", "olive", ...).
 CATEGORIES: dict[str, tuple[str, ...]] = {
-    "animals": ("cat", "dog", "horse", "cow", "sheep", "goat", "lion", "tiger", "bear", "wolf", "fox", "rabbit"),
-    "fruits": ("apple", "banana", "cherry", "grape", "mango", "pear", "peach", "plum", "melon", "lemon", "kiwi", "papaya"),
-    "colors": ("red", "blue", "green", "yellow", "purple", "pink", "brown", "black", "white", "gray", "violet", "indigo"),
-    "tools": ("hammer", "saw", "drill", "wrench", "chisel", "pliers", "shovel", "rake", "axe", "ladder", "clamp", "trowel"),
-    "countries": ("france", "spain", "italy", "japan", "china", "india", "brazil", "mexico", "canada", "egypt", "kenya", "peru"),
-    "instruments": ("piano", "guitar", "violin", "drum", "flute", "trumpet", "harp", "cello", "banjo", "organ", "clarinet", "tuba"),
-    "vegetables": ("carrot", "potato", "onion", "cabbage", "lettuce", "spinach", "celery", "garlic", "leek", "radish", "turnip", "beet"),
-    "sports": ("soccer", "tennis", "golf", "hockey", "rugby", "boxing", "cricket", "skiing", "rowing", "cycling", "judo", "karate"),
+    cat: tuple(items.split())
+    for cat, items in {
+        "animals": "cat dog horse cow sheep goat lion tiger bear wolf fox rabbit",
+        "fruits": "apple banana cherry grape mango pear peach plum melon lemon kiwi papaya",
+        "colors": "red blue green yellow purple pink brown black white gray violet indigo",
+        "tools": "hammer saw drill wrench chisel pliers shovel rake axe ladder clamp trowel",
+        "countries": "france spain italy japan china india brazil mexico canada egypt kenya peru",
+        "instruments": "piano guitar violin drum flute trumpet harp cello banjo organ clarinet tuba",
+        "vegetables": "carrot potato onion cabbage lettuce spinach celery garlic leek radish turnip beet",
+        "sports": "soccer tennis golf hockey rugby boxing cricket skiing rowing cycling judo karate",
+    }.items()
 }
 CONFUSABLE: dict[str, str] = {
     "fruits": "vegetables", "vegetables": "fruits",
@@ -136,7 +139,8 @@ def preference_pairs(prompts: Sequence[str], n: int, seed: int = 0) -> list[dict
     rows = []
     for _ in range(n):
         prompt = rng.choice(prompts)
-        rows.append({"prompt": prompt, "chosen": on_topic_response(rng, prompt), "rejected": off_topic_response(rng, prompt)})
+        chosen, rejected = on_topic_response(rng, prompt), off_topic_response(rng, prompt)
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows
 
 
@@ -225,7 +229,9 @@ def write_jsonl(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     return path
 
 
-def write_preference_data(out_dir: str | os.PathLike, seed: int = 0, n_train: int = 2048, n_heldout: int = 256) -> dict[str, Path]:
+def write_preference_data(
+    out_dir: str | os.PathLike, seed: int = 0, n_train: int = 2048, n_heldout: int = 256
+) -> dict[str, Path]:
     """``train.jsonl`` and ``heldout.jsonl`` preference pairs (strings schema) over disjoint prompts."""
     train_prompts, heldout_prompts = split_prompts(seed)
     out = Path(out_dir)
