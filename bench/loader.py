@@ -1,10 +1,12 @@
 """3. Loader overhead: streaming from Zarr (``CacheLoader``, prefetch 2) against the same micro-batches in memory.
 
 A training-like loop per micro-batch: move it to the device, touch its tensors, then a fixed-cost compute
-stand-in (square matmuls on all of the process's threads) calibrated to the real FPO step time per micro-batch
-measured in part 1.  The stand-in keeps every core busy, as the training ranks do, so the prefetch thread's
-reads and decoding compete for the CPU exactly as they would in training.  Rounds alternate memory/streaming;
-the first micro-batch of each is a warm-up (the prefetch thread's start), the rest are timed.
+stand-in (square matmuls) calibrated to the real FPO step time per micro-batch measured in part 1, on the threads
+one training rank has (CPU: cores / ranks).  Rounds alternate memory/streaming; the first micro-batch of each is
+a warm-up (the prefetch thread's start), the rest are timed.  Wall time shows stalls (the consumer waiting for
+data); process CPU time (prefetch thread included) shows the CPU the loader burns, which becomes wall time when
+every core is busy, as in a CPU training run.  (The stand-in does not use every core itself: OpenMP matmuls
+spread over cores that other processes also use slow down many-fold, which measures the host, not the loader.)
 """
 
 from __future__ import annotations
@@ -50,11 +52,11 @@ class StandIn:
         return float(x[0, 0])  # a host sync, as the trainer's loss.item()
 
 
-def bench_loader(store: str, sizes, device: str, step_s: float, pad_id: int, log=print) -> dict:
+def bench_loader(store: str, sizes, device: str, step_s: float, pad_id: int, nproc: int, log=print) -> dict:
     from fpo_dist.loader import CacheLoader
 
     if device == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
     kwargs = dict(micro_batch_size=sizes.micro_batch, grad_accum=1, world_size=1, rank=0, seed=0, pad_id=pad_id)
     n = sizes.loader_steps
     with CacheLoader(store, prefetch=0, **kwargs) as loader:

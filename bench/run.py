@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             fpo = (results["train"] or {}).get("losses", {}).get("fpo")
             step_s = fpo["step_time_s"] if fpo else 0.25
             pad_id = load_tokenizer(ModelSpec(str(a.model_dir))).pad_token_id
-            results["loader"] = bench_loader.bench_loader(store, sizes, device, step_s, pad_id, log)
+            results["loader"] = bench_loader.bench_loader(store, sizes, device, step_s, pad_id, nproc, log)
         if "cache" not in args.parts:
             results["cache"] = None
     finally:
