@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from bench.assets import Assets, data_config, tokenized_pairs
+from bench.assets import Assets, tokenized_pairs
 from bench.presets import Sizes
+from bench.report import HostLoad
 
 DENSE_16K_FP32_BYTES = 16384 * 4  # a dense pooled 16k-feature vector per response, fp32
 
@@ -78,7 +79,14 @@ def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int
         return worker.reference_pass(model, sae, assets.hook_layer, pairs, pad_id, sizes.cache_batch)
 
     batches = []  # exactly the batches reference_pass builds
-    with _patched(worker, "build_batch", lambda fn: lambda *a, **k: batches.append(fn(*a, **k)) or batches[-1]):
+
+    def recording(build):
+        def inner(*args, **kwargs):
+            batches.append(build(*args, **kwargs))
+            return batches[-1]
+        return inner
+
+    with _patched(worker, "build_batch", recording):
         ref_pass()  # also the warm-up
     dev_batches = [(b.input_ids, b.attention_mask) for b in batches]
 
@@ -112,6 +120,8 @@ def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int
     out = {
         "pairs": len(pairs), "tokens": tokens, "batches": len(batches), "batch_pairs": sizes.cache_batch,
         "padded_tokens": int(sum(b.input_ids.numel() for b in batches)), "threads": torch.get_num_threads(),
+        # positions whose hidden state / logits feed the cache (predict a response token), of all positions run
+        "response_fraction": float(sum(b.prediction_mask.sum() for b in batches) / sum(b.input_ids.numel() for b in batches)),
         "bare_s": t_bare, "reference_pass_s": t_ref,
         "bare_tokens_per_s": tokens / statistics.median(t_bare),
         "reference_pass_tokens_per_s": tokens / statistics.median(t_ref),
@@ -212,11 +222,15 @@ def bench_cache_job(assets: Assets, sizes: Sizes, device: str, workers: list[int
 def run(assets: Assets, sizes: Sizes, device: str, root: Path, quick: bool = False, log=print) -> dict:
     """``quick``: one cache job (2 workers on CPU) instead of the 1-vs-2 comparison."""
     threads = 1 if device == "cpu" else None  # a CPU cache worker runs cpus_per_worker=1 threads
+    load = HostLoad()
     compute = bench_reference_pass(assets, sizes, device, threads, log)
+    compute["host_load"] = load.stop()
     workers = list(range(1, min(torch.cuda.device_count(), 2) + 1)) if device == "cuda" else [1, 2]
     if quick:
         workers = workers[-1:]
+    load = HostLoad()
     job = bench_cache_job(assets, sizes, device, workers, root, log)
+    job["host_load"] = load.stop()
     first = job["runs"][0]
     return {
         "compute": compute,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import statistics
 import subprocess
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -73,6 +75,44 @@ def _version(pkg: str) -> str | None:
         return metadata.version(pkg)
     except metadata.PackageNotFoundError:
         return None
+
+
+class HostLoad:
+    """CPU use of the whole host during a part, and how much of it was not this benchmark: ``others_cores`` is the
+    average number of cores other processes kept busy (host busy time from /proc/stat minus this process and its
+    reaped children; Ray actors are not children, so during the cache job they count as "others")."""
+
+    def __init__(self):
+        self.t0, self.host0, self.ours0 = time.perf_counter(), self._host_busy(), self._ours()
+
+    @staticmethod
+    def _host_busy() -> float:
+        try:
+            f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return float("nan")
+        user, nice, system, idle, iowait, irq, softirq, steal = (f + [0] * 8)[:8]
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _ours() -> float:
+        import resource
+
+        return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                    resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+    def stop(self) -> dict:
+        wall = max(time.perf_counter() - self.t0, 1e-9)
+        host, ours = (self._host_busy() - self.host0) / wall, (self._ours() - self.ours0) / wall
+        return {"wall_s": wall, "host_busy_cores": host, "ours_cores": ours, "others_cores": max(0.0, host - ours)}
+
+
+def load_note(load: dict | None, cores: int | None) -> str:
+    if not load:
+        return ""
+    busy = load["others_cores"] > 0.25
+    return (f"other processes kept {load['others_cores']:.2f} of {cores} cores busy during this part"
+            + (" — timings are noisy" if busy else ""))
 
 
 # --------------------------------------------------------------------------------------------- targets
@@ -203,6 +243,20 @@ def _time_finding(losses: dict, a: str, b: str) -> list[str]:
         if tot:
             shares = sorted(((k, v) for k, v in p["seconds"].items() if k not in OUTSIDE_STEP), key=lambda kv: -kv[1])[:4]
             lines.append(f"- {name}: " + ", ".join(f"{k} {100 * v / tot:.0f} %" for k, v in shares) + " of the step")
+    sa, sb = pa["seconds"], pb["seconds"]
+    if total_a and total_b:
+        # what the ratio would be if the losses differed only in their own phases (both from profiled steps)
+        own_a = sa.get("sae_encode_pool", 0.0) + sa.get("reference_forward", 0.0) + sa.get("kl", 0.0)
+        own_b = sb.get("sae_encode_pool", 0.0) + sb.get("reference_forward", 0.0) + sb.get("kl", 0.0)
+        common = total_a - own_a
+        lines.append(f"- if {a} and {b} differed only in their own phases (SAE encode, reference forward, KL: "
+                     f"{own_a:.3f} s vs {own_b:.3f} s) on {a}'s common step of {common:.3f} s, the ratio would be "
+                     f"{(common + own_a) / (common + own_b):.3f}")
+    prof = pa.get("profile_cpu_s")
+    if prof and prof.get("all"):
+        lines.append(f"- costs every loss pays alike, in {a}'s profiled step (self CPU s, rank 0): ZeRO-3 gradient hooks "
+                     f"(inside autograd's AccumulateGrad) {prof['zero3_accumulate_grad']:.3f}, collectives "
+                     f"{prof['collectives']:.3f}, dense matmuls {prof['matmul']:.3f}, of {prof['all']:.3f} in all")
     return lines
 
 
@@ -224,9 +278,22 @@ def _mem_finding(results: dict, a: str, b: str) -> list[str]:
     if "rss_mb" in losses[na]["memory_by_rank"][0]["after_setup"] and "allocated_mb" not in losses[na]["memory_by_rank"][0]["after_setup"]:
         lines.append(f"- excluding the process baseline (Python, torch, transformers, deepspeed, sae_lens: "
                      f"{ia:.0f} MB, the same in every run) the ratio {na}/{nb} is {(pa - ia) / max(pb - ib, 1e-9):.3f}")
-    sae = results.get("assets", {}).get("sae_params")
-    if sae and "fpo" in (na, nb):
-        lines.append(f"- the SAE FPO keeps resident (replicated on every rank, fp32): {sae * 4 / 2**20:.1f} MB")
+    assets, sizes = results.get("assets") or {}, results["sizes"]
+    rows, T = 2 * sizes["micro_batch"], sizes["max_length"]
+    mib = lambda x: f"{x / 2**20:.0f} MB"  # noqa: E731
+    if nb == "simpo" and assets:
+        lines.append(f"- what FPO holds beyond simpo: the SAE, replicated on every rank in fp32 ({mib(assets['sae_params'] * 4)}; "
+                     f"W_dec, half of it, is never used by the FPO loss), and transiently the no-grad full encode "
+                     f"of all {rows}×T positions, [{rows}, T, {sizes['d_sae']}] fp32 (up to {mib(rows * T * sizes['d_sae'] * 4)} "
+                     "at T = max_length, more in sae-lens' intermediates), before the selected columns are re-encoded "
+                     "with gradients")
+    if nb == "tdpo2" and assets:
+        world = results["train"]["losses"][nb]["world_size"]
+        width, dt = (2, "bf16") if results["machine"]["device"] == "cuda" else (4, "fp32")
+        lines.append(f"- what tdpo2 holds beyond fpo: the reference model ({mib(assets['n_params'] * width / world)} "
+                     f"partition per rank in {dt}, and the gathered full {mib(assets['n_params'] * width)} while it runs "
+                     f"under ZeRO-3) and its full-vocabulary logits for the KL, [{rows}, T, {sizes['vocab']}] "
+                     f"({mib(rows * T * sizes['vocab'] * width)} {dt} at T = max_length) next to the policy's")
     return lines
 
 
@@ -241,9 +308,9 @@ def markdown(results: dict) -> str:
         f"- machine: {label}",
         f"- software: Python {m['python']}, " + ", ".join(f"{k} {v[k]}" for k in PACKAGES),
         f"- date: {m['date_utc']}; code: {(m['git']['commit'] or '?')[:12]}{' (+ uncommitted changes)' if m['git']['dirty'] else ''}",
-        f"- load average (1 min) at start / end: {results['loadavg'][0]:.2f} / {results['loadavg'][1]:.2f} "
-        f"on {m['cpu_cores']} cores" + (" — the machine was shared during this run: timings are noisy"
-                                          if max(results["loadavg"]) > 0.5 * (m["cpu_cores"] or 1) + 0.5 else ""),
+        f"- host load: other processes kept {results['host_load']['others_cores']:.2f} of {m['cpu_cores']} cores busy "
+        f"on average during the run" + (" — a shared host: wall-clock timings are noisy (see the CPU-seconds columns)"
+                                        if results["host_load"]["others_cores"] > 0.25 else ""),
         f"- command: `{results['command']}` ({results['wall_s']:.0f} s)",
         "",
     ]
@@ -290,6 +357,9 @@ def markdown(results: dict) -> str:
                   f"{sizes['warmup_steps'] + sizes['measure_steps']} (first {sizes['warmup_steps']} skipped). Memory: "
                   "high-water mark over the steps (reset after setup), max over ranks; every run imports the same "
                   "modules.", "",
+                  "Host load per launch: " + "; ".join(
+                      f"{n} {r['host_load']['others_cores']:.2f}" for n, r in losses.items() if r.get("host_load"))
+                  + " cores busy with other processes.", "",
                   f"| loss | reference | step time (s), median [min] | tokens/s | CPU s/step (all ranks) | {mem_label} "
                   "| time vs fpo | memory vs fpo |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -313,7 +383,7 @@ def markdown(results: dict) -> str:
                   f"`reference_pass` vs a bare no-grad `model(input_ids, attention_mask)` on the same "
                   f"{comp['batches']} batches ({comp['pairs']} pairs, {comp['batch_pairs']} pairs per forward, "
                   f"{comp['tokens']} tokens, {comp['padded_tokens']} with padding), {comp['threads']} thread(s), "
-                  f"{len(comp['bare_s'])} interleaved round(s):", "",
+                  f"{len(comp['bare_s'])} interleaved round(s); {load_note(comp.get('host_load'), m['cpu_cores'])}:", "",
                   "| | tokens/s | vs bare |", "|---|---:|---:|",
                   f"| bare forward (the limit) | {comp['bare_tokens_per_s']:.0f} | 1.000 |",
                   f"| reference_pass (forward + log-probs + SAE + pooling) | {comp['reference_pass_tokens_per_s']:.0f} | "
@@ -331,8 +401,13 @@ def markdown(results: dict) -> str:
                           f"busy time, {two['aggregate_tokens_per_s_wall'] / one['aggregate_tokens_per_s_wall']:.2f}× end "
                           f"to end (wall {one['wall_s']:.1f} s → {two['wall_s']:.1f} s, including Ray actors loading the "
                           "model)."]
+        lines += ["", f"Cache jobs: {load_note(job.get('host_load'), m['cpu_cores'])} (Ray actors count as other "
+                      "processes here)."]
         lines += ["", "Inside one `reference_pass` call (s): " + ", ".join(
-            f"{k} {v:.3f}" for k, v in parts.items()) + " (`forward_and_rest` = the model forward and glue).", ""]
+            f"{k} {v:.3f}" for k, v in parts.items()) + " (`forward_and_rest` = the model forward and glue; the bare "
+            f"forward alone took {statistics.median(comp['bare_s']):.3f}). `token_logps` and `_pooled_codes` (SAE encode "
+            f"+ mean pooling) run over every position, of which {100 * comp['response_fraction']:.0f} % predict a "
+            "response token.", ""]
         lines += ["Bytes on disk per response (`store.info()`, whole store incl. tokens and metadata):", "",
                   "| | bytes/response | store vs it |", "|---|---:|---:|",
                   f"| this cache (pooled nnz mean {disk['pooled_nnz']['mean']:.0f} of {sizes['d_sae']}) | "
@@ -352,7 +427,7 @@ def markdown(results: dict) -> str:
                   f"({lo['micro_batch_pairs']} pair(s) each) held in memory; per micro-batch: `.to(device)`, touch the "
                   f"tensors, then a compute stand-in of {lo['stand_in']['matmuls']} matmuls {lo['stand_in']['dim']}² on "
                   f"{lo['threads']} thread(s) ≈ {lo['stand_in_target_s']:.3f} s (the measured FPO step); "
-                  f"{lo['rounds']} alternating round(s).", "",
+                  f"{lo['rounds']} alternating round(s); {load_note(lo.get('host_load'), m['cpu_cores'])}.", "",
                   "| | s / micro-batch (median) | total (s, per round) |", "|---|---:|---|",
                   f"| in memory | {lo['in_memory_step_s']:.4f} | {', '.join(f'{x:.3f}' for x in lo['in_memory_total_s'])} |",
                   f"| streaming from Zarr | {lo['streaming_step_s']:.4f} | {', '.join(f'{x:.3f}' for x in lo['streaming_total_s'])} |",
@@ -393,6 +468,12 @@ def findings(results: dict) -> list[str]:
             tot = parts["total"]
             lines.append("- inside reference_pass: " + ", ".join(
                 f"{n} {100 * v / tot:.0f} %" for n, v in parts.items() if n != "total") + " of the call")
+            extra = (parts["token_logps"] + parts["_pooled_codes"]) / tot
+            frac = c["compute"]["response_fraction"]
+            lines.append(f"- log-probs and SAE encode + pooling take {100 * extra:.0f} % of the call and run over every "
+                         f"position; {100 * frac:.0f} % of the positions predict a response token, so restricting both "
+                         f"to those would leave ~{100 * extra * frac:.0f} % (ratio ≈ {1 - extra * frac:.2f} if the rest "
+                         "of the call were the bare forward)")
             if k == "cache_worker_vs_bare":
                 r = c["job"]["runs"][0]
                 lines.append(f"- the job's worker time also covers tokenization and the Zarr write; worker "

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
     results: dict = {"command": "python -m bench.run " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),
                      "sizes": sizes.to_dict(), "machine": report.machine_info(device), "train": None}
-    load_start, t_start = os.getloadavg()[0], time.perf_counter()
+    load, t_start = report.HostLoad(), time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="fpo-bench-"))
     try:
         log(f"device {device}, sizes {sizes.name}, {nproc} training rank(s); work dir {tmp}")
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     results["wall_s"] = time.perf_counter() - t_start
-    results["loadavg"] = (load_start, os.getloadavg()[0])
+    results["host_load"] = load.stop()
     results["ratios"] = report.ratios(results)
     results["targets"] = report.check_targets(results["ratios"])
     results["notes"] = notes(results)

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.report import HostLoad
+
 LOSSES = ("fpo", "dpo", "simpo", "dpo-online", "tdpo2")
 ROOT = Path(__file__).resolve().parents[1]
 ZERO3 = ROOT / "ds_configs" / "zero3.json"
@@ -101,9 +103,12 @@ def run(store: str, sizes, nproc: int, device: str, root: Path, losses=LOSSES, o
         log=print) -> dict:
     results = {}
     for group in [list(losses)] if one_launch else [[loss] for loss in losses]:
+        load = HostLoad()
         launch(group, store, root, sizes, nproc, device)
+        load = load.stop()
         for loss in group:
             r = results[loss] = summarize(loss, root / f"train_{loss}", sizes)
+            r["host_load"] = load
             log(f"train {loss}: {r['step_time_s']:.3f} s/step, {r['tokens_per_s']:.0f} tok/s, "
                 f"peak {r['peak_memory_mb']:.0f} MB/rank")
     return {"losses": results, "nproc": nproc, "one_launch": one_launch, "ds_config": str(ZERO3.relative_to(ROOT))}
