@@ -39,10 +39,16 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(out_dir: str | os.PathLike | None = None, vocab_size: int = 512, chat_template: bool = True):
+def build_tokenizer(
+    out_dir: str | os.PathLike | None = None,
+    vocab_size: int = 512,
+    chat_template: bool = True,
+    texts: list[str] | None = None,
+):
     """Train a byte-level BPE tokenizer (real merges, so tokens can span word boundaries) and wrap it.
 
-    Returns a ``PreTrainedTokenizerFast`` with BOS/EOS/PAD set; saves it when ``out_dir`` is given.
+    ``texts``: the training text (default: a small built-in corpus).  Returns a ``PreTrainedTokenizerFast``
+    with BOS/EOS/PAD set; saves it when ``out_dir`` is given.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -56,7 +62,7 @@ def build_tokenizer(out_dir: str | os.PathLike | None = None, vocab_size: int = 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(_CORPUS * 4 if texts is None else texts, trainer=trainer)
     # Like Llama: plain encoding adds BOS (the chat template writes its own BOS instead).
     bos_id = tok.token_to_id("<bos>")
     tok.post_processor = processors.TemplateProcessing(

@@ -230,7 +230,10 @@ class Trainer:
         self.is_main = self.rank == 0
         if self.is_main:
             print("fpo-dist train, config:\n" + to_yaml(cfg), flush=True)
-        self.store = open_store(cfg.cache)
+        try:
+            self.store = open_store(cfg.cache)
+        except FileNotFoundError as e:
+            raise ConfigError(f"'cache': {e}; build it with `python -m fpo_dist.cache`") from None
         if not self.store.attrs.get("complete"):
             raise ConfigError(f"cache {cfg.cache} is not complete; finish it with `python -m fpo_dist.cache` (rerun resumes)")
         prov = self.store.provenance

@@ -39,6 +39,17 @@ def _build(argv: list[str]) -> int:
     return 0
 
 
+def _open(path: str):
+    """The store at ``path``, or None after printing why it cannot be opened."""
+    from fpo_dist.store import StoreError, open_store
+
+    try:
+        return open_store(path)
+    except (StoreError, FileNotFoundError) as e:
+        print(f"error: {path}: {e}", file=sys.stderr)
+        return None
+
+
 def _verify(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m fpo_dist.cache verify")
     p.add_argument("store")
@@ -49,12 +60,8 @@ def _verify(argv: list[str]) -> int:
     p.add_argument("--rtol-mse", type=float, default=1e-6, help="pooled-feature MSE tolerance, relative to the "
                    "mean square of the cached vector")
     a = p.parse_args(argv)
-    from fpo_dist.store import StoreError, open_store
-
-    try:
-        store = open_store(a.store)
-    except StoreError as e:
-        print(f"error: {e}", file=sys.stderr)
+    store = _open(a.store)
+    if store is None:
         return 2
     problems = store.verify()
     for line in problems:
@@ -95,12 +102,8 @@ def _info(argv: list[str]) -> int:
     p.add_argument("store")
     p.add_argument("--json", action="store_true", help="print the full info as JSON")
     a = p.parse_args(argv)
-    from fpo_dist.store import StoreError, open_store
-
-    try:
-        store = open_store(a.store)
-    except StoreError as e:
-        print(f"error: {e}", file=sys.stderr)
+    store = _open(a.store)
+    if store is None:
         return 2
     info = store.info()
     if a.json:

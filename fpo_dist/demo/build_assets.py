@@ -59,33 +59,11 @@ class BuildConfig:
 
 
 def build_task_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer trained on ``texts``, set up like ``fpo_dist.testing.build_tokenizer`` (same
-    special tokens, BOS post-processor and chat template)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE tokenizer trained on ``texts``, set up like the test fixtures' (same special tokens,
+    BOS post-processor and chat template)."""
+    from fpo_dist.testing import build_tokenizer
 
-    from fpo_dist.testing import CHAT_TEMPLATE, SPECIAL_TOKENS
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    bos_id = tok.token_to_id("<bos>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos_id)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-        additional_special_tokens=["<|start|>", "<|eot|>"],
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return build_tokenizer(vocab_size=vocab_size, texts=texts)
 
 
 def tokenizer_text(row: dict) -> str:
