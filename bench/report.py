@@ -342,10 +342,12 @@ def markdown(results: dict) -> str:
                   "benchmarked processes (all threads, summed over ranks), which other processes on a shared host "
                   "do not inflate; it misses waiting (communication, stalls), so where the two disagree on a quiet "
                   "host, wall time is right; on a loaded host, CPU time is the steadier of the two.", ""]
-    lines += ["Context: fpo/tdpo2 time " + _f(rat["time_fpo_tdpo2"]) + " (CPU " + _f(rat["cpu_fpo_tdpo2"])
-              + "), fpo/dpo time " + _f(rat["time_fpo_dpo"]) + " (CPU " + _f(rat["cpu_fpo_dpo"])
-              + "), fpo/dpo-online memory " + _f(rat["mem_fpo_dpo_online"]) + ", fpo/dpo memory "
-              + _f(rat["mem_fpo_dpo"]) + ".", ""]
+    lines += ["Ratios (fpo / other) from part 1:", "",
+              "| fpo / | step time | CPU s per step | peak memory per rank |", "|---|---:|---:|---:|"]
+    for other, key in (("dpo-online", "dpo_online"), ("tdpo2", "tdpo2"), ("simpo", "simpo"), ("dpo", "dpo")):
+        lines.append(f"| {other} | {_f(rat['time_fpo_' + key])} | {_f(rat['cpu_fpo_' + key])} | "
+                     f"{_f(rat['mem_fpo_' + key])} |")
+    lines.append("")
 
     tr = results.get("train")
     if tr:

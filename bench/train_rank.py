@@ -50,7 +50,8 @@ def _reset_peak(cuda: bool) -> None:
 def _memory(cuda: bool) -> dict:
     import torch
 
-    out = {"rss_mb": _rss_mb()["VmRSS"], "hwm_mb": _rss_mb()["VmHWM"]}
+    rss = _rss_mb()
+    out = {"rss_mb": rss["VmRSS"], "hwm_mb": rss["VmHWM"]}
     if cuda:
         out.update(allocated_mb=torch.cuda.memory_allocated() / 2**20,
                    max_allocated_mb=torch.cuda.max_memory_allocated() / 2**20)

@@ -206,8 +206,10 @@ def test_two_rank_zero3_equals_plain_pytorch(run_a, cache, tiny):
 def test_resume_same_world_size_equals_uninterrupted(run_a, cache):
     out_a, _ = run_a
     out = cache["root"] / "run_d"
-    rc, log = train(cache, out, "--max_steps", "3", "--epochs", "2", "--resume",
-                    str(out_a / "checkpoints" / "step_2"))
+    (out / "checkpoints").mkdir(parents=True)  # a run that stopped after step 2: resume it with --resume auto
+    shutil.copytree(out_a / "checkpoints" / "step_2", out / "checkpoints" / "step_2")
+    (out / "checkpoints" / "latest").write_text("step_2")
+    rc, log = train(cache, out, "--max_steps", "3", "--epochs", "2", "--resume", "auto")
     assert rc == 0, log[-6000:]
     assert "resumed from" in log and "step 2" in log
     a3, d3 = metrics(out_a)[2], metrics(out)[0]
@@ -257,6 +259,13 @@ def test_dpo_cached_equals_dpo_online(cache):
 
 
 # --------------------------------------------------------------------------------------------- refusals
+
+
+def test_non_finite_loss_stops_the_run(cache, tmp_path):
+    rc, log = train(cache, tmp_path / "out", "--loss.name", "simpo", "--optim.lr", "1e30", "--optim.grad_clip", "0",
+                    "--max_steps", "5", "--export", "false", nproc=1, timeout=240)
+    assert rc != 0 and "non-finite loss at optimizer step" in log
+    assert "batch uids [" in log and "metrics {" in log
 
 
 def test_mismatched_cache_is_refused(cache, tmp_path):

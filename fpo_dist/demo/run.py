@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -55,9 +56,18 @@ def _env() -> dict:
             "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
 
 
-def _run(cmd: list[str], log: Path, what: str) -> None:
-    """Run ``cmd`` in its own process group, streaming its output to the console and to ``log``."""
+def _run(cmd: list[str], log: Path, what: str, progress=None) -> None:
+    """Run ``cmd`` in its own process group, streaming its notable lines to the console and all of its output to
+    ``log``; ``progress()`` (if given) is called every few seconds to print a progress line."""
     say(f"{what}: {' '.join(cmd[:6])} …  (log: {log})")
+    stop = threading.Event()
+
+    def report_progress() -> None:
+        while not stop.wait(5):
+            progress()
+
+    if progress is not None:
+        threading.Thread(target=report_progress, daemon=True).start()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True, bufsize=1)
@@ -69,6 +79,7 @@ def _run(cmd: list[str], log: Path, what: str) -> None:
                     sys.stdout.flush()
             rc = proc.wait()
         finally:
+            stop.set()
             _kill_group(proc)
     if rc != 0:
         raise SystemExit(f"{what} failed (exit {rc}); see {log}")
@@ -153,7 +164,20 @@ def train(loss: str, store: Path, out: Path, steps: int) -> Path:
            "--micro_batch_size", str(per_rank), "--grad_accum", "1", "--max_steps", str(steps), "--seed", "0",
            "--log_every", "1", "--keep_last", "1"]
     t0 = time.time()
-    _run(cmd, out / "logs" / f"train_{loss}.log", f"train {loss} (DeepSpeed ZeRO-3, 2 ranks, {steps} steps)")
+    seen = [0]
+
+    def progress() -> None:
+        path = run_dir / "metrics.jsonl"
+        rows = path.read_text().splitlines() if path.exists() else []
+        if rows and len(rows) != seen[0]:
+            seen[0] = len(rows)
+            r = json.loads(rows[-1])
+            extra = f", feature MSE (rejected) {r['feature_mse_rejected']:.2e}" if "feature_mse_rejected" in r else ""
+            say(f"  {loss} step {r['step']}/{steps}: loss {r['loss']:.4f}, reward accuracy "
+                f"{r['reward_accuracy']:.2f}, {r['step_time_s']:.2f} s/step{extra}")
+
+    _run(cmd, out / "logs" / f"train_{loss}.log", f"train {loss} (DeepSpeed ZeRO-3, 2 ranks, {steps} steps)",
+         progress)
     say(f"train {loss}: {time.time() - t0:.0f} s")
     return run_dir
 
