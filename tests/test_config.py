@@ -97,3 +97,14 @@ def test_missing_or_broken_config_file(tmp_path):
         load_config(CacheConfig, tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML"):
         load_config(CacheConfig, write(tmp_path, "a: [1,\n", "bad.yaml"))
+
+
+def test_example_configs_load():
+    """The documented example configs use only real keys and valid combinations."""
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "docs" / "examples"
+    cache = load_config(CacheConfig, examples / "gemma2-2b-cache.yaml")
+    assert cache.sae.layer == 25 and cache.data.schema == "messages"
+    train = load_config(TrainConfig, examples / "gemma2-2b-fpo.yaml")
+    assert train.loss.name == "fpo" and train.global_batch_size == 32 and train.optim.lr == 5e-7
