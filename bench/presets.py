@@ -62,10 +62,10 @@ PRESETS: dict[str, Sizes] = {
     "gpu": Sizes(
         name="gpu", hidden=1024, layers=24, heads=16, intermediate=4096, vocab=32768, hook_layer=20,
         d_sae=16384, target_l0=64, dtype="bfloat16",
-        rows=512, max_length=1024, max_prompt_length=256, prompt_words=(120, 220), response_words=(450, 700),
-        cache_batch=8, rows_per_shard=64, bare_rows=128, bare_rounds=3,
-        micro_batch=4, warmup_steps=3, measure_steps=10,
-        loader_steps=21, loader_rounds=3, train_timeout_s=300,
+        rows=256, max_length=1024, max_prompt_length=256, prompt_words=(120, 220), response_words=(450, 700),
+        cache_batch=8, rows_per_shard=32, bare_rows=64, bare_rounds=3,
+        micro_batch=4, warmup_steps=3, measure_steps=8,
+        loader_steps=17, loader_rounds=2, train_timeout_s=300,
     ),
     # the smoke test's size: every code path, seconds of compute
     "quick": Sizes(

@@ -214,11 +214,25 @@ def _phase_table(losses: dict) -> list[str]:
     return lines
 
 
+def _rerun_note(tr: dict) -> str:
+    notes = []
+    for n in tr.get("rerun") or []:
+        a = tr["losses"][n].get("attempts") or []
+        notes.append(f"{n} (" + " / ".join(f"{x['step_time_s']:.3f} s/step at {x['host_load']['others_cores']:.2f} cores"
+                                           for x in a) + ")")
+    return (" Re-run because the host was busy, the quieter attempt kept: " + "; ".join(notes) + ".") if notes else ""
+
+
+def _peak_rank(r: dict) -> dict:
+    """The memory record of the rank with the highest training peak (the one the table reports)."""
+    return max(r["memory_by_rank"], key=lambda x: x["train_peak"].get("max_allocated_mb", x["train_peak"]["hwm_mb"]))
+
+
 def _mem_rows(losses: dict) -> list[str]:
     lines = ["| loss | after imports | after setup (weights, optimizer, ref model, SAE) | step peak | step peak − after setup |",
              "|---|---:|---:|---:|---:|"]
     for n, r in losses.items():
-        m = max(r["memory_by_rank"], key=lambda x: x["train_peak"].get("max_allocated_mb", x["train_peak"]["hwm_mb"]))
+        m = _peak_rank(r)
         key = "allocated_mb" if "allocated_mb" in m["after_setup"] else "rss_mb"
         peak_key = "max_allocated_mb" if key == "allocated_mb" else "hwm_mb"
         a, s, p = m["after_imports"][key], m["after_setup"][key], m["train_peak"][peak_key]
@@ -266,16 +280,16 @@ def _mem_finding(results: dict, a: str, b: str) -> list[str]:
         return []
     out = []
     for n in (a, b):
-        m = losses[n]["memory_by_rank"][0]
+        m = _peak_rank(losses[n])
         key = "allocated_mb" if "allocated_mb" in m["after_setup"] else "rss_mb"
         peak = m["train_peak"]["max_allocated_mb" if key == "allocated_mb" else "hwm_mb"]
         out.append((n, m["after_imports"][key], m["after_setup"][key], peak))
     (na, ia, sa, pa), (nb, ib, sb, pb) = out
-    lines = [f"- rank 0: {na} = {ia:.0f} MB after imports + {sa - ia:.0f} MB setup + {pa - sa:.0f} MB in the step "
+    lines = [f"- rank with the highest peak: {na} = {ia:.0f} MB after imports + {sa - ia:.0f} MB setup + {pa - sa:.0f} MB in the step "
              f"= {pa:.0f} MB; {nb} = {ib:.0f} + {sb - ib:.0f} + {pb - sb:.0f} = {pb:.0f} MB",
              f"- difference {pa - pb:+.0f} MB: setup {(sa - ia) - (sb - ib):+.0f} MB, step {(pa - sa) - (pb - sb):+.0f} MB, "
              f"process baseline {ia - ib:+.0f} MB"]
-    if "rss_mb" in losses[na]["memory_by_rank"][0]["after_setup"] and "allocated_mb" not in losses[na]["memory_by_rank"][0]["after_setup"]:
+    if results["machine"]["device"] == "cpu":
         lines.append(f"- excluding the process baseline (Python, torch, transformers, deepspeed, sae_lens: "
                      f"{ia:.0f} MB, the same in every run) the ratio {na}/{nb} is {(pa - ia) / max(pb - ib, 1e-9):.3f}")
     assets, sizes = results.get("assets") or {}, results["sizes"]
@@ -359,9 +373,9 @@ def markdown(results: dict) -> str:
                   f"{sizes['warmup_steps'] + sizes['measure_steps']} (first {sizes['warmup_steps']} skipped). Memory: "
                   "high-water mark over the steps (reset after setup), max over ranks; every run imports the same "
                   "modules.", "",
-                  "Host load per launch: " + "; ".join(
+                  "Host load per launch (cores other processes kept busy): " + "; ".join(
                       f"{n} {r['host_load']['others_cores']:.2f}" for n, r in losses.items() if r.get("host_load"))
-                  + " cores busy with other processes.", "",
+                  + "." + _rerun_note(tr), "",
                   f"| loss | reference | step time (s), median [min] | tokens/s | CPU s/step (all ranks) | {mem_label} "
                   "| time vs fpo | memory vs fpo |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]

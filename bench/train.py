@@ -100,16 +100,38 @@ def summarize(loss: str, out: Path, sizes) -> dict:
     }
 
 
+LOADED_CORES = 0.25  # a launch during which other processes kept more cores busy than this is re-run once
+
+
 def run(store: str, sizes, nproc: int, device: str, root: Path, losses=LOSSES, one_launch: bool = False,
         log=print) -> dict:
-    results = {}
-    for group in [list(losses)] if one_launch else [[loss] for loss in losses]:
+    """Train each loss (one launch each, or all in one with ``one_launch``).  On a shared host, a launch measured
+    while other processes kept more than ``LOADED_CORES`` cores busy is re-run once at the end, and the attempt
+    with the quieter host is kept (both are listed under ``attempts``)."""
+
+    def attempt(group: list[str], where: Path) -> dict:
         load = HostLoad()
-        launch(group, store, root, sizes, nproc, device)
+        launch(group, store, where, sizes, nproc, device)
         load = load.stop()
-        for loss in group:
-            r = results[loss] = summarize(loss, root / f"train_{loss}", sizes)
-            r["host_load"] = load
-            log(f"train {loss}: {r['step_time_s']:.3f} s/step, {r['tokens_per_s']:.0f} tok/s, "
-                f"peak {r['peak_memory_mb']:.0f} MB/rank")
-    return {"losses": results, "nproc": nproc, "one_launch": one_launch, "ds_config": str(ZERO3.relative_to(ROOT))}
+        return {loss: {**summarize(loss, where / f"train_{loss}", sizes), "host_load": load} for loss in group}
+
+    def report(r: dict) -> None:
+        log(f"train {r['loss']}: {r['step_time_s']:.3f} s/step, {r['tokens_per_s']:.0f} tok/s, "
+            f"peak {r['peak_memory_mb']:.0f} MB/rank (other processes: {r['host_load']['others_cores']:.2f} cores)")
+
+    results: dict = {}
+    for group in [list(losses)] if one_launch else [[loss] for loss in losses]:
+        for r in attempt(group, root).values():
+            results[r["loss"]] = r
+            report(r)
+    loaded = [] if one_launch else [n for n in losses if results[n]["host_load"]["others_cores"] > LOADED_CORES]
+    for loss in reversed(loaded):
+        first = results[loss]
+        again = attempt([loss], root / "rerun")[loss]
+        report(again)
+        keep = min((first, again), key=lambda r: r["host_load"]["others_cores"])
+        keep["attempts"] = [{k: r[k] for k in ("step_time_s", "cpu_s_per_step", "peak_memory_mb", "host_load")}
+                            for r in (first, again)]
+        results[loss] = keep
+    return {"losses": {n: results[n] for n in losses}, "nproc": nproc, "one_launch": one_launch,
+            "rerun": loaded, "ds_config": str(ZERO3.relative_to(ROOT))}
