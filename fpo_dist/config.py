@@ -104,7 +104,6 @@ class CacheConfig:
     overwrite: bool = False
     ray_address: str | None = None  # None: local Ray instance (or RAY_ADDRESS when set); "auto": attach
     max_retries: int = 3  # per shard, when an actor dies
-    seed: int = 0
 
     def validate(self) -> None:
         self.data.validate()
@@ -207,6 +206,15 @@ class TrainConfig:
             raise ConfigError(f"'resume' must be 'auto' or an existing checkpoint directory, got '{self.resume}'")
         if self.keep_last < 1:
             raise ConfigError("'keep_last' must be at least 1")
+        if self.log_every < 1 or self.step0_rows < 1:
+            raise ConfigError("'log_every' and 'step0_rows' must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError("'max_steps' must be positive, or null for the whole run")
+        if self.save_every < 0 or self.prefetch < 0:
+            raise ConfigError("'save_every' (0: only at the end) and 'prefetch' must not be negative")
+        if not self.sae.source and (self.sae.sae_id is not None or self.sae.layer is not None):
+            raise ConfigError("'sae.sae_id'/'sae.layer' need 'sae.source'; without it the cache's SAE and layer are "
+                              "used, so drop them")
 
 
 # --------------------------------------------------------------------------------------------------

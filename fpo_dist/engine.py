@@ -46,29 +46,29 @@ def build_ds_config(template: dict, cfg: TrainConfig, world_size: int, hidden_si
             f"{cfg.global_batch_size / (micro * world_size):g} or the global batch size"
         )
 
-    def fill(key: str, value: Any, where: dict = ds) -> None:
+    def fill(key: str, value: Any, where: dict = ds, must_match: bool = True) -> None:
         current = where.get(key, "auto")
         if current == "auto":
             where[key] = value
-        elif current != value and key in ("train_batch_size", "train_micro_batch_size_per_gpu",
-                                           "gradient_accumulation_steps"):
+        elif must_match and current != value:
             raise ConfigError(
                 f"the DeepSpeed config sets {key}={current} but the train config implies {value} "
-                f"(micro_batch_size {micro} × grad_accum {accum} × world {world_size}); set it to \"auto\""
+                f"(micro_batch_size {micro} × grad_accum {accum} × world {world_size}, optim.grad_clip, dtype); "
+                "set it to \"auto\""
             )
 
     fill("train_micro_batch_size_per_gpu", micro)
     fill("gradient_accumulation_steps", accum)
     fill("train_batch_size", global_batch)
     fill("gradient_clipping", cfg.optim.grad_clip)
-    if isinstance(ds.get("bf16"), dict):
-        fill("enabled", bf16, ds["bf16"])
+    # the policy's dtype decides: bf16 weights need DeepSpeed's bf16 mode (fp32 master weights), always
+    fill("enabled", bf16, ds.setdefault("bf16", {}))
     if bf16 and isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") is True:
         raise ConfigError("the DeepSpeed config enables fp16 while the run uses bf16; drop the fp16 section")
     zero = ds.get("zero_optimization", {})
-    fill("reduce_bucket_size", hidden_size * hidden_size, zero)
-    fill("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size), zero)
-    fill("stage3_param_persistence_threshold", 10 * hidden_size, zero)
+    fill("reduce_bucket_size", hidden_size * hidden_size, zero, must_match=False)
+    fill("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size), zero, must_match=False)
+    fill("stage3_param_persistence_threshold", 10 * hidden_size, zero, must_match=False)
     leftover = _find_auto(ds)
     if leftover:
         raise ConfigError(f"DeepSpeed config keys left as \"auto\" that fpo-dist cannot fill: {leftover}")
@@ -103,6 +103,13 @@ def init_distributed(timeout_s: int) -> tuple[int, int, int]:
     """
     import deepspeed
 
+    if "RANK" not in os.environ:
+        for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+            if int(os.environ.get(var, "1") or 1) > 1:
+                raise RuntimeError(
+                    f"{var}={os.environ[var]} but RANK is not set: launch through torchrun or deepspeed (see "
+                    "cluster/slurm/train.sbatch), or every task would train alone as a world of 1"
+                )
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         import socket
@@ -146,14 +153,20 @@ def to_universal_checkpoint(load_dir: str, tag: str, is_main: bool) -> str:
     Needed to resume on a different data-parallel world size: ZeRO partitions optimizer state by rank.
     """
     target = f"{tag}_universal"
-    if is_main and not (Path(load_dir) / target / "zero").exists():
+    final = Path(load_dir) / target
+    if is_main and not final.exists():
+        import shutil
         import subprocess
 
+        tmp = final.with_name(f"{target}.tmp-{os.getpid()}")  # renamed only when complete
+        shutil.rmtree(tmp, ignore_errors=True)
+        workers = str(max(1, min(8, (os.cpu_count() or 1) // 2)))
         subprocess.run(
             [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(Path(load_dir) / tag),
-             "--output_folder", str(Path(load_dir) / target), "--num_extract_workers", "1", "--num_merge_workers", "1"],
+             "--output_folder", str(tmp), "--num_extract_workers", workers, "--num_merge_workers", workers],
             check=True, stdout=subprocess.DEVNULL,
         )
+        os.replace(tmp, final)
     torch.distributed.barrier()
     return target
 
@@ -220,7 +233,8 @@ class Engine:
         return float(self.engine.get_lr()[0])
 
     def save(self, directory: str, tag: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
+        # the caller writes `latest` once its own state files are in place
+        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, directory: str, tag: str | None) -> dict:
         path, client_state = self.engine.load_checkpoint(directory, tag=tag)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 import os
 import random
@@ -145,9 +146,16 @@ def check_cache_provenance(prov: dict, cfg: TrainConfig, tokenizer) -> list[str]
     return diffs
 
 
+def cached_model_config(prov: dict, trust_remote_code: bool = False) -> ModelConfig:
+    """The cache's reference model as a config.  ``trust_remote_code`` comes from the user's run, never from
+    the store: a shared cache must not be able to make this process run remote code."""
+    fields = {k: v for k, v in prov["model"].items() if k != "files"}
+    return ModelConfig(**{**fields, "trust_remote_code": trust_remote_code})
+
+
 def resolve_models(cfg: TrainConfig, prov: dict) -> tuple[ModelConfig, ModelConfig | None]:
     """The policy's and (online losses) the reference's model configs: the cache's reference by default."""
-    cached = ModelConfig(**{k: v for k, v in prov["model"].items() if k != "files"})
+    cached = cached_model_config(prov, cfg.policy.trust_remote_code)
     policy = cfg.policy if cfg.policy.name_or_path else cached
     needs_ref = LOSSES[cfg.loss.name].needs == "reference_model"
     ref = (cfg.ref_model if cfg.ref_model.name_or_path else cached) if needs_ref else None
@@ -290,7 +298,7 @@ class Trainer:
             # another data-parallel world: DeepSpeed's universal checkpoint re-partitions optimizer state
             load_dir, tag, _ = self.resume_from
             universal = eng.to_universal_checkpoint(load_dir, tag, self.is_main)
-            self.ds_config["checkpoint"] = {"load_universal": True}
+            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
             self.resume_from = (load_dir, universal, self.world)
         self._zero_ctx = eng.zero3_init_context(self.ds_config)  # keep alive: partitioned loading
         spec = model_spec(policy_cfg)
@@ -367,8 +375,15 @@ class Trainer:
             load_dir, tag = path.parent, path.name
         meta = load_dir / tag / STATE_FILE
         if not meta.exists():
-            raise ConfigError(f"{load_dir / tag} is not an fpo-dist checkpoint (no {STATE_FILE})")
-        return str(load_dir), tag, int(json.loads(meta.read_text())["world_size"])
+            raise ConfigError(f"{load_dir / tag} is not a complete fpo-dist checkpoint (no {STATE_FILE})")
+        saved = json.loads(meta.read_text())
+        now = _resume_fields(cfg)
+        diffs = [f"{k}: checkpoint {saved['run'].get(k)!r}, this run {v!r}" for k, v in now.items()
+                 if k in saved.get("run", {}) and saved["run"][k] != v]
+        if diffs:
+            raise ConfigError(f"resuming {load_dir / tag} with different settings would continue another "
+                              "experiment:\n  " + "\n  ".join(diffs))
+        return str(load_dir), tag, int(saved["world_size"])
 
     def maybe_resume(self) -> None:
         if self.resume_from is None:
@@ -391,9 +406,11 @@ class Trainer:
         torch.save(_get_rng(), root / tag / f"rng_rank{self.rank}.pt")
         torch.distributed.barrier()
         if self.is_main:
-            meta = {"step": self.step, "world_size": self.world, "loader": state["loader"], "loss": self.cfg.loss.name}
+            meta = {"step": self.step, "world_size": self.world, "loader": state["loader"], "loss": self.cfg.loss.name,
+                    "run": _resume_fields(self.cfg)}
             (root / tag / STATE_FILE).write_text(json.dumps(meta, indent=1))
-            tags = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name.split("_")[1].isdigit()),
+            (root / "latest").write_text(tag)  # only now is the checkpoint complete
+            tags = sorted((p for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)),
                           key=lambda p: int(p.name.split("_")[1]))
             for old in tags[: -self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -496,12 +513,15 @@ class Trainer:
 
     def _reduce(self, s: StepStats, seconds: float) -> dict:
         keys = sorted(s.metrics)
+        # collectives on the run's device: NCCL has no CPU backend
         vec = torch.tensor([s.loss / s.micro] + [s.metrics[k] / s.micro for k in keys] + [float(s.tokens)],
-                           dtype=torch.float64)
+                           dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(vec)
+        vec = vec.cpu()
         vec[:-1] /= self.world
-        mem = torch.tensor([peak_memory_mb()], dtype=torch.float64)
+        mem = torch.tensor([peak_memory_mb()], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(mem, op=torch.distributed.ReduceOp.MAX)
+        mem = mem.cpu()
         record = {"step": self.step, "loss": float(vec[0])}
         record.update({k: float(v) for k, v in zip(keys, vec[1:-1])})
         record.update(
@@ -538,12 +558,16 @@ class Trainer:
         return out
 
     def cleanup(self) -> None:
-        if getattr(self, "loader", None) is not None:
-            self.loader.close()
-        if self.log_file:
-            self.log_file.close()
-        if self.tb is not None:
-            self.tb.close()
+        try:
+            if getattr(self, "loader", None) is not None:
+                self.loader.close()
+            if self.log_file:
+                self.log_file.close()
+            if self.tb is not None:
+                self.tb.close()
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
     def run(self) -> None:
         try:
@@ -557,10 +581,20 @@ class Trainer:
             self.cleanup()
 
 
+def _resume_fields(cfg: TrainConfig) -> dict:
+    """The settings a resumed run must share with the checkpoint it continues."""
+    out = {f"loss.{k}": v for k, v in to_dict(cfg.loss).items()}
+    out.update({f"optim.{k}": list(v) if isinstance(v, tuple) else v for k, v in to_dict(cfg.optim).items()})
+    out.update(cache=cfg.cache, seed=cfg.seed, epochs=cfg.epochs)
+    return out
+
+
 def _hidden_size(model_cfg: ModelConfig) -> int:
     from transformers import AutoConfig
 
     kwargs = {"gguf_file": model_cfg.gguf_file} if model_cfg.gguf_file else {}
+    if model_cfg.trust_remote_code:
+        kwargs["trust_remote_code"] = True
     c = AutoConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision, **kwargs)
     c = getattr(c, "text_config", c)
     return int(c.hidden_size)

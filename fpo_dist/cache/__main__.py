@@ -56,9 +56,12 @@ def _verify(argv: list[str]) -> int:
     p.add_argument("--recompute", type=int, default=0, metavar="N",
                    help="also recompute N sampled rows with the provenance's model + SAE and compare")
     p.add_argument("--device", default="auto")
-    p.add_argument("--atol-logp", type=float, default=1e-4, help="per-token average log-prob tolerance")
-    p.add_argument("--rtol-mse", type=float, default=1e-6, help="pooled-feature MSE tolerance, relative to the "
-                   "mean square of the cached vector")
+    p.add_argument("--atol-logp", type=float, default=None,
+                   help="per-token average log-prob tolerance (default 1e-4; 3e-2 for bf16/fp16 caches)")
+    p.add_argument("--rtol-mse", type=float, default=None, help="pooled-feature MSE tolerance, relative to the "
+                   "mean square of the cached vector (default 1e-6; 1e-2 for bf16/fp16 caches)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run the model's own code (never taken from the store)")
     a = p.parse_args(argv)
     store = _open(a.store)
     if store is None:
@@ -67,16 +70,19 @@ def _verify(argv: list[str]) -> int:
     for line in problems:
         print(f"PROBLEM {line}")
     if a.recompute and not problems:
-        cmp = _recompute(store, a.recompute, a.device)
+        cmp = _recompute(store, a.recompute, a.device, a.trust_remote_code)
         print(f"recomputed {cmp.describe()}")
-        if not cmp.ok(a.atol_logp, a.rtol_mse):
+        half = store.provenance["model"].get("dtype") in ("bfloat16", "float16")
+        atol = a.atol_logp if a.atol_logp is not None else (3e-2 if half else 1e-4)
+        rtol = a.rtol_mse if a.rtol_mse is not None else (1e-2 if half else 1e-6)
+        if not cmp.ok(atol, rtol):
             problems.append("recomputed rows differ from the cache")
             print("PROBLEM recomputed rows differ from the cache beyond tolerance")
     print("verify: OK" if not problems else f"verify: {len(problems)} problem(s)")
     return 0 if not problems else 1
 
 
-def _recompute(store, n: int, device: str):
+def _recompute(store, n: int, device: str, trust_remote_code: bool):
     import numpy as np
 
     from fpo_dist.cache.verify import recompute_rows
@@ -86,7 +92,8 @@ def _recompute(store, n: int, device: str):
     from fpo_dist.sae import load_sae
 
     prov = store.provenance
-    mcfg = ModelConfig(**{k: v for k, v in prov["model"].items() if k != "files"})
+    mcfg = ModelConfig(**{**{k: v for k, v in prov["model"].items() if k != "files"},
+                          "trust_remote_code": trust_remote_code})
     dev = resolve_device(device)
     tok = load_tokenizer(tokenizer_spec(mcfg))
     model = load_causal_lm(model_spec(mcfg), device=dev)

@@ -118,13 +118,18 @@ def plan_workers(cfg: CacheConfig, resources: dict, n_pending: int) -> tuple[int
     """How many actors and what each asks for: one per GPU, else ``cpus_per_worker`` CPUs each."""
     gpus = int(resources.get("GPU", 0))
     if cfg.device != "cpu" and gpus > 0:
-        n, opts = (cfg.workers or gpus), {"num_gpus": 1, "num_cpus": 1}
+        fit, opts, what = gpus, {"num_gpus": 1, "num_cpus": 1}, f"{gpus} GPU(s)"
     else:
         if cfg.device == "cuda":
             raise CacheJobError("device 'cuda' requested but the Ray cluster has no GPUs")
         cpus = int(resources.get("CPU", 1))
-        n, opts = (cfg.workers or max(1, cpus // cfg.cpus_per_worker)), {"num_cpus": cfg.cpus_per_worker}
-    return max(1, min(n, n_pending)), opts
+        fit, opts = cpus // cfg.cpus_per_worker, {"num_cpus": cfg.cpus_per_worker}
+        what = f"{cpus} CPU(s) at cpus_per_worker={cfg.cpus_per_worker}"
+    if fit < 1 or cfg.workers > fit:
+        # an actor that can never be scheduled would hold its shard forever
+        raise CacheJobError(f"workers={cfg.workers or 'auto'} does not fit the Ray cluster ({what}): at most "
+                            f"{max(fit, 0)} worker(s); lower 'workers'/'cpus_per_worker' or add nodes")
+    return max(1, min(cfg.workers or fit, n_pending)), opts
 
 
 # --------------------------------------------------------------------------------------------- job
@@ -159,12 +164,13 @@ def run_cache_job(cfg: CacheConfig, log=print) -> dict:
 
 def _run_pool(cfg: CacheConfig, store, pending: list[int], log) -> list[dict]:
     ray = connect_ray(cfg)
-    from ray.exceptions import RayActorError
+    from ray.exceptions import RayActorError, RayTaskError
     from tqdm import tqdm
 
     n_workers, opts = plan_workers(cfg, ray.cluster_resources(), len(pending))
     # the driver's FPO_*/HF_* settings (offline mode, fault injection in tests) reach every actor
-    env = {k: v for k, v in os.environ.items() if k.startswith(("FPO_", "HF_"))}
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith(("FPO_", "HF_")) and "TOKEN" not in k}  # credentials stay out of Ray's GCS
     remote_cls = ray.remote(CacheWorker).options(
         max_restarts=0, max_concurrency=1, runtime_env={"env_vars": env} if env else None, **opts
     )
@@ -201,6 +207,10 @@ def _run_pool(cfg: CacheConfig, store, pending: list[int], log) -> list[dict]:
                 queue.insert(0, shard)
                 idle.append(new_actor())
                 continue
+            except RayTaskError as e:  # an error inside the worker (not its death): retrying cannot help
+                start, stop = plan.shard_range(shard)
+                raise CacheJobError(f"shard {shard} (rows {start}..{stop - 1}) failed in its worker: "
+                                    f"{e.cause if getattr(e, 'cause', None) else e}") from e
             if "error" in res:
                 raise CacheJobError(res["error"])
             store.commit_shard(shard, res["checksum"])

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ASSETS = Path(__file__).resolve().parent / "assets"
 LOSSES = ("fpo", "dpo", "simpo", "tdpo2")
 CURVES = ("loss", "reward_accuracy", "margin", "feature_mse_rejected")
+MARKER = ".fpo-demo-output"
 
 
 def say(msg: str) -> None:
@@ -118,12 +119,13 @@ def build_cache(data: dict[str, Path], out: Path, manifest: dict) -> Path:
     ray_bin = str(Path(sys.executable).parent / "ray")
     head_log = out / "logs" / "ray_head.log"
     say(f"starting a Ray head on 127.0.0.1:{port} (dashboard :{dash}, 2 CPUs)")
+    log_file = open(head_log, "w")
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--dashboard-agent-listen-port=0",
          "--num-cpus=2", f"--temp-dir={ray_tmp}", "--include-dashboard=true", "--disable-usage-stats",
          f"--object-store-memory={128 << 20}"],
-        cwd=ROOT, env=_env(), stdout=open(head_log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=ROOT, env=_env(), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         _wait_for_dashboard(dash, head, head_log)
@@ -133,6 +135,7 @@ def build_cache(data: dict[str, Path], out: Path, manifest: dict) -> Path:
     finally:
         _kill_group(head)
         head.wait(timeout=30)
+        log_file.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
     return store
 
@@ -295,9 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     losses = [x for x in a.losses.split(",") if x]
     out = Path(a.out).resolve()
-    if out.exists():
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).exists():  # never delete a directory the demo did not make
+            raise SystemExit(f"--out {out} exists, is not empty and is not a demo output directory; choose another")
         shutil.rmtree(out)
     (out / "logs").mkdir(parents=True)
+    (out / MARKER).write_text("written by python -m fpo_dist.demo; replaced by the next run\n")
     say(f"output directory: {out}")
     manifest = json.loads((ASSETS / "manifest.json").read_text())
     timings, t_all = {}, time.time()
