@@ -214,6 +214,19 @@ def _phase_table(losses: dict) -> list[str]:
     return lines
 
 
+def _phase_memory_table(losses: dict, unit: str) -> list[str]:
+    have = [n for n, r in losses.items() if (r.get("phases") or {}).get("peak_above_start_mb")]
+    if not have:
+        return []
+    lines = [f"| phase: {unit} peak above the phase's start (MB, profiled step, rank 0) | " + " | ".join(have) + " |",
+             "|---|" + "---:|" * len(have)]
+    for ph in PHASE_ORDER:
+        cells = [_f(losses[n]["phases"]["peak_above_start_mb"].get(ph), ".0f") for n in have]
+        if any(c != "—" for c in cells):
+            lines.append(f"| {ph} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _rerun_note(tr: dict) -> str:
     notes = []
     for n in tr.get("rerun") or []:
@@ -292,6 +305,12 @@ def _mem_finding(results: dict, a: str, b: str) -> list[str]:
     if results["machine"]["device"] == "cpu":
         lines.append(f"- excluding the process baseline (Python, torch, transformers, deepspeed, sae_lens: "
                      f"{ia:.0f} MB, the same in every run) the ratio {na}/{nb} is {(pa - ia) / max(pb - ib, 1e-9):.3f}")
+    pa_mem = (losses[na].get("phases") or {}).get("peak_above_start_mb") or {}
+    pb_mem = (losses[nb].get("phases") or {}).get("peak_above_start_mb") or {}
+    if pa_mem and pb_mem:
+        keys = sorted(set(pa_mem) | set(pb_mem), key=lambda k: -max(pa_mem.get(k, 0), pb_mem.get(k, 0)))[:6]
+        lines.append(f"- peak above each phase's start in the profiled step ({na} / {nb}, MB): " + ", ".join(
+            f"{k} {_f(pa_mem.get(k), '.0f')} / {_f(pb_mem.get(k), '.0f')}" for k in keys))
     assets, sizes = results.get("assets") or {}, results["sizes"]
     rows, T = 2 * sizes["micro_batch"], sizes["max_length"]
     mib = lambda x: f"{x / 2**20:.0f} MB"  # noqa: E731
@@ -389,7 +408,10 @@ def markdown(results: dict) -> str:
                          f"{r['tokens_per_s']:.0f} | {_f(r.get('cpu_s_per_step'))} | {r['peak_memory_mb']:.0f} | {tv} | {mv} |")
         lines += ["", "Where the time goes (one extra profiled step, phases timed by wrapping the trainer's "
                       "building blocks; `other` = the rest of the step):", ""] + _phase_table(losses)
-        lines += ["", "Memory by stage (rank with the highest peak, MB):", ""] + _mem_rows(losses) + [""]
+        lines += ["", "Memory by stage (rank with the highest peak, MB):", ""] + _mem_rows(losses)
+        unit = "allocated" if m["device"] == "cuda" else "RSS"
+        lines += ["", "Memory by phase (how far each phase pushed memory above where it started; the step's peak is "
+                      "the start of backward plus its row):", ""] + _phase_memory_table(losses, unit) + [""]
 
     c = results.get("cache")
     if c:
@@ -491,10 +513,17 @@ def findings(results: dict) -> list[str]:
                          f"to those would leave ~{100 * extra * frac:.0f} % (ratio ≈ {1 - extra * frac:.2f} if the rest "
                          "of the call were the bare forward)")
             if k == "cache_worker_vs_bare":
-                r = c["job"]["runs"][0]
+                r, comp = c["job"]["runs"][0], c["compute"]
                 lines.append(f"- the job's worker time also covers tokenization and the Zarr write; worker "
                              f"{r['mean_worker_tokens_per_s']:.0f} tok/s vs reference_pass "
-                             f"{c['compute']['reference_pass_tokens_per_s']:.0f} tok/s in-process")
+                             f"{comp['reference_pass_tokens_per_s']:.0f} tok/s in-process")
+                first, warm = comp.get("reference_pass_first_call_s"), statistics.median(comp["reference_pass_s"])
+                shards = sum(r["shards"].values()) / max(len(r["shards"]), 1)
+                if first:
+                    lines.append(f"- a fresh worker's first shard is cold: in-process, the first reference_pass call "
+                                 f"took {first:.2f} s against {warm:.2f} s warm (per {comp['pairs']} pairs); with "
+                                 f"{shards:.0f} shard(s) per worker in this job, start-up is amortised over little "
+                                 "work (a real job runs thousands of shards per worker)")
         elif k == "loader_overhead":
             lo = results["loader"]
             lines.append(f"- synchronous read {1000 * lo['read_s_per_micro_batch']:.1f} ms per micro-batch; slowest "

@@ -59,13 +59,30 @@ def _memory(cuda: bool) -> dict:
 
 
 class PhaseTimer:
-    """Wall time per phase of a training step (synchronised on GPU), only while ``on``."""
+    """Wall time per phase of a training step (synchronised on GPU), only while ``on``; and per phase the memory
+    peak above the phase's start (the high-water mark is reset at each phase's start: use it only in a step whose
+    own peak is not reported)."""
 
     def __init__(self, cuda: bool):
         self.on = False
         self.cuda = cuda
         self.seconds: dict = defaultdict(float)
         self.calls: dict = defaultdict(int)
+        self.peak_above_start_mb: dict = defaultdict(float)
+
+    def clear(self) -> None:
+        for d in (self.seconds, self.calls, self.peak_above_start_mb):
+            d.clear()
+
+    def _current_mb(self) -> float:
+        import torch
+
+        return torch.cuda.memory_allocated() / 2**20 if self.cuda else _rss_mb()["VmRSS"]
+
+    def _peak_mb(self) -> float:
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20 if self.cuda else _rss_mb()["VmHWM"]
 
     def wrap(self, fn, name):
         import torch
@@ -77,6 +94,8 @@ class PhaseTimer:
             label = name(args) if callable(name) else name
             if self.cuda:
                 torch.cuda.synchronize()
+            start_mb = self._current_mb()
+            _reset_peak(self.cuda)
             t0 = time.perf_counter()
             try:
                 with torch.profiler.record_function(f"bench::{label}"):
@@ -86,6 +105,7 @@ class PhaseTimer:
                     torch.cuda.synchronize()
                 self.seconds[label] += time.perf_counter() - t0
                 self.calls[label] += 1
+                self.peak_above_start_mb[label] = max(self.peak_above_start_mb[label], self._peak_mb() - start_mb)
 
         return inner
 
@@ -166,8 +186,7 @@ def run_one(tr, out: Path, steps: int, profile: int, timer: PhaseTimer, clock: S
         if profile:
             tr.total_steps = steps + profile
             activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-            timer.seconds.clear()
-            timer.calls.clear()
+            timer.clear()
             timer.on = True
             with torch.profiler.profile(activities=activities) as prof:
                 tr.train()
@@ -178,6 +197,7 @@ def run_one(tr, out: Path, steps: int, profile: int, timer: PhaseTimer, clock: S
                 (out / "profile.txt").write_text(averages.table(sort_by=sort, row_limit=25))
                 (out / "phases.json").write_text(json.dumps(
                     {"seconds": dict(timer.seconds), "calls": dict(timer.calls), "steps": profile,
+                     "peak_above_start_mb": dict(timer.peak_above_start_mb),
                      "profile_cpu_s": _profile_totals(averages)}, indent=1))
         mem["end"] = _memory(cuda)
         (out / f"rank{tr.rank}.json").write_text(json.dumps(

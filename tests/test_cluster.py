@@ -48,8 +48,10 @@ CACHE_JOB = {"FPO_CACHE_CONFIG": "{work}/cache.yaml", "FPO_CACHE_ARGS": "--worke
 CACHE_JOB_FAILING = {"FPO_CACHE_CONFIG": "{work}/cache.yaml",
                      "FPO_CACHE_ARGS": "--output {work}/bad.zarr --rows_per_shard 3"}
 # an actor that asks for more CPUs than any Ray node has (1 each) is never scheduled: the job runs until cancelled
+# a long job (8000 pairs, one pair per forward on one worker): it is still running when the test cancels it
 CACHE_JOB_HANGING = {"FPO_CACHE_CONFIG": "{work}/cache.yaml",
-                     "FPO_CACHE_ARGS": "--output {work}/hang.zarr --workers 1 --cpus_per_worker 3"}
+                     "FPO_CACHE_ARGS": "--output {work}/hang.zarr --workers 1 --data.source {work}/many.jsonl "
+                                       "--rows_per_shard 512 --chunk_rows 256 --batch_size 1"}
 TRAIN_JOB = {"FPO_TRAIN_CONFIG": "{work}/train.yaml", "FPO_DS_CONFIG": "{work}/zero3_test.json",
              "FPO_TRAIN_ARGS": "--max_steps 2 --micro_batch_size 2"}
 
@@ -60,6 +62,7 @@ def write_job_files(work: Path, tiny) -> None:
              "chosen": f"A helpful answer number {i}." + " Indeed." * (i % 3),
              "rejected": f"Nope {i}." + " Whatever" * (i % 4)} for i in range(N_ROWS)]
     (work / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (work / "many.jsonl").write_text("\n".join(json.dumps(rows[i % N_ROWS]) for i in range(8000)) + "\n")
     (work / "cache.yaml").write_text(json.dumps({  # YAML is a superset of JSON
         "model": {"name_or_path": str(tiny.model_dir)},
         "sae": {"source": str(tiny.sae_dir), "layer": tiny.hook_layer},
@@ -384,10 +387,11 @@ def test_failing_cache_job_fails_batch_job_and_cancels_training(cluster):
 def test_cancelled_cache_job_tears_down_its_ray_cluster(cluster):
     env = cluster.env(**CACHE_JOB_HANGING)
     log = cluster.work / "logs" / "hang-%j.out"
+    log.parent.mkdir(exist_ok=True)
     job = run(["sbatch", "--parsable", "-N2", f"--output={log}", str(SLURM / "cache.sbatch")], env).stdout.strip()
     log = Path(str(log).replace("%j", job))
     deadline = time.monotonic() + 180
-    # the driver planned its (never schedulable) actor: Ray is up on both nodes and the job runs
+    # the driver started its actor: Ray is up on both nodes and the job runs
     while "1 cache worker(s)" not in (log.read_text() if log.exists() else ""):
         assert time.monotonic() < deadline and job_info(job, env)["JobState"] in ("PENDING", "RUNNING"), (
             log.read_text()[-4000:] if log.exists() else job_info(job, env))
