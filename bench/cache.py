@@ -222,14 +222,14 @@ def bench_cache_job(assets: Assets, sizes: Sizes, device: str, workers: list[int
 
 
 def run(assets: Assets, sizes: Sizes, device: str, root: Path, quick: bool = False, log=print) -> dict:
-    """``quick``: one cache job (2 workers on CPU) instead of the 1-vs-2 comparison."""
+    """``quick``: one cache job with one worker instead of the 1-vs-2 comparison."""
     threads = 1 if device == "cpu" else None  # a CPU cache worker runs cpus_per_worker=1 threads
     load = HostLoad()
     compute = bench_reference_pass(assets, sizes, device, threads, log)
     compute["host_load"] = load.stop()
     workers = list(range(1, min(torch.cuda.device_count(), 2) + 1)) if device == "cuda" else [1, 2]
     if quick:
-        workers = workers[-1:]
+        workers = workers[:1]
     load = HostLoad()
     job = bench_cache_job(assets, sizes, device, workers, root, log)
     job["host_load"] = load.stop()

@@ -7,7 +7,8 @@
 2. the cache job against the bare forward, 1 vs 2 workers, bytes per response;
 3. the loader streaming from Zarr against the same batches in memory.
 The cache part always runs (the other parts train from its store).  Sizes: ``bench/presets.py``
-(``cpu``: ~42M-parameter Llama, 2 ranks, ~7 min on 2 cores; ``gpu``: ~0.47B, bf16, one GPU; ``quick``: tiny).
+(``cpu``: ~42M-parameter Llama, 2 ranks, ~7-10 min on 2 cores; ``gpu``: ~0.47B, bf16, one GPU; ``quick``: tiny,
+fpo and tdpo2 only, 1 rank on CPU: about a minute, for the smoke test).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# --quick trains one loss with the cached reference and SAE and one with a resident reference and the KL: every
+# branch of the trainer the benchmark times, at the cost of two launches instead of five.
+QUICK_LOSSES = ("fpo", "tdpo2")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -33,15 +37,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="where the JSON and markdown go")
     p.add_argument("--parts", default="cache,train,loader", help="comma-separated subset of cache,train,loader")
-    p.add_argument("--losses", default=",".join(LOSSES), help="losses of part 1")
-    p.add_argument("--nproc", type=int, default=None, help="training ranks (default: 2 on CPU, one per GPU)")
+    p.add_argument("--losses", default=None,
+                   help=f"losses of part 1 (default: {','.join(LOSSES)}; with --quick: {','.join(QUICK_LOSSES)})")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="training ranks (default: one per GPU; on CPU 2, with --quick 1)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (models, stores, run logs)")
     a = p.parse_args(argv)
     a.parts = {x.strip() for x in a.parts.split(",") if x.strip()}
     unknown = a.parts - {"cache", "train", "loader"}
     if unknown:
         p.error(f"unknown parts {sorted(unknown)}; choose from cache, train, loader")
-    a.losses = [x.strip() for x in a.losses.split(",") if x.strip()]
+    a.losses = [x.strip() for x in (a.losses or ",".join(QUICK_LOSSES if a.quick else LOSSES)).split(",") if x.strip()]
     bad = [x for x in a.losses if x not in LOSSES]
     if bad:
         p.error(f"unknown losses {bad}; choose from {', '.join(LOSSES)}")
@@ -54,9 +60,6 @@ def notes(results: dict) -> list[str]:
     if results["machine"]["device"] == "cpu":
         out.append("CPU memory is RSS: it includes a process baseline (Python, torch, transformers, deepspeed, "
                    "sae_lens) that is the same in every run and dilutes every memory ratio towards 1.")
-    if results["train"] and results["train"]["one_launch"]:
-        out.append("--quick: all losses trained in one process one after another, so memory numbers carry what "
-                   "earlier runs left behind; only the full benchmark (one launch per loss) compares memory.")
     if results["train"] and results["train"]["nproc"] == 1:
         out.append("One rank: ZeRO-3 partitions nothing across ranks; the code path (engine, hooks, gathers) is the "
                    "multi-rank one.")
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--device cuda: no GPU visible to torch", file=sys.stderr)
         return 2
     sizes = preset_for(device, args.quick)
-    nproc = args.nproc or (torch.cuda.device_count() if device == "cuda" else 2)
+    nproc = args.nproc or (torch.cuda.device_count() if device == "cuda" else 1 if args.quick else 2)
     log = lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
     results: dict = {"command": "python -m bench.run " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),
                      "sizes": sizes.to_dict(), "machine": report.machine_info(device), "train": None}
@@ -99,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         results["cache"] = bench_cache.run(a, sizes, device, tmp, quick=args.quick, log=log)
         store = results["cache"]["store"]
         if "train" in args.parts:
-            results["train"] = bench_train.run(store, sizes, nproc, device, tmp, args.losses, one_launch=args.quick,
-                                               log=log)
+            results["train"] = bench_train.run(store, sizes, nproc, device, tmp, args.losses,
+                                               rerun_loaded=not args.quick, log=log)
         if "loader" in args.parts:
             from fpo_dist.models import ModelSpec, load_tokenizer
 

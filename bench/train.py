@@ -1,7 +1,6 @@
 """1. Training step cost per loss: the real trainer under one ZeRO-3 config, model and batch; one launch per loss.
 
-Each loss runs ``bench.train_rank`` under torchrun in its own process group (killed as a group afterwards);
-``--quick`` runs all losses in one launch.
+Each loss runs ``bench.train_rank`` under torchrun in its own process group (killed as a group afterwards).
 From the trainer's ``metrics.jsonl``: the median ``step_time_s`` and ``tokens_per_s`` over the measured steps
 (warm-up steps skipped) and the peak of ``peak_memory_mb`` (max over ranks; the high-water mark is reset after
 setup, so it is the training steps' peak).
@@ -31,12 +30,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(losses: list[str], store: str, root: Path, sizes, nproc: int, device: str) -> None:
-    """One launch training ``losses`` in turn into ``root/train_{loss}`` (raises with the log's tail on failure)."""
+def launch(loss: str, store: str, root: Path, sizes, nproc: int, device: str) -> None:
+    """One launch training ``loss`` into ``root/train_{loss}`` (raises with the log's tail on failure)."""
     root.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(_free_port()), "-m", "bench.train_rank",
-           "--bench_root", str(root), "--bench_losses", ",".join(losses),
+           "--bench_root", str(root), "--bench_loss", loss,
            "--bench_steps", str(sizes.warmup_steps + sizes.measure_steps), "--bench_profile", "1",
            "--cache", store, "--deepspeed", str(ZERO3),
            "--micro_batch_size", str(sizes.micro_batch), "--grad_accum", "1", "--seed", "0",
@@ -50,11 +49,11 @@ def launch(losses: list[str], store: str, root: Path, sizes, nproc: int, device:
                    CUDA_VISIBLE_DEVICES="")
     else:
         env.setdefault("OMP_NUM_THREADS", "4")
-    log_path = root / f"launch_{'_'.join(losses)}.log"
+    log_path = root / f"launch_{loss}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc = proc.wait(timeout=sizes.train_timeout_s * len(losses))
+            rc = proc.wait(timeout=sizes.train_timeout_s)
         except subprocess.TimeoutExpired:
             rc = None
         finally:
@@ -65,7 +64,7 @@ def launch(losses: list[str], store: str, root: Path, sizes, nproc: int, device:
             proc.wait()
     if rc != 0:
         tail = log_path.read_text()[-5000:]
-        raise RuntimeError(f"training {','.join(losses)} {'timed out' if rc is None else f'failed (exit {rc})'}:\n{tail}")
+        raise RuntimeError(f"training {loss} {'timed out' if rc is None else f'failed (exit {rc})'}:\n{tail}")
 
 
 def summarize(loss: str, out: Path, sizes) -> dict:
@@ -103,35 +102,26 @@ def summarize(loss: str, out: Path, sizes) -> dict:
 LOADED_CORES = 0.25  # a launch during which other processes kept more cores busy than this is re-run once
 
 
-def run(store: str, sizes, nproc: int, device: str, root: Path, losses=LOSSES, one_launch: bool = False,
+def run(store: str, sizes, nproc: int, device: str, root: Path, losses=LOSSES, rerun_loaded: bool = True,
         log=print) -> dict:
-    """Train each loss (one launch each, or all in one with ``one_launch``).  On a shared host, a launch measured
-    while other processes kept more than ``LOADED_CORES`` cores busy is re-run once at the end, and the attempt
-    with the quieter host is kept (both are listed under ``attempts``)."""
+    """Train each loss in its own launch.  On a shared host, a launch measured while other processes kept more
+    than ``LOADED_CORES`` cores busy is re-run once at the end (``rerun_loaded``), and the attempt with the quieter
+    host is kept (both are listed under ``attempts``)."""
 
-    def attempt(group: list[str], where: Path) -> dict:
+    def attempt(loss: str, where: Path) -> dict:
         load = HostLoad()
-        launch(group, store, where, sizes, nproc, device)
-        load = load.stop()
-        return {loss: {**summarize(loss, where / f"train_{loss}", sizes), "host_load": load} for loss in group}
-
-    def report(r: dict) -> None:
-        log(f"train {r['loss']}: {r['step_time_s']:.3f} s/step, {r['tokens_per_s']:.0f} tok/s, "
+        launch(loss, store, where, sizes, nproc, device)
+        r = {**summarize(loss, where / f"train_{loss}", sizes), "host_load": load.stop()}
+        log(f"train {loss}: {r['step_time_s']:.3f} s/step, {r['tokens_per_s']:.0f} tok/s, "
             f"peak {r['peak_memory_mb']:.0f} MB/rank (other processes: {r['host_load']['others_cores']:.2f} cores)")
+        return r
 
-    results: dict = {}
-    for group in [list(losses)] if one_launch else [[loss] for loss in losses]:
-        for r in attempt(group, root).values():
-            results[r["loss"]] = r
-            report(r)
-    loaded = [] if one_launch else [n for n in losses if results[n]["host_load"]["others_cores"] > LOADED_CORES]
+    results = {loss: attempt(loss, root) for loss in losses}
+    loaded = [n for n in losses if rerun_loaded and results[n]["host_load"]["others_cores"] > LOADED_CORES]
     for loss in reversed(loaded):
-        first = results[loss]
-        again = attempt([loss], root / "rerun")[loss]
-        report(again)
+        first, again = results[loss], attempt(loss, root / "rerun")
         keep = min((first, again), key=lambda r: r["host_load"]["others_cores"])
         keep["attempts"] = [{k: r[k] for k in ("step_time_s", "cpu_s_per_step", "peak_memory_mb", "host_load")}
                             for r in (first, again)]
         results[loss] = keep
-    return {"losses": {n: results[n] for n in losses}, "nproc": nproc, "one_launch": one_launch,
-            "rerun": loaded, "ds_config": str(ZERO3.relative_to(ROOT))}
+    return {"losses": results, "nproc": nproc, "rerun": loaded, "ds_config": str(ZERO3.relative_to(ROOT))}

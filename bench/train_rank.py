@@ -1,13 +1,13 @@
-"""One rank of benchmark training runs (launched by ``bench.train`` under torchrun).
+"""One rank of a benchmark training run (launched by ``bench.train`` under torchrun, one launch per loss).
 
     python -m torch.distributed.run --nproc_per_node N -m bench.train_rank --bench_root DIR \
-        --bench_losses fpo[,dpo,...] --bench_steps W+M --bench_profile 1 [TrainConfig overrides ...]
+        --bench_loss fpo --bench_steps W+M --bench_profile 1 [TrainConfig overrides ...]
 
-Per loss, in ``DIR/train_{loss}``: runs the real trainer (``Trainer.setup`` → ``train``; no checkpoint, no
+In ``DIR/train_{loss}``: runs the real trainer (``Trainer.setup`` → ``train`` → ``cleanup``; no checkpoint, no
 export) for W+M steps, then one more step with a phase timer and ``torch.profiler`` on.  Writes
 ``rank{r}.json`` (memory at each stage) and, on rank 0, ``phases.json`` and ``profile.txt`` next to the
-trainer's own ``metrics.jsonl``.  The full benchmark launches once per loss (a fresh process each: clean
-memory numbers); ``--quick`` runs all losses in one launch (seconds instead of minutes of start-up).
+trainer's own ``metrics.jsonl``.  One process per loss: clean memory numbers, and the trainer's cleanup ends the
+process group.
 
 Fair memory: every run imports the same modules before the trainer (sae_lens too, which only FPO needs), and the
 peak-memory high-water mark is reset after setup, so ``peak_memory_mb`` of a step is that step's peak (RSS on
@@ -235,26 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     from fpo_dist.trainer import Trainer
 
     cuda = torch.cuda.is_available()
-    if cuda and not torch.distributed.is_initialized():
-        # Trainer._reduce all-reduces CPU tensors: give the default group a gloo backend for CPU tensors next to
-        # NCCL (engine.init_distributed then finds the group initialised and keeps it).
-        import datetime
-
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group("cpu:gloo,cuda:nccl", timeout=datetime.timedelta(seconds=600))
     timer, clock = PhaseTimer(cuda), StepClock()
     instrument(timer, clock)
     imports = _memory(cuda)
-    for loss in ours["losses"].split(","):
-        out = root / f"train_{loss}"
-        out.mkdir(parents=True, exist_ok=True)
-        cfg = load_config(TrainConfig, None, overrides + ["--loss.name", loss, "--output_dir", str(out),
-                                                          "--max_steps", str(steps + profile)])
-        run_one(Trainer(cfg), out, steps, profile, timer, clock, {"after_imports": imports}, cuda)
-        gc.collect()
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    loss = ours["loss"]
+    out = root / f"train_{loss}"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(TrainConfig, None, overrides + ["--loss.name", loss, "--output_dir", str(out),
+                                                      "--max_steps", str(steps + profile)])
+    run_one(Trainer(cfg), out, steps, profile, timer, clock, {"after_imports": imports}, cuda)
     return 0
 
 
