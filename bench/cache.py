@@ -21,7 +21,7 @@ import torch
 
 from bench.assets import Assets, tokenized_pairs
 from bench.presets import Sizes
-from bench.report import HostLoad
+from bench.report import measure_quietly
 
 DENSE_16K_FP32_BYTES = 16384 * 4  # a dense pooled 16k-feature vector per response, fp32
 
@@ -151,8 +151,10 @@ def _array_sizes(path: Path) -> dict:
     return dict(sorted(out.items()))
 
 
-def bench_cache_job(assets: Assets, sizes: Sizes, device: str, workers: list[int], root: Path, log=print) -> dict:
-    """The real cache job with each worker count in ``workers``; bytes per response of the last store."""
+def bench_cache_job(assets: Assets, sizes: Sizes, device: str, workers: list[int], root: Path, retry: bool = True,
+                    log=print) -> dict:
+    """The real cache job with each worker count in ``workers`` (each measured again if the host was busy);
+    bytes per response of the last store."""
     import ray
 
     from fpo_dist.cache.driver import run_cache_job
@@ -165,35 +167,42 @@ def bench_cache_job(assets: Assets, sizes: Sizes, device: str, workers: list[int
     on_gpu = device == "cuda"
     ray.init(address="local", num_cpus=max(workers) + (2 if on_gpu else 0), include_dashboard=False,
              object_store_memory=256 << 20, log_to_driver=False)
+    def job(n: int, attempt: int) -> dict:
+        out = root / f"store_w{n}" / str(attempt)
+        cfg = load_config(CacheConfig, None, [
+            "--model.name_or_path", str(assets.model_dir), "--model.dtype", sizes.dtype,
+            "--sae.source", str(assets.sae_dir), "--sae.layer", str(assets.hook_layer),
+            "--data.source", str(assets.data), "--data.max_length", str(sizes.max_length),
+            "--data.max_prompt_length", str(sizes.max_prompt_length), "--output", str(out),
+            "--workers", str(n), "--cpus_per_worker", "1", "--device", device,
+            "--rows_per_shard", str(sizes.rows_per_shard), "--chunk_rows", str(sizes.rows_per_shard),
+            "--batch_size", str(sizes.cache_batch),
+        ])
+        t0 = time.perf_counter()
+        summary = run_cache_job(cfg, log=lambda *_: None)
+        wall = time.perf_counter() - t0
+        per_worker = sorted(w["tokens_per_s"] for w in summary["workers"].values())
+        busy = max(w["seconds"] for w in summary["workers"].values())
+        r = {
+            "workers": n, "store": str(out), "tokens": summary["tokens"], "wall_s": wall,
+            "pool_busy_s": busy, "per_worker_tokens_per_s": per_worker,
+            "mean_worker_tokens_per_s": statistics.mean(per_worker),
+            "aggregate_tokens_per_s_busy": summary["tokens"] / busy,
+            "aggregate_tokens_per_s_wall": summary["tokens"] / wall,
+            "shards": {k: v["shards"] for k, v in summary["workers"].items()},
+            "counts": summary["counts"],
+        }
+        log(f"cache job, {n} worker(s): {r['mean_worker_tokens_per_s']:.0f} tok/s per worker, "
+            f"{r['aggregate_tokens_per_s_wall']:.0f} tok/s end to end ({wall:.1f} s)")
+        return r
+
     runs = []
     try:
         for n in workers:
-            out = root / f"store_w{n}"
-            cfg = load_config(CacheConfig, None, [
-                "--model.name_or_path", str(assets.model_dir), "--model.dtype", sizes.dtype,
-                "--sae.source", str(assets.sae_dir), "--sae.layer", str(assets.hook_layer),
-                "--data.source", str(assets.data), "--data.max_length", str(sizes.max_length),
-                "--data.max_prompt_length", str(sizes.max_prompt_length), "--output", str(out),
-                "--workers", str(n), "--cpus_per_worker", "1", "--device", device,
-                "--rows_per_shard", str(sizes.rows_per_shard), "--chunk_rows", str(sizes.rows_per_shard),
-                "--batch_size", str(sizes.cache_batch),
-            ])
-            t0 = time.perf_counter()
-            summary = run_cache_job(cfg, log=lambda *_: None)
-            wall = time.perf_counter() - t0
-            per_worker = sorted(w["tokens_per_s"] for w in summary["workers"].values())
-            busy = max(w["seconds"] for w in summary["workers"].values())
-            runs.append({
-                "workers": n, "store": str(out), "tokens": summary["tokens"], "wall_s": wall,
-                "pool_busy_s": busy, "per_worker_tokens_per_s": per_worker,
-                "mean_worker_tokens_per_s": statistics.mean(per_worker),
-                "aggregate_tokens_per_s_busy": summary["tokens"] / busy,
-                "aggregate_tokens_per_s_wall": summary["tokens"] / wall,
-                "shards": {k: v["shards"] for k, v in summary["workers"].items()},
-                "counts": summary["counts"],
-            })
-            log(f"cache job, {n} worker(s): {runs[-1]['mean_worker_tokens_per_s']:.0f} tok/s per worker, "
-                f"{runs[-1]['aggregate_tokens_per_s_wall']:.0f} tok/s end to end ({wall:.1f} s)")
+            # the n actors themselves count as "other processes" in HostLoad: expect them
+            r, load, loads = measure_quietly(lambda attempt: job(n, attempt), f"cache job, {n} worker(s)", log,
+                                             expected_cores=n, retry=retry)
+            runs.append({**r, "host_load": load, "host_loads": loads})
     finally:
         ray.shutdown()
     store = open_store(runs[-1]["store"])
@@ -222,17 +231,13 @@ def bench_cache_job(assets: Assets, sizes: Sizes, device: str, workers: list[int
 
 
 def run(assets: Assets, sizes: Sizes, device: str, root: Path, quick: bool = False, log=print) -> dict:
-    """``quick``: one cache job with one worker instead of the 1-vs-2 comparison."""
+    """``quick``: one cache job with one worker instead of the 1-vs-2 comparison, each part measured once."""
     threads = 1 if device == "cpu" else None  # a CPU cache worker runs cpus_per_worker=1 threads
-    load = HostLoad()
-    compute = bench_reference_pass(assets, sizes, device, threads, log)
-    compute["host_load"] = load.stop()
+    compute, load, loads = measure_quietly(lambda _: bench_reference_pass(assets, sizes, device, threads, log),
+                                           "cache: reference_pass vs bare forward", log, retry=not quick)
+    compute.update(host_load=load, host_loads=loads)
     workers = list(range(1, min(torch.cuda.device_count(), 2) + 1)) if device == "cuda" else [1, 2]
-    if quick:
-        workers = workers[:1]
-    load = HostLoad()
-    job = bench_cache_job(assets, sizes, device, workers, root, log)
-    job["host_load"] = load.stop()
+    job = bench_cache_job(assets, sizes, device, workers[:1] if quick else workers, root, retry=not quick, log=log)
     first = job["runs"][0]
     return {
         "compute": compute,

@@ -18,7 +18,6 @@ import time
 import torch
 
 from bench.cache import sync
-from bench.report import HostLoad
 
 
 class StandIn:
@@ -82,7 +81,6 @@ def bench_loader(store: str, sizes, device: str, step_s: float, pad_id: int, npr
             c0 = time.process_time() if c0 is None else c0
         return times[1:], time.process_time() - c0
 
-    load = HostLoad()
     mem_s, stream_s, mem_cpu, stream_cpu = [], [], [], []
     for _ in range(sizes.loader_rounds):
         wall, cpu = timed(in_memory)
@@ -101,7 +99,7 @@ def bench_loader(store: str, sizes, device: str, step_s: float, pad_id: int, npr
         "in_memory_step_s": statistics.median(t for r in mem_s for t in r),
         "streaming_step_s": statistics.median(t for r in stream_s for t in r),
         "in_memory_total_s": [m for m, _ in totals], "streaming_total_s": [s for _, s in totals],
-        "read_s_per_micro_batch": read_s, "host_load": load.stop(), "overhead": overhead,
+        "read_s_per_micro_batch": read_s, "overhead": overhead,
         "max_streaming_step_s": max(t for r in stream_s for t in r),
         "in_memory_cpu_s": mem_cpu, "streaming_cpu_s": stream_cpu,
         "overhead_cpu": statistics.median(s / m - 1 for m, s in zip(mem_cpu, stream_cpu)),

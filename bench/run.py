@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
     results: dict = {"command": "python -m bench.run " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),
                      "sizes": sizes.to_dict(), "machine": report.machine_info(device), "train": None}
-    load, t_start = report.HostLoad(), time.perf_counter()
+    run_load, t_start = report.HostLoad(), time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="fpo-bench-"))
     try:
         log(f"device {device}, sizes {sizes.name}, {nproc} training rank(s); work dir {tmp}")
@@ -110,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             fpo = (results["train"] or {}).get("losses", {}).get("fpo")
             step_s = fpo["step_time_s"] if fpo else 0.25
             pad_id = load_tokenizer(ModelSpec(str(a.model_dir))).pad_token_id
-            results["loader"] = bench_loader.bench_loader(store, sizes, device, step_s, pad_id, nproc, log)
+            lo, load, loads = report.measure_quietly(
+                lambda _: bench_loader.bench_loader(store, sizes, device, step_s, pad_id, nproc, log),
+                "loader", log, retry=not args.quick)
+            results["loader"] = {**lo, "host_load": load, "host_loads": loads}
         if "cache" not in args.parts:
             results["cache"] = None
     finally:
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     results["wall_s"] = time.perf_counter() - t_start
-    results["host_load"] = load.stop()
+    results["host_load"] = run_load.stop()
     results["ratios"] = report.ratios(results)
     results["targets"] = report.check_targets(results["ratios"])
     results["notes"] = notes(results)

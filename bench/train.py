@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.report import HostLoad
+from bench.report import LOADED_CORES, HostLoad
 
 LOSSES = ("fpo", "dpo", "simpo", "dpo-online", "tdpo2")
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,9 +97,6 @@ def summarize(loss: str, out: Path, sizes) -> dict:
         "profile_top": (out / "profile.txt").read_text() if (out / "profile.txt").exists() else None,
         "out": str(out),
     }
-
-
-LOADED_CORES = 0.25  # a launch during which other processes kept more cores busy than this is re-run once
 
 
 def run(store: str, sizes, nproc: int, device: str, root: Path, losses=LOSSES, rerun_loaded: bool = True,
