@@ -17,7 +17,6 @@ import time
 
 import torch
 
-from bench.cache import sync
 
 
 class StandIn:

@@ -1,7 +1,7 @@
 """Run the fpo-dist benchmark and write ``OUT/{device}[-quick].json`` and ``.md``.
 
     python -m bench.run [--quick] [--device cpu|cuda] [--out bench/results] [--parts cache,train,loader]
-                        [--losses fpo,dpo,simpo,dpo-online,tdpo2] [--nproc N] [--keep]
+                        [--losses fpo,dpo,simpo,dpo-online,tdpo2] [--nproc N] [--keep] [--workdir DIR]
 
 1. training step per loss (ZeRO-3, same model and batch): fpo, dpo, simpo, dpo-online, tdpo2;
 2. the cache job against the bare forward, 1 vs 2 workers, bytes per response;
@@ -18,6 +18,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -42,6 +43,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=None,
                    help="training ranks (default: one per GPU; on CPU 2, with --quick 1)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (models, stores, run logs)")
+    p.add_argument("--workdir", default=None, help="where the temporary directory goes (default: the system's)")
     a = p.parse_args(argv)
     a.parts = {x.strip() for x in a.parts.split(",") if x.strip()}
     unknown = a.parts - {"cache", "train", "loader"}
@@ -75,6 +77,8 @@ def notes(results: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    # SIGTERM (a test's timeout, a job scheduler) unwinds like an error: temp dir removed, Ray shut down
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -91,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     sizes = preset_for(device, args.quick)
     nproc = args.nproc or (torch.cuda.device_count() if device == "cuda" else 1 if args.quick else 2)
     log = lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
-    results: dict = {"command": "python -m bench.run " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),
+    results: dict = {"command": " ".join(["python -m bench.run", *(shlex.quote(x) for x in (argv or sys.argv[1:]))]),
                      "sizes": sizes.to_dict(), "machine": report.machine_info(device), "train": None}
     run_load, t_start = report.HostLoad(), time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix="fpo-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix="fpo-bench-", dir=args.workdir))
     try:
         log(f"device {device}, sizes {sizes.name}, {nproc} training rank(s); work dir {tmp}")
         a = bench_assets.build_assets(tmp / "assets", sizes, device, log)

@@ -34,7 +34,8 @@ def launch(loss: str, store: str, root: Path, sizes, nproc: int, device: str) ->
     """One launch training ``loss`` into ``root/train_{loss}`` (raises with the log's tail on failure)."""
     root.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(_free_port()), "-m", "bench.train_rank",
+           "--master_port", str(_free_port()), "--log-dir", str(root / "torchelastic"),  # not a /tmp dir per launch
+           "-m", "bench.train_rank",
            "--bench_root", str(root), "--bench_loss", loss,
            "--bench_steps", str(sizes.warmup_steps + sizes.measure_steps), "--bench_profile", "1",
            "--cache", store, "--deepspeed", str(ZERO3),

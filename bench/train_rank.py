@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gc
 import json
-import os
 import sys
 import time
 from collections import defaultdict

@@ -25,14 +25,19 @@ def test_bench_quick_runs_every_part(tmp_path):
     out = tmp_path / "results"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "bench.run", "--quick", "--device", "cpu", "--out", str(out)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    # --workdir: models, stores and logs stay under tmp_path even if the run is killed
+    cmd = [sys.executable, "-m", "bench.run", "--quick", "--device", "cpu", "--out", str(out), "--workdir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=480)  # ~1 min alone; more on a shared host
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
+        os.killpg(proc.pid, signal.SIGTERM)  # let the bench unwind (Ray shutdown), then make sure
+        try:
+            output, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
         pytest.fail(f"bench --quick timed out:\n{output[-4000:]}")
     finally:
         try:

@@ -79,6 +79,7 @@ def train(cache, out: Path, *extra: str, nproc: int = 2, launcher: str = "torchr
         cmd = [sys.executable, str(ROOT / "launchers" / "train.py"), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port,
+               "--log-dir", str(out.parent / f"{out.name}-torchelastic"),  # not a new /tmp/torchelastic_* per run
                str(ROOT / "launchers" / "train.py"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     env.pop("MASTER_PORT", None)
