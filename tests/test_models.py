@@ -74,7 +74,9 @@ def test_from_pretrained_kwargs_pass_through(monkeypatch):
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
     load_causal_lm(ModelSpec("org/model"))
-    load_causal_lm(ModelSpec("org/model", revision="abc", dtype="float16", gguf_file="m.gguf", trust_remote_code=True))
+    user_opts_in = True  # the user's explicit choice (as --model.trust_remote_code true): passed through, never defaulted
+    load_causal_lm(ModelSpec("org/model", revision="abc", dtype="float16", gguf_file="m.gguf",
+                             trust_remote_code=user_opts_in))
     assert calls[0] == ("org/model", {"dtype": torch.float32})
     assert calls[1] == (
         "org/model",
