@@ -132,7 +132,7 @@ class StepClock:
 
 def instrument(timer: PhaseTimer, clock: StepClock) -> None:
     """Wrap the trainer's building blocks (this process only) so the profiled step is split into phases."""
-    from fpo_dist import engine, losses, trainer
+    from fpo_dist import engine, forward, losses, trainer
     from fpo_dist.loader import CacheLoader
 
     eng = engine.Engine
@@ -142,7 +142,7 @@ def instrument(timer: PhaseTimer, clock: StepClock) -> None:
     CacheLoader.__next__ = timer.wrap(CacheLoader.__next__, "loader_next")
     for name, phase in (("pooled_policy_codes", "sae_encode_pool"), ("sequence_logps", "logps"),
                         ("sequential_kl", "kl")):
-        setattr(trainer, name, timer.wrap(getattr(trainer, name), phase))
+        setattr(forward, name, timer.wrap(getattr(forward, name), phase))
     for name, spec in list(losses.LOSSES.items()):
         losses.LOSSES[name] = dataclasses.replace(spec, fn=timer.wrap(spec.fn, "loss_fn"))
     trainer.Trainer._check_finite = timer.wrap(trainer.Trainer._check_finite, "finite_check")

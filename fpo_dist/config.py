@@ -72,6 +72,13 @@ class ModelConfig:
     tokenizer: str | None = None  # defaults to name_or_path
     trust_remote_code: bool = False  # only when the user explicitly asks
 
+    @classmethod
+    def from_provenance(cls, prov: dict, trust_remote_code: bool = False) -> ModelConfig:
+        """A cache's reference model (its provenance) as a config.  ``trust_remote_code`` comes from the user's
+        run, never from the store: a shared cache must not be able to make this process run remote code."""
+        fields = {k: v for k, v in prov["model"].items() if k != "files"}
+        return cls(**{**fields, "trust_remote_code": trust_remote_code})
+
 
 @dataclass
 class SAEConfig:
@@ -131,15 +138,50 @@ class CacheConfig:
 
 @dataclass
 class LossConfig:
-    name: Literal["fpo", "dpo", "simpo", "dpo-online", "tdpo1", "tdpo2"] = "fpo"
-    beta: float | None = None  # None: the loss's default (0.1; SimPO 2.0)
-    alpha: float = 0.5  # FPO feature weight / TDPO2 KL weight
-    k: int = 50  # FPO top-k
-    topk_mode: Literal["union", "policy"] = "union"  # paper: union; authors' code: policy
-    stop_grad_chosen: bool = True  # FPO: sg on the chosen-side feature term
-    gamma: float = 1.0  # SimPO margin
-    gamma_is_ratio: bool = False  # SimPO: gamma is γ/β (SimPO code's convention)
-    encode_selected: bool = True  # FPO: grad path encodes only the needed SAE columns
+    """The loss (a name registered in ``fpo_dist.losses.LOSSES``) and its hyper-parameters.
+
+    Hyper-parameters and their defaults are declared once, by each loss's registry entry.  Set one as
+    ``loss.<key>`` (``--loss.beta 0.1``, or ``loss: {beta: 0.1}`` in YAML) or under ``loss.params``.  Any key that
+    some registered loss declares is accepted, so one set of flags can drive several losses; after validation
+    ``params`` holds exactly the chosen loss's resolved hyper-parameters (given values over its defaults) and
+    ``ignored`` the given keys that it does not use.
+    """
+
+    name: str = "fpo"
+    params: dict[str, Any] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
+
+    _open_field = "params"  # the config parser stores unknown keys of this section here, checked in validate()
+
+    def spec(self):
+        """The registry entry of ``name`` (after ``validate``)."""
+        from fpo_dist.losses import LOSSES
+
+        return LOSSES[self.name]
+
+    def validate(self) -> None:
+        from fpo_dist.losses import LOSSES, hyper_parameter_types
+
+        if self.name not in LOSSES:
+            raise ConfigError(f"'loss.name' must be one of {list(LOSSES)}, got {self.name!r}")
+        types_ = hyper_parameter_types()
+        spec = LOSSES[self.name]
+        resolved, ignored = dict(spec.hyper_parameters), list(self.ignored)
+        for key, value in self.params.items():
+            if key not in types_:
+                raise _unknown_key(f"loss.{key}", sorted(["name", "params", *types_]), "'loss'", "config")
+            tp = types_[key]
+            tp = Literal[tp] if isinstance(tp, tuple) else tp  # type: ignore[valid-type]
+            value = _coerce(value, tp, f"loss.{key}", "config", from_string=isinstance(value, str))
+            if key in resolved:
+                if key in spec.choices and value not in spec.choices[key]:
+                    raise ConfigError(f"'loss.{key}' must be one of {list(spec.choices[key])}, got {value!r}")
+                if key in spec.positive and value <= 0:
+                    raise ConfigError(f"'loss.{key}' must be positive")
+                resolved[key] = value
+            elif key not in ignored:
+                ignored.append(key)
+        self.params, self.ignored = resolved, sorted(ignored)
 
 
 @dataclass
@@ -156,6 +198,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     cache: str = ""  # the store built by the cache job
+    plugins: list[str] = field(default_factory=list)  # modules imported first, e.g. to register a loss
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     policy: ModelConfig = field(default_factory=ModelConfig)  # empty: the cache's reference model
@@ -190,17 +233,20 @@ class TrainConfig:
             raise ConfigError("'cache' is required: the path of a store built by `python -m fpo_dist.cache`")
         if self.micro_batch_size <= 0 or self.grad_accum <= 0 or self.epochs <= 0:
             raise ConfigError("'micro_batch_size', 'grad_accum' and 'epochs' must be positive")
-        if self.loss.k <= 0:
-            raise ConfigError("'loss.k' must be positive")
-        if self.loss.name != "fpo" and self.sae.source:
+        self._import_plugins()
+        self.loss.validate()
+        spec = self.loss.spec()
+        if not spec.needs_sae and self.sae.source:
             raise ConfigError(
                 f"'sae.source' is set but loss '{self.loss.name}' uses no SAE; drop 'sae.*' or use --loss.name fpo"
             )
-        online = self.loss.name in ("dpo-online", "tdpo1", "tdpo2")
-        if self.ref_model.name_or_path and not online:
+        if self.ref_model.name_or_path and spec.needs != "reference_model":
+            from fpo_dist.losses import LOSSES
+
+            online = "/".join(n for n, s in LOSSES.items() if s.needs == "reference_model")
             raise ConfigError(
                 f"'ref_model' is set but loss '{self.loss.name}' uses no resident reference model; "
-                "drop 'ref_model.*' or choose dpo-online/tdpo1/tdpo2"
+                f"drop 'ref_model.*' or choose {online}"
             )
         if self.resume not in (None, "auto") and not Path(self.resume).exists():
             raise ConfigError(f"'resume' must be 'auto' or an existing checkpoint directory, got '{self.resume}'")
@@ -215,6 +261,15 @@ class TrainConfig:
         if not self.sae.source and (self.sae.sae_id is not None or self.sae.layer is not None):
             raise ConfigError("'sae.sae_id'/'sae.layer' need 'sae.source'; without it the cache's SAE and layer are "
                               "used, so drop them")
+
+    def _import_plugins(self) -> None:
+        import importlib
+
+        for name in self.plugins:
+            try:
+                importlib.import_module(name)
+            except ImportError as e:
+                raise ConfigError(f"'plugins': cannot import {name!r}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,6 +356,8 @@ def _apply_mapping(obj: Any, raw: dict, prefix: str, origin: str) -> None:
     hints = typing.get_type_hints(type(obj))
     for key, value in raw.items():
         full = f"{prefix}{key}"
+        if _set_open(obj, key, value, from_string=False):
+            continue
         if key not in fields:
             raise _unknown_key(full, sorted(fields), f"'{prefix[:-1]}'" if prefix else "the top level", origin)
         current = getattr(obj, key)
@@ -310,6 +367,25 @@ def _apply_mapping(obj: Any, raw: dict, prefix: str, origin: str) -> None:
             _apply_mapping(current, value, prefix=f"{full}.", origin=origin)
         else:
             setattr(obj, key, _coerce(value, hints[key], full, origin, from_string=False))
+
+
+def _set_open(obj: Any, key: str, value: Any, from_string: bool) -> bool:
+    """An open section (``_open_field``, e.g. ``loss``) keeps keys that are not its fields, and the mapping given
+    as its open field, for its own ``validate`` to check; True when ``key`` was taken that way."""
+    open_field = getattr(type(obj), "_open_field", None)
+    if open_field is None or (key in _fields(obj) and key != open_field):
+        return False
+    if key == open_field:
+        if from_string:
+            import yaml
+
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping of hyper-parameters, e.g. {{beta: 0.1}}")
+        getattr(obj, open_field).update(value)
+    else:
+        getattr(obj, open_field)[key] = value
+    return True
 
 
 def _apply_dotted(cfg: Any, key: str, value: str, origin: str) -> None:
@@ -322,6 +398,8 @@ def _apply_dotted(cfg: Any, key: str, value: str, origin: str) -> None:
         obj, prefix = getattr(obj, part), f"{prefix}{part}."
     last = parts[-1]
     fields = _fields(obj)
+    if _set_open(obj, last, value, from_string=True):
+        return
     if last not in fields:
         raise _unknown_key(key, sorted(fields), f"'{prefix[:-1]}'" if prefix else "the top level", origin)
     if dataclasses.is_dataclass(getattr(obj, last)):

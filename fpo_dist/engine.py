@@ -12,13 +12,19 @@ import copy
 import datetime
 import json
 import os
+import resource
 import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fpo_dist.config import ConfigError, TrainConfig
+
+# DeepSpeed 0.19 still calls the deprecated collective names once per partitioned parameter.
+warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -96,8 +102,86 @@ def zero_stage(ds_config: dict) -> int:
 # --------------------------------------------------------------------------------------------- process group
 
 
-def init_distributed(timeout_s: int) -> tuple[int, int, int]:
-    """Join the process group (NCCL on GPUs, gloo on CPU); returns (rank, world_size, local_rank).
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in the job and every collective the trainer uses (the trainer never calls
+    ``torch.distributed`` itself).  Collectives run on ``device``: NCCL has no CPU tensors."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks (float64)."""
+        vec = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(vec)
+        return vec.cpu().tolist()
+
+    def max(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return float(t.cpu()[0])
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on any rank."""
+        return self.max(1.0 if flag else 0.0) > 0
+
+    def gather_objects(self, obj: Any) -> list:
+        """``obj`` of every rank, in rank order (on every rank)."""
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def topology(self, micro_batch_size: int, grad_accum: int):
+        """The loader's rank arithmetic for this process (:class:`fpo_dist.loader.Topology`)."""
+        from fpo_dist.loader import Topology
+
+        return Topology(micro_batch_size, grad_accum, self.world, self.rank)
+
+    def peak_memory_mb(self) -> float:
+        """This process's peak: CUDA allocations on a GPU, peak RSS on CPU."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    @staticmethod
+    def resident_models() -> list[dict]:
+        """Every Hugging Face model object alive in this process, with its local parameter count (under
+        ZeRO-3 the local tensors are partitions): proof that an FPO run holds no reference model."""
+        import gc
+
+        from transformers import PreTrainedModel
+
+        def local(p) -> int:  # a ZeRO-3 parameter is an empty placeholder; its shard is ``ds_tensor``
+            return p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+
+        def full(p) -> int:
+            return int(getattr(p, "ds_numel", p.numel()))
+
+        models = [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
+        inner = {id(m) for o in models for m in o.modules() if m is not o}  # e.g. LlamaModel inside *ForCausalLM
+        return [
+            {"class": type(o).__name__, "numel": sum(full(p) for p in o.parameters()),
+             "local_numel": sum(local(p) for p in o.parameters()),
+             "trainable": any(p.requires_grad for p in o.parameters())}
+            for o in models if id(o) not in inner
+        ]
+
+    def close(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def init_distributed(timeout_s: int) -> Distributed:
+    """Join the process group (NCCL on GPUs, gloo on CPU).
 
     Works under ``deepspeed``, ``torchrun`` and plain ``python`` (world size 1 on a free local port).
     """
@@ -131,7 +215,7 @@ def init_distributed(timeout_s: int) -> tuple[int, int, int]:
     local_rank = int(os.environ["LOCAL_RANK"])
     if gpu:
         torch.cuda.set_device(local_rank)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
+    return Distributed(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device())
 
 
 def device() -> torch.device:
@@ -141,7 +225,11 @@ def device() -> torch.device:
 
 
 def zero3_init_context(ds_config: dict):
-    """Must be created (and kept alive) before ``from_pretrained`` so weights load partitioned under ZeRO-3."""
+    """Must be created (and kept alive) before ``from_pretrained`` so weights load partitioned under ZeRO-3.
+
+    Import sae_lens (load the SAE) before this: DeepSpeed's ``zero.Init`` patches ``nn.Module`` subclassing, and
+    sae_lens's Generic SAE classes fail to define under that patch.
+    """
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
     return HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None

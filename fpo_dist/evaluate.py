@@ -231,9 +231,12 @@ def generate(
     of the model along them.  Prompts are rendered exactly as for training (:func:`fpo_dist.data.encode_prompt`)."""
     from transformers import GenerationConfig as HFGenerationConfig
 
+    from fpo_dist.models import pad_token_id
+
     device = next(model.parameters()).device
     stop = stop_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    pad_id = pad_token_id(tokenizer)
+    pad_id = stop[0] if pad_id is None else pad_id
     jobs = [(i, j) for i in range(len(prompts)) for j in range(cfg.samples_per_prompt)]
     encoded = [encode_prompt(tokenizer, prompts[i], chat) for i in range(len(prompts))]
     outputs: list[list[str]] = [[""] * cfg.samples_per_prompt for _ in prompts]
@@ -342,7 +345,7 @@ def evaluate(
     The tokenizer is the reference's when there is one (the cache was tokenized with it), else the policy's.
     With ``out_dir``: ``policy_outputs.json`` / ``reference_outputs.json`` (AlpacaEval) and ``metrics.json``.
     """
-    from fpo_dist.models import ModelSpec, load_causal_lm, load_tokenizer
+    from fpo_dist.models import ModelSpec, load_causal_lm, load_tokenizer, pad_token_id
     from fpo_dist.sae import load_sae
 
     tokenizer = load_tokenizer(ModelSpec(reference_dir or policy_dir))
@@ -350,7 +353,7 @@ def evaluate(
     reference = load_causal_lm(ModelSpec(reference_dir, dtype=dtype), device=device) if reference_dir else None
     sae = load_sae(sae_source, sae_id, device=device) if sae_source else None
     pairs, prompts = load_heldout(data, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     scores = score_pairs(policy, pairs, pad_id, reference, sae, sae_layer, batch_size)
     metrics = preference_metrics(scores, beta)
     if generation is not None:

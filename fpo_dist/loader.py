@@ -37,9 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fpo_dist.cache.verify import pairs_from_batch
 from fpo_dist.losses import SparseCodes
-from fpo_dist.models import build_batch
+from fpo_dist.models import build_batch, pairs_from_batch
 from fpo_dist.store import CacheStore, Csr, RowBatch, open_store
 
 logger = logging.getLogger(__name__)
@@ -248,10 +247,11 @@ class CacheLoader:
         self,
         store: str | CacheStore,
         *,
-        micro_batch_size: int,
-        grad_accum: int,
-        world_size: int,
-        rank: int,
+        micro_batch_size: int | None = None,
+        grad_accum: int | None = None,
+        world_size: int | None = None,
+        rank: int | None = None,
+        topology: Topology | None = None,
         seed: int,
         pad_id: int,
         ok_rows: np.ndarray | None = None,
@@ -280,7 +280,9 @@ class CacheLoader:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
 
-        self.topology = Topology(micro_batch_size, grad_accum, world_size, rank)
+        self.topology = topology or Topology(micro_batch_size, grad_accum, world_size, rank)
+        micro_batch_size, grad_accum, world_size, rank = (
+            self.topology.micro_batch_size, self.topology.grad_accum, self.topology.world_size, self.topology.rank)
         self.order = SampleOrder(ok_rows, seed)
         self.pad_id = int(pad_id)
         self.epochs = epochs

@@ -1,16 +1,20 @@
-"""Preference losses (DPO, SimPO, TDPO1/2, FPO) as pure functions of tensors, with their metrics.
+"""Preference losses (DPO, SimPO, TDPO1/2, FPO) as pure functions of tensors, their metrics, and the registry
+through which the trainer uses them.
 
 Imports only torch and the standard library, so these functions (and their tests) run anywhere.
 
-Conventions (see ``docs/fpo-method.md``):
+Conventions (the math with every paper-vs-code choice: ``docs/method.md``):
 
-- A sequence row is ``input_ids[b, :T]`` with ``response_mask[b, t]`` True where token ``t`` is a response token.
-  Token ``t`` is predicted by the logits (and the hidden state) at position ``t - 1``: :func:`prediction_mask`
-  is the mask of those predicting positions, the one mask shared by log-probs, the TDPO KL and SAE pooling.
+- Log-probs, masks and the TDPO KL come from :mod:`fpo_dist.logprobs` (re-exported here): token ``t`` is
+  predicted at position ``t − 1`` (:func:`prediction_mask`), one mask for log-probs, the KL and SAE pooling.
 - Every loss is ``L = −mean_b log σ(u_b)`` and returns ``(loss, metrics)``; metrics are detached scalars.
 - ``reward_accuracy`` is pairwise: pair ``b``'s chosen reward against pair ``b``'s own rejected reward, strictly
   greater (ties count as wrong).  ``margin`` is the batch mean of ``u`` (the logit inside σ);
   ``reward_margin`` is the batch mean of ``rewards_chosen − rewards_rejected``.
+- The seam to the trainer: the forward pass (:mod:`fpo_dist.forward`) turns a micro-batch into
+  :class:`Quantities`; a registered :class:`LossSpec` declares which quantities it needs and its
+  hyper-parameters with their defaults, and maps the quantities to ``(loss, metrics)``.  Add a loss with
+  :func:`register_loss` (from a module named in the train config's ``plugins``, or here for a built-in one).
 """
 
 from __future__ import annotations
@@ -24,164 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fpo_dist.logprobs import (  # noqa: F401  (re-exported: the log-prob half of the losses' inputs)
+    CHUNK_BUDGET_BYTES,
+    auto_chunk_size,
+    prediction_mask,
+    sequence_logps,
+    sequential_kl,
+    token_logps,
+    upcast,
+)
+
 LossOutput = tuple[Tensor, dict[str, Tensor]]
 TopkMode = Literal["union", "policy"]
-
-# fp32 bytes one chunk of [B, chunk, V] logits may take when the chunk size is automatic.
-CHUNK_BUDGET_BYTES = 256 * 2**20
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Masks and chunking
-# ---------------------------------------------------------------------------------------------------------
-
-
-def prediction_mask(response_mask: Tensor) -> Tensor:
-    """``pm[b, s] = response_mask[b, s + 1]``, ``pm[b, T−1] = False``: positions whose logits/hidden state
-    predict a response token."""
-    mask = response_mask.bool()
-    return torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
-
-
-def auto_chunk_size(batch: int, vocab: int, budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
-    """Positions per chunk so that one fp32 ``[batch, chunk, vocab]`` block stays under ``budget_bytes``."""
-    return max(1, budget_bytes // max(1, batch * vocab * 4))
-
-
-def _upcast(x: Tensor) -> Tensor:
-    """At least fp32 (fp64 stays fp64)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _chunks(n: int, size: int) -> list[slice]:
-    return [slice(a, min(a + size, n)) for a in range(0, n, size)]
-
-
-class _ShiftedTokenLogps(torch.autograd.Function):
-    """``out[b, s] = log_softmax(fp32(logits[b, s]))[targets[b, s]]`` computed chunk by chunk.
-
-    Saves only the input logits (no copy), the targets and the fp32 log-normaliser ``[B, S]``; the backward pass
-    recomputes ``softmax`` per chunk: ``∂out/∂z_v = 1[v = target] − softmax(z)_v``.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, logits: Tensor, targets: Tensor, chunk: int) -> Tensor:
-        batch, seq, _ = logits.shape
-        out = torch.empty(batch, seq, dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
-        lse = torch.empty_like(out)
-        for sl in _chunks(seq, chunk):
-            x = _upcast(logits[:, sl])
-            lse[:, sl] = torch.logsumexp(x, dim=-1)
-            out[:, sl] = x.gather(-1, targets[:, sl, None]).squeeze(-1) - lse[:, sl]
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.chunk = chunk
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None]:
-        logits, targets, lse = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        grad = torch.empty_like(logits)
-        for sl in _chunks(logits.shape[1], ctx.chunk):
-            g = grad_out[:, sl, None].to(lse.dtype)
-            d = torch.exp(_upcast(logits[:, sl]) - lse[:, sl, None]).mul_(-g)
-            d.scatter_add_(-1, targets[:, sl, None], g)
-            grad[:, sl] = d.to(grad.dtype)
-        return grad, None, None
-
-
-class _PositionKL(torch.autograd.Function):
-    """``out[b, s] = KL(softmax(ref[b, s]) ‖ softmax(pol[b, s]))`` in fp32, chunk by chunk.
-
-    Gradients (recomputed per chunk): ``∂/∂pol_j = q_j − p_j``; ``∂/∂ref_j = p_j((log p_j − log q_j) − KL)``.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, ref: Tensor, pol: Tensor, chunk: int) -> Tensor:
-        batch, seq, _ = ref.shape
-        dtype = torch.promote_types(torch.promote_types(ref.dtype, pol.dtype), torch.float32)
-        out = torch.empty(batch, seq, dtype=dtype, device=ref.device)
-        for sl in _chunks(seq, chunk):
-            out[:, sl] = _kl_terms(ref[:, sl], pol[:, sl])[0].sum(-1)
-        ctx.save_for_backward(ref, pol, out)
-        ctx.chunk = chunk
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        ref, pol, kl = ctx.saved_tensors
-        need_ref, need_pol = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_ref = torch.empty_like(ref) if need_ref else None
-        grad_pol = torch.empty_like(pol) if need_pol else None
-        for sl in _chunks(ref.shape[1], ctx.chunk):
-            _, log_p, log_q = _kl_terms(ref[:, sl], pol[:, sl])
-            g = grad_out[:, sl, None].to(kl.dtype)
-            p = log_p.exp()
-            if grad_pol is not None:
-                grad_pol[:, sl] = ((log_q.exp() - p) * g).to(grad_pol.dtype)
-            if grad_ref is not None:
-                d = torch.where(p > 0, p * ((log_p - log_q) - kl[:, sl, None]), 0.0)
-                grad_ref[:, sl] = (d * g).to(grad_ref.dtype)
-        return grad_ref, grad_pol, None
-
-
-def _kl_terms(ref: Tensor, pol: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """fp32 ``(p·(log p − log q), log p, log q)`` over the last axis; ``0·log 0`` taken as 0."""
-    log_p = torch.log_softmax(_upcast(ref), dim=-1)
-    log_q = torch.log_softmax(_upcast(pol), dim=-1)
-    p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), 0.0), log_p, log_q
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Log-probs and the TDPO sequential KL
-# ---------------------------------------------------------------------------------------------------------
-
-
-def token_logps(logits: Tensor, input_ids: Tensor, response_mask: Tensor, chunk_size: int | None = None) -> Tensor:
-    """Per-token log-probs ``[B, T]`` (fp32; fp64 for fp64 logits) of the response tokens.
-
-    ``out[b, t] = log_softmax(logits[b, t−1])[input_ids[b, t]]`` where ``response_mask[b, t]``, else 0
-    (position 0 has no predictor and is always 0).  The log-softmax runs in fp32 over chunks of
-    ``chunk_size`` positions (default: :func:`auto_chunk_size`), so no fp32 copy of the whole
-    ``[B, T, V]`` logits is ever held, in the forward or the backward pass.  Differentiable w.r.t. ``logits``.
-    """
-    batch, seq, vocab = logits.shape
-    mask = response_mask.bool()[:, 1:]
-    out = torch.zeros(batch, seq, dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
-    if seq < 2:
-        return out
-    chunk = chunk_size or auto_chunk_size(batch, vocab)
-    targets = input_ids[:, 1:].long().masked_fill(~mask, 0)  # any id works at masked positions
-    shifted = _ShiftedTokenLogps.apply(logits[:, :-1], targets, chunk)
-    return torch.cat([out[:, :1], torch.where(mask, shifted, 0.0)], dim=1)
-
-
-def sequence_logps(
-    logits: Tensor, input_ids: Tensor, response_mask: Tensor, chunk_size: int | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(logp_sum[B], n_tokens[B], logp_avg[B])`` over response tokens: ``logπ(y|x) = Σ_t token_logps``,
-    ``|y|`` = response tokens at positions ≥ 1, ``avg = logπ / max(|y|, 1)``."""
-    per_token = token_logps(logits, input_ids, response_mask, chunk_size)
-    n_tokens = response_mask.bool()[:, 1:].sum(-1)
-    logp_sum = per_token.sum(-1)
-    return logp_sum, n_tokens, logp_sum / n_tokens.clamp(min=1)
-
-
-def sequential_kl(ref_logits: Tensor, pol_logits: Tensor, response_mask: Tensor, chunk_size: int | None = None) -> Tensor:
-    """TDPO's sequential KL ``[B]``: ``KL_y = Σ_{s: pm[b,s]} KL(π_ref(·|x, y_<s) ‖ π_θ(·|x, y_<s))``.
-
-    Forward KL over the full vocabulary at the positions whose logits predict a response token
-    (:func:`prediction_mask`, the same positions as the log-probs), computed in fp32 chunk by chunk.
-    """
-    if ref_logits.shape != pol_logits.shape:
-        raise ValueError(f"ref_logits {tuple(ref_logits.shape)} and pol_logits {tuple(pol_logits.shape)} differ in shape")
-    batch, _, vocab = pol_logits.shape
-    chunk = chunk_size or auto_chunk_size(batch, vocab)
-    per_position = _PositionKL.apply(ref_logits, pol_logits, chunk)
-    return torch.where(prediction_mask(response_mask), per_position, 0.0).sum(-1)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Sparse / pooled SAE codes
@@ -308,7 +166,7 @@ def feature_distance(pol: PooledCodes, ref: SparseCodes, k: int, topk_mode: Topk
     """
     if topk_mode not in ("union", "policy"):
         raise ValueError(f"topk_mode must be 'union' or 'policy', got {topk_mode!r}")
-    vals = _upcast(pol.values)
+    vals = upcast(pol.values)
     batch, n_cols = vals.shape
     if ref.batch_size != batch:
         raise ValueError(f"policy codes have {batch} rows but the reference codes {ref.batch_size}")
@@ -466,52 +324,147 @@ def fpo_loss(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The seam: per-sequence quantities → (loss, metrics)
+# ---------------------------------------------------------------------------------------------------------
+
+Pair = tuple[Tensor, Tensor]  # (chosen, rejected), each [B]
+
+
+@dataclass(frozen=True)
+class Quantities:
+    """What the forward pass (:func:`fpo_dist.forward.forward_quantities`) computed for ``B`` pairs.
+
+    Each field is ``(chosen, rejected)``; those the loss did not ask for are None.
+    ``logps``/``n_tokens``: the policy's ``log πθ(y|x)`` summed over response tokens and ``|y|``;
+    ``ref_logps``/``ref_n_tokens``: the reference's, from the cache or a resident reference model;
+    ``codes``: pooled policy SAE codes; ``ref_codes``: the cached sparse reference codes;
+    ``kl``: TDPO's sequential KL(π_ref ‖ πθ) per sequence.
+    """
+
+    logps: Pair
+    n_tokens: Pair
+    ref_logps: Pair | None = None
+    ref_n_tokens: Pair | None = None
+    codes: tuple[PooledCodes, PooledCodes] | None = None
+    ref_codes: tuple[SparseCodes, SparseCodes] | None = None
+    kl: Pair | None = None
+
+    @property
+    def avg_logps(self) -> Pair:
+        """``log πθ(y|x) / max(|y|, 1)`` (length-normalised, SimPO/FPO)."""
+        return _avg(self.logps, self.n_tokens)
+
+    @property
+    def ref_avg_logps(self) -> Pair:
+        return _avg(_need(self.ref_logps, "ref_logps"), _need(self.ref_n_tokens, "ref_n_tokens"))
+
+
+def _avg(sums: Pair, counts: Pair) -> Pair:
+    return sums[0] / counts[0].clamp(min=1), sums[1] / counts[1].clamp(min=1)
+
+
+def _need(value: Any, name: str) -> Any:
+    if value is None:
+        raise ValueError(f"the loss needs '{name}' but the forward pass did not compute it: declare it in its LossSpec")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    """What a loss needs at train time, and its default hyper-parameters (keyword arguments of ``fn``).
+    """A loss as the trainer sees it: what it needs, its hyper-parameters, and how quantities become its inputs.
 
+    ``fn`` is the pure loss function; ``inputs`` picks its positional tensors from :class:`Quantities`;
+    ``defaults`` are its keyword hyper-parameters (the one place their defaults live).
     ``needs``: where the reference values come from — the offline ``cache``, a resident ``reference_model``,
-    or ``none`` (reference-free).  ``needs_ref_logits``: full-vocabulary reference logits (TDPO's KL).
+    or ``none`` (reference-free).  ``needs_sae``: pooled policy SAE codes at the cache's hook layer (the forward
+    pass also hands over the cached reference codes).  ``needs_ref_logits``: full-vocabulary reference logits,
+    for the sequential KL.  ``choices``: allowed values of a hyper-parameter; ``positive``: those that must be > 0.
+    ``forward_defaults``: options of the forward pass, not of ``fn`` (FPO's ``encode_selected``);
+    ``feature_columns(params)``: ``(k, topk_mode)`` when only the SAE columns a top-k term reads need gradients.
     """
 
     name: str
     fn: Callable[..., LossOutput]
     needs: Literal["cache", "reference_model", "none"]
+    inputs: Callable[[Quantities], tuple] = lambda q: (*q.logps, *_need(q.ref_logps, "ref_logps"))
     needs_sae: bool = False
     needs_ref_logits: bool = False
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    choices: Mapping[str, tuple] = field(default_factory=dict)
+    positive: frozenset[str] = frozenset()
+    forward_defaults: Mapping[str, Any] = field(default_factory=dict)
+    feature_columns: Callable[[Mapping[str, Any]], tuple[int, str] | None] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+        object.__setattr__(self, "forward_defaults", MappingProxyType(dict(self.forward_defaults)))
+        if self.needs not in ("cache", "reference_model", "none"):
+            raise ValueError(f"loss {self.name!r}: needs must be cache/reference_model/none, got {self.needs!r}")
+        if self.needs_ref_logits and self.needs != "reference_model":
+            raise ValueError(f"loss {self.name!r}: full-vocabulary reference logits need a resident reference model")
+
+    @property
+    def hyper_parameters(self) -> dict[str, Any]:
+        """Every hyper-parameter a run may set for this loss, with its default."""
+        return {**self.defaults, **self.forward_defaults}
+
+    def __call__(self, q: Quantities, params: Mapping[str, Any]) -> LossOutput:
+        """``(loss, metrics)`` from the forward pass's quantities and the run's resolved hyper-parameters."""
+        return self.fn(*self.inputs(q), **{k: v for k, v in params.items() if k in self.defaults})
 
 
-LOSSES: dict[str, LossSpec] = {
-    s.name: s
-    for s in (
-        LossSpec(
-            "fpo",
-            fpo_loss,
-            "cache",
-            needs_sae=True,
-            defaults={"beta": 0.1, "alpha": 0.5, "k": 50, "topk_mode": "union", "stop_grad_chosen": True},
-        ),
-        LossSpec("dpo", dpo_loss, "cache", defaults={"beta": 0.1}),
-        LossSpec("simpo", simpo_loss, "none", defaults={"beta": 2.0, "gamma": 1.0, "gamma_is_ratio": False}),
-        LossSpec("dpo-online", dpo_loss, "reference_model", defaults={"beta": 0.1}),
-        LossSpec("tdpo1", partial(tdpo_loss, variant=1), "reference_model", needs_ref_logits=True, defaults={"beta": 0.1}),
-        LossSpec(
-            "tdpo2",
-            partial(tdpo_loss, variant=2),
-            "reference_model",
-            needs_ref_logits=True,
-            defaults={"beta": 0.1, "alpha": 0.5},
-        ),
-    )
-}
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register_loss(spec: LossSpec, replace: bool = False) -> LossSpec:
+    """Add ``spec`` to :data:`LOSSES` (the train config's ``loss.name`` choices come from here)."""
+    if spec.name in LOSSES and not replace:
+        raise ValueError(f"a loss named {spec.name!r} is already registered; pass replace=True to override it")
+    LOSSES[spec.name] = spec
+    return spec
+
+
+def hyper_parameter_types() -> dict[str, Any]:
+    """Every hyper-parameter any registered loss declares → its type (from the default) or its choices."""
+    out: dict[str, Any] = {}
+    for spec in LOSSES.values():
+        for key, default in spec.hyper_parameters.items():
+            out.setdefault(key, tuple(spec.choices[key]) if key in spec.choices else type(default))
+    return out
+
+
+def _fpo_inputs(q: Quantities) -> tuple:
+    codes, ref_codes = _need(q.codes, "codes"), _need(q.ref_codes, "ref_codes")
+    return (*q.avg_logps, *q.ref_avg_logps, *codes, *ref_codes)
+
+
+def _tdpo_inputs(q: Quantities) -> tuple:
+    return (*q.logps, *_need(q.ref_logps, "ref_logps"), *_need(q.kl, "kl"))
+
+
+for _spec in (
+    LossSpec(
+        "fpo", fpo_loss, "cache", inputs=_fpo_inputs, needs_sae=True,
+        defaults={"beta": 0.1, "alpha": 0.5, "k": 50, "topk_mode": "union", "stop_grad_chosen": True},
+        choices={"topk_mode": ("union", "policy")}, positive=frozenset({"k"}),
+        forward_defaults={"encode_selected": True},
+        feature_columns=lambda p: (p["k"], p["topk_mode"]) if p["encode_selected"] else None,
+    ),
+    LossSpec("dpo", dpo_loss, "cache", defaults={"beta": 0.1}),
+    LossSpec("simpo", simpo_loss, "none", inputs=lambda q: q.avg_logps,
+             defaults={"beta": 2.0, "gamma": 1.0, "gamma_is_ratio": False}),
+    LossSpec("dpo-online", dpo_loss, "reference_model", defaults={"beta": 0.1}),
+    LossSpec("tdpo1", partial(tdpo_loss, variant=1), "reference_model", inputs=_tdpo_inputs, needs_ref_logits=True,
+             defaults={"beta": 0.1}),
+    LossSpec("tdpo2", partial(tdpo_loss, variant=2), "reference_model", inputs=_tdpo_inputs, needs_ref_logits=True,
+             defaults={"beta": 0.1, "alpha": 0.5}),
+):
+    register_loss(_spec)
 
 
 def _names(names: Sequence[str]) -> str:

@@ -25,7 +25,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from fpo_dist.logprobs import prediction_mask as _prediction_mask
+
 if TYPE_CHECKING:  # pragma: no cover
+    from fpo_dist.config import ModelConfig
     from fpo_dist.data import TokenizedPair
 
 DTYPES: dict[str, torch.dtype] = {
@@ -68,6 +71,24 @@ class ModelSpec:
     @property
     def is_local(self) -> bool:
         return Path(os.path.expanduser(self.name_or_path)).is_dir()
+
+
+def model_spec(cfg: ModelConfig, dtype: str | None = None) -> ModelSpec:
+    """The :class:`ModelSpec` of a model config (``dtype`` overrides the config's)."""
+    return ModelSpec(name_or_path=cfg.name_or_path, revision=cfg.revision, dtype=dtype or cfg.dtype,
+                     gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code)
+
+
+def tokenizer_spec(cfg: ModelConfig) -> ModelSpec:
+    """Where the tokenizer of a model config comes from: ``cfg.tokenizer`` when set, else the model's."""
+    if cfg.tokenizer:
+        return ModelSpec(name_or_path=cfg.tokenizer, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    return model_spec(cfg)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its EOS (padding is masked out everywhere)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _source_kwargs(spec: ModelSpec) -> tuple[str, dict]:
@@ -243,9 +264,17 @@ class PairBatch:
 
         These are the positions whose logits give ``log π(y_t | ·)`` and whose hidden states are pooled.
         """
-        mask = torch.zeros_like(self.response_mask)
-        mask[:, :-1] = self.response_mask[:, 1:]
-        return mask
+        return _prediction_mask(self.response_mask)
+
+
+def pairs_from_batch(batch) -> list[TokenizedPair]:
+    """The tokenized pairs stored in a :class:`fpo_dist.store.RowBatch` (training never re-tokenizes)."""
+    from fpo_dist.data import TokenizedPair
+
+    return [
+        TokenizedPair(int(i), bytes(u), tuple(p.tolist()), tuple(c.tolist()), tuple(r.tolist()))
+        for i, u, p, c, r in zip(batch.index, batch.uid, batch.prompt_ids, batch.chosen_ids, batch.rejected_ids)
+    ]
 
 
 def build_batch(pairs: Sequence[TokenizedPair], pad_id: int) -> PairBatch:

@@ -1,20 +1,19 @@
 """Phase 2: the training recipe — setup → train → save_checkpoint → export → cleanup.
 
-The policy (initialised from the cache's reference model) runs under DeepSpeed (``fpo_dist.engine``);
-reference log-probs and pooled SAE codes stream from the cache (``fpo_dist.loader``); the frozen SAE
-runs replicated outside the engine; losses are the pure functions of ``fpo_dist.losses``.  An FPO run
-holds no reference model: only the online baselines (``dpo-online``, ``tdpo1``, ``tdpo2``) load one.
+The policy (initialised from the cache's reference model) runs under DeepSpeed (``fpo_dist.engine``, which also
+owns the process group: ``Distributed``); reference log-probs and pooled SAE codes stream from the cache
+(``fpo_dist.loader``); the frozen SAE runs replicated outside the engine.  The loss is a registry entry of
+``fpo_dist.losses``: ``fpo_dist.forward`` computes what it declares it needs, so nothing here depends on which
+loss runs.  An FPO run holds no reference model: only losses that declare ``needs="reference_model"``
+(``dpo-online``, ``tdpo1``, ``tdpo2``) load one.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
-import warnings
-import os
 import random
-import resource
+import re
 import shutil
 import sys
 import time
@@ -25,106 +24,15 @@ import numpy as np
 import torch
 
 from fpo_dist.config import ConfigError, ModelConfig, TrainConfig, to_dict, to_yaml
-from fpo_dist.losses import LOSSES, PooledCodes, check_loss_requirements, prediction_mask, sequence_logps, sequential_kl
+from fpo_dist.losses import LOSSES, check_loss_requirements, prediction_mask, sequence_logps
 from fpo_dist.models import capture_block_output
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "fpo_state.json"  # step, world size and loader state of a checkpoint, readable before the engine exists
-# DeepSpeed 0.19 still calls the deprecated collective names once per partitioned parameter.
-warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
 
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss: the run stops, naming the step, the batch uids and the metrics."""
-
-
-# --------------------------------------------------------------------------------------------- the loss
-
-
-@dataclass
-class LossInputs:
-    """What a loss needs besides the policy: the run's resolved hyper-parameters and frozen helpers."""
-
-    name: str
-    params: dict  # keyword arguments of the loss function (beta, alpha, …)
-    sae: object | None = None  # frozen SAE (fpo)
-    layer: int | None = None  # hook layer (fpo)
-    encode_selected: bool = True
-    reference: object | None = None  # callable reference model (online losses)
-
-
-def loss_params(cfg: TrainConfig) -> dict:
-    """The loss function's keyword arguments from ``cfg.loss`` (None → the registry default)."""
-    spec = LOSSES[cfg.loss.name]
-    params = dict(spec.defaults)
-    if cfg.loss.beta is not None:
-        params["beta"] = cfg.loss.beta
-    if "alpha" in params:
-        params["alpha"] = cfg.loss.alpha
-    if cfg.loss.name == "fpo":
-        params.update(k=cfg.loss.k, topk_mode=cfg.loss.topk_mode, stop_grad_chosen=cfg.loss.stop_grad_chosen)
-    if cfg.loss.name == "simpo":
-        params.update(gamma=cfg.loss.gamma, gamma_is_ratio=cfg.loss.gamma_is_ratio)
-    return params
-
-
-def pooled_policy_codes(sae, hidden: torch.Tensor, pmask: torch.Tensor, refs, k: int, mode: str, selected: bool):
-    """Pooled policy SAE codes for chosen (rows [0,B)) and rejected (rows [B,2B)) as ``PooledCodes``.
-
-    ``selected``: pick the needed feature columns under no_grad (every row's policy top-k, plus the
-    reference top-k for ``union``) and run the grad path through those columns of ``W_enc`` only.
-    """
-    from fpo_dist.sae import encode_full, encode_selected, pool_mean, select_columns
-
-    n = hidden.shape[0] // 2
-    if not selected:
-        pooled = pool_mean(encode_full(sae, hidden), pmask)
-        return PooledCodes(pooled[:n]), PooledCodes(pooled[n:])
-    with torch.no_grad():
-        full = pool_mean(encode_full(sae, hidden.detach()), pmask)
-    cols = select_columns([full[:n], full[n:]], list(refs), k, mode)
-    pooled = pool_mean(encode_selected(sae, hidden, cols), pmask)
-    return PooledCodes(pooled[:n], cols), PooledCodes(pooled[n:], cols)
-
-
-def compute_loss(policy, mb, inputs: LossInputs) -> tuple[torch.Tensor, dict]:
-    """Forward the policy on one micro-batch (chosen and rejected rows together) and apply the loss."""
-    n = mb.input_ids.shape[0] // 2
-    fwd = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
-    if inputs.name == "fpo":
-        with capture_block_output(policy.module if hasattr(policy, "module") else policy, inputs.layer) as cap:
-            logits = policy(**fwd).logits
-        hidden = cap.output
-    else:
-        logits = policy(**fwd).logits
-    logp_sum, n_tok, logp_avg = sequence_logps(logits, mb.input_ids, mb.response_mask)
-    p = inputs.params
-    if inputs.name == "fpo":
-        ref_avg = mb.ref_logp_sum / mb.ref_n_tokens.clamp(min=1)
-        codes_c, codes_r = pooled_policy_codes(
-            inputs.sae, hidden, prediction_mask(mb.response_mask), (mb.ref_codes_chosen, mb.ref_codes_rejected),
-            p["k"], p["topk_mode"], inputs.encode_selected,
-        )
-        loss, metrics = LOSSES["fpo"].fn(
-            logp_avg[:n], logp_avg[n:], ref_avg[:, 0], ref_avg[:, 1], codes_c, codes_r,
-            mb.ref_codes_chosen, mb.ref_codes_rejected, **p,
-        )
-    elif inputs.name == "dpo":
-        loss, metrics = LOSSES["dpo"].fn(logp_sum[:n], logp_sum[n:], mb.ref_logp_sum[:, 0], mb.ref_logp_sum[:, 1], **p)
-    elif inputs.name == "simpo":
-        loss, metrics = LOSSES["simpo"].fn(logp_avg[:n], logp_avg[n:], **p)
-    else:  # online reference: dpo-online, tdpo1, tdpo2
-        with torch.no_grad():
-            ref_logits = inputs.reference(**fwd).logits
-        ref_sum, _, _ = sequence_logps(ref_logits, mb.input_ids, mb.response_mask)
-        if inputs.name == "dpo-online":
-            loss, metrics = LOSSES["dpo-online"].fn(logp_sum[:n], logp_sum[n:], ref_sum[:n], ref_sum[n:], **p)
-        else:
-            kl = sequential_kl(ref_logits, logits, mb.response_mask)
-            loss, metrics = LOSSES[inputs.name].fn(
-                logp_sum[:n], logp_sum[n:], ref_sum[:n], ref_sum[n:], kl[:n], kl[n:], **p
-            )
-    return loss, metrics
 
 
 # --------------------------------------------------------------------------------------------- provenance
@@ -146,16 +54,9 @@ def check_cache_provenance(prov: dict, cfg: TrainConfig, tokenizer) -> list[str]
     return diffs
 
 
-def cached_model_config(prov: dict, trust_remote_code: bool = False) -> ModelConfig:
-    """The cache's reference model as a config.  ``trust_remote_code`` comes from the user's run, never from
-    the store: a shared cache must not be able to make this process run remote code."""
-    fields = {k: v for k, v in prov["model"].items() if k != "files"}
-    return ModelConfig(**{**fields, "trust_remote_code": trust_remote_code})
-
-
 def resolve_models(cfg: TrainConfig, prov: dict) -> tuple[ModelConfig, ModelConfig | None]:
     """The policy's and (online losses) the reference's model configs: the cache's reference by default."""
-    cached = cached_model_config(prov, cfg.policy.trust_remote_code)
+    cached = ModelConfig.from_provenance(prov, cfg.policy.trust_remote_code)
     policy = cfg.policy if cfg.policy.name_or_path else cached
     needs_ref = LOSSES[cfg.loss.name].needs == "reference_model"
     ref = (cfg.ref_model if cfg.ref_model.name_or_path else cached) if needs_ref else None
@@ -181,12 +82,6 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
 # --------------------------------------------------------------------------------------------- trainer
 
 
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 @dataclass
 class StepStats:
     loss: float = 0.0
@@ -196,35 +91,18 @@ class StepStats:
     rows: list = field(default_factory=list)
 
 
-def resident_models() -> list[dict]:
-    """Every Hugging Face model object alive in this process, with its local parameter count (under
-    ZeRO-3 the local tensors are partitions): proof that an FPO run holds no reference model."""
-    import gc
-
-    from transformers import PreTrainedModel
-
-    def local(p) -> int:  # a ZeRO-3 parameter is an empty placeholder; its shard is ``ds_tensor``
-        return p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
-
-    def full(p) -> int:
-        return int(getattr(p, "ds_numel", p.numel()))
-
-    models = [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
-    inner = {id(m) for o in models for m in o.modules() if m is not o}  # e.g. LlamaModel inside *ForCausalLM
-    return [
-        {"class": type(o).__name__, "numel": sum(full(p) for p in o.parameters()),
-         "local_numel": sum(local(p) for p in o.parameters()),
-         "trainable": any(p.requires_grad for p in o.parameters())}
-        for o in models if id(o) not in inner
-    ]
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.step = 0
         self.log_file = None
         self.tb = None
+
+    # the process's place in the job: owned by ``self.dist`` (``fpo_dist.engine.Distributed``)
+    rank = property(lambda self: self.dist.rank)
+    world = property(lambda self: self.dist.world)
+    is_main = property(lambda self: self.dist.is_main)
+    device = property(lambda self: self.dist.device)
 
     # ------------------------------------------------------------------ setup
 
@@ -233,11 +111,11 @@ class Trainer:
         from fpo_dist.store import open_store
 
         cfg = self.cfg
-        self.rank, self.world, self.local_rank = eng.init_distributed(cfg.dist_timeout_s)
-        self.device = eng.device()
-        self.is_main = self.rank == 0
+        self.dist = eng.init_distributed(cfg.dist_timeout_s)
         if self.is_main:
             print("fpo-dist train, config:\n" + to_yaml(cfg), flush=True)
+            if cfg.loss.ignored:
+                print(f"loss {cfg.loss.name} does not use: {', '.join(cfg.loss.ignored)}", flush=True)
         try:
             self.store = open_store(cfg.cache)
         except FileNotFoundError as e:
@@ -245,18 +123,21 @@ class Trainer:
         if not self.store.attrs.get("complete"):
             raise ConfigError(f"cache {cfg.cache} is not complete; finish it with `python -m fpo_dist.cache` (rerun resumes)")
         prov = self.store.provenance
-        self.spec = check_loss_requirements(
-            cfg.loss.name, have_cache=True, have_reference_model=LOSSES[cfg.loss.name].needs == "reference_model",
-            have_sae=True,
-        )
         policy_cfg, ref_cfg = resolve_models(cfg, prov)
+        try:
+            self.spec = check_loss_requirements(
+                cfg.loss.name, have_cache=True, have_reference_model=bool(ref_cfg and ref_cfg.name_or_path),
+                have_sae=bool(cfg.sae.source or prov.get("sae", {}).get("source")),
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self._setup_models(policy_cfg, ref_cfg, prov)
         self._setup_loader()
         self._setup_logging()
         self._write_run_info()
 
     def _write_run_info(self) -> None:
-        models = resident_models()
+        models = self.dist.resident_models()
         info = {
             "world_size": self.world, "device": str(self.device), "dtype": "bfloat16" if self.bf16 else "float32",
             "loss": self.cfg.loss.name, "zero_stage": int(self.ds_config.get("zero_optimization", {}).get("stage", 0)),
@@ -268,31 +149,25 @@ class Trainer:
             print(f"resident models: {[(m['class'], m['numel'], 'local', m['local_numel']) for m in models]}; reference model: "
                   f"{'yes' if self.reference is not None else 'none'}", flush=True)
 
-    def _setup_models(self, policy_cfg: ModelConfig, ref_cfg: ModelConfig | None, prov: dict) -> None:
-        from fpo_dist import engine as eng
-        from fpo_dist.cache.worker import model_spec, tokenizer_spec
-        from fpo_dist.models import load_causal_lm, load_tokenizer
+    def _load_sae(self, prov: dict):
+        """The frozen SAE when the loss needs one (loaded before the engine: see ``engine.zero3_init_context``)."""
+        if not self.spec.needs_sae:
+            return None
+        from fpo_dist.sae import load_sae
 
         cfg = self.cfg
-        self.tokenizer = load_tokenizer(tokenizer_spec(policy_cfg))
-        diffs = check_cache_provenance(prov, cfg, self.tokenizer)
-        if diffs:
-            raise ConfigError(f"the cache {cfg.cache} does not match this run:\n  " + "\n  ".join(diffs))
-        # The SAE first: sae_lens must be imported before DeepSpeed's zero.Init patches nn.Module subclassing
-        # (its Generic SAE classes fail to define under that patch).
-        self.sae = None
-        if self.spec.needs_sae:
-            from fpo_dist.sae import load_sae
+        source = cfg.sae.source or prov["sae"]["source"]
+        sae_id = cfg.sae.sae_id if cfg.sae.source else prov["sae"]["sae_id"]
+        return load_sae(source, sae_id, device=self.device, dtype="float32")
 
-            source = cfg.sae.source or prov["sae"]["source"]
-            sae_id = cfg.sae.sae_id if cfg.sae.source else prov["sae"]["sae_id"]
-            self.sae = load_sae(source, sae_id, device=self.device, dtype="float32")
-        on_gpu = torch.cuda.is_available()
-        self.bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and on_gpu)
-        dtype = "bfloat16" if self.bf16 else "float32"
+    def _setup_ds_config(self, policy_cfg: ModelConfig) -> None:
+        """The checked DeepSpeed config and the checkpoint to resume (converted when the world size changed)."""
+        from fpo_dist import engine as eng
+
+        cfg = self.cfg
+        self.bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.device.type == "cuda")
         template = eng.load_ds_template(cfg.deepspeed) if cfg.deepspeed else {"zero_optimization": {"stage": 0}}
-        hidden = _hidden_size(policy_cfg)
-        self.ds_config = eng.build_ds_config(template, cfg, self.world, hidden, self.bf16)
+        self.ds_config = eng.build_ds_config(template, cfg, self.world, _hidden_size(policy_cfg), self.bf16)
         self.resume_from = self._resume_target()
         if self.resume_from is not None and self.resume_from[2] != self.world:
             # another data-parallel world: DeepSpeed's universal checkpoint re-partitions optimizer state
@@ -300,9 +175,23 @@ class Trainer:
             universal = eng.to_universal_checkpoint(load_dir, tag, self.is_main)
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
             self.resume_from = (load_dir, universal, self.world)
+
+    def _setup_models(self, policy_cfg: ModelConfig, ref_cfg: ModelConfig | None, prov: dict) -> None:
+        from fpo_dist import engine as eng
+        from fpo_dist.forward import LossContext
+        from fpo_dist.models import load_causal_lm, load_tokenizer, model_spec, pad_token_id, tokenizer_spec
+
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(tokenizer_spec(policy_cfg))
+        self.pad_id = pad_token_id(self.tokenizer)
+        diffs = check_cache_provenance(prov, cfg, self.tokenizer)
+        if diffs:
+            raise ConfigError(f"the cache {cfg.cache} does not match this run:\n  " + "\n  ".join(diffs))
+        self.sae = self._load_sae(prov)
+        self._setup_ds_config(policy_cfg)
+        dtype = "bfloat16" if self.bf16 else "float32"
         self._zero_ctx = eng.zero3_init_context(self.ds_config)  # keep alive: partitioned loading
-        spec = model_spec(policy_cfg)
-        policy = load_causal_lm(type(spec)(**{**spec.__dict__, "dtype": dtype}), requires_grad=True)
+        policy = load_causal_lm(model_spec(policy_cfg, dtype), requires_grad=True)
         if cfg.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         policy.config.use_cache = False
@@ -311,15 +200,10 @@ class Trainer:
         self.policy = eng.Engine(policy, self.ds_config, optimizer=optimizer, lr_scheduler=scheduler)
         self.reference = None
         if ref_cfg is not None:
-            rspec = model_spec(ref_cfg)
-            ref = load_causal_lm(type(rspec)(**{**rspec.__dict__, "dtype": dtype}))
+            ref = load_causal_lm(model_spec(ref_cfg, dtype))
             self.reference = eng.Engine.frozen(ref, self.ds_config)
         self.layer = prov["sae"]["layer"]
-        self.loss_inputs = LossInputs(
-            name=cfg.loss.name, params=loss_params(cfg), sae=self.sae, layer=self.layer,
-            encode_selected=cfg.loss.encode_selected, reference=self.reference,
-        )
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.loss = LossContext(self.spec, cfg.loss.params, sae=self.sae, layer=self.layer, reference=self.reference)
 
     def _setup_loader(self) -> None:
         from fpo_dist.loader import CacheLoader
@@ -327,8 +211,8 @@ class Trainer:
         cfg = self.cfg
         try:
             self.loader = CacheLoader(
-                self.store, micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum, world_size=self.world,
-                rank=self.rank, seed=cfg.seed, pad_id=self.pad_id, prefetch=cfg.prefetch, epochs=cfg.epochs,
+                self.store, topology=self.dist.topology(cfg.micro_batch_size, cfg.grad_accum), seed=cfg.seed,
+                pad_id=self.pad_id, prefetch=cfg.prefetch, epochs=cfg.epochs,
             )
         except ValueError as e:  # too few rows for one global batch, and the like
             raise ConfigError(f"cache {cfg.cache}: {e}") from None
@@ -404,7 +288,7 @@ class Trainer:
         state = {"step": self.step, "loader": self.loader.state_dict(), "config": to_dict(self.cfg)}
         self.policy.save(str(root), tag, client_state=state)
         torch.save(_get_rng(), root / tag / f"rng_rank{self.rank}.pt")
-        torch.distributed.barrier()
+        self.dist.barrier()
         if self.is_main:
             meta = {"step": self.step, "world_size": self.world, "loader": state["loader"], "loss": self.cfg.loss.name,
                     "run": _resume_fields(self.cfg)}
@@ -416,7 +300,7 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
                 shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)
             print(f"checkpoint {root / tag}", flush=True)
-        torch.distributed.barrier()
+        self.dist.barrier()
 
     # ------------------------------------------------------------------ step-0 check
 
@@ -425,8 +309,8 @@ class Trainer:
         reproduced under the run's real layout (engine, dtype, padding), or the run aborts."""
         if not self.cfg.step0_check or self.step > 0:
             return
-        from fpo_dist.cache.verify import compare, pairs_from_batch
-        from fpo_dist.models import build_batch
+        from fpo_dist.consistency import compare
+        from fpo_dist.models import build_batch, pairs_from_batch
         from fpo_dist.sae import encode_full, pool_mean
 
         rows = self.store.ok_rows()[: self.cfg.step0_rows].tolist()
@@ -472,7 +356,7 @@ class Trainer:
         for mb in self.loader if self.step < self.total_steps else ():
             self._epoch_of_step = mb.epoch
             mb = mb.to(self.device)
-            loss, metrics = compute_loss(self.policy, mb, self.loss_inputs)
+            loss, metrics = self.loss(self.policy, mb)
             self._check_finite(loss, metrics, mb)
             self.policy.backward(loss)
             boundary = self.policy.is_boundary()
@@ -501,10 +385,9 @@ class Trainer:
         bar.close()
 
     def _check_finite(self, loss, metrics, mb) -> None:
-        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
-        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        if bad.item() > 0:
-            local = "non-finite" if not torch.isfinite(loss.detach()).all() else "finite (another rank diverged)"
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if self.dist.any(not finite):
+            local = "non-finite" if not finite else "finite (another rank diverged)"
             raise TrainingDiverged(
                 f"non-finite loss at optimizer step {self.step + 1} on rank {self.rank} (local loss {local}: "
                 f"{float(loss.detach())}); batch uids {mb.uids}; metrics "
@@ -513,27 +396,19 @@ class Trainer:
 
     def _reduce(self, s: StepStats, seconds: float) -> dict:
         keys = sorted(s.metrics)
-        # collectives on the run's device: NCCL has no CPU backend
-        vec = torch.tensor([s.loss / s.micro] + [s.metrics[k] / s.micro for k in keys] + [float(s.tokens)],
-                           dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(vec)
-        vec = vec.cpu()
-        vec[:-1] /= self.world
-        mem = torch.tensor([peak_memory_mb()], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(mem, op=torch.distributed.ReduceOp.MAX)
-        mem = mem.cpu()
-        record = {"step": self.step, "loss": float(vec[0])}
-        record.update({k: float(v) for k, v in zip(keys, vec[1:-1])})
+        vec = self.dist.sum([s.loss / s.micro] + [s.metrics[k] / s.micro for k in keys] + [float(s.tokens)])
+        means = [v / self.world for v in vec[:-1]]
+        record = {"step": self.step, "loss": means[0]}
+        record.update(dict(zip(keys, means[1:])))
         record.update(
-            lr=self.policy.lr(), grad_norm=self.policy.grad_norm(), tokens_per_s=float(vec[-1]) / max(seconds, 1e-9),
-            step_time_s=seconds, peak_memory_mb=float(mem[0]), epoch=self._epoch_of_step,
+            lr=self.policy.lr(), grad_norm=self.policy.grad_norm(), tokens_per_s=vec[-1] / max(seconds, 1e-9),
+            step_time_s=seconds, peak_memory_mb=self.dist.max(self.dist.peak_memory_mb()), epoch=self._epoch_of_step,
         )
         return record
 
     def _log_samples(self, rows: list[int], epoch: int) -> None:
         """samples.jsonl: the source rows of every optimizer step, from all ranks (an audit trail)."""
-        gathered = [None] * self.world
-        torch.distributed.all_gather_object(gathered, rows)
+        gathered = self.dist.gather_objects(rows)
         if self.is_main:
             with open(Path(self.cfg.output_dir) / "samples.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, "epoch": epoch, "rows": sorted(r for g in gathered for r in g)}) + "\n")
@@ -566,8 +441,8 @@ class Trainer:
             if self.tb is not None:
                 self.tb.close()
         finally:
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
+            if getattr(self, "dist", None) is not None:
+                self.dist.close()
 
     def run(self) -> None:
         try:

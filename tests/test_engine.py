@@ -70,11 +70,12 @@ def test_plan_workers_refuses_what_the_cluster_cannot_schedule():
 
 
 def test_trust_remote_code_never_comes_from_the_store():
-    from fpo_dist.trainer import cached_model_config, resolve_models
+    from fpo_dist.config import ModelConfig
+    from fpo_dist.trainer import resolve_models
 
     prov = {"model": {"name_or_path": "org/model", "revision": None, "dtype": "float32", "gguf_file": None,
                       "tokenizer": None, "trust_remote_code": True, "files": None}}
-    assert cached_model_config(prov).trust_remote_code is False
+    assert ModelConfig.from_provenance(prov).trust_remote_code is False
     policy, ref = resolve_models(train_cfg("--loss.name", "tdpo2"), prov)
     assert policy.trust_remote_code is False and ref.trust_remote_code is False
     policy, _ = resolve_models(train_cfg("--policy.trust_remote_code", "true"), prov)

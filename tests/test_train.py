@@ -28,6 +28,29 @@ LR = 5e-3
 BETA, ALPHA, K = 0.5, 2.0, 8
 
 
+# --------------------------------------------------------------------------------------------- a loss of our own
+# Registered when this file is imported, by pytest here or, through ``--plugins test_train``, by each training rank:
+# the toy loss lives in this test file alone, with a hyper-parameter no built-in loss has.
+
+
+def toy_margin_loss(avg_chosen, avg_rejected, margin: float = 1.0):
+    """``L = margin − mean_b(avg logπθ(y_w) − avg logπθ(y_l))`` (linear, so its value is checkable from metrics)."""
+    gap = avg_chosen - avg_rejected
+    return margin - gap.mean(), {"toy_gap": gap.detach().mean(), "logps_chosen": avg_chosen.detach().mean(),
+                                 "logps_rejected": avg_rejected.detach().mean()}
+
+
+def _register_toy_loss():
+    from fpo_dist.losses import LOSSES, LossSpec, register_loss
+
+    if "toy-margin" not in LOSSES:
+        register_loss(LossSpec("toy-margin", toy_margin_loss, "none", inputs=lambda q: q.avg_logps,
+                               defaults={"margin": 1.0}))
+
+
+_register_toy_loss()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -81,7 +104,8 @@ def train(cache, out: Path, *extra: str, nproc: int = 2, launcher: str = "torchr
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port,
                "--log-dir", str(out.parent / f"{out.name}-torchelastic"),  # not a new /tmp/torchelastic_* per run
                str(ROOT / "launchers" / "train.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)}
     env.pop("MASTER_PORT", None)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -158,7 +182,7 @@ def test_two_rank_zero3_equals_plain_pytorch(run_a, cache, tiny):
     documented order), AdamW, clipping at 1.0.  Tolerance: 2e-5 on losses, 1e-5 on weights (fp32)."""
     from sae_lens import SAE
 
-    from fpo_dist.cache.verify import pairs_from_batch
+    from fpo_dist.models import pairs_from_batch
     from fpo_dist.losses import fpo_loss, prediction_mask, sequence_logps
     from fpo_dist.models import build_batch
     from fpo_dist.store import open_store
@@ -257,6 +281,24 @@ def test_dpo_cached_equals_dpo_online(cache):
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a["step"], key, a[key], b[key])
     info = json.loads((out_o / "run_info.json").read_text())
     assert info["reference_model_resident"] is True and len(info["resident_models"]) == 2
+
+
+def test_a_loss_registered_in_a_test_file_trains(cache, tmp_path):
+    """The loss seam: a loss defined here alone (with its own hyper-parameter) trains through the real trainer."""
+    out = tmp_path / "toy"
+    rc, log = train(cache, out, "--plugins", "test_train", "--loss.name", "toy-margin", "--loss.margin", "0.25",
+                    "--max_steps", "2", "--export", "false", nproc=1, timeout=240)
+    assert rc == 0, log[-6000:]
+    m = metrics(out)
+    assert [r["step"] for r in m] == [1, 2]
+    assert abs(m[0]["loss"] - (0.25 - m[0]["toy_gap"])) < 1e-6
+    assert abs(m[0]["toy_gap"] - (m[0]["logps_chosen"] - m[0]["logps_rejected"])) < 1e-6
+    assert m[1]["toy_gap"] != m[0]["toy_gap"]  # the step moved the policy
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())["loss"]
+    assert saved["name"] == "toy-margin" and saved["params"] == {"margin": 0.25}
+    assert set(saved["ignored"]) == {"alpha", "beta", "k"}  # the shared flags of train(), unused by this loss
 
 
 # --------------------------------------------------------------------------------------------- refusals

@@ -86,21 +86,20 @@ def _recompute(store, n: int, device: str, trust_remote_code: bool):
     import numpy as np
 
     from fpo_dist.cache.verify import recompute_rows
-    from fpo_dist.cache.worker import model_spec, resolve_device, tokenizer_spec
+    from fpo_dist.cache.worker import resolve_device
     from fpo_dist.config import ModelConfig
-    from fpo_dist.models import load_causal_lm, load_tokenizer
+    from fpo_dist.models import load_causal_lm, load_tokenizer, model_spec, pad_token_id, tokenizer_spec
     from fpo_dist.sae import load_sae
 
     prov = store.provenance
-    mcfg = ModelConfig(**{**{k: v for k, v in prov["model"].items() if k != "files"},
-                          "trust_remote_code": trust_remote_code})
+    mcfg = ModelConfig.from_provenance(prov, trust_remote_code)
     dev = resolve_device(device)
     tok = load_tokenizer(tokenizer_spec(mcfg))
     model = load_causal_lm(model_spec(mcfg), device=dev)
     sae = load_sae(prov["sae"]["source"], prov["sae"]["sae_id"], device=dev)
     ok_rows = store.ok_rows()
     rows = sorted(np.random.default_rng(0).choice(ok_rows, size=min(n, len(ok_rows)), replace=False).tolist())
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_token_id(tok)
     return recompute_rows(store, model, sae, prov["sae"]["layer"], rows, pad, batch_size=prov.get("batch_size", 8))
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import fpo_dist
 from fpo_dist.config import CacheConfig, to_dict, to_yaml
 from fpo_dist.data import DataError, format_bad_report, BadRow, file_sha256, load_source, local_files, tokenizer_fingerprint, uses_chat_template
-from fpo_dist.cache.worker import CacheWorker, tokenizer_spec
-from fpo_dist.models import load_tokenizer
+from fpo_dist.cache.worker import CacheWorker
+from fpo_dist.models import load_tokenizer, tokenizer_spec
 
 
 class CacheJobError(RuntimeError):

@@ -1,65 +1,16 @@
-"""Recompute cached rows with a model + SAE and compare: used by ``cache verify --recompute`` and by
-the trainer's step-0 check (where the "model" is the freshly initialised policy)."""
+"""Recompute cached rows with a model + SAE and compare (``cache verify --recompute``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from fpo_dist.data import TokenizedPair
-
-
-@dataclass
-class CacheComparison:
-    rows: list[int]
-    max_abs_logp_avg: float  # max |avg log-prob (recomputed) − avg log-prob (cached)| over responses
-    max_abs_logp_sum: float
-    max_feature_mse: float  # max over responses of mean_i (c̄_recomputed − c̄_cached)² over all features
-    max_rel_feature_mse: float  # the same divided by mean_i c̄_cached² (scale-free)
-    n_tokens_equal: bool
-
-    def ok(self, atol_logp: float, rtol_mse: float) -> bool:
-        """Log-probs within ``atol_logp`` (per-token average) and features within ``rtol_mse`` (relative)."""
-        return self.n_tokens_equal and self.max_abs_logp_avg <= atol_logp and self.max_rel_feature_mse <= rtol_mse
-
-    def describe(self) -> str:
-        return (f"rows {self.rows}: max |Δ avg logp| = {self.max_abs_logp_avg:.3g}, max |Δ logp sum| = "
-                f"{self.max_abs_logp_sum:.3g}, max feature MSE = {self.max_feature_mse:.3g} "
-                f"(relative {self.max_rel_feature_mse:.3g}), token counts {'equal' if self.n_tokens_equal else 'DIFFER'}")
-
-
-def pairs_from_batch(batch) -> list[TokenizedPair]:
-    """The tokenized pairs stored in a :class:`fpo_dist.store.RowBatch` (training never re-tokenizes)."""
-    return [
-        TokenizedPair(int(i), bytes(u), tuple(p.tolist()), tuple(c.tolist()), tuple(r.tolist()))
-        for i, u, p, c, r in zip(batch.index, batch.uid, batch.prompt_ids, batch.chosen_ids, batch.rejected_ids)
-    ]
-
-
-def compare(batch, logp_sum: np.ndarray, n_tokens: np.ndarray, pooled: list[tuple] | None, d_sae: int) -> CacheComparison:
-    """``logp_sum``/``n_tokens``: [B, 2]; ``pooled``: per row ((idx_c, val_c), (idx_r, val_r)), or None to
-    compare log-probs only."""
-    n_equal = bool((np.asarray(n_tokens) == batch.n_tokens).all())
-    denom = np.maximum(batch.n_tokens, 1)
-    d_avg = np.abs(np.asarray(logp_sum) / denom - batch.logp_sum / denom)
-    d_sum = np.abs(np.asarray(logp_sum) - batch.logp_sum)
-    mse = rel = 0.0
-    for b, ((ic, vc), (ir, vr)) in enumerate(pooled or []):
-        for side, (idx, val), csr in ((0, (ic, vc), batch.chosen_codes), (1, (ir, vr), batch.rejected_codes)):
-            ref_i, ref_v = csr.row(b)
-            a, r = np.zeros(d_sae, np.float64), np.zeros(d_sae, np.float64)
-            a[np.asarray(idx, np.int64)] = val
-            r[np.asarray(ref_i, np.int64)] = ref_v
-            err = float(((a - r) ** 2).mean())
-            mse, rel = max(mse, err), max(rel, err / max(float((r**2).mean()), 1e-30))
-    return CacheComparison([int(i) for i in batch.index], float(d_avg.max()), float(d_sum.max()), mse, rel, n_equal)
+from fpo_dist.cache.worker import reference_pass
+from fpo_dist.consistency import CacheComparison, compare
+from fpo_dist.models import pairs_from_batch
 
 
 def recompute_rows(store, model, sae, layer: int, rows: list[int], pad_id: int, batch_size: int = 8) -> CacheComparison:
     """Run the reference pass on ``rows`` of ``store`` and compare with what the store holds."""
-    from fpo_dist.cache.worker import reference_pass
-
     batch = store.read_rows(rows)
     out = reference_pass(model, sae, layer, pairs_from_batch(batch), pad_id, batch_size)
     return compare(batch, np.array(out.logp_sum), np.array(out.n_tokens), out.pooled, sae.cfg.d_sae)

@@ -14,10 +14,18 @@ from dataclasses import dataclass
 
 import torch
 
-from fpo_dist.config import CacheConfig, ModelConfig
+from fpo_dist.config import CacheConfig
 from fpo_dist.data import BadRowError, PairTokenizer, TokenizedPair, load_source
 from fpo_dist.losses import prediction_mask, token_logps
-from fpo_dist.models import ModelSpec, build_batch, capture_block_output, load_causal_lm, load_tokenizer
+from fpo_dist.models import (
+    build_batch,
+    capture_block_output,
+    load_causal_lm,
+    load_tokenizer,
+    model_spec,
+    pad_token_id,
+    tokenizer_spec,
+)
 from fpo_dist.sae import encode_full, load_sae, pool_mean
 
 # SAE codes are computed in row groups so that [rows, T, d_sae] fp32 stays under this many bytes.
@@ -26,23 +34,6 @@ SAE_BLOCK_BYTES = 256 << 20
 # processes SHARD die right after writing it (before the driver can commit it); the marker file
 # ensures it happens once.
 FAULT_ENV = "FPO_CACHE_FAULT_DIE_AFTER_WRITE"
-
-
-def model_spec(cfg: ModelConfig) -> ModelSpec:
-    return ModelSpec(
-        name_or_path=cfg.name_or_path,
-        revision=cfg.revision,
-        dtype=cfg.dtype,
-        gguf_file=cfg.gguf_file,
-        trust_remote_code=cfg.trust_remote_code,
-    )
-
-
-def tokenizer_spec(cfg: ModelConfig) -> ModelSpec:
-    spec = model_spec(cfg)
-    if cfg.tokenizer:
-        return ModelSpec(name_or_path=cfg.tokenizer, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    return spec
 
 
 def resolve_device(device: str) -> torch.device:
@@ -166,7 +157,7 @@ class CacheWorker:
         self.source = load_source(cfg.data)
         self.model = load_causal_lm(model_spec(cfg.model), device=self.device)
         self.sae = load_sae(cfg.sae.source, cfg.sae.sae_id, device=self.device, dtype="float32")
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_id = pad_token_id(self.tokenizer)
 
     def info(self) -> dict:
         """Who did the work: host, pid, device, threads, and under Ray the node id (several Ray nodes may share a

@@ -1,0 +1,95 @@
+"""The forward path of training: one micro-batch → the per-sequence quantities a loss uses.
+
+:func:`forward_quantities` runs the policy once over the micro-batch (chosen and rejected rows together) and
+computes only what the loss's :class:`~fpo_dist.losses.LossSpec` declares:
+
+- always the policy's summed response log-probs and token counts;
+- the reference's from the micro-batch's cached values (``needs == "cache"``, with the cached pooled SAE codes) or
+  from a resident reference model (``needs == "reference_model"``, one no-grad forward);
+- pooled policy SAE codes at the hook layer (``needs_sae``), through the selected ``W_enc`` columns only when the
+  loss names its top-k columns (``feature_columns``);
+- TDPO's sequential KL from both models' full-vocabulary logits (``needs_ref_logits``).
+
+The result is a :class:`~fpo_dist.losses.Quantities`; the loss maps it to ``(loss, metrics)``.  Nothing here
+branches on a loss's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from fpo_dist.losses import LossSpec, PooledCodes, Quantities, prediction_mask, sequence_logps, sequential_kl
+from fpo_dist.models import capture_block_output
+
+
+@dataclass
+class LossContext:
+    """A run's loss with everything its forward pass needs besides the policy and the micro-batch."""
+
+    spec: LossSpec
+    params: Mapping[str, Any] = field(default_factory=dict)  # resolved hyper-parameters (``LossConfig.params``)
+    sae: Any = None  # the frozen SAE (``spec.needs_sae``)
+    layer: int | None = None  # the hook layer ℓ (``spec.needs_sae``)
+    reference: Any = None  # a callable resident reference model (``spec.needs == "reference_model"``)
+
+    def __call__(self, policy, mb) -> tuple[torch.Tensor, dict]:
+        """``(loss, metrics)`` of ``policy`` on micro-batch ``mb``."""
+        return self.spec(forward_quantities(policy, mb, self), self.params)
+
+
+def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.shape[0] // 2
+    return x[:n], x[n:]
+
+
+def forward_quantities(policy, mb, ctx: LossContext) -> Quantities:
+    """Forward ``policy`` on ``mb`` (a :class:`fpo_dist.loader.MicroBatch`) and gather what ``ctx.spec`` needs."""
+    spec = ctx.spec
+    fwd = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+    if spec.needs_sae:
+        with capture_block_output(getattr(policy, "module", policy), ctx.layer) as cap:
+            logits = policy(**fwd).logits
+    else:
+        logits = policy(**fwd).logits
+    logp_sum, n_tok, _ = sequence_logps(logits, mb.input_ids, mb.response_mask)
+    q: dict[str, Any] = {"logps": _split(logp_sum), "n_tokens": _split(n_tok)}
+    if spec.needs == "cache":
+        q["ref_logps"] = (mb.ref_logp_sum[:, 0], mb.ref_logp_sum[:, 1])
+        q["ref_n_tokens"] = (mb.ref_n_tokens[:, 0], mb.ref_n_tokens[:, 1])
+        q["ref_codes"] = (mb.ref_codes_chosen, mb.ref_codes_rejected)
+    elif spec.needs == "reference_model":
+        with torch.no_grad():
+            ref_logits = ctx.reference(**fwd).logits
+        ref_sum, ref_n, _ = sequence_logps(ref_logits, mb.input_ids, mb.response_mask)
+        q["ref_logps"], q["ref_n_tokens"] = _split(ref_sum), _split(ref_n)
+        if spec.needs_ref_logits:
+            q["kl"] = _split(sequential_kl(ref_logits, logits, mb.response_mask))
+    if spec.needs_sae:
+        columns = spec.feature_columns(ctx.params) if spec.feature_columns else None
+        q["codes"] = pooled_policy_codes(ctx.sae, cap.output, prediction_mask(mb.response_mask),
+                                         q.get("ref_codes") or (), columns)
+    return Quantities(**q)
+
+
+def pooled_policy_codes(sae, hidden: torch.Tensor, pmask: torch.Tensor, refs, columns: tuple[int, str] | None):
+    """Pooled policy SAE codes for chosen (rows [0,B)) and rejected (rows [B,2B)) as ``PooledCodes``.
+
+    ``columns = (k, topk_mode)``: pick the needed feature columns under no_grad (every row's policy top-k, plus
+    the reference top-k for ``union``) and run the grad path through those columns of ``W_enc`` only;
+    None: encode every feature with gradients.
+    """
+    from fpo_dist.sae import encode_full, encode_selected, pool_mean, select_columns
+
+    n = hidden.shape[0] // 2
+    if columns is None:
+        pooled = pool_mean(encode_full(sae, hidden), pmask)
+        return PooledCodes(pooled[:n]), PooledCodes(pooled[n:])
+    k, mode = columns
+    with torch.no_grad():
+        full = pool_mean(encode_full(sae, hidden.detach()), pmask)
+    cols = select_columns([full[:n], full[n:]], list(refs), k, mode)
+    pooled = pool_mean(encode_selected(sae, hidden, cols), pmask)
+    return PooledCodes(pooled[:n], cols), PooledCodes(pooled[n:], cols)
