@@ -173,3 +173,43 @@ def build_tiny_artifacts(root: str | os.PathLike, hook_layer: int = 1, num_layer
     if not (sae_dir / "cfg.json").exists():
         build_sae(sae_dir, d_in=32, hook_layer=hook_layer, seed=seed)
     return TinyArtifacts(model_dir=model_dir, sae_dir=sae_dir, hook_layer=hook_layer)
+
+
+def build_gemma3(
+    out_dir: str | os.PathLike | None = None,
+    vocab_size: int = 512,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    softcap: float | None = None,
+    tied: bool = True,
+    sliding_window: int = 4,
+    seed: int = 0,
+    tokenizer=None,
+):
+    """A randomly initialised ``Gemma3ForCausalLM`` (text only): sliding-window and global layers alternate
+    (``sliding_window`` tokens), ``softcap`` sets ``final_logit_softcapping``, ``tied`` ties the head to the
+    embeddings (as Gemma 3 does).  Deterministic for a seed; saved in HF format when ``out_dir`` is given."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=hidden_size // 2,
+        sliding_window=sliding_window, layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                                    for i in range(num_layers)],
+        final_logit_softcapping=softcap, tie_word_embeddings=tied, max_position_embeddings=512,
+        bos_token_id=getattr(tokenizer, "bos_token_id", 1), eos_token_id=getattr(tokenizer, "eos_token_id", 2),
+        pad_token_id=getattr(tokenizer, "pad_token_id", 0),
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():  # spread the next-token distributions (see build_llama)
+        model.model.embed_tokens.weight.mul_(25.0)
+        if not tied:
+            model.lm_head.weight.mul_(25.0)
+    model.eval()
+    if out_dir is not None:
+        model.save_pretrained(str(out_dir))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out_dir))
+    return model
