@@ -213,3 +213,57 @@ def build_gemma3(
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out_dir))
     return model
+
+
+def calibrate_jumprelu_sae(
+    model,
+    input_ids,
+    attention_mask,
+    layer: int,
+    d_sae: int = 16384,
+    target_l0: float = 75.0,
+    seed: int = 0,
+    out_dir: str | os.PathLike | None = None,
+):
+    """A Gemma-Scope-shaped sae-lens ``JumpReLUSAE`` for ``model``'s block ``layer``, its thresholds calibrated on
+    the model's own activations so that about ``target_l0`` features fire per token.  Returns ``(sae, l0)``,
+    ``l0`` the mean number of active features per token on the calibration tokens.
+
+    No Gemma Scope weights can be downloaded here, so this stands in for them in tests and benchmarks (a user
+    loads the real ones with ``SAE.from_pretrained``, e.g. release ``gemma-scope-2-270m-pt-res``).  Recipe:
+    ``W_enc`` has random unit-norm columns (seeded), ``W_dec = W_encᵀ``, ``b_enc = b_dec = 0``; the pre-activations
+    ``a_j = h · W_enc[:, j]`` of the block-``layer`` residual output ``h`` are taken over every attended token but
+    the first of each row (BOS, whose norm is an outlier in Gemma), and feature ``j``'s threshold is the
+    ``1 − target_l0 / d_sae`` quantile of ``a_j``, so each feature fires on that fraction of tokens.
+    """
+    import torch
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    from fpo_dist.models import capture_block_output
+
+    with torch.no_grad(), capture_block_output(model, layer) as cap:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    keep = attention_mask.bool().clone()
+    keep[:, 0] = False
+    h = cap.output[keep].float()  # [tokens, d_in]
+    d_in = h.shape[-1]
+    g = torch.Generator().manual_seed(seed)
+    w_enc = torch.randn(d_in, d_sae, generator=g)
+    w_enc /= w_enc.norm(dim=0, keepdim=True)
+    q = 1.0 - target_l0 / d_sae
+    thresholds = torch.cat([torch.quantile(h @ w_enc[:, j : j + 4096], q, dim=0) for j in range(0, d_sae, 4096)])
+    cfg = JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=False)
+    cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
+    cfg.metadata.model_name = type(model).__name__
+    sae = JumpReLUSAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(w_enc)
+        sae.W_dec.copy_(w_enc.t())
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        sae.threshold.copy_(thresholds.clamp(min=1e-6))
+        l0 = float((sae.encode(h) != 0).sum(-1).float().mean())
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        sae.save_model(str(out_dir))
+    return sae, l0

@@ -340,11 +340,18 @@ class Trainer:
             print(f"step-0 check: {cmp.describe()} (tolerances: avg logp {atol_logp:g}, relative MSE {rtol_mse:g})",
                   flush=True)
         if not cmp.ok(atol_logp, rtol_mse):
-            raise RuntimeError(
-                f"step-0 check failed: the initial policy does not reproduce the cache ({cmp.describe()}). "
-                "Is the policy the cache's reference model, in the same dtype, with the SAE and hook layer the "
-                "cache was built with?"
-            )
+            raise RuntimeError(f"step-0 check failed: the initial policy does not reproduce the cache ({cmp.describe()}). "
+                               + self._step0_hint())
+
+    def _step0_hint(self) -> str:
+        """What to check after a failed step-0 check; names both dtypes when the cache's and the run's differ."""
+        cached = self.store.provenance.get("model", {}).get("dtype")
+        run = "bfloat16" if self.bf16 else "float32"
+        if cached and cached != run:
+            return (f"The cache was computed in {cached} and this run computes in {run}: build the cache in {run} "
+                    f"(cache --model.dtype {run}) or run in {cached} (train --dtype {cached}).")
+        return ("Is the policy the cache's reference model, with the SAE and hook layer the cache was built with "
+                f"(both in {run})?")
 
     # ------------------------------------------------------------------ train
 
