@@ -227,13 +227,14 @@ def calibrate_jumprelu_sae(
 ):
     """A Gemma-Scope-shaped sae-lens ``JumpReLUSAE`` for ``model``'s block ``layer``, its thresholds calibrated on
     the model's own activations so that about ``target_l0`` features fire per token.  Returns ``(sae, l0)``,
-    ``l0`` the mean number of active features per token on the calibration tokens.
+    ``l0`` the mean number of active features per token on the calibration tokens.  Give it at least
+    ``4 · d_sae / target_l0`` tokens (each feature must fire on a few of them), e.g. ~1,000 for 16k and L0 75.
 
     No Gemma Scope weights can be downloaded here, so this stands in for them in tests and benchmarks (a user
     loads the real ones with ``SAE.from_pretrained``, e.g. release ``gemma-scope-2-270m-pt-res``).  Recipe:
     ``W_enc`` has random unit-norm columns (seeded), ``W_dec = W_encᵀ``, ``b_enc = b_dec = 0``; the pre-activations
     ``a_j = h · W_enc[:, j]`` of the block-``layer`` residual output ``h`` are taken over every attended token but
-    the first of each row (BOS, whose norm is an outlier in Gemma), and feature ``j``'s threshold is the
+    the first attended one of each row (BOS, whose norm is an outlier in Gemma), and feature ``j``'s threshold is the
     ``1 − target_l0 / d_sae`` quantile of ``a_j``, so each feature fires on that fraction of tokens.
     """
     import torch
@@ -241,10 +242,11 @@ def calibrate_jumprelu_sae(
 
     from fpo_dist.models import capture_block_output
 
-    with torch.no_grad(), capture_block_output(model, layer) as cap:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    keep = attention_mask.bool().clone()
-    keep[:, 0] = False
+    from fpo_dist.lm_head import backbone
+
+    with torch.no_grad(), capture_block_output(model, layer) as cap:  # the decoder only: no logits needed
+        backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    keep = attention_mask.bool() & (attention_mask.cumsum(1) > 1)  # not the first attended token (BOS), any padding side
     h = cap.output[keep].float()  # [tokens, d_in]
     d_in = h.shape[-1]
     g = torch.Generator().manual_seed(seed)

@@ -43,8 +43,10 @@ def realshape(gemma_hf_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("realshape")
     spec = ModelSpec(str(gemma_hf_dir), dtype="float32")
     model, tok = load_causal_lm(spec), load_tokenizer(spec)
-    enc = tok(CALIBRATION, return_tensors="pt", padding=True)
-    _, l0 = calibrate_jumprelu_sae(model, enc.input_ids, enc.attention_mask, LAYER, d_sae=16384, target_l0=75,
+    # ~1,000 tokens: the six sentences in eight orders (other contexts, other activations)
+    texts = [" ".join(CALIBRATION[(i + j) % 6] for j in range(6)) if i < 6 else " ".join(reversed(CALIBRATION[i - 6:] + CALIBRATION[:i - 6])) for i in range(8)]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    _, l0 = calibrate_jumprelu_sae(model, enc.input_ids, enc.attention_mask, LAYER, d_sae=16384, target_l0=85,
                                    out_dir=root / "sae")
     del model
     assert 50 <= l0 <= 100, l0

@@ -17,7 +17,7 @@ import torch
 
 from fpo_dist.config import CacheConfig
 from fpo_dist.data import BadRowError, PairTokenizer, TokenizedPair, load_source
-from fpo_dist.lm_head import selected_forward
+from fpo_dist.lm_head import row_sums, selected_forward
 from fpo_dist.losses import prediction_mask
 from fpo_dist.models import (
     build_batch,
@@ -89,7 +89,7 @@ def reference_pass(
         per_tok[torch.roll(pm, 1, dims=1)] = sel.logps  # token t's log-prob at t (pm[:, T-1] is never set)
         pooled, tok_codes = _pooled_codes(sae, cap.output, pm, per_token_codes)
         n = len(idx)
-        sums = per_tok.sum(-1).float().cpu()
+        sums = row_sums(sel.logps, sel.rows, len(input_ids)).float().cpu()  # the trainer's summation order
         counts = response[:, 1:].sum(-1).cpu()
         for j, i in enumerate(idx):
             entry = [
