@@ -1,5 +1,5 @@
 """Gemma 3 270M (real weights) with a Gemma-Scope-shaped SAE (d_in 640, d_sae 16,384, JumpReLU calibrated to
-L0 ≈ 75 per token at block 9), end to end, in fp32 and in bf16: the Ray cache job → FPO under ZeRO-3 on 2 CPU
+L0 ≈ 50–100 per token at block 9), end to end, in fp32 and in bf16: the Ray cache job → FPO under ZeRO-3 on 2 CPU
 ranks (every large parameter partitioned; bf16 is DeepSpeed's bf16 mode, the path every GPU run takes) → HF
 export → transformers reloads the export and generates.  Short sequences and 2 steps, to fit CI's budget.
 """
