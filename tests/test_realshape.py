@@ -83,7 +83,7 @@ def test_gemma3_cache_zero3_fpo_export_generate(realshape, dtype):
     rs = realshape
     cache = {"store": _cache(rs, dtype), "ds": rs["ds"]}
     out = rs["root"] / f"run-{dtype}"
-    rc, log = train(cache, out, "--dtype", dtype, "--micro_batch_size", "1", "--max_steps", "2", "--loss.k", "16",
+    rc, log = train(cache, out, "--dtype", dtype, "--micro_batch_size", "1", "--max_steps", "2", "--loss.k", "16", "--optim.lr", "1e-6",
                     "--step0_rows", "2", timeout=600)
     assert rc == 0, log[-6000:]
     assert "step-0 check:" in log and "resident models:" in log
