@@ -214,6 +214,9 @@ class TrainConfig:
     seed: int = 0
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     gradient_checkpointing: bool = False
+    # "selected": the output layer only where a response token is predicted, chunked (fpo_dist.lm_head);
+    # "materialized": full [rows, T, vocab] logits (the path it replaces; for comparisons and benchmarks)
+    logits: Literal["selected", "materialized"] = "selected"
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
     keep_last: int = 2
     resume: str | None = None  # "auto" or a checkpoint path

@@ -235,6 +235,24 @@ def zero3_init_context(ds_config: dict):
     return HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
 
 
+def gathered(params: list[torch.Tensor]):
+    """A context in which ZeRO-3-partitioned ``params`` hold their full data (read-only); a null context for
+    parameters that are not partitioned or already gathered (e.g. a tied weight inside its module's forward)."""
+    import contextlib
+
+    todo = {id(p): p for p in params if hasattr(p, "ds_id") and getattr(p, "ds_status", None) is not None}
+    if not todo:
+        return contextlib.nullcontext()
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    todo = {k: p for k, p in todo.items() if p.ds_status != ZeroParamStatus.AVAILABLE}
+    if not todo:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(todo.values()), modifier_rank=None)
+
+
 def to_universal_checkpoint(load_dir: str, tag: str, is_main: bool) -> str:
     """Convert checkpoint ``tag`` to DeepSpeed's universal format (rank 0; others wait); returns the new tag.
 

@@ -3,12 +3,15 @@
 :func:`forward_quantities` runs the policy once over the micro-batch (chosen and rejected rows together) and
 computes only what the loss's :class:`~fpo_dist.losses.LossSpec` declares:
 
-- always the policy's summed response log-probs and token counts;
+- always the policy's summed response log-probs and token counts, from the output layer applied only at the
+  positions that predict a response token (:mod:`fpo_dist.lm_head`; ``logits="materialized"`` keeps the full
+  ``[rows, T, V]`` logits path it replaces, for comparisons);
 - the reference's from the micro-batch's cached values (``needs == "cache"``, with the cached pooled SAE codes) or
   from a resident reference model (``needs == "reference_model"``, one no-grad forward);
 - pooled policy SAE codes at the hook layer (``needs_sae``), through the selected ``W_enc`` columns only when the
   loss names its top-k columns (``feature_columns``);
-- TDPO's sequential KL from both models' full-vocabulary logits (``needs_ref_logits``).
+- TDPO's sequential KL over the full vocabulary at the same positions (``needs_ref_logits``), from the
+  reference's selected hidden states and its head, chunk by chunk.
 
 The result is a :class:`~fpo_dist.losses.Quantities`; the loss maps it to ``(loss, metrics)``.  Nothing here
 branches on a loss's name.
@@ -16,12 +19,14 @@ branches on a loss's name.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 
 from fpo_dist.losses import LossSpec, PooledCodes, Quantities, prediction_mask, sequence_logps, sequential_kl
+from fpo_dist.lm_head import ref_head, row_sums, selected_forward
 from fpo_dist.models import capture_block_output
 
 
@@ -34,6 +39,7 @@ class LossContext:
     sae: Any = None  # the frozen SAE (``spec.needs_sae``)
     layer: int | None = None  # the hook layer ℓ (``spec.needs_sae``)
     reference: Any = None  # a callable resident reference model (``spec.needs == "reference_model"``)
+    logits: str = "selected"  # "selected": fpo_dist.lm_head (response positions only); "materialized": full logits
 
     def __call__(self, policy, mb) -> tuple[torch.Tensor, dict]:
         """``(loss, metrics)`` of ``policy`` on micro-batch ``mb``."""
@@ -47,31 +53,69 @@ def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def forward_quantities(policy, mb, ctx: LossContext) -> Quantities:
     """Forward ``policy`` on ``mb`` (a :class:`fpo_dist.loader.MicroBatch`) and gather what ``ctx.spec`` needs."""
+    if ctx.logits == "materialized":
+        return _materialized_quantities(policy, mb, ctx)
+    spec = ctx.spec
+    pm = prediction_mask(mb.response_mask)
+    rows = mb.input_ids.shape[0]
+    n_tok = pm.sum(-1)
+    q: dict[str, Any] = {"n_tokens": _split(n_tok)}
+    ref = None
+    if spec.needs == "reference_model":
+        with torch.no_grad():
+            r = selected_forward(ctx.reference, mb.input_ids, mb.attention_mask, pm)
+        q["ref_logps"], q["ref_n_tokens"] = _split(row_sums(r.logps, r.rows, rows)), _split(n_tok)
+        if spec.needs_ref_logits:
+            ref = ref_head(ctx.reference, r.hidden)
+    with _maybe_capture(policy, ctx) as cap:
+        out = selected_forward(policy, mb.input_ids, mb.attention_mask, pm, ref=ref)
+    q["logps"] = _split(row_sums(out.logps, out.rows, rows))
+    if ref is not None:
+        q["kl"] = _split(row_sums(out.kl, out.rows, rows))
+    _cached_reference(q, mb, spec)
+    if spec.needs_sae:
+        q["codes"] = _policy_codes(ctx, cap.output, pm, q)
+    return Quantities(**q)
+
+
+def _materialized_quantities(policy, mb, ctx: LossContext) -> Quantities:
+    """The path :func:`forward_quantities` replaces: full ``[rows, T, V]`` logits of both models (kept for
+    comparisons and benchmarks: ``logits: materialized``)."""
     spec = ctx.spec
     fwd = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
-    if spec.needs_sae:
-        with capture_block_output(getattr(policy, "module", policy), ctx.layer) as cap:
-            logits = policy(**fwd).logits
-    else:
+    with _maybe_capture(policy, ctx) as cap:
         logits = policy(**fwd).logits
     logp_sum, n_tok, _ = sequence_logps(logits, mb.input_ids, mb.response_mask)
     q: dict[str, Any] = {"logps": _split(logp_sum), "n_tokens": _split(n_tok)}
-    if spec.needs == "cache":
-        q["ref_logps"] = (mb.ref_logp_sum[:, 0], mb.ref_logp_sum[:, 1])
-        q["ref_n_tokens"] = (mb.ref_n_tokens[:, 0], mb.ref_n_tokens[:, 1])
-        q["ref_codes"] = (mb.ref_codes_chosen, mb.ref_codes_rejected)
-    elif spec.needs == "reference_model":
+    if spec.needs == "reference_model":
         with torch.no_grad():
             ref_logits = ctx.reference(**fwd).logits
         ref_sum, ref_n, _ = sequence_logps(ref_logits, mb.input_ids, mb.response_mask)
         q["ref_logps"], q["ref_n_tokens"] = _split(ref_sum), _split(ref_n)
         if spec.needs_ref_logits:
             q["kl"] = _split(sequential_kl(ref_logits, logits, mb.response_mask))
+    _cached_reference(q, mb, spec)
     if spec.needs_sae:
-        columns = spec.feature_columns(ctx.params) if spec.feature_columns else None
-        q["codes"] = pooled_policy_codes(ctx.sae, cap.output, prediction_mask(mb.response_mask),
-                                         q.get("ref_codes") or (), columns)
+        q["codes"] = _policy_codes(ctx, cap.output, prediction_mask(mb.response_mask), q)
     return Quantities(**q)
+
+
+def _maybe_capture(policy, ctx: LossContext):
+    if not ctx.spec.needs_sae:
+        return contextlib.nullcontext()
+    return capture_block_output(getattr(policy, "module", policy), ctx.layer)
+
+
+def _cached_reference(q: dict, mb, spec: LossSpec) -> None:
+    if spec.needs == "cache":
+        q["ref_logps"] = (mb.ref_logp_sum[:, 0], mb.ref_logp_sum[:, 1])
+        q["ref_n_tokens"] = (mb.ref_n_tokens[:, 0], mb.ref_n_tokens[:, 1])
+        q["ref_codes"] = (mb.ref_codes_chosen, mb.ref_codes_rejected)
+
+
+def _policy_codes(ctx: LossContext, hidden: torch.Tensor, pm: torch.Tensor, q: dict):
+    columns = ctx.spec.feature_columns(ctx.params) if ctx.spec.feature_columns else None
+    return pooled_policy_codes(ctx.sae, hidden, pm, q.get("ref_codes") or (), columns)
 
 
 def pooled_policy_codes(sae, hidden: torch.Tensor, pmask: torch.Tensor, refs, columns: tuple[int, str] | None):

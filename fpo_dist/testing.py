@@ -173,3 +173,99 @@ def build_tiny_artifacts(root: str | os.PathLike, hook_layer: int = 1, num_layer
     if not (sae_dir / "cfg.json").exists():
         build_sae(sae_dir, d_in=32, hook_layer=hook_layer, seed=seed)
     return TinyArtifacts(model_dir=model_dir, sae_dir=sae_dir, hook_layer=hook_layer)
+
+
+def build_gemma3(
+    out_dir: str | os.PathLike | None = None,
+    vocab_size: int = 512,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    softcap: float | None = None,
+    tied: bool = True,
+    sliding_window: int = 4,
+    seed: int = 0,
+    tokenizer=None,
+):
+    """A randomly initialised ``Gemma3ForCausalLM`` (text only): sliding-window and global layers alternate
+    (``sliding_window`` tokens), ``softcap`` sets ``final_logit_softcapping``, ``tied`` ties the head to the
+    embeddings (as Gemma 3 does).  Deterministic for a seed; saved in HF format when ``out_dir`` is given."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=hidden_size // 2,
+        sliding_window=sliding_window, layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                                    for i in range(num_layers)],
+        final_logit_softcapping=softcap, tie_word_embeddings=tied, max_position_embeddings=512,
+        bos_token_id=getattr(tokenizer, "bos_token_id", 1), eos_token_id=getattr(tokenizer, "eos_token_id", 2),
+        pad_token_id=getattr(tokenizer, "pad_token_id", 0),
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():  # spread the next-token distributions (see build_llama)
+        model.model.embed_tokens.weight.mul_(25.0)
+        if not tied:
+            model.lm_head.weight.mul_(25.0)
+    model.eval()
+    if out_dir is not None:
+        model.save_pretrained(str(out_dir))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out_dir))
+    return model
+
+
+def calibrate_jumprelu_sae(
+    model,
+    input_ids,
+    attention_mask,
+    layer: int,
+    d_sae: int = 16384,
+    target_l0: float = 75.0,
+    seed: int = 0,
+    out_dir: str | os.PathLike | None = None,
+):
+    """A Gemma-Scope-shaped sae-lens ``JumpReLUSAE`` for ``model``'s block ``layer``, its thresholds calibrated on
+    the model's own activations so that about ``target_l0`` features fire per token.  Returns ``(sae, l0)``,
+    ``l0`` the mean number of active features per token on the calibration tokens.  Give it at least
+    ``4 · d_sae / target_l0`` tokens (each feature must fire on a few of them), e.g. ~1,000 for 16k and L0 75.
+
+    No Gemma Scope weights can be downloaded here, so this stands in for them in tests and benchmarks (a user
+    loads the real ones with ``SAE.from_pretrained``, e.g. release ``gemma-scope-2-270m-pt-res``).  Recipe:
+    ``W_enc`` has random unit-norm columns (seeded), ``W_dec = W_encᵀ``, ``b_enc = b_dec = 0``; the pre-activations
+    ``a_j = h · W_enc[:, j]`` of the block-``layer`` residual output ``h`` are taken over every attended token but
+    the first attended one of each row (BOS, whose norm is an outlier in Gemma), and feature ``j``'s threshold is the
+    ``1 − target_l0 / d_sae`` quantile of ``a_j``, so each feature fires on that fraction of tokens.
+    """
+    import torch
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    from fpo_dist.models import capture_block_output
+
+    from fpo_dist.lm_head import backbone
+
+    with torch.no_grad(), capture_block_output(model, layer) as cap:  # the decoder only: no logits needed
+        backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    keep = attention_mask.bool() & (attention_mask.cumsum(1) > 1)  # not the first attended token (BOS), any padding side
+    h = cap.output[keep].float()  # [tokens, d_in]
+    d_in = h.shape[-1]
+    g = torch.Generator().manual_seed(seed)
+    w_enc = torch.randn(d_in, d_sae, generator=g)
+    w_enc /= w_enc.norm(dim=0, keepdim=True)
+    q = 1.0 - target_l0 / d_sae
+    thresholds = torch.cat([torch.quantile(h @ w_enc[:, j : j + 4096], q, dim=0) for j in range(0, d_sae, 4096)])
+    cfg = JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=False)
+    cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
+    cfg.metadata.model_name = type(model).__name__
+    sae = JumpReLUSAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(w_enc)
+        sae.W_dec.copy_(w_enc.t())
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        sae.threshold.copy_(thresholds.clamp(min=1e-6))
+        l0 = float((sae.encode(h) != 0).sum(-1).float().mean())
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        sae.save_model(str(out_dir))
+    return sae, l0

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fpo_dist.config import ConfigError, ModelConfig, TrainConfig, to_dict, to_yaml
-from fpo_dist.losses import LOSSES, check_loss_requirements, prediction_mask, sequence_logps
+from fpo_dist.losses import LOSSES, check_loss_requirements, prediction_mask
 from fpo_dist.models import capture_block_output
 
 CHECKPOINTS = "checkpoints"
@@ -203,7 +203,8 @@ class Trainer:
             ref = load_causal_lm(model_spec(ref_cfg, dtype))
             self.reference = eng.Engine.frozen(ref, self.ds_config)
         self.layer = prov["sae"]["layer"]
-        self.loss = LossContext(self.spec, cfg.loss.params, sae=self.sae, layer=self.layer, reference=self.reference)
+        self.loss = LossContext(self.spec, cfg.loss.params, sae=self.sae, layer=self.layer, reference=self.reference,
+                                logits=cfg.logits)
 
     def _setup_loader(self) -> None:
         from fpo_dist.loader import CacheLoader
@@ -310,6 +311,7 @@ class Trainer:
         if not self.cfg.step0_check or self.step > 0:
             return
         from fpo_dist.consistency import compare
+        from fpo_dist.lm_head import row_sums, selected_forward
         from fpo_dist.models import build_batch, pairs_from_batch
         from fpo_dist.sae import encode_full, pool_mean
 
@@ -317,16 +319,17 @@ class Trainer:
         batch = self.store.read_rows(rows)
         pb = build_batch(pairs_from_batch(batch), self.pad_id)
         ids, att, resp = (t.to(self.device) for t in (pb.input_ids, pb.attention_mask, pb.response_mask))
+        pm = prediction_mask(resp)
         self.policy.train(False)
         with torch.no_grad(), capture_block_output(self.policy.module, self.layer) as cap:
-            logits = self.policy(input_ids=ids, attention_mask=att, use_cache=False).logits
-        logp_sum, n_tok, _ = sequence_logps(logits, ids, resp)
+            out = selected_forward(self.policy, ids, att, pm)
         self.policy.train(True)
         n = len(rows)
+        logp_sum, n_tok = row_sums(out.logps, out.rows, 2 * n), pm.sum(-1)
         pooled = None
         if self.sae is not None:
             with torch.no_grad():
-                codes = pool_mean(encode_full(self.sae, cap.output), prediction_mask(resp)).cpu()
+                codes = pool_mean(encode_full(self.sae, cap.output), pm).cpu()
             pooled = [tuple(_nz(codes[r]) for r in (b, n + b)) for b in range(n)]
         lp = torch.stack([logp_sum[:n], logp_sum[n:]], 1).float().cpu().numpy()
         nt = torch.stack([n_tok[:n], n_tok[n:]], 1).cpu().numpy()
@@ -337,11 +340,18 @@ class Trainer:
             print(f"step-0 check: {cmp.describe()} (tolerances: avg logp {atol_logp:g}, relative MSE {rtol_mse:g})",
                   flush=True)
         if not cmp.ok(atol_logp, rtol_mse):
-            raise RuntimeError(
-                f"step-0 check failed: the initial policy does not reproduce the cache ({cmp.describe()}). "
-                "Is the policy the cache's reference model, in the same dtype, with the SAE and hook layer the "
-                "cache was built with?"
-            )
+            raise RuntimeError(f"step-0 check failed: the initial policy does not reproduce the cache ({cmp.describe()}). "
+                               + self._step0_hint())
+
+    def _step0_hint(self) -> str:
+        """What to check after a failed step-0 check; names both dtypes when the cache's and the run's differ."""
+        cached = self.store.provenance.get("model", {}).get("dtype")
+        run = "bfloat16" if self.bf16 else "float32"
+        if cached and cached != run:
+            return (f"The cache was computed in {cached} and this run computes in {run}: build the cache in {run} "
+                    f"(cache --model.dtype {run}) or run in {cached} (train --dtype {cached}).")
+        return ("Is the policy the cache's reference model, with the SAE and hook layer the cache was built with "
+                f"(both in {run})?")
 
     # ------------------------------------------------------------------ train
 

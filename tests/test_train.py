@@ -283,6 +283,23 @@ def test_dpo_cached_equals_dpo_online(cache):
     assert info["reference_model_resident"] is True and len(info["resident_models"]) == 2
 
 
+def test_tdpo2_selected_head_equals_materialized_under_zero3(cache):
+    """TDPO2 (policy + frozen ZeRO-3 reference, sequential KL over the vocabulary) on 2 ranks, every parameter
+    partitioned: the output layer at selected positions (the reference head gathered explicitly) gives the
+    losses and gradient norms of the materialized full-logits path."""
+    runs = {}
+    for mode in ("selected", "materialized"):
+        out = cache["root"] / f"tdpo2-{mode}"
+        rc, log = train(cache, out, "--loss.name", "tdpo2", "--logits", mode, "--max_steps", "2", "--export", "false")
+        assert rc == 0, log[-6000:]
+        runs[mode] = metrics(out)
+    for a, b in zip(runs["selected"], runs["materialized"]):
+        for key in ("loss", "kl_chosen", "kl_rejected", "grad_norm"):
+            if key in a:
+                assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(b[key])), (a["step"], key, a[key], b[key])
+    assert runs["selected"][1]["loss"] != runs["selected"][0]["loss"]  # it trained
+
+
 def test_a_loss_registered_in_a_test_file_trains(cache, tmp_path):
     """The loss seam: a loss defined here alone (with its own hyper-parameter) trains through the real trainer."""
     out = tmp_path / "toy"

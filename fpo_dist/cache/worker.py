@@ -1,7 +1,8 @@
 """The cache worker: one frozen reference model + SAE, turning shards of rows into store regions.
 
 :func:`reference_pass` is the computation (one no-grad forward per batch, chosen and rejected rows
-together, block-ℓ residual hook, SAE encoding on the worker's device, mean pooling over the positions
+together, the output layer only at the positions that predict response tokens (:mod:`fpo_dist.lm_head`), block-ℓ
+residual hook, SAE encoding on the worker's device, mean pooling over the positions
 that predict response tokens).  :class:`CacheWorker` wraps it with loading and shard I/O; the driver
 runs it as a Ray actor, tests and ``verify`` run it in-process.
 """
@@ -16,7 +17,8 @@ import torch
 
 from fpo_dist.config import CacheConfig
 from fpo_dist.data import BadRowError, PairTokenizer, TokenizedPair, load_source
-from fpo_dist.losses import prediction_mask, token_logps
+from fpo_dist.lm_head import row_sums, selected_forward
+from fpo_dist.losses import prediction_mask
 from fpo_dist.models import (
     build_batch,
     capture_block_output,
@@ -76,14 +78,14 @@ def reference_pass(
         input_ids = batch.input_ids.to(device)
         attention = batch.attention_mask.to(device)
         response = batch.response_mask.to(device)
-        with capture_block_output(model, layer) as cap:
-            logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
-        per_tok = token_logps(logits, input_ids, response)
-        del logits
         pm = prediction_mask(response)
+        with capture_block_output(model, layer) as cap:
+            sel = selected_forward(model, input_ids, attention, pm)
+        per_tok = torch.zeros(pm.shape, dtype=sel.logps.dtype, device=device)
+        per_tok[torch.roll(pm, 1, dims=1)] = sel.logps  # token t's log-prob at t (pm[:, T-1] is never set)
         pooled, tok_codes = _pooled_codes(sae, cap.output, pm, per_token_codes)
         n = len(idx)
-        sums = per_tok.sum(-1).float().cpu()
+        sums = row_sums(sel.logps, sel.rows, len(input_ids)).float().cpu()  # the trainer's summation order
         counts = response[:, 1:].sum(-1).cpu()
         for j, i in enumerate(idx):
             entry = [

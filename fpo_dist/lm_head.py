@@ -1,0 +1,286 @@
+"""Log-probs only where a response token is predicted: the output layer on selected positions, chunk by chunk.
+
+Contract.  For a causal LM ``model`` and rows ``input_ids [R, T]`` with a prediction mask ``pm [R, T]``
+(:func:`fpo_dist.logprobs.prediction_mask`: ``pm[r, s]`` is True iff token ``s + 1`` is a response token),
+:func:`selected_forward` runs the decoder to its final norm, takes the ``N = pm.sum()`` hidden states
+``h = H[pm]`` (row-major order) and returns, per selected position ``i``::
+
+    z_i      = c · tanh(a · (W h_i + b) / c)        (c: the config's final_logit_softcapping, a: its logit scale;
+                                                      without soft-capping z_i = a · (W h_i + b))
+    logp_i   = log_softmax(fp32(z_i))[y_i]           (y_i = input_ids at the predicted position)
+    kl_i     = KL(softmax(z_i^ref) ‖ softmax(z_i))   (TDPO, when the reference's selected hidden states are given)
+
+exactly the model's own logits at those positions (``W h + b`` in the model's dtype, the soft-cap in the model's
+dtype, the log-softmax in fp32 — what the materialized path ``model(...).logits`` + :mod:`fpo_dist.logprobs`
+computes), but the output layer runs over chunks of ``chunk`` positions and the backward pass recomputes each
+chunk's logits, so no ``[positions × vocab]`` tensor larger than one chunk exists in the forward or backward pass,
+and prompt positions are never projected.  Gradients flow to ``h`` (hence the decoder) and to ``W``/``b``.
+
+ZeRO-3.  The model is called through its own ``__call__`` (a DeepSpeed engine's too), with its ``forward`` and its
+output layer's ``forward`` replaced for that one call: DeepSpeed's module hooks gather the head's weight around
+the output layer's call and its backward, exactly as for an ordinary ``nn.Linear``, tied or not.  The reference
+head's weight (frozen, another engine) is gathered explicitly through :func:`fpo_dist.engine.gathered`.
+
+Why ours and not TRL's ``add_fused_lm_head`` (TRL 1.16, used as a test oracle in ``tests/test_lm_head.py``): TRL
+scores every position off-GPU (its compact selection is for Triton devices only), patches ``model.forward``
+permanently, has no KL against a second model's head, and gathers a ZeRO-3 head in a context that, by its own
+note, must run inside the model's forward.  Ours selects positions on every device, shares the selected hidden
+states with the SAE/TDPO paths, and leaves the model unpatched outside the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+# fp32 bytes one chunk of [chunk, vocab] logits may take (Gemma's 262k vocabulary: 64 positions).
+HEAD_CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class HeadTransform:
+    """What the model applies to ``W h + b`` to get its logits: ``c · tanh(scale · x / c)`` or ``scale · x``."""
+
+    softcap: float | None = None
+    scale: float = 1.0
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "HeadTransform":
+        """The transform of a transformers causal LM, from its (text) config; refuses what it does not know."""
+        config = model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for unknown in ("logits_scaling", "output_multiplier", "lm_head_multiplier"):
+            if getattr(text, unknown, None) not in (None, 1, 1.0):
+                raise NotImplementedError(
+                    f"{type(model).__name__} scales its logits by config.{unknown}; the selected-position head does "
+                    "not model that: add it to fpo_dist.lm_head.HeadTransform")
+        scale = getattr(text, "logit_scale", None)
+        return cls(softcap=getattr(text, "final_logit_softcapping", None), scale=1.0 if scale is None else float(scale))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """As the model does it, in ``x``'s dtype."""
+        if self.scale != 1.0:
+            x = x * self.scale
+        if self.softcap is not None:
+            x = torch.tanh(x / self.softcap) * self.softcap
+        return x
+
+    def backward(self, z: Tensor, grad_z: Tensor) -> Tensor:
+        """``∂L/∂x`` from ``∂L/∂z`` and the output ``z``: ``(1 − (z/c)²) · scale``."""
+        if self.softcap is not None:
+            grad_z = grad_z * (1 - (z / self.softcap) ** 2)
+        return grad_z * self.scale if self.scale != 1.0 else grad_z
+
+
+@dataclass
+class RefHead:
+    """The reference model's side of TDPO's KL: its hidden states at the same selected positions and its head."""
+
+    hidden: Tensor  # [N, D], no grad
+    weight: Tensor
+    bias: Tensor | None
+    transform: HeadTransform
+
+
+@dataclass
+class SelectedOutput:
+    logps: Tensor  # [N] fp32 (fp64 for an fp64 model): log-prob of each predicted response token
+    kl: Tensor | None  # [N] per-position KL(ref ‖ model), when a RefHead was given
+    hidden: Tensor  # [N, D] final-normed hidden states at the selected positions
+    rows: Tensor  # [N] int64: the row of each selected position
+
+
+def output_layer(model: nn.Module) -> nn.Module:
+    layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if layer is None or not hasattr(layer, "weight"):
+        raise TypeError(f"{type(model).__name__} has no output layer with a weight (get_output_embeddings())")
+    return layer
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The decoder up to its final norm (``model.model`` for transformers' *ForCausalLM)."""
+    body = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if not isinstance(body, nn.Module) or body is model:
+        raise TypeError(f"cannot find the decoder of {type(model).__name__} (its base_model_prefix attribute)")
+    return body
+
+
+def unwrap(model: Any) -> nn.Module:
+    """The transformers model inside an :class:`fpo_dist.engine.Engine` / DeepSpeed engine / plain module."""
+    while not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def ref_head(model: Any, hidden: Tensor) -> RefHead:
+    """The :class:`RefHead` of a (frozen) reference model whose selected hidden states are ``hidden``."""
+    inner = unwrap(model)
+    layer = output_layer(inner)
+    return RefHead(hidden.detach(), layer.weight, getattr(layer, "bias", None), HeadTransform.of(inner))
+
+
+def auto_head_chunk(vocab: int, budget_bytes: int = HEAD_CHUNK_BYTES) -> int:
+    return max(1, budget_bytes // max(1, vocab * 4))
+
+
+def selected_forward(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    pmask: Tensor,
+    *,
+    position_ids: Tensor | None = None,
+    ref: RefHead | None = None,
+    chunk_size: int | None = None,
+) -> SelectedOutput:
+    """One forward of ``model`` (a transformers causal LM or an engine around one) scoring only ``pmask``'s
+    positions; see the module docstring.  Gradients follow torch's grad mode."""
+    inner = unwrap(model)
+    layer = output_layer(inner)
+    transform = HeadTransform.of(inner)
+    pm = pmask.bool()
+    targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)[pm].long()  # token s+1 for position s
+    rows = pm.nonzero()[:, 0]
+    box: dict[str, Any] = {}
+
+    def head_forward(h: Tensor):
+        w, b = layer.weight, getattr(layer, "bias", None)
+        chunk = chunk_size or auto_head_chunk(w.shape[0])
+        kl_args = (ref.hidden, ref.weight, ref.bias) if ref is not None else (None, None, None)
+        return _SelectedHead.apply(h, w, b, targets, *kl_args, _Cfg(transform, ref.transform if ref else None, chunk))
+
+    def model_forward(*args, **kwargs):
+        kwargs["use_cache"] = False
+        hidden = backbone(inner)(*args, **kwargs).last_hidden_state
+        h = hidden[pm]
+        box["hidden"] = h
+        with _instance_forward(layer, head_forward):
+            return layer(h)
+
+    call_kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
+    if position_ids is not None:
+        call_kwargs["position_ids"] = position_ids
+    with _instance_forward(inner, model_forward):
+        logps, kl = model(**call_kwargs)
+    return SelectedOutput(logps, kl if ref is not None else None, box["hidden"], rows)
+
+
+def row_sums(values: Tensor, rows: Tensor, n_rows: int) -> Tensor:
+    """``out[r] = Σ_{i: rows[i] = r} values[i]`` (differentiable)."""
+    return torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values)
+
+
+@contextlib.contextmanager
+def _instance_forward(module: nn.Module, fn: Callable) -> Iterator[None]:
+    """Call ``fn`` instead of ``module.forward`` for the duration (module hooks still run around it)."""
+    had = "forward" in module.__dict__
+    old = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        yield
+    finally:
+        if had:
+            module.forward = old
+        else:
+            del module.forward
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The chunked output layer with recompute in backward
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    transform: HeadTransform
+    ref_transform: HeadTransform | None
+    chunk: int
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _logits(h: Tensor, w: Tensor, b: Tensor | None, transform: HeadTransform) -> tuple[Tensor, Tensor]:
+    """``(z in the model's dtype, fp32 z)`` for a chunk: the model's own op order."""
+    z = transform(nn.functional.linear(h, w, b))
+    return z, z.to(torch.promote_types(z.dtype, torch.float32))
+
+
+def _gather_ref(weight: Tensor | None, bias: Tensor | None):
+    if weight is None:
+        return contextlib.nullcontext()
+    from fpo_dist.engine import gathered
+
+    return gathered([p for p in (weight, bias) if p is not None])
+
+
+class _SelectedHead(torch.autograd.Function):
+    """``(logp [N], kl [N])`` of the selected hidden states; saves only ``h``, the targets and fp32 ``lse``.
+
+    Backward per chunk: ``∂/∂z = g_logp · (onehot(y) − q) + g_kl · (q − p)`` (``q`` the model's softmax, ``p`` the
+    reference's), then through the soft-cap to ``x = W h + b``: ``∂h = ∂x W``, ``∂W = ∂xᵀ h``, ``∂b = Σ ∂x``.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, ref_h, ref_w, ref_b, cfg: _Cfg):
+        n = h.shape[0]
+        acc = torch.promote_types(h.dtype, torch.float32)
+        logp = torch.empty(n, dtype=acc, device=h.device)
+        lse = torch.empty_like(logp)
+        kl = torch.zeros_like(logp)
+        with torch.no_grad(), _gather_ref(ref_w, ref_b):
+            for sl in _chunks(n, cfg.chunk):
+                _, z = _logits(h[sl], weight, bias, cfg.transform)
+                lse[sl] = torch.logsumexp(z, dim=-1)
+                logp[sl] = z.gather(-1, targets[sl, None]).squeeze(-1) - lse[sl]
+                if ref_h is not None:
+                    kl[sl] = _kl(ref_h[sl], ref_w, ref_b, cfg.ref_transform, z - lse[sl, None])
+        ctx.save_for_backward(h, weight, bias, targets, lse, ref_h, ref_w, ref_b)
+        ctx.cfg = cfg
+        if ref_h is None:
+            ctx.mark_non_differentiable(kl)
+        return logp, kl
+
+    @staticmethod
+    def backward(ctx, g_logp, g_kl):
+        h, weight, bias, targets, lse, ref_h, ref_w, ref_b = ctx.saved_tensors
+        cfg: _Cfg = ctx.cfg
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(h) if need_h else None
+        acc = torch.promote_types(weight.dtype, torch.float32)  # weight gradients accumulate over chunks in ≥ fp32
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b and bias is not None else None
+        with _gather_ref(ref_w, ref_b):
+            for sl in _chunks(h.shape[0], cfg.chunk):
+                z_model, z = _logits(h[sl], weight, bias, cfg.transform)
+                q = torch.exp(z - lse[sl, None])
+                d = q * (-g_logp[sl, None])
+                d.scatter_add_(-1, targets[sl, None], g_logp[sl, None])
+                if ref_h is not None:
+                    log_p = _ref_logprobs(ref_h[sl], ref_w, ref_b, cfg.ref_transform)
+                    d += (q - log_p.exp()) * g_kl[sl, None]
+                dx = cfg.transform.backward(z_model.to(d.dtype), d).to(h.dtype)
+                if grad_h is not None:
+                    grad_h[sl] = dx @ weight
+                if grad_w is not None:
+                    grad_w.addmm_(dx.t().to(acc), h[sl].to(acc))
+                if grad_b is not None:
+                    grad_b += dx.to(acc).sum(0)
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+
+
+def _ref_logprobs(ref_h: Tensor, w: Tensor, b: Tensor | None, transform: HeadTransform) -> Tensor:
+    return torch.log_softmax(_logits(ref_h, w, b, transform)[1], dim=-1)
+
+
+def _kl(ref_h: Tensor, w: Tensor, b: Tensor | None, transform: HeadTransform, log_q: Tensor) -> Tensor:
+    """Per row ``Σ_v p_v (log p_v − log q_v)``; ``0 · log 0`` taken as 0."""
+    log_p = _ref_logprobs(ref_h, w, b, transform).to(log_q.dtype)
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)

@@ -1,0 +1,164 @@
+"""The output layer at selected positions (fpo_dist.lm_head) ≡ the materialized path it replaces, and ≡ TRL's fused
+LM head (an independent implementation, test-only oracle); no [positions × vocab] tensor beyond one chunk.
+
+The materialized path: ``model(...).logits`` (transformers' own forward, soft-cap included) + the chunked fp32
+log-softmax of ``fpo_dist.logprobs`` — itself tested against hand-derived numbers in test_losses.py.
+Under ZeRO-3 (2 ranks, every parameter partitioned) the path is held to plain PyTorch by
+test_train.py::test_two_rank_zero3_equals_plain_pytorch (policy) and ::test_dpo_cached_equals_dpo_online
+(frozen reference engine).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fpo_dist.lm_head import HeadTransform, ref_head, row_sums, selected_forward
+from fpo_dist.logprobs import prediction_mask, sequential_kl, token_logps
+from fpo_dist.testing import build_gemma3, build_llama
+
+VOCAB = 300  # distinct from every other dimension, so vocab-sized tensors are recognisable
+
+
+def _models(kind: str, seed: int):
+    if kind == "llama-untied":
+        return build_llama(vocab_size=VOCAB, seed=seed)
+    softcap = 3.0 if "softcap" in kind else None
+    return build_gemma3(vocab_size=VOCAB, softcap=softcap, tied="untied" not in kind, seed=seed)
+
+
+def _batch(rows=4, seq=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (rows, seq), generator=g)
+    att = torch.ones(rows, seq, dtype=torch.long)
+    att[1, 9:] = 0  # a padded row
+    resp = torch.zeros(rows, seq, dtype=torch.bool)
+    resp[:, 5:] = True
+    resp[2, 5:7] = False  # a longer prompt
+    return ids, att, resp & att.bool()
+
+
+def _materialized(model, ref, ids, att, resp, weights):
+    logits = model(input_ids=ids, attention_mask=att).logits
+    with torch.no_grad():
+        ref_logits = ref(input_ids=ids, attention_mask=att).logits
+    lp = token_logps(logits, ids, resp).sum(-1)
+    kl = sequential_kl(ref_logits, logits, resp)
+    params = [p for p in model.parameters()]
+    return lp, kl, torch.autograd.grad((lp * weights).sum() + 0.7 * kl.sum(), params)
+
+
+def _selected(model, ref, ids, att, resp, weights, chunk):
+    pm = prediction_mask(resp)
+    with torch.no_grad():
+        r = selected_forward(ref, ids, att, pm, chunk_size=chunk)
+    out = selected_forward(model, ids, att, pm, ref=ref_head(ref, r.hidden), chunk_size=chunk)
+    lp, kl = row_sums(out.logps, out.rows, len(ids)), row_sums(out.kl, out.rows, len(ids))
+    params = [p for p in model.parameters()]
+    return lp, kl, torch.autograd.grad((lp * weights).sum() + 0.7 * kl.sum(), params), r
+
+
+@pytest.mark.parametrize("kind", ["llama-untied", "gemma-tied", "gemma-tied-softcap", "gemma-untied-softcap"])
+def test_selected_equals_materialized_values_and_gradients(kind):
+    """fp64: log-prob sums, TDPO KL and every parameter gradient agree to rounding, with 3-position chunks
+    (several chunks per batch), tied and untied heads, soft-capping on and off."""
+    model, ref = _models(kind, 0).double().requires_grad_(True), _models(kind, 1).double()
+    assert (HeadTransform.of(model).softcap is not None) == ("softcap" in kind)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == ("-tied" in kind)
+    ids, att, resp = _batch()
+    w = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    lp_a, kl_a, g_a = _materialized(model, ref, ids, att, resp, w)
+    lp_b, kl_b, g_b, r = _selected(model, ref, ids, att, resp, w, chunk=3)
+    torch.testing.assert_close(lp_b, lp_a, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(kl_b, kl_a, rtol=1e-12, atol=1e-10)
+    assert float(kl_a.detach().abs().min()) > 1e-3  # two different models: the KL term is really exercised
+    for (name, _), a, b in zip(model.named_parameters(), g_a, g_b):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10, msg=name)
+    # the reference's own log-probs from its selected forward
+    with torch.no_grad():
+        ref_lp = token_logps(ref(input_ids=ids, attention_mask=att).logits, ids, resp).sum(-1)
+    torch.testing.assert_close(row_sums(r.logps, r.rows, len(ids)), ref_lp, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 5e-2)])
+def test_selected_equals_materialized_in_model_dtypes(dtype, tol):
+    """fp32 and bf16 (the model's matmul and soft-cap in its dtype, the log-softmax in fp32, as in the
+    materialized path): per-sequence log-prob sums within ``tol`` per token."""
+    model = build_gemma3(vocab_size=VOCAB, softcap=3.0).to(dtype)
+    ids, att, resp = _batch()
+    with torch.no_grad():
+        a = token_logps(model(input_ids=ids, attention_mask=att).logits, ids, resp).sum(-1)
+        out = selected_forward(model, ids, att, prediction_mask(resp))
+    b = row_sums(out.logps, out.rows, len(ids))
+    assert b.dtype == torch.float32
+    torch.testing.assert_close(b, a, rtol=0, atol=tol * float(resp.sum(-1).max()))
+
+
+class _Shapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape of every tensor an op returns, except views of the model's parameters (W transposed)."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.skip = {p.untyped_storage().data_ptr() for p in params}
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.skip:
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def _largest_vocab_block(fn, model) -> int:
+    """The most positions × vocab any tensor created by ``fn`` (forward and backward) holds."""
+    with _Shapes(model.parameters()) as mode:
+        fn()
+    return max((int(torch.tensor(s[:-1]).prod()) for s in mode.shapes if s and s[-1] == VOCAB), default=0)
+
+
+def test_no_positions_by_vocab_tensor_beyond_one_chunk():
+    """Forward + backward create no ``[…, vocab]`` tensor of more than ``chunk`` positions; the materialized path
+    (the control, so this test can fail) creates one of every position."""
+    model = build_gemma3(vocab_size=VOCAB, softcap=3.0, tied=False).requires_grad_(True)
+    ids, att, resp = _batch(rows=4, seq=16)
+    chunk = 5
+
+    def selected():
+        out = selected_forward(model, ids, att, prediction_mask(resp), chunk_size=chunk)
+        out.logps.sum().backward()
+
+    def materialized():
+        token_logps(model(input_ids=ids, attention_mask=att).logits, ids, resp, chunk_size=chunk).sum().backward()
+
+    assert _largest_vocab_block(selected, model) <= chunk
+    assert _largest_vocab_block(materialized, model) >= ids.numel()
+
+
+def test_matches_trl_fused_lm_head():
+    """TRL 1.16's ``add_fused_lm_head`` (chunked, soft-cap aware, its own backward) as an independent oracle:
+    per-token log-probs and parameter gradients on a tied, soft-capped Gemma 3."""
+    trl_utils = pytest.importorskip("trl.trainer.utils", reason="dev extra trl not installed")
+    ours = build_gemma3(vocab_size=VOCAB, softcap=3.0).requires_grad_(True)  # TRL computes in fp32
+    theirs = build_gemma3(vocab_size=VOCAB, softcap=3.0).requires_grad_(True)
+    trl_utils.add_fused_lm_head(theirs)
+    ids, att, resp = _batch()
+    labels = ids.masked_fill(~resp, -100)
+    t_out = theirs(input_ids=ids, attention_mask=att, labels=labels, fused_lm_head=True)
+    t_tok = t_out.log_probs  # [R, T-1]: log-prob of token t+1, 0 where the label is -100
+    pm = prediction_mask(resp)
+    o = selected_forward(ours, ids, att, pm)
+    o_tok = torch.zeros_like(t_tok).masked_scatter(pm[:, :-1], o.logps)
+    torch.testing.assert_close(o_tok, t_tok, rtol=1e-5, atol=1e-5)
+    w = torch.linspace(-1, 2, t_tok.numel()).view_as(t_tok)
+    g_t = torch.autograd.grad((t_tok * w).sum(), list(theirs.parameters()))
+    g_o = torch.autograd.grad((o_tok * w).sum(), list(ours.parameters()))
+    for (name, _), a, b in zip(ours.named_parameters(), g_t, g_o):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_unknown_logit_scaling_is_refused():
+    model = build_gemma3(vocab_size=VOCAB)
+    model.config.logits_scaling = 4.0
+    with pytest.raises(NotImplementedError, match="logits_scaling"):
+        HeadTransform.of(model)
