@@ -218,6 +218,10 @@ class TrainConfig:
     keep_last: int = 2
     resume: str | None = None  # "auto" or a checkpoint path
     log_every: int = 1
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, none (several: a,b)
+    eval_cache: str = ""  # a held-out cache built with the training cache's config (another data.split)
+    eval_every: int = 0  # optimizer steps between evaluations on eval_cache (0: only at the end)
+    eval_batch_size: int | None = None  # pairs per rank per eval forward; default micro_batch_size
     log_samples: bool = False  # samples.jsonl: the source rows of every step (an audit trail; one gather per step)
     step0_check: bool = True
     step0_rows: int = 4
@@ -258,9 +262,25 @@ class TrainConfig:
             raise ConfigError("'max_steps' must be positive, or null for the whole run")
         if self.save_every < 0 or self.prefetch < 0:
             raise ConfigError("'save_every' (0: only at the end) and 'prefetch' must not be negative")
+        self._validate_eval_and_tracking()
         if not self.sae.source and (self.sae.sae_id is not None or self.sae.layer is not None):
             raise ConfigError("'sae.sae_id'/'sae.layer' need 'sae.source'; without it the cache's SAE and layer are "
                               "used, so drop them")
+
+    def _validate_eval_and_tracking(self) -> None:
+        from fpo_dist.tracking import check_report_to
+
+        try:
+            check_report_to(self.report_to)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.eval_every < 0:
+            raise ConfigError("'eval_every' must not be negative (0: evaluate only at the end)")
+        if self.eval_every and not self.eval_cache:
+            raise ConfigError("'eval_every' is set but there is no 'eval_cache' to evaluate on; build one with "
+                              "`python -m fpo_dist.cache` (the training cache's config, another data.split)")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ConfigError("'eval_batch_size' must be positive, or null for micro_batch_size")
 
     def _import_plugins(self) -> None:
         import importlib

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 N_ROWS = 20  # all ok: G = 4 → 5 steps per epoch
+N_EVAL = 5  # held-out pairs: odd, so the 2 ranks hold 3 and 2 (eval batch 2: rank 1 runs one filler forward)
 LR = 5e-3
 BETA, ALPHA, K = 0.5, 2.0, 8
 
@@ -77,15 +78,27 @@ def cache(tiny, tmp_path_factory):
         "--rows_per_shard", "8", "--chunk_rows", "8", "--workers", "2", "--device", "cpu",
         "--data.max_length", "64", "--data.max_prompt_length", "32",
     ])
+    # a held-out cache: the same config, other pairs (as another data.split of a hub dataset would be)
+    held_out = root / "held_out.jsonl"
+    held_out.write_text("\n".join(json.dumps({"prompt": f"Held-out question {i}?", "chosen": f"A careful reply {i}.",
+                                              "rejected": f"No {i}." + " Meh" * i}) for i in range(N_EVAL)))
+    eval_cfg = load_config(CacheConfig, None, [
+        "--model.name_or_path", str(tiny.model_dir), "--sae.source", str(tiny.sae_dir),
+        "--sae.layer", str(tiny.hook_layer), "--data.source", str(held_out), "--output", str(root / "eval_store"),
+        "--rows_per_shard", "8", "--chunk_rows", "8", "--workers", "2", "--device", "cpu",
+        "--data.max_length", "64", "--data.max_prompt_length", "32",
+    ])
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         run_cache_job(cfg, log=lambda *_: None)
+        run_cache_job(eval_cfg, log=lambda *_: None)
     finally:
         ray.shutdown()
     ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every parameter
     (root / "zero3_test.json").write_text(json.dumps(ds))
-    return {"store": str(root / "store"), "ds": str(root / "zero3_test.json"), "root": root, "tiny": tiny}
+    return {"store": str(root / "store"), "eval_store": str(root / "eval_store"), "ds": str(root / "zero3_test.json"),
+            "root": root, "tiny": tiny}
 
 
 def train(cache, out: Path, *extra: str, nproc: int = 2, launcher: str = "torchrun", timeout: int = 420):
@@ -347,3 +360,84 @@ def test_step0_check_catches_a_wrong_hook_layer(cache, tmp_path):
     rc, log = train({**cache, "store": str(store)}, tmp_path / "out", nproc=1, timeout=240)
     assert rc != 0 and "step-0 check failed" in log and "relative" in log
     assert "max |Δ avg logp| = 0" in log  # the log-probs agree: only the features betray the layer
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+def _eval_records(out: Path) -> list[dict]:
+    return [r for r in metrics(out) if "eval/loss" in r]
+
+
+def _train_records(out: Path) -> list[dict]:
+    return [r for r in metrics(out) if "loss" in r]
+
+
+def test_eval_during_training_two_ranks_equal_one_and_a_single_process_computation(run_a, cache):
+    """--eval_cache/--eval_every on 2 ZeRO-3 ranks: evaluations at step 2 and at the end (3) over all 5 held-out
+    pairs; training is unchanged (≡ run_a, which has no evaluation); 1 rank ≡ 2 ranks; the final evaluation equals
+    one plain-PyTorch computation over all held-out pairs with the exported policy."""
+    from test_evaluation_loop import _oracle
+
+    from fpo_dist.store import open_store
+
+    out_a, _ = run_a
+    common = ("--max_steps", "3", "--epochs", "2", "--eval_cache", cache["eval_store"], "--eval_every", "2",
+              "--eval_batch_size", "2")
+    out2, out1 = cache["root"] / "eval_2ranks", cache["root"] / "eval_1rank"
+    rc, log = train(cache, out2, *common)
+    assert rc == 0, log[-6000:]
+    assert "eval at step 2: loss" in log
+    rc, log = train(cache, out1, *common, "--grad_accum", "2", nproc=1)
+    assert rc == 0, log[-6000:]
+
+    for a, b in zip(_train_records(out_a), _train_records(out2), strict=True):  # evaluation changes nothing
+        for key in ("loss", "reward_accuracy", "feature_mse_rejected", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-6 * max(1.0, abs(a[key])), (a["step"], key)
+    e2, e1 = _eval_records(out2), _eval_records(out1)
+    assert [r["step"] for r in e2] == [r["step"] for r in e1] == [2, 3]
+    for a, b in zip(e2, e1):
+        assert a["eval/n_pairs"] == b["eval/n_pairs"] == N_EVAL
+        for key in a:
+            if key.startswith("eval/") and key != "eval/time_s":
+                assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a["step"], key, a[key], b[key])
+    assert abs(e2[0]["eval/loss"] - e2[1]["eval/loss"]) > 1e-6  # the policy moved between the evaluations
+
+    want = _oracle(_load(out2 / "hf"), _sae(cache), open_store(cache["eval_store"]), cache["tiny"].hook_layer, "fpo",
+                   {"beta": BETA, "alpha": ALPHA, "k": K})
+    for key, value in want.items():
+        assert e2[-1][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+    info = json.loads((out2 / "run_info.json").read_text())["eval"]
+    assert info["steps"] == [2, 3] and info["last"] == e2[-1]
+    assert info["best"] == min(e2, key=lambda r: r["eval/loss"])
+    tags = _tensorboard_tags(out2)
+    assert {"train/loss", "eval/loss", "eval/reward_accuracy", "eval/feature_mse_rejected", "eval/topk_overlap"} <= tags
+
+
+def _sae(cache):
+    from sae_lens import SAE
+
+    return SAE.load_from_disk(str(cache["tiny"].sae_dir))
+
+
+def _tensorboard_tags(out: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+def test_an_eval_cache_built_differently_is_refused(cache, tmp_path):
+    import zarr
+
+    store = tmp_path / "other_eval"
+    shutil.copytree(cache["eval_store"], store)
+    group = zarr.open_group(str(store), mode="r+")
+    prov = dict(group.attrs["provenance"])
+    prov["data"] = {**prov["data"], "max_length": 128}
+    group.attrs["provenance"] = prov
+    rc, log = train(cache, tmp_path / "out", "--eval_cache", str(store), nproc=1, timeout=240)
+    assert rc == 2 and "was not built like the training cache" in log
+    assert "data.max_length: training cache 64, eval cache 128" in log
