@@ -89,6 +89,30 @@ class SAEConfig:
     layer: int | None = None  # hook layer ℓ: residual output of decoder block ℓ (0-based)
 
 
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the policy through peft (``rank`` 0: full fine-tuning).  The reference stays the base model."""
+
+    rank: int = 0
+    alpha: float = 16.0  # scaling alpha / rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # peft names, or all-linear
+
+    def validate(self) -> None:
+        if self.rank < 0:
+            raise ConfigError("'policy.lora.rank' must be >= 0 (0: full fine-tuning, no adapters)")
+        if self.rank and (self.alpha <= 0 or not 0 <= self.dropout < 1 or not self.target_modules):
+            raise ConfigError("'policy.lora.alpha' must be positive, 'policy.lora.dropout' in [0, 1) and "
+                              "'policy.lora.target_modules' non-empty (module names such as q_proj,v_proj, or all-linear)")
+
+
+@dataclass
+class PolicyConfig(ModelConfig):
+    """The trained model: a :class:`ModelConfig` (empty: the cache's reference model) and optional LoRA adapters."""
+
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
 # --------------------------------------------------------------------------------------------------
 # Cache job
 # --------------------------------------------------------------------------------------------------
@@ -201,7 +225,7 @@ class TrainConfig:
     plugins: list[str] = field(default_factory=list)  # modules imported first, e.g. to register a loss
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    policy: ModelConfig = field(default_factory=ModelConfig)  # empty: the cache's reference model
+    policy: PolicyConfig = field(default_factory=PolicyConfig)  # empty: the cache's reference model (+ LoRA)
     ref_model: ModelConfig = field(default_factory=ModelConfig)  # online losses; empty: the cache's
     sae: SAEConfig = field(default_factory=SAEConfig)  # empty: the cache's SAE
     output_dir: str = "runs/fpo"
@@ -239,6 +263,7 @@ class TrainConfig:
             raise ConfigError("'micro_batch_size', 'grad_accum' and 'epochs' must be positive")
         self._import_plugins()
         self.loss.validate()
+        self.policy.lora.validate()
         spec = self.loss.spec()
         if not spec.needs_sae and self.sae.source:
             raise ConfigError(

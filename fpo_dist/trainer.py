@@ -165,6 +165,9 @@ class Trainer:
             "loss": self.cfg.loss.name, "zero_stage": int(self.ds_config.get("zero_optimization", {}).get("stage", 0)),
             "resident_models": models, "reference_model_resident": self.reference is not None,
             "sae_resident": self.sae is not None, "ds_config": self.ds_config,
+            "trainable_numel": sum(int(getattr(p, "ds_numel", p.numel())) for p in self.policy.module.parameters()
+                                   if p.requires_grad),
+            "lora": to_dict(self.cfg.policy.lora) if self.cfg.policy.lora.rank else None,
         }
         self.run_info = info
         if self.is_main:
@@ -214,9 +217,16 @@ class Trainer:
         self._setup_ds_config(policy_cfg)
         dtype = "bfloat16" if self.bf16 else "float32"
         self._zero_ctx = eng.zero3_init_context(self.ds_config)  # keep alive: partitioned loading
-        policy = load_causal_lm(model_spec(policy_cfg, dtype), requires_grad=True)
+        lora = cfg.policy.lora
+        policy = load_causal_lm(model_spec(policy_cfg, dtype), requires_grad=not lora.rank)
+        if lora.rank:
+            from fpo_dist.lora import apply_lora
+
+            policy = apply_lora(policy, lora, cfg.seed)
         if cfg.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
+            if lora.rank:  # frozen embeddings: checkpointed blocks need inputs that require grad
+                policy.enable_input_require_grads()
         policy.config.use_cache = False
         optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_factor(s, cfg.optim.warmup_steps))
@@ -471,9 +481,13 @@ class Trainer:
         if not self.cfg.export:
             return None
         out = str(Path(self.cfg.output_dir) / "hf")
-        self.policy.export_hf(out, self.tokenizer, torch.bfloat16 if self.bf16 else torch.float32)
+        writer = None
+        if self.cfg.policy.lora.rank:
+            from fpo_dist.lora import export as writer
+        self.policy.export_hf(out, self.tokenizer, torch.bfloat16 if self.bf16 else torch.float32, writer=writer)
         if self.is_main:
-            print(f"exported Hugging Face model to {out}", flush=True)
+            what = "the LoRA adapter to {0}/adapter and the merged model" if writer else "Hugging Face model"
+            print(f"exported {what.format(out)} to {out}", flush=True)
         return out
 
     def cleanup(self) -> None:
@@ -503,6 +517,7 @@ def _resume_fields(cfg: TrainConfig) -> dict:
     """The settings a resumed run must share with the checkpoint it continues."""
     out = {f"loss.{k}": v for k, v in to_dict(cfg.loss).items()}
     out.update({f"optim.{k}": list(v) if isinstance(v, tuple) else v for k, v in to_dict(cfg.optim).items()})
+    out.update({f"policy.lora.{k}": v for k, v in to_dict(cfg.policy.lora).items()})
     out.update(cache=cfg.cache, seed=cfg.seed, epochs=cfg.epochs)
     return out
 

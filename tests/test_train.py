@@ -373,11 +373,15 @@ def _train_records(out: Path) -> list[dict]:
     return [r for r in metrics(out) if "loss" in r]
 
 
-def test_eval_during_training_two_ranks_equal_one_and_a_single_process_computation(run_a, cache):
+def test_eval_during_training_two_ranks_equal_one_and_a_single_process_computation(run_a, cache, monkeypatch):
     """--eval_cache/--eval_every on 2 ZeRO-3 ranks: evaluations at step 2 and at the end (3) over all 5 held-out
     pairs; training is unchanged (≡ run_a, which has no evaluation); 1 rank ≡ 2 ranks; the final evaluation equals
-    one plain-PyTorch computation over all held-out pairs with the exported policy."""
+    one plain-PyTorch computation over all held-out pairs with the exported policy.  The 1-rank run also reports to
+    W&B (offline): its run holds the same train and eval records as metrics.jsonl, the config and run_info."""
     from test_evaluation_loop import _oracle
+    from test_tracking import wandb_records
+
+    from fpo_dist.tracking import scalars
 
     from fpo_dist.store import open_store
 
@@ -388,7 +392,9 @@ def test_eval_during_training_two_ranks_equal_one_and_a_single_process_computati
     rc, log = train(cache, out2, *common)
     assert rc == 0, log[-6000:]
     assert "eval at step 2: loss" in log
-    rc, log = train(cache, out1, *common, "--grad_accum", "2", nproc=1)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    rc, log = train(cache, out1, *common, "--grad_accum", "2", "--report_to", "tensorboard,wandb", nproc=1)
     assert rc == 0, log[-6000:]
 
     for a, b in zip(_train_records(out_a), _train_records(out2), strict=True):  # evaluation changes nothing
@@ -413,6 +419,18 @@ def test_eval_during_training_two_ranks_equal_one_and_a_single_process_computati
     assert info["best"] == min(e2, key=lambda r: r["eval/loss"])
     tags = _tensorboard_tags(out2)
     assert {"train/loss", "eval/loss", "eval/reward_accuracy", "eval/feature_mse_rejected", "eval/topk_overlap"} <= tags
+
+    assert not (out2 / "wandb").exists()  # only where asked for
+    wb = wandb_records(out1)
+    expected: dict[int, dict] = {}
+    for record in metrics(out1):
+        expected.setdefault(record["step"], {}).update(scalars(record))
+    history = {row["_step"]: {k: v for k, v in row.items() if not k.startswith("_")} for row in wb["history"]}
+    assert history.keys() == expected.keys() == {1, 2, 3}
+    for step, values in expected.items():
+        assert history[step] == pytest.approx(values, rel=1e-9), step
+    assert wb["config"]["loss"]["name"] == "fpo" and wb["config"]["eval_cache"] == cache["eval_store"]
+    assert wb["summary"]["run_info"]["eval"]["last"]["step"] == 3
 
 
 def _sae(cache):
