@@ -459,3 +459,62 @@ def test_an_eval_cache_built_differently_is_refused(cache, tmp_path):
     rc, log = train(cache, tmp_path / "out", "--eval_cache", str(store), nproc=1, timeout=240)
     assert rc == 2 and "was not built like the training cache" in log
     assert "data.max_length: training cache 64, eval cache 128" in log
+
+
+# --------------------------------------------------------------------------------------------- LoRA
+
+
+LORA = ("--policy.lora.rank", "4", "--policy.lora.alpha", "8", "--policy.lora.target_modules", "q_proj,v_proj,down_proj")
+
+
+def test_lora_under_zero3_and_zero2_export_and_resume(cache, tiny):
+    """A LoRA policy on 2 ZeRO-3 ranks: the step-0 check holds on the unchanged cache (zero-initialised adapters),
+    only adapter parameters train, the merged export equals base + adapter merged by peft itself; ZeRO-2 ≡ ZeRO-3;
+    a run resumed from step 2 continues exactly."""
+    from peft import PeftModel
+
+    root = cache["root"]
+    out3 = root / "lora_zero3"
+    rc, log = train(cache, out3, *LORA, "--max_steps", "3", "--save_every", "2")
+    assert rc == 0, log[-6000:]
+    assert "step-0 check: rows" in log and "LoRA adapter" in log
+    m3 = metrics(out3)
+    assert abs(m3[0]["loss"] - math.log(2)) < 1e-5 and abs(m3[-1]["loss"] - math.log(2)) > 1e-4
+
+    base = _load(tiny.model_dir)
+    expected = dict(PeftModel.from_pretrained(_load(tiny.model_dir), str(out3 / "hf" / "adapter")).merge_and_unload()
+                    .state_dict())
+    merged = _load(out3 / "hf").state_dict()
+    assert merged.keys() == expected.keys()
+    adapted = ("q_proj.weight", "v_proj.weight", "down_proj.weight")
+    for key, value in expected.items():
+        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
+        if key.endswith(adapted):
+            assert not torch.equal(merged[key], base.state_dict()[key]), key  # the adapters moved
+        else:
+            assert torch.equal(merged[key], base.state_dict()[key]), key  # nothing else did
+    info = json.loads((out3 / "run_info.json").read_text())
+    n_lora = sum(4 * (m.in_features + m.out_features) for n, m in base.named_modules()
+                 if n.endswith(("q_proj", "v_proj", "down_proj")))  # rank × (in + out) per adapted layer
+    assert info["lora"]["rank"] == 4 and info["trainable_numel"] == n_lora
+
+    ds2 = root / "zero2_test.json"
+    ds2.write_text((ROOT / "ds_configs" / "zero2.json").read_text())
+    out2 = root / "lora_zero2"
+    rc, log = train({**cache, "ds": str(ds2)}, out2, *LORA, "--max_steps", "3", "--export", "false")
+    assert rc == 0, log[-6000:]
+    for a, b in zip(m3, metrics(out2), strict=True):
+        for key in ("loss", "reward_accuracy", "feature_mse_rejected", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a["step"], key, a[key], b[key])
+
+    outr = root / "lora_resumed"
+    (outr / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out3 / "checkpoints" / "step_2", outr / "checkpoints" / "step_2")
+    (outr / "checkpoints" / "latest").write_text("step_2")
+    rc, log = train(cache, outr, *LORA, "--max_steps", "3", "--resume", "auto", "--export", "false")
+    assert rc == 0, log[-6000:]
+    assert "resumed from" in log
+    a3, r3 = m3[2], metrics(outr)[0]
+    assert r3["step"] == 3
+    for key in ("loss", "reward_accuracy", "feature_mse_rejected", "grad_norm"):
+        assert abs(a3[key] - r3[key]) <= 1e-6 * max(1.0, abs(a3[key])), key
