@@ -36,6 +36,10 @@ test-fast: install
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
+# static checks (ruff, pinned in the dev extra; configuration in pyproject.toml)
+lint: install
+	$(PY) -m ruff check .
+
 # benchmarks: step cost per loss, cache throughput and size, loader overhead → bench/results/
 bench: install
 	OMP_NUM_THREADS=1 $(PY) -m bench.run $(BENCH_ARGS)

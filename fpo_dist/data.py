@@ -442,9 +442,6 @@ class RangeResult:
     pairs: list[TokenizedPair]
     bad: list[BadRow]
 
-    def bad_counts(self) -> Counter:
-        return Counter(b.reason for b in self.bad)
-
 
 class PairTokenizer:
     """Turns raw rows into :class:`TokenizedPair` objects; usable per row range (cache workers)."""

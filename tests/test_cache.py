@@ -143,14 +143,39 @@ def test_cached_values_match_plain_transformers_and_sae_lens(one_worker_store, t
             assert (pooled != 0).sum() == len(idx)  # every non-zero is stored, nothing else
 
 
+def dies_after_writing(shard: int, marker: Path) -> type:
+    """A test-only CacheWorker: the first actor to process ``shard`` writes it, then dies (``os._exit``) before
+    returning, so the driver never commits it.  ``marker`` (created by the dying actor, holding its pid) makes
+    it happen once.  Defined in a function so that Ray ships the class to its workers by value."""
+    from fpo_dist.cache.worker import CacheWorker
+
+    marker = str(marker)
+
+    class DiesAfterWrite(CacheWorker):
+        def process(self, s: int) -> dict:
+            res = super().process(s)  # the shard is in the store now
+            if s == shard and not os.path.exists(marker):
+                Path(marker).write_text(str(os.getpid()))
+                os._exit(17)
+            return res
+
+    return DiesAfterWrite
+
+
 def test_worker_dies_mid_run_store_identical(one_worker_store, tiny, dataset, ray_session, tmp_path, monkeypatch):
-    from fpo_dist.cache.worker import FAULT_ENV
+    import fpo_dist.cache.driver as driver
 
     marker = tmp_path / "died-once"
-    monkeypatch.setenv(FAULT_ENV, f"2:{marker}")  # the first worker to write shard 2 dies before reporting
-    summary = build(cache_config(tiny, dataset, tmp_path / "faulty", workers=2, per_token_logps="true"), ray_session)
+    # the driver makes its actors from this name (in this process): they run the dying subclass
+    monkeypatch.setattr(driver, "CacheWorker", dies_after_writing(2, marker))
+    logs: list[str] = []
+    summary = driver.run_cache_job(
+        cache_config(tiny, dataset, tmp_path / "faulty", workers=2, per_token_logps="true"), log=logs.append)
     assert marker.exists()  # the fault really happened
-    assert summary["shards_done_now"] == open_store(str(tmp_path / "faulty")).plan.n_shards
+    assert len([m for m in logs if "died on shard 2" in m]) == 1, logs  # noticed once, and shard 2 re-queued
+    n_shards = open_store(str(tmp_path / "faulty")).plan.n_shards
+    assert summary["shards_done_now"] == n_shards
+    assert sum(w["shards"] for w in summary["workers"].values()) == n_shards  # every shard reported exactly once
     assert_same_store(one_worker_store[0], tmp_path / "faulty")
 
 
@@ -236,8 +261,11 @@ def test_verify_and_info_cli(one_worker_store, tmp_path):
     import shutil
 
     src = one_worker_store[0]
-    run = lambda *a: subprocess.run([sys.executable, "-m", "fpo_dist.cache", *a], cwd=ROOT, capture_output=True,
-                                    text=True, timeout=300)
+
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "fpo_dist.cache", *a], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+
     ok = run("verify", str(src), "--recompute", "4", "--device", "cpu")
     assert ok.returncode == 0 and "verify: OK" in ok.stdout, ok.stdout + ok.stderr
     info = run("info", str(src))
@@ -310,8 +338,8 @@ def test_ray_job_submit_against_a_head_on_loopback(tiny, dataset, tmp_path, one_
 @pytest.mark.realmodel
 def test_gemma3_real_model_cache(gemma_hf_dir, tmp_path):
     """A handful of short pairs through the real Gemma 3 270M; log-probs against plain transformers."""
-    from fpo_dist.cache.worker import CacheWorker
     from fpo_dist.cache.driver import build_provenance
+    from fpo_dist.cache.worker import CacheWorker
     from fpo_dist.data import load_source
     from fpo_dist.store import create_store
     from fpo_dist.testing import build_sae

@@ -13,7 +13,11 @@ the real jobs (`python -m fpo_dist.cache`, `launchers/train.py`) on the tiny loc
   training job never runs;
 * a cancelled cache job (stuck: its actor asks for more CPUs than any node has) leaves no process of its job behind;
 * train.sbatch with the deepspeed launcher (--no_ssh, node rank from $SLURM_NODEID) resumes the pipeline's run;
-* `down` leaves no process behind: daemons, Ray processes and job processes are checked by PID.
+* `down` leaves no process behind: daemons, Ray processes and job processes are checked by PID (in the cluster
+  fixture's teardown, so it holds whichever tests ran).
+
+No test depends on another: the pipeline runs once per module in the `pipeline` fixture, shared by the tests that
+check it and the one that resumes its run; each test passes alone (-k) and in any order.
 
 Set FPO_TEST_KEEP_CLUSTER_DIR=1 to keep the cluster's work dir (job logs, Ray logs, stores, runs) for debugging.
 """
@@ -314,6 +318,8 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tiny):
+    """The module's cluster.  Its teardown is a check: after `down`, nothing this module started is alive (daemons,
+    Ray and job processes seen by the tests, anything carrying this cluster's SLURM_CONF), and `status` says down."""
     if os.geteuid() != 0:
         pytest.skip("the local SLURM harness needs root")
     if not shutil.which("slurmctld") and not shutil.which("apt-get"):
@@ -322,20 +328,43 @@ def cluster(tiny):
     work.chmod(0o755)  # munged wants every directory above its socket searchable by all
     write_job_files(work, tiny)
     c = Cluster(work)
+    served = False
     try:
         c.harness("up", "--nodes", "2", "--cpus", "2")
         c.daemon_pids = c.pidfile_pids()
         assert len(c.daemon_pids) == 4  # munged, slurmctld, 2 x slurmd
+        served = True
         yield c
     finally:
-        c.harness("down", check=False)
+        down = c.harness("down", check=False)
+        started = c.daemon_pids | c.job_pids
+        alive = [p for p in started if pid_alive(p)]
         leftover = procs_with_env(SLURM_CONF=c.conf)
-        for pid in leftover:  # should be none (test_down_leaves_no_processes); never leave them running
-            os.kill(pid, 9)
+        for pid in set(alive) | set(leftover):  # should be none (checked below); never leave them running
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        status = c.harness("status", check=False)
         if os.environ.get("FPO_TEST_KEEP_CLUSTER_DIR") == "1":
             print(f"\nkept the cluster's work dir: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+    if served:  # not when `up` failed: its own error is the one to report
+        assert down.returncode == 0, f"down -> {down.returncode}\n{down.stdout[-4000:]}\n{down.stderr[-4000:]}"
+        assert not alive, {p: cmdline(p)[:100] for p in alive}
+        assert leftover == [], {p: cmdline(p)[:100] for p in leftover}
+        assert status.returncode != 0, status.stdout + status.stderr
+
+
+@pytest.fixture(scope="module")
+def pipeline(cluster) -> tuple[dict, dict]:
+    """pipeline.sh (cache job on Ray, then the torchrun training job) run once for the module: its jobs' info.
+    The cache actors' PIDs join the processes the teardown checks."""
+    cache, train = cluster.pipeline(**CACHE_JOB, **TRAIN_JOB)
+    cache_log = cluster.log(f"fpo-cache-{cache['JobId']}.out")
+    cluster.job_pids |= {int(pid) for pid in re.findall(r"^\s*worker \S+:(\d+) \[cpu\] ray node", cache_log, re.M)}
+    return cache, train
 
 
 @pytest.mark.slow
@@ -343,13 +372,15 @@ def test_harness_up_is_idempotent(cluster):
     p = cluster.harness("up", "--nodes", "2")
     assert "already up" in p.stderr
     assert cluster.pidfile_pids() == cluster.daemon_pids
-    sinfo = run(["sinfo", "-h", "-o", "%D %t"], cluster.env()).stdout.split()
-    assert sinfo == ["2", "idle"], sinfo
+    deadline = time.monotonic() + 30  # after another test's job, a node may take a moment to leave "completing"
+    while (sinfo := run(["sinfo", "-h", "-o", "%D %t"], cluster.env()).stdout.split()) != ["2", "idle"]:
+        assert time.monotonic() < deadline, sinfo
+        time.sleep(1)
 
 
 @pytest.mark.slow
-def test_pipeline_cache_on_ray_then_train_with_torchrun(cluster):
-    cache, train = cluster.pipeline(**CACHE_JOB, **TRAIN_JOB)
+def test_pipeline_cache_on_ray_then_train_with_torchrun(cluster, pipeline):
+    cache, train = pipeline
     cache_log = cluster.log(f"fpo-cache-{cache['JobId']}.out")
     train_log = cluster.log(f"fpo-train-{train['JobId']}.out")
     assert (cache["JobState"], cache["ExitCode"]) == ("COMPLETED", "0:0"), cache_log[-4000:]
@@ -409,10 +440,12 @@ def test_cancelled_cache_job_tears_down_its_ray_cluster(cluster):
 
 
 @pytest.mark.slow
-def test_train_with_deepspeed_launcher_resumes(cluster):
+def test_train_with_deepspeed_launcher_resumes(cluster, pipeline):
     """train.sbatch with the deepspeed launcher continues the pipeline's run (a copy): one more step, both nodes."""
-    if not (cluster.work / "run" / "checkpoints" / "step_2").exists():
-        pytest.skip("needs the pipeline test's run")
+    _, train = pipeline
+    assert (train["JobState"], train["ExitCode"]) == ("COMPLETED", "0:0"), cluster.log(
+        f"fpo-train-{train['JobId']}.out")[-4000:]
+    assert (cluster.work / "run" / "checkpoints" / "step_2").exists()  # the run to resume
     shutil.copytree(cluster.work / "run", cluster.work / "run_ds")
     env = cluster.env(FPO_LAUNCHER="deepspeed", **{
         **TRAIN_JOB, "FPO_TRAIN_ARGS": "--max_steps 3 --micro_batch_size 2 --resume auto --output_dir {work}/run_ds"})
@@ -424,13 +457,3 @@ def test_train_with_deepspeed_launcher_resumes(cluster):
     check_train_log(text, launcher="deepspeed")
     assert re.search(r"^0: resumed from \S+/step_2: step 2", text, re.M), text[-4000:]
     check_train_run(cluster.work / "run_ds", steps=[1, 2, 3])
-
-
-@pytest.mark.slow
-def test_down_leaves_no_processes(cluster):
-    """Runs last: after `down`, nothing this module started is alive (daemons, Ray, job processes)."""
-    cluster.harness("down")
-    started = cluster.daemon_pids | cluster.job_pids
-    assert started and not [p for p in started if pid_alive(p)]
-    assert procs_with_env(SLURM_CONF=cluster.conf) == []
-    assert cluster.harness("status", check=False).returncode != 0

@@ -321,5 +321,95 @@ def test_two_writers_equal_one_writer(tmp_path):
 def test_store_is_the_only_zarr_importer():
     package = Path(__file__).resolve().parents[1] / "fpo_dist"
     pattern = re.compile(r"^\s*(import\s+zarr|from\s+zarr[\s.])", re.MULTILINE)
-    importers = sorted(p.name for p in package.rglob("*.py") if pattern.search(p.read_text()))
-    assert importers == ["store.py"]
+    # The owner of each importing file: its top-level module or package under fpo_dist (the store package is one).
+    importers = sorted({p.relative_to(package).parts[0] for p in package.rglob("*.py") if pattern.search(p.read_text())})
+    assert importers == ["store"]
+
+
+# ----------------------------------------------------------------------------------------- per-token extras
+
+# The provenance keys `python -m fpo_dist.cache info` prints.
+CLI_PROVENANCE = {"model": {"name_or_path": "tiny-llama", "dtype": "float32"}, "hook": "blocks.2",
+                  "sae": {"source": "tiny", "sae_id": None},
+                  "data": {"source": "pairs.jsonl", "schema": "pairs", "template": "none", "max_length": 64,
+                           "max_prompt_length": 32}}
+UID = hashlib.md5(b"extras").digest()
+
+
+def _hand_built_store(path, options):
+    """Rows 0 and 2 ok, row 1 bad, one shard; per-token extras written by hand when ``options`` has them."""
+    pairs = [TokenizedPair(0, UID, (5, 6), (7, 8, 9), (10,)), TokenizedPair(2, UID, (11,), (12, 13), (14, 15))]
+    logps = [(np.array([-0.5, -1.25, -2.0], np.float32), np.array([-3.0], np.float32)),
+             (np.array([-0.125, -0.75], np.float32), np.array([-1.5, -4.0], np.float32))]
+    codes = [((np.array([2, 0, 2]), np.array([3, 40, 7, 100], np.int32), np.array([0.5, 1, 2, 3], np.float32)),
+              (np.array([1]), np.array([9], np.int32), np.array([0.25], np.float32))),
+             ((np.array([0, 0]), np.zeros(0, np.int32), np.zeros(0, np.float32)),
+              (np.array([1, 2]), np.array([4, 1, 2], np.int32), np.array([1.5, 2.5, 3.5], np.float32)))]
+    result = ShardResult.build(
+        0, 3, pairs, [BadRow(1, "too_long", None, "long")], [[-3.75, -3.0], [-0.875, -5.5]], [[3, 1], [2, 2]],
+        [(([1], [1.0]), ([2], [2.0])), (([3], [3.0]), ([], []))],
+        token_logps=logps if options.get("token_logps") else None,
+        token_codes=codes if options.get("token_codes") else None,
+    )
+    store = create_store(str(path), CLI_PROVENANCE, n_rows=3, rows_per_shard=3, chunk_rows=3, ragged_chunk=4,
+                         options=options)
+    store.commit_shard(0, store.write_shard(0, result))
+    store.finalize()
+    return logps, codes
+
+
+def _info_cli(path, capsys) -> str:
+    from fpo_dist.cache.__main__ import main
+
+    assert main(["info", str(path)]) == 0
+    return capsys.readouterr().out
+
+
+def test_token_extras_round_trip(tmp_path, capsys):
+    path = tmp_path / "extras"
+    logps, codes = _hand_built_store(path, ALL_OPTIONS)
+    store = open_store(str(path))
+    extras = store.read_token_extras([2, 0, 2])
+    assert extras.index.tolist() == [2, 0, 2] and len(extras) == 3
+    assert extras.n_tokens.tolist() == [[2, 2], [3, 1], [2, 2]]
+    for j, i in enumerate([1, 0, 1]):  # position in the hand-built lists
+        for side, (lps, csrs) in enumerate(((extras.chosen_token_logps, extras.chosen_token_codes),
+                                            (extras.rejected_token_logps, extras.rejected_token_codes))):
+            assert lps[j].dtype == np.float32
+            np.testing.assert_array_equal(lps[j], logps[i][side])
+            per_tok, idx, val = codes[i][side]
+            assert len(csrs[j]) == len(per_tok)
+            np.testing.assert_array_equal(np.diff(csrs[j].offsets), per_tok)
+            np.testing.assert_array_equal(csrs[j].indices, idx)
+            np.testing.assert_array_equal(csrs[j].values, val)
+    np.testing.assert_array_equal(extras.chosen_token_codes[1].row(0)[0], [3, 40])  # token 0 of row 0, chosen
+    np.testing.assert_array_equal(extras.chosen_token_codes[1].row(2)[1], [2, 3])
+    with pytest.raises(RowsNotAvailableError, match="too_long"):
+        store.read_token_extras([1])
+
+    assert store.token_extras_info() == {
+        "token_logps": {"values": 8, "bytes": store.token_extras_info()["token_logps"]["bytes"]},
+        "token_codes": {"tokens": 8, "nnz": 8, "bytes": store.token_extras_info()["token_codes"]["bytes"]},
+    }
+    assert store.token_extras_info()["token_logps"]["bytes"] == sum(
+        f.stat().st_size for f in (path / "shards/000000/token_logps").rglob("*") if f.is_file())
+    out = _info_cli(path, capsys)
+    assert "per-token log-probs: 8 values" in out and "per-token SAE codes: 8 tokens, 8 non-zeros" in out
+    assert "row 0: chosen 3 tokens, rejected 1" in out and "chosen code non-zeros 4" in out
+
+    only_logps = tmp_path / "only-logps"
+    _hand_built_store(only_logps, {"token_logps": True})
+    extras = open_store(str(only_logps)).read_token_extras([0])
+    np.testing.assert_array_equal(extras.rejected_token_logps[0], logps[0][1])
+    assert extras.chosen_token_codes is None and extras.rejected_token_codes is None
+    assert "per-token SAE codes: none" in _info_cli(only_logps, capsys)
+
+
+def test_store_without_token_extras_says_so(tmp_path, capsys):
+    path = tmp_path / "plain"
+    _hand_built_store(path, {})
+    store = open_store(str(path))
+    assert store.read_token_extras([0, 2]) is None
+    assert store.token_extras_info() is None
+    assert store.read_rows([0, 2], extras=True).chosen_token_logps is None
+    assert "per-token extras: none" in _info_cli(path, capsys)

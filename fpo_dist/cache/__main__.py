@@ -112,6 +112,7 @@ def _info(argv: list[str]) -> int:
     if store is None:
         return 2
     info = store.info()
+    info["token_extras"] = store.token_extras_info()
     if a.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -133,7 +134,33 @@ def _info(argv: list[str]) -> int:
           f"size on disk: {info['size_bytes'] / 1e6:.3f} MB")
     nz = info["pooled_nnz"]
     print(f"non-zeros per pooled vector: mean {nz['mean']:.1f}, median {nz['median']:.0f}, max {nz['max']}")
+    for line in _extras_lines(store, info["token_extras"]):
+        print(line)
     return 0
+
+
+def _extras_lines(store, extras) -> list[str]:
+    """``info`` lines on the per-token extras: present or not, their sizes, and one row read back."""
+    if extras is None:
+        return ["per-token extras: none (built without per_token_logps / per_token_codes)"]
+    lp, codes = extras["token_logps"], extras["token_codes"]
+    lines = [f"per-token log-probs: {lp['values']} values, {lp['bytes'] / 1e6:.3f} MB" if lp else
+             "per-token log-probs: none (built without per_token_logps)",
+             f"per-token SAE codes: {codes['tokens']} tokens, {codes['nnz']} non-zeros, {codes['bytes'] / 1e6:.3f} MB"
+             if codes else "per-token SAE codes: none (built without per_token_codes)"]
+    import numpy as np
+
+    ok = store.ok_rows()
+    ok = ok[np.isin(store.plan.shard_of(ok), store.committed_shards())]
+    if len(ok):
+        ex = store.read_token_extras(ok[:1])
+        sample = f"  row {ok[0]}: chosen {ex.n_tokens[0, 0]} tokens, rejected {ex.n_tokens[0, 1]}"
+        if ex.chosen_token_logps is not None and len(ex.chosen_token_logps[0]):
+            sample += f"; chosen mean token log-prob {float(np.mean(ex.chosen_token_logps[0])):.3f}"
+        if ex.chosen_token_codes is not None:
+            sample += f"; chosen code non-zeros {len(ex.chosen_token_codes[0].indices)}"
+        lines.append(sample)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,10 +30,6 @@ from fpo_dist.sae import encode_full, load_sae, pool_mean
 
 # SAE codes are computed in row groups so that [rows, T, d_sae] fp32 stays under this many bytes.
 SAE_BLOCK_BYTES = 256 << 20
-# Fault injection for the tests of retry/resume: "SHARD:MARKER_FILE" makes the first worker that
-# processes SHARD die right after writing it (before the driver can commit it); the marker file
-# ensures it happens once.
-FAULT_ENV = "FPO_CACHE_FAULT_DIE_AFTER_WRITE"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -191,7 +187,6 @@ class CacheWorker:
             token_logps=out.token_logps, token_codes=out.token_codes,
         )
         self.store.write_shard(shard, result)
-        _maybe_die(shard)
         tokens = sum(len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in rng.pairs)
         return {
             "shard": shard,
@@ -204,12 +199,3 @@ class CacheWorker:
             "worker": self.info(),
         }
 
-
-def _maybe_die(shard: int) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    target, marker = spec.split(":", 1)
-    if int(target) == shard and not os.path.exists(marker):
-        open(marker, "w").close()
-        os._exit(17)

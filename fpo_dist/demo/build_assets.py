@@ -255,6 +255,39 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def _manifest(cfg: BuildConfig, out: Path, n_params: int, vocab_size: int, sae_metrics: dict, sft: dict,
+              reference: dict, n_prompts: tuple[int, int], wall_s: float) -> dict:
+    """manifest.json: how the assets were built and how good they are."""
+    return {
+        "task": "fpo_dist.demo.task",
+        "rule": "on topic: the response's topic is the requested category and it lists exactly the requested "
+        "number of distinct items, all from that category",
+        "seed": cfg.seed,
+        "build_config": asdict(cfg),
+        "model": {
+            "parameters": n_params,
+            "vocab_size": vocab_size,
+            "dtype": "float32",
+            "bytes": _dir_bytes(out / "model"),
+        },
+        "sae": {
+            "architecture": "jumprelu",
+            "d_in": cfg.hidden_size,
+            "d_sae": cfg.d_sae,
+            "hook_layer": cfg.hook_layer,
+            "hook_name": f"blocks.{cfg.hook_layer}.hook_resid_post",
+            "bytes": _dir_bytes(out / "sae"),
+            **sae_metrics,
+        },
+        "sft": sft,
+        "splits": {"train_prompts": n_prompts[0], "heldout_prompts": n_prompts[1],
+                   "sft_p_on_topic": task.SFT_P_ON_TOPIC},
+        "reference_rule_follow": reference,
+        "wall_seconds": round(wall_s, 1),
+        "versions": _versions(),
+    }
+
+
 def build(out: Path, cfg: BuildConfig = BuildConfig(), log=print) -> dict:
     from fpo_dist.sae import load_sae
     from fpo_dist.testing import build_llama
@@ -309,34 +342,8 @@ def build(out: Path, cfg: BuildConfig = BuildConfig(), log=print) -> dict:
         "greedy": rule_follow(model, tokenizer, heldout_prompts, 0.0, 1, cfg.seed),
     }
     log("reference on held-out prompts: " + ", ".join(f"{k} {v['follow_rate']:.3f}" for k, v in reference.items()))
-    manifest = {
-        "task": "fpo_dist.demo.task",
-        "rule": "on topic: the response's topic is the requested category and it lists exactly the requested "
-        "number of distinct items, all from that category",
-        "seed": cfg.seed,
-        "build_config": asdict(cfg),
-        "model": {
-            "parameters": n_params,
-            "vocab_size": len(tokenizer),
-            "dtype": "float32",
-            "bytes": _dir_bytes(out / "model"),
-        },
-        "sae": {
-            "architecture": "jumprelu",
-            "d_in": cfg.hidden_size,
-            "d_sae": cfg.d_sae,
-            "hook_layer": cfg.hook_layer,
-            "hook_name": f"blocks.{cfg.hook_layer}.hook_resid_post",
-            "bytes": _dir_bytes(out / "sae"),
-            **sae_metrics,
-        },
-        "sft": sft,
-        "splits": {"train_prompts": len(train_prompts), "heldout_prompts": len(heldout_prompts),
-                   "sft_p_on_topic": task.SFT_P_ON_TOPIC},
-        "reference_rule_follow": reference,
-        "wall_seconds": round(time.time() - t0, 1),
-        "versions": _versions(),
-    }
+    manifest = _manifest(cfg, out, n_params, len(tokenizer), sae_metrics, sft, reference,
+                         (len(train_prompts), len(heldout_prompts)), time.time() - t0)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

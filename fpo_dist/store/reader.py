@@ -1,0 +1,282 @@
+"""Reading rows back: :meth:`CacheStore.read_rows` (→ :class:`RowBatch`) and :meth:`CacheStore.read_token_extras`.
+
+A reader never writes.  Every requested row must be ok and in a committed shard, else
+:class:`RowsNotAvailableError` names the rows and their status.  Per committed shard the reader loads the per-row
+arrays once and derives each flat array's row offsets from them (``docs/cache-format.md``, "Flat shard arrays"),
+keeping the last :attr:`CacheStore._INDEX_CACHE_SHARDS` shards (LRU).  After that, each run of consecutive requested
+rows costs one slice per flat array, and all slices of a call are fetched concurrently.
+
+The per-token extras (options ``token_logps`` / ``token_codes``, the cache config's ``per_token_logps`` /
+``per_token_codes``) come back with ``read_rows(..., extras=True)`` alongside everything else, or alone, reading only
+their own flat arrays, with :meth:`~_StoreReader.read_token_extras`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync as _sync  # the one zarr internal used
+
+from fpo_dist.store.schema import (
+    _RAGGED_ARRAYS,
+    _ROW_ARRAYS,
+    STATUS_BAD_BASE,
+    STATUS_NOT_WRITTEN,
+    STATUS_OK,
+    Plan,
+    RowsNotAvailableError,
+    _cat,
+)
+
+
+@dataclass(frozen=True)
+class Csr:
+    """Sparse rows: row ``i`` has ``indices[offsets[i]:offsets[i+1]]`` / ``values[...]``."""
+
+    offsets: np.ndarray  # int64 [n + 1]
+    indices: np.ndarray  # int32 [nnz]
+    values: np.ndarray  # float32 [nnz]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        return self.indices[lo:hi], self.values[lo:hi]
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> Csr:
+        offsets = np.zeros(len(rows) + 1, np.int64)
+        offsets[1:] = np.cumsum([len(i) for i, _ in rows])
+        return cls(offsets, _cat([i for i, _ in rows], "int32"), _cat([v for _, v in rows], "float32"))
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    """Rows read from the cache, in the order requested.  Per response: index 0 = chosen, 1 = rejected."""
+
+    index: np.ndarray  # int64 [B]
+    uid: np.ndarray  # uint8 [B, 16]
+    prompt_ids: list[np.ndarray]  # int32 each
+    chosen_ids: list[np.ndarray]
+    rejected_ids: list[np.ndarray]
+    logp_sum: np.ndarray  # float32 [B, 2]
+    n_tokens: np.ndarray  # int32 [B, 2]
+    chosen_codes: Csr  # pooled SAE non-zeros, one CSR row per batch row
+    rejected_codes: Csr
+    # Per-token extras: only with read_rows(..., extras=True) on a store that has them, else None.
+    chosen_token_logps: list[np.ndarray] | None = None
+    rejected_token_logps: list[np.ndarray] | None = None
+    chosen_token_codes: list[Csr] | None = None  # per row: one CSR row per response token
+    rejected_token_codes: list[Csr] | None = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+@dataclass(frozen=True)
+class TokenExtras:
+    """The per-token extras of some rows, in the order requested (:meth:`CacheStore.read_token_extras`).
+
+    Row ``j``'s chosen response has ``n_tokens[j, 0]`` tokens: ``chosen_token_logps[j]`` holds their reference
+    log-probs (float32) and ``chosen_token_codes[j]`` their SAE codes, one :class:`Csr` row per token (int32 feature
+    indices, float32 values); likewise ``rejected_*`` with ``n_tokens[j, 1]``.  The log-probs are None when the
+    store was built without option ``token_logps``, the codes None without ``token_codes``.
+    """
+
+    index: np.ndarray  # int64 [B]
+    n_tokens: np.ndarray  # int32 [B, 2]
+    chosen_token_logps: list[np.ndarray] | None = None
+    rejected_token_logps: list[np.ndarray] | None = None
+    chosen_token_codes: list[Csr] | None = None
+    rejected_token_codes: list[Csr] | None = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+@dataclass
+class _ShardIndex:
+    """What a reader keeps per committed shard: its per-row arrays, the row offsets into each flat array, and
+    the flat arrays' handles (opened on first use)."""
+
+    start: int
+    rows: dict[str, np.ndarray]
+    group: zarr.Group | None = None
+    offsets: dict[str, np.ndarray] = field(default_factory=dict)  # count array name -> int64 [n + 1]
+    _flat: dict[str, zarr.Array] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for count in {c for _, c, _ in _RAGGED_ARRAYS.values() if c in self.rows}:
+            off = np.zeros(len(self.rows[count]) + 1, np.int64)
+            np.cumsum(self.rows[count].sum(axis=1, dtype=np.int64), out=off[1:])
+            self.offsets[count] = off
+
+    def flat_array(self, name: str) -> zarr.Array:
+        if name not in self._flat:
+            self._flat[name] = self.group[name]
+        return self._flat[name]
+
+
+@dataclass
+class _Read:
+    """Rows read by :meth:`_StoreReader._read`: values per *unique* requested row, and ``inverse`` mapping each
+    requested row to its unique slot.  ``flat[name][u]`` is unique row u's segments, one per count column."""
+
+    inverse: np.ndarray
+    rows: dict[str, np.ndarray]
+    flat: dict[str, list]
+
+    def gather(self, name: str) -> list:
+        values = self.flat[name]
+        return [values[i] for i in self.inverse]
+
+
+class _StoreReader:
+    """The reading half of :class:`CacheStore` (a mixin: ``CacheStore`` provides the attributes below)."""
+
+    _INDEX_CACHE_SHARDS = 64  # per-shard offsets kept by read_rows (LRU)
+    plan: Plan
+    options: dict[str, bool]
+    bad_reasons: tuple[str, ...]
+    _root: zarr.Group
+    _row_names: list[str]
+    _flat_names: list[str]
+    _index_cache: OrderedDict[int, _ShardIndex]
+    _array: Callable[[str], zarr.Array]
+    _shard_path: Callable[[int], str]
+
+    def read_rows(self, indices: Sequence[int] | np.ndarray, extras: bool = False) -> RowBatch:
+        """Read rows by global index, in the order given (duplicates allowed).  Every row must be ok and in a
+        committed shard, else :class:`RowsNotAvailableError`.  One slice per flat array per run of consecutive
+        rows; per-shard offsets are cached.  ``extras=True`` also returns the per-token extras the store has."""
+        idx = self._row_indices(indices)
+        read = self._read(idx, [n for n in self._flat_names if extras or _RAGGED_ARRAYS[n][2] is None])
+        tokens = read.gather("token_ids")
+        codes_i, codes_v = read.gather("code_indices"), read.gather("code_values")
+        return RowBatch(
+            index=idx,
+            uid=read.rows["uid"][read.inverse],
+            prompt_ids=[t[0] for t in tokens],
+            chosen_ids=[t[1] for t in tokens],
+            rejected_ids=[t[2] for t in tokens],
+            logp_sum=read.rows["logp_sum"][read.inverse],
+            n_tokens=read.rows["n_tokens"][read.inverse],
+            chosen_codes=Csr.from_rows([(i[0], v[0]) for i, v in zip(codes_i, codes_v)]),
+            rejected_codes=Csr.from_rows([(i[1], v[1]) for i, v in zip(codes_i, codes_v)]),
+            **_token_extras(read),
+        )
+
+    def read_token_extras(self, indices: Sequence[int] | np.ndarray) -> TokenExtras | None:
+        """The per-token extras of rows by global index, in the order given (duplicates allowed): None when the
+        store was built with neither option, else a :class:`TokenExtras`.  Reads only the extras' flat arrays;
+        the same row requirements and errors as :meth:`read_rows`."""
+        names = [n for n in self._flat_names if _RAGGED_ARRAYS[n][2] is not None]
+        if not names:
+            return None
+        idx = self._row_indices(indices)
+        read = self._read(idx, names)
+        return TokenExtras(index=idx, n_tokens=read.rows["n_tokens"][read.inverse], **_token_extras(read))
+
+    # ------------------------------------------------------------------ internals
+
+    def _row_indices(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.plan.n_rows):
+            raise IndexError(f"row indices must be in [0, {self.plan.n_rows})")
+        return idx
+
+    def _read(self, idx: np.ndarray, flat_names: list[str]) -> _Read:
+        """Every per-row array and the named flat arrays, for the unique rows of ``idx``."""
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        per_row: dict[str, list] = {n: [None] * len(uniq) for n in flat_names}
+        row_vals = {n: np.empty((len(uniq), *_ROW_ARRAYS[n][1]), _ROW_ARRAYS[n][0]) for n in self._row_names}
+        shards = self.plan.shard_of(uniq)
+        reads: list[tuple[int, _ShardIndex, int, int, str]] = []  # (slot of row a, shard, run [a, b), array)
+        pos = 0
+        for k in np.unique(shards).tolist():
+            sel = uniq[shards == k]
+            si = self._shard_index(k)
+            local = sel - si.start
+            self._require_ok(sel, si.rows["status"][local])
+            for name in self._row_names:
+                row_vals[name][pos : pos + len(sel)] = si.rows[name][local]
+            for a, b in _runs(local):
+                reads += [(pos, si, a, b, name) for name in flat_names]
+                pos += b - a
+        _fetch(reads, per_row)
+        return _Read(inverse, row_vals, per_row)
+
+    def _require_ok(self, rows: np.ndarray, status: np.ndarray) -> None:
+        if (status != STATUS_OK).any():
+            bad = [(int(r), self._describe_status(int(s))) for r, s in zip(rows, status) if s != STATUS_OK]
+            raise RowsNotAvailableError(f"{len(bad)} requested row(s) are not ok: {bad[:10]}")
+
+    def _shard_index(self, k: int) -> _ShardIndex:
+        if k in self._index_cache:
+            self._index_cache.move_to_end(k)
+            return self._index_cache[k]
+        if self._array("shard_state")[k] != 1:
+            raise RowsNotAvailableError(f"shard {k} (rows {self.plan.shard_range(k)}) is not committed")
+        start, stop = self.plan.shard_range(k)
+        rows = {name: self._array(name)[start:stop] for name in self._row_names}
+        group = self._root[self._shard_path(k)]
+        index = _ShardIndex(start, rows, group)
+        self._index_cache[k] = index
+        if len(self._index_cache) > self._INDEX_CACHE_SHARDS:
+            self._index_cache.popitem(last=False)
+        return index
+
+    def _describe_status(self, code: int) -> str:
+        if code == STATUS_NOT_WRITTEN:
+            return "not written"
+        if code == STATUS_OK:
+            return "ok"
+        k = code - STATUS_BAD_BASE
+        return f"bad ({self.bad_reasons[k]})" if 0 <= k < len(self.bad_reasons) else f"invalid status {code}"
+
+
+def _fetch(reads: list[tuple[int, _ShardIndex, int, int, str]], per_row: dict[str, list]) -> None:
+    """Fetch every run's slice of every flat array, all at once (zarr overlaps their I/O and decoding), and split
+    each into per-row segments, one per count column: ``per_row[name][slot] = [segment, ...]``."""
+    datas = _sync(_gather([
+        si.flat_array(name).async_array.getitem(slice(si.offsets[_RAGGED_ARRAYS[name][1]][a],
+                                                      si.offsets[_RAGGED_ARRAYS[name][1]][b]))
+        for _, si, a, b, name in reads
+    ]))
+    for (slot, si, a, b, name), data in zip(reads, datas):
+        count = _RAGGED_ARRAYS[name][1]
+        off = si.offsets[count]
+        for r in range(a, b):
+            seg = data[off[r] - off[a] : off[r + 1] - off[a]]
+            per_row[name][slot + r - a] = np.split(seg, np.cumsum(si.rows[count][r])[:-1])
+
+
+def _token_extras(read: _Read) -> dict[str, Any]:
+    """The ``chosen_/rejected_token_logps`` and ``chosen_/rejected_token_codes`` fields that ``read`` holds."""
+    out: dict[str, Any] = {}
+    if "token_logps" in read.flat:
+        lps = read.gather("token_logps")
+        out.update(chosen_token_logps=[x[0] for x in lps], rejected_token_logps=[x[1] for x in lps])
+    if "tok_code_nnz" in read.flat:
+        tn, ti, tv = (read.gather(n) for n in ("tok_code_nnz", "tok_code_indices", "tok_code_values"))
+        for side, key in ((0, "chosen_token_codes"), (1, "rejected_token_codes")):
+            out[key] = [Csr(np.concatenate([[0], np.cumsum(n[side], dtype=np.int64)]), i[side], v[side])
+                        for n, i, v in zip(tn, ti, tv)]
+    return out
+
+
+def _runs(sorted_local: np.ndarray) -> list[tuple[int, int]]:
+    """Split sorted unique row numbers into runs [a, b) of consecutive rows."""
+    breaks = np.nonzero(np.diff(sorted_local) != 1)[0] + 1
+    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(sorted_local, breaks)]
+
+
+async def _gather(coros: list) -> list:
+    return list(await asyncio.gather(*coros))

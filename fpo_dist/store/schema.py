@@ -1,0 +1,231 @@
+"""The store's format, in code: names, dtypes, options, the plan, provenance checks and the canonical checksum.
+
+Everything here is part of the on-disk contract in ``docs/cache-format.md`` (``fpo-dist-cache``, version 1):
+changing a table, a dtype, the array order or the checksum serialisation changes the format and must bump
+:data:`FORMAT_VERSION`.  Nothing here reads or writes a store; the other modules of :mod:`fpo_dist.store` do.
+
+* :data:`_ROW_ARRAYS` / :data:`_RAGGED_ARRAYS` list every array, in canonical (checksum) order;
+* :class:`Plan` is the only place that does row ↔ shard ↔ chunk arithmetic;
+* :func:`_root_config` is what must match for a store to be resumed (provenance, plan, options, bad reasons),
+  :func:`_differences` names what does not;
+* :func:`_shard_checksum` is the canonical serialisation of a shard, :func:`_chunk_digests` the per-chunk manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from zarr.codecs import BloscCodec
+
+from fpo_dist.data import BAD_REASONS, BadRow
+
+FORMAT_NAME = "fpo-dist-cache"
+FORMAT_VERSION = 1
+
+# One compressor for every array.  Byte-shuffle + zstd compresses int32 ids and float32 values well;
+# integrity is checked by our own sha256 checksums, not by the codec.
+COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+# Elements per chunk of the flat (ragged) shard arrays (64 Ki elements = 256 KiB of int32/float32).
+DEFAULT_RAGGED_CHUNK = 1 << 16
+
+STATUS_NOT_WRITTEN = 0
+STATUS_OK = 1
+STATUS_BAD_BASE = 2  # status = 2 + k  <=>  bad with reason bad_reasons[k]
+
+OPTIONS = ("token_logps", "token_codes")
+
+# Per-row arrays: name -> (dtype, trailing shape, fill value, option that enables it or None).
+_ROW_ARRAYS: dict[str, tuple[str, tuple[int, ...], Any, str | None]] = {
+    "status": ("int8", (), STATUS_NOT_WRITTEN, None),
+    "uid": ("uint8", (16,), 0, None),
+    "lengths": ("int32", (3,), 0, None),  # prompt, chosen, rejected token counts
+    "logp_sum": ("float32", (2,), float("nan"), None),  # chosen, rejected
+    "n_tokens": ("int32", (2,), 0, None),  # chosen, rejected response tokens in logp_sum
+    "nnz": ("int32", (2,), 0, None),  # non-zeros of the pooled chosen / rejected SAE vector
+    "tok_nnz": ("int32", (2,), 0, "token_codes"),  # total per-token code non-zeros, chosen / rejected
+}
+
+# Flat per-shard arrays: name -> (dtype, per-row array whose columns give each row's segment sizes, option).
+# A row's segment in the flat array is the concatenation of its columns' segments, in column order.
+_RAGGED_ARRAYS: dict[str, tuple[str, str, str | None]] = {
+    "token_ids": ("int32", "lengths", None),  # prompt, chosen, rejected
+    "code_indices": ("int32", "nnz", None),  # pooled chosen, pooled rejected
+    "code_values": ("float32", "nnz", None),
+    "token_logps": ("float32", "n_tokens", "token_logps"),  # per response token, chosen then rejected
+    "tok_code_nnz": ("int32", "n_tokens", "token_codes"),  # non-zeros per response token
+    "tok_code_indices": ("int32", "tok_nnz", "token_codes"),
+    "tok_code_values": ("float32", "tok_nnz", "token_codes"),
+}
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+class StoreError(Exception):
+    """Base class for cache-store errors."""
+
+
+class StoreFormatError(StoreError):
+    """The path holds something that is not an fpo-dist cache of a supported format version."""
+
+
+class StoreMismatchError(StoreError):
+    """An existing store was built with a different provenance / plan / options."""
+
+    def __init__(self, path: str, differences: list[tuple[str, Any, Any]]):
+        self.path = path
+        self.differences = differences
+        lines = "\n".join(f"  {key}: store has {old!r}, requested {new!r}" for key, old, new in differences)
+        super().__init__(
+            f"cache store at {path} was built with a different configuration:\n{lines}\n"
+            "Use another path, or pass overwrite=True to delete it and rebuild."
+        )
+
+
+class ShardCommittedError(StoreError):
+    """A write to a shard that the driver has already committed."""
+
+
+class RowsNotAvailableError(StoreError):
+    """``read_rows`` was asked for rows that are not ok (bad, not written, or in an uncommitted shard)."""
+
+
+# --------------------------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Row ↔ shard ↔ chunk arithmetic, in one place.
+
+    Shard ``k`` owns rows ``[k * rows_per_shard, min((k + 1) * rows_per_shard, n_rows))``: whole chunks of
+    ``chunk_rows`` rows of every per-row array.  ``ragged_chunk`` is the chunk length of the flat shard arrays.
+    """
+
+    n_rows: int
+    rows_per_shard: int
+    chunk_rows: int
+    ragged_chunk: int = DEFAULT_RAGGED_CHUNK
+
+    def __post_init__(self):
+        for name in ("n_rows", "rows_per_shard", "chunk_rows", "ragged_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"plan.{name} must be a positive integer, got {value!r}")
+        if self.rows_per_shard % self.chunk_rows:
+            raise ValueError(
+                f"rows_per_shard ({self.rows_per_shard}) must be a multiple of chunk_rows ({self.chunk_rows}) "
+                "so that every shard owns whole chunks"
+            )
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_rows // self.rows_per_shard)
+
+    def shard_range(self, k: int) -> tuple[int, int]:
+        if not 0 <= k < self.n_shards:
+            raise IndexError(f"shard {k} out of range [0, {self.n_shards})")
+        start = k * self.rows_per_shard
+        return start, min(start + self.rows_per_shard, self.n_rows)
+
+    def shard_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(rows, dtype=np.int64) // self.rows_per_shard
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "n_rows": int(self.n_rows),
+            "rows_per_shard": int(self.rows_per_shard),
+            "chunk_rows": int(self.chunk_rows),
+            "ragged_chunk": int(self.ragged_chunk),
+            "n_shards": int(self.n_shards),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, int]) -> Plan:
+        return cls(d["n_rows"], d["rows_per_shard"], d["chunk_rows"], d["ragged_chunk"])
+
+
+# --------------------------------------------------------------------------------------------- options, provenance
+
+
+def _normalize_options(options: Mapping[str, bool] | None) -> dict[str, bool]:
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown store option(s) {unknown}; valid options: {list(OPTIONS)}")
+    return {name: bool(options.get(name, False)) for name in OPTIONS}
+
+
+def _array_names(options: Mapping[str, bool]) -> tuple[list[str], list[str]]:
+    """(per-row array names, flat shard array names) present under ``options``, in canonical order."""
+    rows = [n for n, (_, _, _, opt) in _ROW_ARRAYS.items() if opt is None or options[opt]]
+    ragged = [n for n, (_, _, opt) in _RAGGED_ARRAYS.items() if opt is None or options[opt]]
+    return rows, ragged
+
+
+def _root_config(provenance: Mapping[str, Any], plan: Plan, options: Mapping[str, bool]) -> dict[str, Any]:
+    """The root attributes that must match for a store to be resumed."""
+    try:
+        provenance = json.loads(json.dumps(dict(provenance), sort_keys=True))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"provenance must be JSON-serialisable: {e}") from e
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "provenance": provenance,
+        "plan": plan.to_dict(),
+        "options": dict(options),
+        "bad_reasons": list(BAD_REASONS),
+    }
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            out += _differences(old.get(key, "<absent>"), new.get(key, "<absent>"), name)
+        return out
+    return [] if old == new else [(prefix, old, new)]
+
+
+# --------------------------------------------------------------------------------------------- checksums
+
+
+def _cat(parts: Sequence[np.ndarray], dtype: str) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+
+
+def _canonical(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+
+
+def _bad_rows_json(bad_rows: Iterable[BadRow]) -> list[list[Any]]:
+    return [[int(b.index), b.reason, b.field, b.detail] for b in bad_rows]
+
+
+def _shard_checksum(start: int, stop: int, bad_rows: Iterable[BadRow], arrays: Mapping[str, np.ndarray]) -> bytes:
+    h = hashlib.sha256(f"{FORMAT_NAME}/{FORMAT_VERSION} shard\0".encode())
+    header = {"start": int(start), "stop": int(stop), "bad_rows": _bad_rows_json(bad_rows)}
+    h.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+    for name in (*_ROW_ARRAYS, *_RAGGED_ARRAYS):  # canonical order; absent optional arrays are skipped
+        if name not in arrays:
+            continue
+        a = _canonical(arrays[name])
+        h.update(f"\0{name}\0{a.dtype.str}\0{list(a.shape)}\0".encode())
+        h.update(a.reshape(-1).view(np.uint8))
+    return h.digest()
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(_canonical(a).reshape(-1).view(np.uint8)).hexdigest()[:16]
+
+
+def _chunk_digests(a: np.ndarray, chunk: int) -> list[str]:
+    """Short per-chunk digests (along axis 0): a diagnostic manifest, so verify can name the bad chunk."""
+    return [_digest(a[i : i + chunk]) for i in range(0, len(a), chunk)]
