@@ -20,9 +20,9 @@ def _base(tiny):
 
 def _batch(tiny):
     """A micro-batch of 3 pairs with arbitrary cached reference values (the loader's layout)."""
+    from fpo_dist.data import TokenizedPair
     from fpo_dist.loader import MicroBatch
     from fpo_dist.losses import SparseCodes
-    from fpo_dist.data import TokenizedPair
     from fpo_dist.models import build_batch
 
     g = torch.Generator().manual_seed(0)

@@ -381,9 +381,8 @@ def test_eval_during_training_two_ranks_equal_one_and_a_single_process_computati
     from test_evaluation_loop import _oracle
     from test_tracking import wandb_records
 
-    from fpo_dist.tracking import scalars
-
     from fpo_dist.store import open_store
+    from fpo_dist.tracking import scalars
 
     out_a, _ = run_a
     common = ("--max_steps", "3", "--epochs", "2", "--eval_cache", cache["eval_store"], "--eval_every", "2",
