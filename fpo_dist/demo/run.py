@@ -174,7 +174,7 @@ def train(loss: str, store: Path, eval_store: Path, out: Path, steps: int) -> Pa
            "--optim.warmup_steps", str(RECIPE.warmup_steps), "--optim.grad_clip", str(RECIPE.grad_clip),
            "--micro_batch_size", str(per_rank), "--grad_accum", "1", "--max_steps", str(steps), "--seed", "0",
            "--log_every", "1", "--keep_last", "1", "--eval_cache", str(eval_store),
-           "--eval_every", str(RECIPE.eval_every), "--eval_batch_size", str(RECIPE.eval_batch_pairs)]
+           "--eval_every", str(RECIPE.eval_every)]
     t0 = time.time()
     seen = [0]
 
