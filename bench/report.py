@@ -166,6 +166,8 @@ def ratios(results: dict) -> dict:
         "mem_fpo_tdpo2": r("fpo", "tdpo2", "peak_memory_mb"),
         "mem_fpo_simpo": r("fpo", "simpo", "peak_memory_mb"),
         "mem_fpo_dpo": r("fpo", "dpo", "peak_memory_mb"),
+        "mem_fpo_lora_fpo": r("fpo-lora", "fpo", "peak_memory_mb"),
+        "time_fpo_lora_fpo": r("fpo-lora", "fpo", "step_time_s"),
         "cache_reference_pass_vs_bare": cache["ratio_reference_pass_vs_bare"] if cache else None,
         "cache_reference_pass_vs_bare_cpu": cache["compute"].get("ratio_cpu") if cache else None,
         "cache_worker_vs_bare": cache["ratio_worker_vs_bare"] if cache else None,
@@ -181,6 +183,7 @@ TARGETS = (
     ("time_fpo_simpo", "fpo / simpo step time", "<=", 1.05),
     ("mem_fpo_simpo", "fpo / simpo peak memory per rank", "<=", 1.02),
     ("mem_fpo_tdpo2", "fpo / tdpo2 peak memory per rank", "<=", 0.75),
+    ("mem_fpo_lora_fpo", "fpo LoRA (rank 16) / fpo full fine-tuning peak memory per rank", "<=", 0.95),
     ("cache_reference_pass_vs_bare", "cache: reference_pass / bare forward tokens/s (same batches, threads)", ">=", 0.90),
     ("cache_worker_vs_bare", "cache job: tokens/s per worker (fewest workers) / bare forward", ">=", 0.90),
     ("loader_overhead", "loader overhead: streaming vs in memory", "<=", 0.02),
@@ -531,8 +534,9 @@ def findings(results: dict) -> list[str]:
                     lines += ["", f"<details><summary>torch.profiler, {n}, top ops by self time</summary>", "",
                               "```text", top, "```", "</details>"]
         elif k.startswith("mem_"):
-            other = {"mem_fpo_simpo": "simpo", "mem_fpo_tdpo2": "tdpo2"}[k]
-            lines += _mem_finding(results, "fpo", other)
+            this, other = {"mem_fpo_simpo": ("fpo", "simpo"), "mem_fpo_tdpo2": ("fpo", "tdpo2"),
+                           "mem_fpo_lora_fpo": ("fpo-lora", "fpo")}[k]
+            lines += _mem_finding(results, this, other)
         elif k == "cache_reference_pass_vs_bare" or k == "cache_worker_vs_bare":
             c = results["cache"]
             parts = c["compute"]["reference_pass_parts_s"]

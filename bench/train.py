@@ -19,7 +19,9 @@ from pathlib import Path
 
 from bench.report import LOADED_CORES, HostLoad
 
-LOSSES = ("fpo", "dpo", "simpo", "dpo-online", "tdpo2")
+LOSSES = ("fpo", "dpo", "simpo", "dpo-online", "tdpo2", "fpo-lora")
+# bench entries that are a registered loss with extra train flags: name → (loss.name, flags)
+VARIANTS = {"fpo-lora": ("fpo", ["--policy.lora.rank", "16", "--policy.lora.alpha", "32"])}
 ROOT = Path(__file__).resolve().parents[1]
 ZERO3 = ROOT / "ds_configs" / "zero3.json"
 
@@ -41,7 +43,8 @@ def launch(loss: str, store: str, root: Path, sizes, nproc: int, device: str) ->
            "--cache", store, "--deepspeed", str(ZERO3),
            "--micro_batch_size", str(sizes.micro_batch), "--grad_accum", "1", "--seed", "0",
            "--optim.lr", "1e-6", "--optim.warmup_steps", "0", "--export", "false", "--dist_timeout_s", "300",
-           "--step0_check", "false"]  # the step-0 check is tests/test_train.py's business, not a step cost
+           "--step0_check", "false",  # the step-0 check is tests/test_train.py's business, not a step cost
+           *VARIANTS.get(loss, (loss, []))[1]]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("MASTER_PORT", None)

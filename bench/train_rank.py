@@ -239,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     loss = ours["loss"]
     out = root / f"train_{loss}"
     out.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(TrainConfig, None, overrides + ["--loss.name", loss, "--output_dir", str(out),
+    from bench.train import VARIANTS
+
+    cfg = load_config(TrainConfig, None, overrides + ["--loss.name", VARIANTS.get(loss, (loss, []))[0],
+                                                      "--output_dir", str(out),
                                                       "--max_steps", str(steps + profile)])
     run_one(Trainer(cfg), out, steps, profile, timer, clock, {"after_imports": imports}, cuda)
     return 0

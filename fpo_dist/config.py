@@ -89,6 +89,30 @@ class SAEConfig:
     layer: int | None = None  # hook layer ℓ: residual output of decoder block ℓ (0-based)
 
 
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the policy through peft (``rank`` 0: full fine-tuning).  The reference stays the base model."""
+
+    rank: int = 0
+    alpha: float = 16.0  # scaling alpha / rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # peft names, or all-linear
+
+    def validate(self) -> None:
+        if self.rank < 0:
+            raise ConfigError("'policy.lora.rank' must be >= 0 (0: full fine-tuning, no adapters)")
+        if self.rank and (self.alpha <= 0 or not 0 <= self.dropout < 1 or not self.target_modules):
+            raise ConfigError("'policy.lora.alpha' must be positive, 'policy.lora.dropout' in [0, 1) and "
+                              "'policy.lora.target_modules' non-empty (module names such as q_proj,v_proj, or all-linear)")
+
+
+@dataclass
+class PolicyConfig(ModelConfig):
+    """The trained model: a :class:`ModelConfig` (empty: the cache's reference model) and optional LoRA adapters."""
+
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
 # --------------------------------------------------------------------------------------------------
 # Cache job
 # --------------------------------------------------------------------------------------------------
@@ -201,7 +225,7 @@ class TrainConfig:
     plugins: list[str] = field(default_factory=list)  # modules imported first, e.g. to register a loss
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    policy: ModelConfig = field(default_factory=ModelConfig)  # empty: the cache's reference model
+    policy: PolicyConfig = field(default_factory=PolicyConfig)  # empty: the cache's reference model (+ LoRA)
     ref_model: ModelConfig = field(default_factory=ModelConfig)  # online losses; empty: the cache's
     sae: SAEConfig = field(default_factory=SAEConfig)  # empty: the cache's SAE
     output_dir: str = "runs/fpo"
@@ -221,6 +245,10 @@ class TrainConfig:
     keep_last: int = 2
     resume: str | None = None  # "auto" or a checkpoint path
     log_every: int = 1
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, none (several: a,b)
+    eval_cache: str = ""  # a held-out cache built with the training cache's config (another data.split)
+    eval_every: int = 0  # optimizer steps between evaluations on eval_cache (0: only at the end)
+    eval_batch_size: int | None = None  # pairs per rank per eval forward; default micro_batch_size
     log_samples: bool = False  # samples.jsonl: the source rows of every step (an audit trail; one gather per step)
     step0_check: bool = True
     step0_rows: int = 4
@@ -238,6 +266,7 @@ class TrainConfig:
             raise ConfigError("'micro_batch_size', 'grad_accum' and 'epochs' must be positive")
         self._import_plugins()
         self.loss.validate()
+        self.policy.lora.validate()
         spec = self.loss.spec()
         if not spec.needs_sae and self.sae.source:
             raise ConfigError(
@@ -261,9 +290,25 @@ class TrainConfig:
             raise ConfigError("'max_steps' must be positive, or null for the whole run")
         if self.save_every < 0 or self.prefetch < 0:
             raise ConfigError("'save_every' (0: only at the end) and 'prefetch' must not be negative")
+        self._validate_eval_and_tracking()
         if not self.sae.source and (self.sae.sae_id is not None or self.sae.layer is not None):
             raise ConfigError("'sae.sae_id'/'sae.layer' need 'sae.source'; without it the cache's SAE and layer are "
                               "used, so drop them")
+
+    def _validate_eval_and_tracking(self) -> None:
+        from fpo_dist.tracking import check_report_to
+
+        try:
+            check_report_to(self.report_to)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.eval_every < 0:
+            raise ConfigError("'eval_every' must not be negative (0: evaluate only at the end)")
+        if self.eval_every and not self.eval_cache:
+            raise ConfigError("'eval_every' is set but there is no 'eval_cache' to evaluate on; build one with "
+                              "`python -m fpo_dist.cache` (the training cache's config, another data.split)")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ConfigError("'eval_batch_size' must be positive, or null for micro_batch_size")
 
     def _import_plugins(self) -> None:
         import importlib

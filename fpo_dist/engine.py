@@ -348,19 +348,27 @@ class Engine:
             raise FileNotFoundError(f"no DeepSpeed checkpoint found in {directory} (tag {tag})")
         return client_state or {}
 
-    def export_hf(self, out_dir: str, tokenizer, dtype: torch.dtype) -> None:
-        """Consolidate the (ZeRO-3 partitioned) weights into one Hugging Face checkpoint on rank 0.
-
-        Must be called on every rank (the gather is collective).
-        """
+    def consolidated_state_dict(self) -> dict | None:
+        """The full (ZeRO-3: gathered) module state dict on rank 0, None elsewhere.  Collective: call on every rank."""
         if zero_stage(self.ds_config) == 3:
             state = self.engine._zero3_consolidated_16bit_state_dict()
         else:
             state = self.module.state_dict()
-        if torch.distributed.get_rank() == 0:
-            state = {k: v.to(dtype) for k, v in state.items()}
-            model = self.module
-            model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(out_dir)
+        return state if torch.distributed.get_rank() == 0 else None
+
+    def export_hf(self, out_dir: str, tokenizer, dtype: torch.dtype, writer=None) -> None:
+        """Consolidate the (ZeRO-3 partitioned) weights into one Hugging Face checkpoint on rank 0.
+
+        ``writer(module, state, out_dir, tokenizer, dtype)`` writes it instead of ``save_pretrained`` (LoRA:
+        ``fpo_dist.lora.export``).  Must be called on every rank (the gather is collective).
+        """
+        state = self.consolidated_state_dict()
+        if state is not None:
+            if writer is not None:
+                writer(self.module, state, out_dir, tokenizer, dtype)
+            else:
+                self.module.save_pretrained(out_dir, state_dict={k: v.to(dtype) for k, v in state.items()},
+                                            safe_serialization=True)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(out_dir)
         torch.distributed.barrier()

@@ -169,9 +169,12 @@ _LAYER_PATHS: tuple[tuple[str, ...], ...] = (
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """Strip wrappers that hold the model in ``.module`` (DeepSpeedEngine, DistributedDataParallel)."""
+    """Strip wrappers that hold the model in ``.module`` (DeepSpeedEngine, DistributedDataParallel) and peft's
+    ``PeftModel`` (``get_base_model()``: LoRA policies)."""
     while not any(hasattr(model, p[0]) for p in _LAYER_PATHS) and isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
+    if callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()
     return model
 
 

@@ -11,7 +11,6 @@ loss runs.  An FPO run holds no reference model: only losses that declare ``need
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
 import shutil
@@ -95,8 +94,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.step = 0
-        self.log_file = None
-        self.tb = None
+        self.tracker = None
+        self.eval_store = None
+        self.eval_summary = None
 
     # the process's place in the job: owned by ``self.dist`` (``fpo_dist.engine.Distributed``)
     rank = property(lambda self: self.dist.rank)
@@ -123,6 +123,7 @@ class Trainer:
         if not self.store.attrs.get("complete"):
             raise ConfigError(f"cache {cfg.cache} is not complete; finish it with `python -m fpo_dist.cache` (rerun resumes)")
         prov = self.store.provenance
+        self._open_eval_cache(prov)
         policy_cfg, ref_cfg = resolve_models(cfg, prov)
         try:
             self.spec = check_loss_requirements(
@@ -136,6 +137,27 @@ class Trainer:
         self._setup_logging()
         self._write_run_info()
 
+    def _open_eval_cache(self, prov: dict) -> None:
+        """The held-out cache (``--eval_cache``), refused unless built like the training cache."""
+        from fpo_dist.evaluation_loop import EvalSummary, provenance_differences
+        from fpo_dist.store import open_store
+
+        cfg = self.cfg
+        if not cfg.eval_cache:
+            return
+        try:
+            self.eval_store = open_store(cfg.eval_cache)
+        except FileNotFoundError as e:
+            raise ConfigError(f"'eval_cache': {e}; build it with `python -m fpo_dist.cache` and the training "
+                              "cache's config, another data.split") from None
+        if not self.eval_store.attrs.get("complete"):
+            raise ConfigError(f"eval cache {cfg.eval_cache} is not complete; finish it with `python -m fpo_dist.cache`")
+        diffs = provenance_differences(prov, self.eval_store.provenance)
+        if diffs:
+            raise ConfigError(f"the eval cache {cfg.eval_cache} was not built like the training cache {cfg.cache} "
+                              "(only the data source/split may differ):\n  " + "\n  ".join(diffs))
+        self.eval_summary = EvalSummary(cfg.eval_cache, cfg.eval_every)
+
     def _write_run_info(self) -> None:
         models = self.dist.resident_models()
         info = {
@@ -143,7 +165,11 @@ class Trainer:
             "loss": self.cfg.loss.name, "zero_stage": int(self.ds_config.get("zero_optimization", {}).get("stage", 0)),
             "resident_models": models, "reference_model_resident": self.reference is not None,
             "sae_resident": self.sae is not None, "ds_config": self.ds_config,
+            "trainable_numel": sum(int(getattr(p, "ds_numel", p.numel())) for p in self.policy.module.parameters()
+                                   if p.requires_grad),
+            "lora": to_dict(self.cfg.policy.lora) if self.cfg.policy.lora.rank else None,
         }
+        self.run_info = info
         if self.is_main:
             (Path(self.cfg.output_dir) / "run_info.json").write_text(json.dumps(info, indent=1, default=str))
             print(f"resident models: {[(m['class'], m['numel'], 'local', m['local_numel']) for m in models]}; reference model: "
@@ -191,9 +217,16 @@ class Trainer:
         self._setup_ds_config(policy_cfg)
         dtype = "bfloat16" if self.bf16 else "float32"
         self._zero_ctx = eng.zero3_init_context(self.ds_config)  # keep alive: partitioned loading
-        policy = load_causal_lm(model_spec(policy_cfg, dtype), requires_grad=True)
+        lora = cfg.policy.lora
+        policy = load_causal_lm(model_spec(policy_cfg, dtype), requires_grad=not lora.rank)
+        if lora.rank:
+            from fpo_dist.lora import apply_lora
+
+            policy = apply_lora(policy, lora, cfg.seed)
         if cfg.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
+            if lora.rank:  # frozen embeddings: checkpointed blocks need inputs that require grad
+                policy.enable_input_require_grads()
         policy.config.use_cache = False
         optimizer = build_optimizer([p for p in policy.parameters() if p.requires_grad], cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_factor(s, cfg.optim.warmup_steps))
@@ -229,16 +262,12 @@ class Trainer:
     def _setup_logging(self) -> None:
         if not self.is_main:
             return
+        from fpo_dist.tracking import Tracker
+
         out = Path(self.cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(self.cfg))
-        self.log_file = open(out / "metrics.jsonl", "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:  # tensorboard is a pinned dependency; tolerate its absence in minimal installs
-            self.tb = None
+        self.tracker = Tracker(out, self.cfg.report_to, to_dict(self.cfg))
 
     # ------------------------------------------------------------------ resume / checkpoints
 
@@ -387,6 +416,8 @@ class Trainer:
                 self._log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('reward_accuracy', 0):.2f}")
             bar.update(1)
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                self.evaluate()
             if self.step >= self.total_steps:
                 break  # before the loader hands out (and counts) another step
             if cfg.save_every and self.step % cfg.save_every == 0:
@@ -424,12 +455,35 @@ class Trainer:
                 f.write(json.dumps({"step": self.step, "epoch": epoch, "rows": sorted(r for g in gathered for r in g)}) + "\n")
 
     def _log(self, record: dict) -> None:
-        self.log_file.write(json.dumps(record) + "\n")
-        self.log_file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
-                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+        self.tracker.log(record)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict | None:
+        """Loss and metrics over every pair of the eval cache (all ranks; see ``fpo_dist.evaluation_loop``)."""
+        if self.eval_store is None:
+            return None
+        from fpo_dist.evaluation_loop import evaluate
+
+        batch = self.cfg.eval_batch_size or self.cfg.micro_batch_size
+        record = {"step": self.step, **evaluate(self.policy, self.loss, self.eval_store, self.dist, self.pad_id, batch)}
+        self.eval_summary.add(record)
+        if self.is_main:
+            self._log(record)
+            print(f"eval at step {self.step}: loss {record['eval/loss']:.4f}, reward accuracy "
+                  f"{record.get('eval/reward_accuracy', float('nan')):.3f} over {record['eval/n_pairs']} pairs",
+                  flush=True)
+        return record
+
+    def finish_evaluation(self) -> None:
+        """The final evaluation (unless the last step was just evaluated) and the run's summary."""
+        if self.eval_store is not None and (not self.eval_summary.last or self.eval_summary.last["step"] != self.step):
+            self.evaluate()
+        if self.eval_summary is not None:
+            self.run_info["eval"] = self.eval_summary.to_dict()
+        if self.is_main:
+            (Path(self.cfg.output_dir) / "run_info.json").write_text(json.dumps(self.run_info, indent=1, default=str))
+            self.tracker.summary(self.run_info)
 
     # ------------------------------------------------------------------ finish
 
@@ -437,19 +491,21 @@ class Trainer:
         if not self.cfg.export:
             return None
         out = str(Path(self.cfg.output_dir) / "hf")
-        self.policy.export_hf(out, self.tokenizer, torch.bfloat16 if self.bf16 else torch.float32)
+        writer = None
+        if self.cfg.policy.lora.rank:
+            from fpo_dist.lora import export as writer
+        self.policy.export_hf(out, self.tokenizer, torch.bfloat16 if self.bf16 else torch.float32, writer=writer)
         if self.is_main:
-            print(f"exported Hugging Face model to {out}", flush=True)
+            what = "the LoRA adapter to {0}/adapter and the merged model" if writer else "Hugging Face model"
+            print(f"exported {what.format(out)} to {out}", flush=True)
         return out
 
     def cleanup(self) -> None:
         try:
             if getattr(self, "loader", None) is not None:
                 self.loader.close()
-            if self.log_file:
-                self.log_file.close()
-            if self.tb is not None:
-                self.tb.close()
+            if self.tracker is not None:
+                self.tracker.close()
         finally:
             if getattr(self, "dist", None) is not None:
                 self.dist.close()
@@ -461,6 +517,7 @@ class Trainer:
             self.step0_check()
             self.train()
             self.save_checkpoint()
+            self.finish_evaluation()
             self.export()
         finally:
             self.cleanup()
@@ -470,6 +527,7 @@ def _resume_fields(cfg: TrainConfig) -> dict:
     """The settings a resumed run must share with the checkpoint it continues."""
     out = {f"loss.{k}": v for k, v in to_dict(cfg.loss).items()}
     out.update({f"optim.{k}": list(v) if isinstance(v, tuple) else v for k, v in to_dict(cfg.optim).items()})
+    out.update({f"policy.lora.{k}": v for k, v in to_dict(cfg.policy.lora).items()})
     out.update(cache=cfg.cache, seed=cfg.seed, epochs=cfg.epochs)
     return out
 

@@ -43,3 +43,6 @@ def test_demo_reduced(tmp_path):
     assert results["results"]["reference"]["win_rate"] == 0.5  # the reference against itself: all ties
     assert len(json.loads((out / "runs" / "fpo" / "run_info.json").read_text())["resident_models"]) == 1
     assert "fpo step" in output  # training progress was visible
+    evals = results["eval"]["fpo"]  # evaluation during training on the held-out cache: every 25 steps and the end
+    assert [r["step"] for r in evals] == [25, 30] and all(r["eval/n_pairs"] == 256 for r in evals)
+    assert "held-out cache" in report and "fpo eval loss" in report

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 N_ROWS = 20  # all ok: G = 4 → 5 steps per epoch
+N_EVAL = 5  # held-out pairs: odd, so the 2 ranks hold 3 and 2 (eval batch 2: rank 1 runs one filler forward)
 LR = 5e-3
 BETA, ALPHA, K = 0.5, 2.0, 8
 
@@ -77,15 +78,27 @@ def cache(tiny, tmp_path_factory):
         "--rows_per_shard", "8", "--chunk_rows", "8", "--workers", "2", "--device", "cpu",
         "--data.max_length", "64", "--data.max_prompt_length", "32",
     ])
+    # a held-out cache: the same config, other pairs (as another data.split of a hub dataset would be)
+    held_out = root / "held_out.jsonl"
+    held_out.write_text("\n".join(json.dumps({"prompt": f"Held-out question {i}?", "chosen": f"A careful reply {i}.",
+                                              "rejected": f"No {i}." + " Meh" * i}) for i in range(N_EVAL)))
+    eval_cfg = load_config(CacheConfig, None, [
+        "--model.name_or_path", str(tiny.model_dir), "--sae.source", str(tiny.sae_dir),
+        "--sae.layer", str(tiny.hook_layer), "--data.source", str(held_out), "--output", str(root / "eval_store"),
+        "--rows_per_shard", "8", "--chunk_rows", "8", "--workers", "2", "--device", "cpu",
+        "--data.max_length", "64", "--data.max_prompt_length", "32",
+    ])
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         run_cache_job(cfg, log=lambda *_: None)
+        run_cache_job(eval_cfg, log=lambda *_: None)
     finally:
         ray.shutdown()
     ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every parameter
     (root / "zero3_test.json").write_text(json.dumps(ds))
-    return {"store": str(root / "store"), "ds": str(root / "zero3_test.json"), "root": root, "tiny": tiny}
+    return {"store": str(root / "store"), "eval_store": str(root / "eval_store"), "ds": str(root / "zero3_test.json"),
+            "root": root, "tiny": tiny}
 
 
 def train(cache, out: Path, *extra: str, nproc: int = 2, launcher: str = "torchrun", timeout: int = 420):
@@ -364,3 +377,160 @@ def test_step0_check_catches_a_wrong_hook_layer(cache, tmp_path):
     rc, log = train({**cache, "store": str(store)}, tmp_path / "out", nproc=1, timeout=240)
     assert rc != 0 and "step-0 check failed" in log and "relative" in log
     assert "max |Δ avg logp| = 0" in log  # the log-probs agree: only the features betray the layer
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+def _eval_records(out: Path) -> list[dict]:
+    return [r for r in metrics(out) if "eval/loss" in r]
+
+
+def _train_records(out: Path) -> list[dict]:
+    return [r for r in metrics(out) if "loss" in r]
+
+
+def test_eval_during_training_two_ranks_equal_one_and_a_single_process_computation(run_a, cache, monkeypatch):
+    """--eval_cache/--eval_every on 2 ZeRO-3 ranks: evaluations at step 2 and at the end (3) over all 5 held-out
+    pairs; training is unchanged (≡ run_a, which has no evaluation); 1 rank ≡ 2 ranks; the final evaluation equals
+    one plain-PyTorch computation over all held-out pairs with the exported policy.  The 1-rank run also reports to
+    W&B (offline): its run holds the same train and eval records as metrics.jsonl, the config and run_info."""
+    from test_evaluation_loop import _oracle
+    from test_tracking import wandb_records
+
+    from fpo_dist.store import open_store
+    from fpo_dist.tracking import scalars
+
+    out_a, _ = run_a
+    common = ("--max_steps", "3", "--epochs", "2", "--eval_cache", cache["eval_store"], "--eval_every", "2",
+              "--eval_batch_size", "2")
+    out2, out1 = cache["root"] / "eval_2ranks", cache["root"] / "eval_1rank"
+    rc, log = train(cache, out2, *common)
+    assert rc == 0, log[-6000:]
+    assert "eval at step 2: loss" in log
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    rc, log = train(cache, out1, *common, "--grad_accum", "2", "--report_to", "tensorboard,wandb", nproc=1)
+    assert rc == 0, log[-6000:]
+
+    for a, b in zip(_train_records(out_a), _train_records(out2), strict=True):  # evaluation changes nothing
+        for key in ("loss", "reward_accuracy", "feature_mse_rejected", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-6 * max(1.0, abs(a[key])), (a["step"], key)
+    e2, e1 = _eval_records(out2), _eval_records(out1)
+    assert [r["step"] for r in e2] == [r["step"] for r in e1] == [2, 3]
+    for a, b in zip(e2, e1):
+        assert a["eval/n_pairs"] == b["eval/n_pairs"] == N_EVAL
+        for key in a:
+            if key.startswith("eval/") and key != "eval/time_s":
+                assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a["step"], key, a[key], b[key])
+    assert abs(e2[0]["eval/loss"] - e2[1]["eval/loss"]) > 1e-6  # the policy moved between the evaluations
+
+    want = _oracle(_load(out2 / "hf"), _sae(cache), open_store(cache["eval_store"]), cache["tiny"].hook_layer, "fpo",
+                   {"beta": BETA, "alpha": ALPHA, "k": K})
+    for key, value in want.items():
+        assert e2[-1][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+    info = json.loads((out2 / "run_info.json").read_text())["eval"]
+    assert info["steps"] == [2, 3] and info["last"] == e2[-1]
+    assert info["best"] == min(e2, key=lambda r: r["eval/loss"])
+    tags = _tensorboard_tags(out2)
+    assert {"train/loss", "eval/loss", "eval/reward_accuracy", "eval/feature_mse_rejected", "eval/topk_overlap"} <= tags
+
+    assert not (out2 / "wandb").exists()  # only where asked for
+    wb = wandb_records(out1)
+    expected: dict[int, dict] = {}
+    for record in metrics(out1):
+        expected.setdefault(record["step"], {}).update(scalars(record))
+    history = {row["_step"]: {k: v for k, v in row.items() if not k.startswith("_")} for row in wb["history"]}
+    assert history.keys() == expected.keys() == {1, 2, 3}
+    for step, values in expected.items():
+        assert history[step] == pytest.approx(values, rel=1e-9), step
+    assert wb["config"]["loss"]["name"] == "fpo" and wb["config"]["eval_cache"] == cache["eval_store"]
+    assert wb["summary"]["run_info"]["eval"]["last"]["step"] == 3
+
+
+def _sae(cache):
+    from sae_lens import SAE
+
+    return SAE.load_from_disk(str(cache["tiny"].sae_dir))
+
+
+def _tensorboard_tags(out: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+def test_an_eval_cache_built_differently_is_refused(cache, tmp_path):
+    import zarr
+
+    store = tmp_path / "other_eval"
+    shutil.copytree(cache["eval_store"], store)
+    group = zarr.open_group(str(store), mode="r+")
+    prov = dict(group.attrs["provenance"])
+    prov["data"] = {**prov["data"], "max_length": 128}
+    group.attrs["provenance"] = prov
+    rc, log = train(cache, tmp_path / "out", "--eval_cache", str(store), nproc=1, timeout=240)
+    assert rc == 2 and "was not built like the training cache" in log
+    assert "data.max_length: training cache 64, eval cache 128" in log
+
+
+# --------------------------------------------------------------------------------------------- LoRA
+
+
+LORA = ("--policy.lora.rank", "4", "--policy.lora.alpha", "8", "--policy.lora.target_modules", "q_proj,v_proj,down_proj")
+
+
+def test_lora_under_zero3_and_zero2_export_and_resume(cache, tiny):
+    """A LoRA policy on 2 ZeRO-3 ranks: the step-0 check holds on the unchanged cache (zero-initialised adapters),
+    only adapter parameters train, the merged export equals base + adapter merged by peft itself; ZeRO-2 ≡ ZeRO-3;
+    a run resumed from step 2 continues exactly."""
+    from peft import PeftModel
+
+    root = cache["root"]
+    out3 = root / "lora_zero3"
+    rc, log = train(cache, out3, *LORA, "--max_steps", "3", "--save_every", "2")
+    assert rc == 0, log[-6000:]
+    assert "step-0 check: rows" in log and "LoRA adapter" in log
+    m3 = metrics(out3)
+    assert abs(m3[0]["loss"] - math.log(2)) < 1e-5 and abs(m3[-1]["loss"] - math.log(2)) > 1e-4
+
+    base = _load(tiny.model_dir)
+    expected = dict(PeftModel.from_pretrained(_load(tiny.model_dir), str(out3 / "hf" / "adapter")).merge_and_unload()
+                    .state_dict())
+    merged = _load(out3 / "hf").state_dict()
+    assert merged.keys() == expected.keys()
+    adapted = ("q_proj.weight", "v_proj.weight", "down_proj.weight")
+    for key, value in expected.items():
+        torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
+        if key.endswith(adapted):
+            assert not torch.equal(merged[key], base.state_dict()[key]), key  # the adapters moved
+        else:
+            assert torch.equal(merged[key], base.state_dict()[key]), key  # nothing else did
+    info = json.loads((out3 / "run_info.json").read_text())
+    n_lora = sum(4 * (m.in_features + m.out_features) for n, m in base.named_modules()
+                 if n.endswith(("q_proj", "v_proj", "down_proj")))  # rank × (in + out) per adapted layer
+    assert info["lora"]["rank"] == 4 and info["trainable_numel"] == n_lora
+
+    ds2 = root / "zero2_test.json"
+    ds2.write_text((ROOT / "ds_configs" / "zero2.json").read_text())
+    out2 = root / "lora_zero2"
+    rc, log = train({**cache, "ds": str(ds2)}, out2, *LORA, "--max_steps", "3", "--export", "false")
+    assert rc == 0, log[-6000:]
+    for a, b in zip(m3, metrics(out2), strict=True):
+        for key in ("loss", "reward_accuracy", "feature_mse_rejected", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a["step"], key, a[key], b[key])
+
+    outr = root / "lora_resumed"
+    (outr / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out3 / "checkpoints" / "step_2", outr / "checkpoints" / "step_2")
+    (outr / "checkpoints" / "latest").write_text("step_2")
+    rc, log = train(cache, outr, *LORA, "--max_steps", "3", "--resume", "auto", "--export", "false")
+    assert rc == 0, log[-6000:]
+    assert "resumed from" in log
+    a3, r3 = m3[2], metrics(outr)[0]
+    assert r3["step"] == 3
+    for key in ("loss", "reward_accuracy", "feature_mse_rejected", "grad_norm"):
+        assert abs(a3[key] - r3[key]) <= 1e-6 * max(1.0, abs(a3[key])), key

@@ -41,6 +41,9 @@ class Recipe:
     data_seed: int = 0
     max_length: int = 64
     max_prompt_length: int = 32
+    # evaluation during training on the held-out pairs' cache (every N steps and at the end), in forwards of the
+    # training micro-batch's size: a larger one would raise the peak memory the report shows
+    eval_every: int = 25
     # evaluation (fpo_dist.evaluate.GenerationConfig)
     temperature: float = 1.0
     top_p: float = 1.0

@@ -4,9 +4,10 @@
 
 1. writes the task's train / held-out preference pairs (``fpo_dist.demo.task``);
 2. starts a Ray head on loopback and builds the reference cache with ``ray job submit -- python -m fpo_dist.cache``
-   from the bundled reference model and SAE (``fpo_dist/demo/assets``);
+   from the bundled reference model and SAE (``fpo_dist/demo/assets``), and with the same config a second cache of
+   the held-out pairs;
 3. trains each method with ``deepspeed --num_gpus 2 launchers/train.py --deepspeed ds_configs/zero3.json`` (ZeRO-3;
-   on a CPU machine 2 CPU ranks over gloo);
+   on a CPU machine 2 CPU ranks over gloo), evaluating on the held-out cache during training (``--eval_cache``);
 4. evaluates every policy against the reference on held-out prompts (``fpo_dist.evaluate``: pairwise preference
    accuracy, the judge's win rate on sampled generations, generation entropy, feature drift) and reads step time
    and peak memory from the training logs;
@@ -102,18 +103,24 @@ def _kill_group(proc: subprocess.Popen) -> None:
 # --------------------------------------------------------------------------------------------- stages
 
 
-def build_cache(data: dict[str, Path], out: Path, manifest: dict) -> Path:
-    """A Ray head on loopback (stopped by process group afterwards) and ``ray job submit`` of the cache job."""
-    store = out / "cache"
-    cfg = out / "cache.yaml"
-    cfg.write_text(json.dumps({  # JSON is YAML
+def _cache_config(source: Path, store: Path, path: Path, manifest: dict) -> Path:
+    path.write_text(json.dumps({  # JSON is YAML
         "model": {"name_or_path": str(ASSETS / "model")},
         "sae": {"source": str(ASSETS / "sae"), "layer": manifest["sae"]["hook_layer"]},
-        "data": {"source": str(data["train"]), "max_length": RECIPE.max_length,
+        "data": {"source": str(source), "max_length": RECIPE.max_length,
                  "max_prompt_length": RECIPE.max_prompt_length},
         "output": str(store), "workers": 2, "cpus_per_worker": 1, "device": "cpu",
         "rows_per_shard": 256, "chunk_rows": 128, "batch_size": 64, "overwrite": True,
     }, indent=1))
+    return path
+
+
+def build_cache(data: dict[str, Path], out: Path, manifest: dict) -> tuple[Path, Path]:
+    """A Ray head on loopback (stopped by process group afterwards) and ``ray job submit`` of the cache job: the
+    training cache, then the held-out cache with the same config (what ``--eval_cache`` expects)."""
+    store, eval_store = out / "cache", out / "eval_cache"
+    cfgs = [_cache_config(data["train"], store, out / "cache.yaml", manifest),
+            _cache_config(data["heldout"], eval_store, out / "eval_cache.yaml", manifest)]
     port, dash = _free_port(), _free_port()
     ray_tmp = tempfile.mkdtemp(prefix="fpo-demo-ray-", dir="/tmp")  # short: AF_UNIX paths < 108 bytes
     ray_bin = str(Path(sys.executable).parent / "ray")
@@ -129,15 +136,16 @@ def build_cache(data: dict[str, Path], out: Path, manifest: dict) -> Path:
     )
     try:
         _wait_for_dashboard(dash, head, head_log)
-        _run([ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT), "--",
-              "python", "-m", "fpo_dist.cache", "--config", str(cfg)], out / "logs" / "cache.log",
-             "cache job (Ray, 2 CPU workers)")
+        for cfg, what in zip(cfgs, ("cache", "eval_cache")):
+            _run([ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+                  "--", "python", "-m", "fpo_dist.cache", "--config", str(cfg)], out / "logs" / f"{what}.log",
+                 f"{what.replace('_', ' ')} job (Ray, 2 CPU workers)")
     finally:
         _kill_group(head)
         head.wait(timeout=30)
         log_file.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    return store
+    return store, eval_store
 
 
 def _wait_for_dashboard(port: int, head: subprocess.Popen, log: Path, timeout: float = 120) -> None:
@@ -155,7 +163,7 @@ def _wait_for_dashboard(port: int, head: subprocess.Popen, log: Path, timeout: f
     raise SystemExit(f"the Ray dashboard did not come up within {timeout:.0f} s; see {log}")
 
 
-def train(loss: str, store: Path, out: Path, steps: int) -> Path:
+def train(loss: str, store: Path, eval_store: Path, out: Path, steps: int) -> Path:
     run_dir = out / "runs" / loss
     per_rank = RECIPE.batch_pairs // 2
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
@@ -165,13 +173,14 @@ def train(loss: str, store: Path, out: Path, steps: int) -> Path:
            "--loss.gamma", str(RECIPE.simpo_gamma), "--optim.lr", str(RECIPE.lr),
            "--optim.warmup_steps", str(RECIPE.warmup_steps), "--optim.grad_clip", str(RECIPE.grad_clip),
            "--micro_batch_size", str(per_rank), "--grad_accum", "1", "--max_steps", str(steps), "--seed", "0",
-           "--log_every", "1", "--keep_last", "1"]
+           "--log_every", "1", "--keep_last", "1", "--eval_cache", str(eval_store),
+           "--eval_every", str(RECIPE.eval_every)]
     t0 = time.time()
     seen = [0]
 
     def progress() -> None:
         path = run_dir / "metrics.jsonl"
-        rows = path.read_text().splitlines() if path.exists() else []
+        rows = [r for r in path.read_text().splitlines() if '"loss"' in r] if path.exists() else []
         if rows and len(rows) != seen[0]:
             seen[0] = len(rows)
             r = json.loads(rows[-1])
@@ -212,10 +221,13 @@ def evaluate_all(runs: dict[str, Path], data: dict[str, Path], out: Path, manife
 
 
 def _train_stats(run_dir: Path) -> dict:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval/loss" in r]
     steady = [r["step_time_s"] for r in rows[2:]] or [r["step_time_s"] for r in rows]
     return {"median_step_s": statistics.median(steady), "peak_memory_mb": max(r["peak_memory_mb"] for r in rows),
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows[2:] or rows), "rows": rows}
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows[2:] or rows), "rows": rows,
+            "evals": evals}
 
 
 def plot_curves(stats: dict[str, dict], out: Path) -> list[Path]:
@@ -227,13 +239,18 @@ def plot_curves(stats: dict[str, dict], out: Path) -> list[Path]:
     paths = []
     for key in CURVES:
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        for name, s in stats.items():
+        for i, (name, s) in enumerate(stats.items()):
+            color = f"C{i}"
             xs = [r["step"] for r in s["rows"] if key in r]
             if xs:
-                ax.plot(xs, [r[key] for r in s["rows"] if key in r], label=name)
+                ax.plot(xs, [r[key] for r in s["rows"] if key in r], label=f"{name} (train)", color=color, alpha=0.6)
+            evals = [r for r in s.get("evals", []) if f"eval/{key}" in r]
+            if evals:  # the held-out cache's curve next to the training one
+                ax.plot([r["step"] for r in evals], [r[f"eval/{key}"] for r in evals], "o--", color=color,
+                        label=f"{name} (held-out)")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(key.replace("_", " "))
-        ax.set_title(f"training {key.replace('_', ' ')}")
+        ax.set_title(f"{key.replace('_', ' ')}: training batches and held-out cache")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -276,6 +293,12 @@ def write_report(results: dict, stats: dict, out: Path, timings: dict, steps: in
         "reference's samples for the same prompts and seeds.",
         "- *entropy*: mean per-token predictive entropy along the policy's own samples (nats). *feature MSE*: mean "
         "pooled-SAE-feature drift from the reference on held-out responses.",
+        "- *held-out cache*: the same loss and metrics over all held-out pairs (a cache built with the training "
+        f"cache's config), every {RECIPE.eval_every} steps and at the end, dashed in `plots/*.png`: "
+        + "; ".join(f"{name} eval loss {s['evals'][0]['eval/loss']:.3f} (step {s['evals'][0]['step']}) → "
+                    f"{s['evals'][-1]['eval/loss']:.3f} (step {s['evals'][-1]['step']}), reward accuracy "
+                    f"{s['evals'][-1].get('eval/reward_accuracy', float('nan')):.3f}"
+                    for name, s in stats.items() if s.get("evals")) + ".",
         "- Generations in AlpacaEval format: `eval/<method>/policy_outputs.json`; training curves: `plots/*.png`; "
         "logs: `logs/`.",
         "",
@@ -312,13 +335,13 @@ def main(argv: list[str] | None = None) -> int:
     data = task.write_preference_data(out / "data", seed=RECIPE.data_seed, n_train=RECIPE.n_train_pairs,
                                       n_heldout=RECIPE.n_heldout_pairs)
     say(f"task data: {RECIPE.n_train_pairs} training pairs, {RECIPE.n_heldout_pairs} held-out pairs in {out / 'data'}")
-    store = build_cache(data, out, manifest)
+    store, eval_store = build_cache(data, out, manifest)
     timings["cache"] = time.time() - t
 
     runs = {}
     for loss in losses:
         t = time.time()
-        runs[loss] = train(loss, store, out, a.steps)
+        runs[loss] = train(loss, store, eval_store, out, a.steps)
         timings[f"train {loss}"] = time.time() - t
 
     t = time.time()
@@ -329,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     timings["total"] = time.time() - t_all
     report = write_report(results, stats, out, timings, a.steps)
     (out / "results.json").write_text(json.dumps(
-        {"results": results, "train": {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in stats.items()},
+        {"results": results, "train": {k: {kk: vv for kk, vv in v.items() if kk not in ("rows", "evals")}
+                                       for k, v in stats.items()},
+         "eval": {k: v["evals"] for k, v in stats.items()},
          "timings_s": timings}, indent=1))
     print()
     print(report.read_text())
