@@ -222,7 +222,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     cache: str = ""  # the store built by the cache job
-    plugins: list[str] = field(default_factory=list)  # modules imported first, e.g. to register a loss
+    plugins: list[str] = field(default_factory=list)  # "module" or "module:function", run first (register a loss)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)  # empty: the cache's reference model (+ LoRA)
@@ -311,7 +311,19 @@ class TrainConfig:
             raise ConfigError("'eval_batch_size' must be positive, or null for micro_batch_size")
 
     def _import_plugins(self) -> None:
+        """Import each ``plugins`` entry: ``module`` (registers on import) or ``module:function`` (called after)."""
         import importlib
+
+        for name in self.plugins:
+            module, _, func = name.partition(":")
+            try:
+                mod = importlib.import_module(module)
+            except ImportError as e:
+                raise ConfigError(f"'plugins': cannot import {module!r}: {e}") from None
+            if func:
+                if not callable(getattr(mod, func, None)):
+                    raise ConfigError(f"'plugins': {module!r} has no function {func!r}")
+                getattr(mod, func)()
 
         for name in self.plugins:
             try:

@@ -110,9 +110,12 @@ def backbone(model: nn.Module) -> nn.Module:
 
 
 def unwrap(model: Any) -> nn.Module:
-    """The transformers model inside an :class:`fpo_dist.engine.Engine` / DeepSpeed engine / plain module."""
+    """The transformers model inside an :class:`fpo_dist.engine.Engine` / DeepSpeed engine / peft model / plain
+    module."""
     while not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):
         model = model.module
+    if callable(getattr(model, "get_base_model", None)):  # peft (LoRA policies): the model with adapters injected
+        model = model.get_base_model()
     return model
 
 
@@ -155,6 +158,7 @@ def selected_forward(
 
     def model_forward(*args, **kwargs):
         kwargs["use_cache"] = False
+        kwargs.pop("labels", None)  # peft passes labels=None through
         hidden = backbone(inner)(*args, **kwargs).last_hidden_state
         h = hidden[pm]
         box["hidden"] = h

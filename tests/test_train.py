@@ -30,7 +30,7 @@ BETA, ALPHA, K = 0.5, 2.0, 8
 
 
 # --------------------------------------------------------------------------------------------- a loss of our own
-# Registered when this file is imported, by pytest here or, through ``--plugins test_train``, by each training rank:
+# Registered by each training rank through ``--plugins test_train:register_toy_loss`` (not in pytest's process):
 # the toy loss lives in this test file alone, with a hyper-parameter no built-in loss has.
 
 
@@ -41,15 +41,13 @@ def toy_margin_loss(avg_chosen, avg_rejected, margin: float = 1.0):
                                  "logps_rejected": avg_rejected.detach().mean()}
 
 
-def _register_toy_loss():
+def register_toy_loss():
     from fpo_dist.losses import LOSSES, LossSpec, register_loss
 
     if "toy-margin" not in LOSSES:
         register_loss(LossSpec("toy-margin", toy_margin_loss, "none", inputs=lambda q: q.avg_logps,
                                defaults={"margin": 1.0}))
 
-
-_register_toy_loss()
 
 
 def _free_port() -> int:
@@ -316,7 +314,7 @@ def test_tdpo2_selected_head_equals_materialized_under_zero3(cache):
 def test_a_loss_registered_in_a_test_file_trains(cache, tmp_path):
     """The loss seam: a loss defined here alone (with its own hyper-parameter) trains through the real trainer."""
     out = tmp_path / "toy"
-    rc, log = train(cache, out, "--plugins", "test_train", "--loss.name", "toy-margin", "--loss.margin", "0.25",
+    rc, log = train(cache, out, "--plugins", "test_train:register_toy_loss", "--loss.name", "toy-margin", "--loss.margin", "0.25",
                     "--max_steps", "2", "--export", "false", nproc=1, timeout=240)
     assert rc == 0, log[-6000:]
     m = metrics(out)
