@@ -173,3 +173,27 @@ def build_tiny_artifacts(root: str | os.PathLike, hook_layer: int = 1, num_layer
     if not (sae_dir / "cfg.json").exists():
         build_sae(sae_dir, d_in=32, hook_layer=hook_layer, seed=seed)
     return TinyArtifacts(model_dir=model_dir, sae_dir=sae_dir, hook_layer=hook_layer)
+
+
+def flip_byte_silently(store_path: str | os.PathLike, chunk: str | os.PathLike, rows) -> int:
+    """Fault injection for tests: flip one byte of the stored file ``chunk`` of the cache at ``store_path`` such that
+    the chunk still DECODES (to other values) — the silent corruption only a checksum catches.  Tries payload bytes
+    from the end of the file backwards; ``rows`` (ok rows whose data lives in that chunk) are read back, without
+    verify on read, to check that the flip decodes.  Returns the offset flipped."""
+    from fpo_dist.store import open_store
+
+    path = Path(chunk)
+    clean = path.read_bytes()
+    before = open_store(str(store_path), verify_reads=False).read_rows(rows)
+    for offset in range(len(clean) - 1, 32, -1):
+        raw = bytearray(clean)
+        raw[offset] ^= 0x01
+        path.write_bytes(bytes(raw))
+        try:
+            after = open_store(str(store_path), verify_reads=False).read_rows(rows)
+        except Exception:  # noqa: BLE001 — this flip breaks decoding: try the next byte
+            continue
+        if any(repr(getattr(before, f)) != repr(getattr(after, f)) for f in before.__dataclass_fields__):
+            return offset
+    path.write_bytes(clean)
+    raise RuntimeError(f"no single-byte flip of {path} decodes to other values")

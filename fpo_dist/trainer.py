@@ -108,7 +108,7 @@ class Trainer:
 
     def setup(self) -> None:
         from fpo_dist import engine as eng
-        from fpo_dist.store import open_store
+        from fpo_dist.store import StoreError, open_store
 
         cfg = self.cfg
         self.dist = eng.init_distributed(cfg.dist_timeout_s)
@@ -118,8 +118,8 @@ class Trainer:
                 print(f"loss {cfg.loss.name} does not use: {', '.join(cfg.loss.ignored)}", flush=True)
         try:
             self.store = open_store(cfg.cache)
-        except FileNotFoundError as e:
-            raise ConfigError(f"'cache': {e}; build it with `python -m fpo_dist.cache`") from None
+        except StoreError as e:
+            raise ConfigError(f"'cache': {e}") from None
         if not self.store.attrs.get("complete"):
             raise ConfigError(f"cache {cfg.cache} is not complete; finish it with `python -m fpo_dist.cache` (rerun resumes)")
         prov = self.store.provenance
@@ -509,10 +509,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
+    from fpo_dist.store import StoreError
+
     trainer = Trainer(cfg)
     try:
         trainer.run()
     except ConfigError as e:
         print(f"configuration error (rank {getattr(trainer, 'rank', '?')}): {e}", file=sys.stderr)
+        return 2
+    except StoreError as e:  # e.g. a shard that fails its checksum on read: one line naming it, no traceback
+        print(f"cache error (rank {getattr(trainer, 'rank', '?')}, step {trainer.step}): {e}", file=sys.stderr)
         return 2
     return 0

@@ -347,3 +347,28 @@ def test_step0_check_catches_a_wrong_hook_layer(cache, tmp_path):
     rc, log = train({**cache, "store": str(store)}, tmp_path / "out", nproc=1, timeout=240)
     assert rc != 0 and "step-0 check failed" in log and "relative" in log
     assert "max |Δ avg logp| = 0" in log  # the log-probs agree: only the features betray the layer
+
+
+# --------------------------------------------------------------------------------------------- integrity (issue 13)
+
+
+def test_a_flipped_byte_in_the_cache_stops_training(cache, tmp_path):
+    """A byte flipped from outside in a data chunk of shard 1 (one that still decodes: before verify on read, such a
+    run trained a whole epoch and exited 0): the run stops before any row of that shard reaches a
+    loss, with one line naming the shard, the array and the rows and pointing at ``verify`` (exit 2, no traceback)."""
+    store = tmp_path / "flipped"
+    shutil.copytree(cache["store"], store)
+    from fpo_dist.testing import flip_byte_silently
+
+    flip_byte_silently(store, store / "shards" / "000001" / "token_ids" / "c" / "0", list(range(8, 16)))
+    out = tmp_path / "out"
+    rc, log = train({**cache, "store": str(store)}, out, "--max_steps", "10", "--export", "false", nproc=1,
+                    timeout=240)
+    assert rc == 2, log[-4000:]
+    line = next(x for x in log.splitlines() if "cache error" in x)
+    assert "shard 1 (rows 8..15)" in line and "token_ids" in line and "rows " in line, line
+    assert f"python -m fpo_dist.cache verify {store}" in line
+    assert "Traceback" not in log
+    logged = metrics(out) if (out / "metrics.jsonl").exists() else []
+    used = {r for s in (samples(out) if (out / "samples.jsonl").exists() else []) for r in s["rows"]}
+    assert not used & set(range(8, 16)) and len(logged) < 10

@@ -39,15 +39,25 @@ def _build(argv: list[str]) -> int:
     return 0
 
 
-def _open(path: str):
-    """The store at ``path``, or None after printing why it cannot be opened."""
-    from fpo_dist.store import StoreError, open_store
+def _store_command(run):
+    """Run ``run(argv)``; an unreadable store (any :class:`~fpo_dist.store.StoreError`) prints one line and exits 2."""
 
-    try:
-        return open_store(path)
-    except (StoreError, FileNotFoundError) as e:
-        print(f"error: {path}: {e}", file=sys.stderr)
-        return None
+    def command(argv: list[str]) -> int:
+        from fpo_dist.store import StoreError
+
+        try:
+            return run(argv)
+        except StoreError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return command
+
+
+def _open(path: str):
+    from fpo_dist.store import open_store
+
+    return open_store(path)
 
 
 def _verify(argv: list[str]) -> int:
@@ -64,8 +74,6 @@ def _verify(argv: list[str]) -> int:
                    help="let transformers run the model's own code (never taken from the store)")
     a = p.parse_args(argv)
     store = _open(a.store)
-    if store is None:
-        return 2
     problems = store.verify()
     for line in problems:
         print(f"PROBLEM {line}")
@@ -109,8 +117,6 @@ def _info(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print the full info as JSON")
     a = p.parse_args(argv)
     store = _open(a.store)
-    if store is None:
-        return 2
     info = store.info()
     info["token_extras"] = store.token_extras_info()
     if a.json:
@@ -166,7 +172,7 @@ def _extras_lines(store, extras) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("verify", "info"):
-        return {"verify": _verify, "info": _info}[argv[0]](argv[1:])
+        return _store_command({"verify": _verify, "info": _info}[argv[0]])(argv[1:])
     if argv and argv[0] == "build":
         argv = argv[1:]
     if argv and argv[0] in ("-h", "--help"):

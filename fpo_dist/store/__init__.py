@@ -16,7 +16,9 @@ non-zeros and the optional per-token extras.  Zarr has no locking, so the write 
 
 Readers (the trainer's loader, ``verify``) use :meth:`CacheStore.read_rows`, which reads only the slices the
 requested rows need, one slice per run of contiguous rows; :meth:`CacheStore.read_token_extras` reads the
-per-token extras alone.
+per-token extras alone.  The first read from a shard checks the whole shard against its committed checksum
+(verify on read).  Whatever makes a store unreadable raises a :class:`StoreError` naming the file and what to do
+(:func:`~fpo_dist.store.schema.reading` is the one place that maps zarr's and the filesystem's errors).
 
 The package, by concern (import everything from ``fpo_dist.store``; the modules are an implementation detail):
 
@@ -45,9 +47,13 @@ from fpo_dist.store.schema import (
     Plan,
     RowsNotAvailableError,
     ShardCommittedError,
+    ShardCorruptError,
     StoreError,
     StoreFormatError,
+    StoreLockedError,
     StoreMismatchError,
+    StoreNotFoundError,
+    StoreUnreadableError,
 )
 from fpo_dist.store.writer import ShardResult
 
@@ -66,10 +72,14 @@ __all__ = [
     "RowBatch",
     "RowsNotAvailableError",
     "ShardCommittedError",
+    "ShardCorruptError",
     "ShardResult",
     "StoreError",
     "StoreFormatError",
+    "StoreLockedError",
     "StoreMismatchError",
+    "StoreNotFoundError",
+    "StoreUnreadableError",
     "TokenExtras",
     "create_store",
     "open_store",
