@@ -131,6 +131,7 @@ class Trainer:
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        policy_cfg, ref_cfg = self._resolve(policy_cfg, ref_cfg, prov)
         self._setup_models(policy_cfg, ref_cfg, prov)
         self._setup_loader()
         self._setup_logging()
@@ -149,16 +150,40 @@ class Trainer:
             print(f"resident models: {[(m['class'], m['numel'], 'local', m['local_numel']) for m in models]}; reference model: "
                   f"{'yes' if self.reference is not None else 'none'}", flush=True)
 
+    def _resolve(self, policy_cfg: ModelConfig, ref_cfg: ModelConfig | None, prov: dict):
+        """Every model and the SAE as local directories, checked to fit (``fpo_dist.resolve``), before any is loaded;
+        a missing path, an unknown id or an unreachable hub is a ConfigError (one line, exit 2)."""
+        from dataclasses import replace
+
+        from fpo_dist.resolve import ResolveError, check_fit, resolve_dir, resolve_model, resolve_sae
+
+        def local(m: ModelConfig, key: str):
+            info = resolve_model(m.name_or_path, m.revision, m.gguf_file, m.trust_remote_code, key=f"{key}.name_or_path")
+            tok = resolve_dir(m.tokenizer, m.revision, "tokenizer", f"{key}.tokenizer") if m.tokenizer else None
+            return replace(m, name_or_path=info.path, tokenizer=tok), info
+
+        cfg = self.cfg
+        try:
+            policy_cfg, info = local(policy_cfg, "policy")
+            ref_cfg = local(ref_cfg, "ref_model")[0] if ref_cfg is not None else None
+            self._sae_dir = None
+            if self.spec.needs_sae:
+                source = cfg.sae.source or prov["sae"]["source"]
+                sae_id = cfg.sae.sae_id if cfg.sae.source else prov["sae"]["sae_id"]
+                sae = resolve_sae(source, sae_id)
+                self._sae_dir = sae.path
+                check_fit(prov["sae"]["layer"], info, sae, "policy.name_or_path")
+        except ResolveError as e:
+            raise ConfigError(str(e)) from None
+        return policy_cfg, ref_cfg
+
     def _load_sae(self, prov: dict):
         """The frozen SAE when the loss needs one (loaded before the engine: see ``engine.zero3_init_context``)."""
         if not self.spec.needs_sae:
             return None
         from fpo_dist.sae import load_sae
 
-        cfg = self.cfg
-        source = cfg.sae.source or prov["sae"]["source"]
-        sae_id = cfg.sae.sae_id if cfg.sae.source else prov["sae"]["sae_id"]
-        return load_sae(source, sae_id, device=self.device, dtype="float32")
+        return load_sae(self._sae_dir, None, device=self.device, dtype="float32")  # resolved by _resolve
 
     def _setup_ds_config(self, policy_cfg: ModelConfig) -> None:
         """The checked DeepSpeed config and the checkpoint to resume (converted when the world size changed)."""

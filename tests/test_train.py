@@ -334,15 +334,22 @@ def test_step0_check_catches_a_wrong_model(cache, tmp_path):
 
 
 def test_step0_check_catches_a_wrong_hook_layer(cache, tmp_path):
-    """A cache whose features came from block 1 but whose provenance says block 0 (a mislabelled cache)."""
+    """A cache whose features came from block 1 but whose provenance says block 0 (a mislabelled cache).  The SAE's
+    own hook metadata would give it away before any work (``fpo_dist.resolve``, tested in test_resolve.py), so the
+    SAE here is a copy without it, as third-party SAEs often are: the step-0 check is what catches it then."""
     import zarr
 
+    sae = tmp_path / "sae-without-hook"
+    shutil.copytree(cache["tiny"].sae_dir, sae)
+    sae_cfg = json.loads((sae / "cfg.json").read_text())
+    assert sae_cfg["metadata"].pop("hook_name") == "blocks.1.hook_resid_post"
+    (sae / "cfg.json").write_text(json.dumps(sae_cfg))
     store = tmp_path / "relabelled"
     shutil.copytree(cache["store"], store)
     group = zarr.open_group(str(store), mode="r+")
     prov = dict(group.attrs["provenance"])
     assert prov["sae"]["layer"] == 1
-    prov["sae"] = {**prov["sae"], "layer": 0}
+    prov["sae"] = {**prov["sae"], "layer": 0, "source": str(sae)}
     group.attrs["provenance"] = prov
     rc, log = train({**cache, "store": str(store)}, tmp_path / "out", nproc=1, timeout=240)
     assert rc != 0 and "step-0 check failed" in log and "relative" in log
@@ -372,3 +379,26 @@ def test_a_flipped_byte_in_the_cache_stops_training(cache, tmp_path):
     logged = metrics(out) if (out / "metrics.jsonl").exists() else []
     used = {r for s in (samples(out) if (out / "samples.jsonl").exists() else []) for r in s["rows"]}
     assert not used & set(range(8, 16)) and len(logged) < 10
+
+
+def test_trainer_resolves_the_sae_before_any_work(cache, tmp_path):
+    """A cache whose SAE is a Gemma Scope 2 release this machine has never resolved (no hub: HF_HUB_OFFLINE=1): the
+    trainer stops at setup with one line naming the SAE and what to do (exit 2), before loading any model."""
+    import zarr
+
+    store = tmp_path / "release-sae"
+    shutil.copytree(cache["store"], store)
+    group = zarr.open_group(str(store), mode="r+")
+    prov = dict(group.attrs["provenance"])
+    prov["sae"] = {**prov["sae"], "source": "gemma-scope-2-270m-pt-res", "sae_id": "layer_12_width_16k_l0_medium"}
+    group.attrs["provenance"] = prov
+    old_home = os.environ.get("HF_HOME")
+    os.environ["HF_HOME"] = str(tmp_path / "hf")  # nothing resolved there
+    try:
+        rc, log = train({**cache, "store": str(store)}, tmp_path / "out", nproc=1, timeout=240)
+    finally:
+        os.environ.pop("HF_HOME") if old_home is None else os.environ.__setitem__("HF_HOME", old_home)
+    assert rc == 2, log[-4000:]
+    line = next(x for x in log.splitlines() if "configuration error" in x)
+    assert "SAE gemma-scope-2-270m-pt-res / layer_12_width_16k_l0_medium" in line and "HF_HUB_OFFLINE=1" in line
+    assert "Traceback" not in log and "step-0 check" not in log

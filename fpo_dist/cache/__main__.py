@@ -26,11 +26,12 @@ def _build(argv: list[str]) -> int:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
     from fpo_dist.cache.driver import CacheJobError, run_cache_job
+    from fpo_dist.resolve import ResolveError
     from fpo_dist.store import StoreError
 
     try:
         run_cache_job(cfg)
-    except (DataError, StoreError) as e:
+    except (DataError, StoreError, ResolveError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except CacheJobError as e:

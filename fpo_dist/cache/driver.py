@@ -22,6 +22,7 @@ from fpo_dist.config import CacheConfig, to_dict, to_yaml
 from fpo_dist.data import DataError, format_bad_report, BadRow, file_sha256, load_source, local_files, tokenizer_fingerprint, uses_chat_template
 from fpo_dist.cache.worker import CacheWorker
 from fpo_dist.models import load_tokenizer, tokenizer_spec
+from fpo_dist.resolve import resolve_cache_config
 
 
 class CacheJobError(RuntimeError):
@@ -141,7 +142,10 @@ def run_cache_job(cfg: CacheConfig, log=print) -> dict:
 
     t_start = time.time()
     log("fpo-dist cache job, config:\n" + to_yaml(cfg))
-    tokenizer = load_tokenizer(tokenizer_spec(cfg.model))
+    # model, tokenizer and SAE found (or downloaded) and checked once, before any worker starts; workers load the
+    # local directories of work_cfg and never touch the hub.  The provenance keeps the names the user gave.
+    work_cfg = resolve_cache_config(cfg)
+    tokenizer = load_tokenizer(tokenizer_spec(work_cfg.model))
     source = load_source(cfg.data)
     provenance = build_provenance(cfg, source, tokenizer)
     store = create_store(
@@ -155,7 +159,7 @@ def run_cache_job(cfg: CacheConfig, log=print) -> dict:
         f"{done_before} already committed, {len(pending)} to do")
     results: list[dict] = []
     if pending:
-        results = _run_pool(cfg, store, pending, log)
+        results = _run_pool(work_cfg, store, pending, log)
     store.finalize()
     summary = _summary(cfg, store, source, results, time.time() - t_start, done_before)
     log(format_summary(summary))
