@@ -240,9 +240,45 @@ def test_killed_driver_rerun_completes_only_missing_shards(one_worker_store, tin
     n_shards = open_store(str(out)).plan.n_shards
     before = len(open_store(str(out)).committed_shards())
     assert 1 <= before < n_shards, f"the driver was to be killed mid-run ({before}/{n_shards} committed)"
-    summary = build(cfg, ray_session)
+    from fpo_dist.store.lease import LEASE_KEY
+
+    lease = json.loads((out / LEASE_KEY).read_text())  # the killed driver's lease is left behind ...
+    assert lease["pid"] == proc.pid
+    summary = build(cfg, ray_session)  # ... and the rerun takes it over (same host, pid gone)
     assert summary["shards_committed_before"] == before
     assert summary["shards_done_now"] == n_shards - before  # only the missing ones
+    assert_same_store(one_worker_store[0], out)
+    assert not (out / LEASE_KEY).exists()  # released at the end
+
+
+def test_second_job_on_the_same_store_refuses_up_front(one_worker_store, tiny, dataset, tmp_path):
+    """Two real cache jobs on one output: the second refuses before planning, naming the first (host, pid, start
+    time); the first completes to a store equal to an uninterrupted one and releases its lease."""
+    from fpo_dist.store.lease import LEASE_KEY
+
+    out = tmp_path / "shared"
+    cfg_file = _yaml(cache_config(tiny, dataset, out, workers=1, per_token_logps="true"), tmp_path / "cache.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [sys.executable, "-m", "fpo_dist.cache", "--config", str(cfg_file)]
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / LEASE_KEY).exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert (out / LEASE_KEY).exists(), "the first job never took its lease"
+        second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert first.poll() is None, "the first job was to be still running"
+        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+        err = [line for line in second.stderr.splitlines() if line.strip()]
+        assert len(err) == 1 and "is being written by another cache job" in err[0], second.stderr
+        assert f"pid {first.pid}, started " in err[0] and f"host {socket.gethostname()}" in err[0]
+        assert "Ray" not in second.stdout + second.stderr  # refused before any work
+        output, _ = first.communicate(timeout=400)
+        assert first.returncode == 0, output[-3000:]
+    finally:
+        _kill_session(first)
+    assert not (out / LEASE_KEY).exists()
     assert_same_store(one_worker_store[0], out)
 
 

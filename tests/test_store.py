@@ -554,3 +554,56 @@ def test_every_unreadable_store_gives_one_clear_error(clean_store, tmp_path, cas
         assert "PROBLEM shard 1" in out.out and expected in out.out, out
     else:
         assert rc == 2 and out.err.count("\n") == 1 and expected in out.err, out
+
+
+def _write_lease(path: Path, **fields) -> None:
+    from fpo_dist.store.lease import LEASE_KEY
+
+    info = {"host": "other-host", "pid": 1, "pid_start": None, "started_at": "2026-01-01T00:00:00+00:00",
+            "heartbeat": 0.0, "token": "theirs", **fields}
+    path.mkdir(parents=True, exist_ok=True)
+    (path / LEASE_KEY).write_text(json.dumps(info))
+
+
+def test_writer_lease(tmp_path):
+    """One writing job per store: a live lease refuses (naming its holder), a dead one is taken over, and the lease
+    survives ``create_store(overwrite=True)``.  (Two real cache jobs: tests/test_cache.py.)"""
+    import socket
+    import subprocess
+    import time
+
+    from fpo_dist.store import StoreLockedError, acquire_lease
+    from fpo_dist.store.lease import LEASE_KEY, STALE_AFTER_S, WriterLease
+
+    path = tmp_path / "cache"
+    logs = []
+    lease = acquire_lease(str(path), log=logs.append)  # before the store exists: planning comes after
+    store = create_store(str(path), PROVENANCE, **PLAN)  # the lease file does not make the path "not empty"
+    with pytest.raises(StoreLockedError, match=rf"host {socket.gethostname()}, pid {os.getpid()}, started "):
+        acquire_lease(str(path))
+    create_store(str(path), PROVENANCE, overwrite=True, **PLAN)  # deletes the path, lease included ...
+    lease.beat()  # ... and the holder writes it again
+    assert (path / LEASE_KEY).exists() and lease.lost is None
+    lease.release()
+    assert not (path / LEASE_KEY).exists() and store.verify() == [f"shard {k} (rows {a}..{b - 1}): not committed"
+                                                                  for k, (a, b) in enumerate([(0, 20), (20, 40), (40, 47)])]
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    _write_lease(path, host=socket.gethostname(), pid=dead.pid)  # same host, pid gone: stale at once
+    acquire_lease(str(path), log=logs.append).release()
+    assert any(f"pid {dead.pid} is not running on this host" in m for m in logs), logs
+
+    _write_lease(path, heartbeat=time.time() - 5)  # another host, recent heartbeat: alive
+    with pytest.raises(StoreLockedError, match="host other-host, pid 1"):
+        acquire_lease(str(path))
+    _write_lease(path, heartbeat=time.time() - STALE_AFTER_S - 5)  # another host, silent: stale
+    taken = acquire_lease(str(path), log=logs.append)
+    assert any("no heartbeat for" in m for m in logs)
+    _write_lease(path, heartbeat=time.time())  # someone took it from under us: noticed, and commits stop
+    taken.beat()
+    with pytest.raises(StoreLockedError, match="lost its writer lease"):
+        taken.check()
+    taken.release()
+    assert (path / LEASE_KEY).exists()  # not ours any more: left alone
+    assert isinstance(taken, WriterLease)

@@ -138,10 +138,17 @@ def plan_workers(cfg: CacheConfig, resources: dict, n_pending: int) -> tuple[int
 
 def run_cache_job(cfg: CacheConfig, log=print) -> dict:
     """Build (or complete) the store described by ``cfg``; return the summary dict."""
-    from fpo_dist.store import create_store
+    from fpo_dist.store import acquire_lease
 
     t_start = time.time()
     log("fpo-dist cache job, config:\n" + to_yaml(cfg))
+    with acquire_lease(cfg.output, log=log) as lease:  # one writing job per store, taken before any planning
+        return _run_job(cfg, lease, log, t_start)
+
+
+def _run_job(cfg: CacheConfig, lease, log, t_start: float) -> dict:
+    from fpo_dist.store import create_store
+
     # model, tokenizer and SAE found (or downloaded) and checked once, before any worker starts; workers load the
     # local directories of work_cfg and never touch the hub.  The provenance keeps the names the user gave.
     work_cfg = resolve_cache_config(cfg)
@@ -152,6 +159,7 @@ def run_cache_job(cfg: CacheConfig, log=print) -> dict:
         cfg.output, provenance, n_rows=len(source), rows_per_shard=cfg.rows_per_shard, chunk_rows=cfg.chunk_rows,
         options={"token_logps": cfg.per_token_logps, "token_codes": cfg.per_token_codes}, overwrite=cfg.overwrite,
     )
+    lease.beat()  # rewrites the lease if overwrite deleted it
     plan = store.plan
     pending = store.pending_shards()
     done_before = plan.n_shards - len(pending)
@@ -159,14 +167,15 @@ def run_cache_job(cfg: CacheConfig, log=print) -> dict:
         f"{done_before} already committed, {len(pending)} to do")
     results: list[dict] = []
     if pending:
-        results = _run_pool(work_cfg, store, pending, log)
+        results = _run_pool(work_cfg, store, pending, log, lease)
+    lease.check()
     store.finalize()
     summary = _summary(cfg, store, source, results, time.time() - t_start, done_before)
     log(format_summary(summary))
     return summary
 
 
-def _run_pool(cfg: CacheConfig, store, pending: list[int], log) -> list[dict]:
+def _run_pool(cfg: CacheConfig, store, pending: list[int], log, lease) -> list[dict]:
     ray = connect_ray(cfg)
     from ray.exceptions import RayActorError, RayTaskError
     from tqdm import tqdm
@@ -217,6 +226,7 @@ def _run_pool(cfg: CacheConfig, store, pending: list[int], log) -> list[dict]:
                                     f"{e.cause if getattr(e, 'cause', None) else e}") from e
             if "error" in res:
                 raise CacheJobError(res["error"])
+            lease.check()  # never commit after another job took the store
             store.commit_shard(shard, res["checksum"])
             results.append(res)
             tokens += res["tokens"]

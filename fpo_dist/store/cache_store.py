@@ -103,8 +103,12 @@ def create_store(
             raise StoreFormatError(f"{path} exists and is not empty, but is not a Zarr group; "
                                    "pass overwrite=True to replace it")
 
-    # mode "w" deletes whatever is at path
-    root = zarr.open_group(path, mode="w", zarr_format=3, storage_options=storage_options)
+    # overwrite: mode "w" deletes whatever is at path, except the writer lease, put back at once (the driver took it
+    # before planning); a new store: mode "a" creates the group next to the lease
+    from fpo_dist.store.lease import keep_lease
+
+    with keep_lease(path, storage_options, active=overwrite):
+        root = zarr.open_group(path, mode="w" if overwrite else "a", zarr_format=3, storage_options=storage_options)
     _create_arrays(root, plan, options)
     root.update_attributes({**config, "complete": False, "finalized_at": None, "checksum": None})
     return CacheStore(path, mode="r+", storage_options=storage_options)
@@ -151,10 +155,17 @@ def _check_format(path: str, attrs: Mapping[str, Any]) -> None:
 
 def _store_is_empty(path: str, storage_options: dict | None) -> bool:
     """True when nothing is stored at ``path`` (so a new store may be created there without overwrite)."""
+    from fpo_dist.store.lease import LEASE_KEY  # the writer lease is taken before the store is created
+
     if "://" not in path:
-        return not os.path.exists(path) or (os.path.isdir(path) and not any(os.scandir(path)))
+        return not os.path.exists(path) or (os.path.isdir(path) and not any(
+            e.name != LEASE_KEY for e in os.scandir(path)))
     store = zarr.storage.FsspecStore.from_url(path, storage_options=storage_options, read_only=True)
-    return bool(_sync(store.is_empty("")))
+    return not [k for k in _sync(_list_dir(store)) if k != LEASE_KEY]
+
+
+async def _list_dir(store) -> list[str]:
+    return [key async for key in store.list_dir("")]
 
 
 def _create_arrays(root: zarr.Group, plan: Plan, options: Mapping[str, bool]) -> None:
