@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -317,8 +318,8 @@ class Trainer:
         if self.is_main:
             meta = {"step": self.step, "world_size": self.world, "loader": state["loader"], "loss": self.cfg.loss.name,
                     "run": _resume_fields(self.cfg)}
-            (root / tag / STATE_FILE).write_text(json.dumps(meta, indent=1))
-            (root / "latest").write_text(tag)  # only now is the checkpoint complete
+            _write_atomic(root / tag / STATE_FILE, json.dumps(meta, indent=1))
+            _write_atomic(root / "latest", tag)  # only now is the checkpoint complete (a kill before: the last one)
             tags = sorted((p for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)),
                           key=lambda p: int(p.name.split("_")[1]))
             for old in tags[: -self.cfg.keep_last]:
@@ -487,6 +488,13 @@ def _resume_fields(cfg: TrainConfig) -> dict:
     out.update({f"optim.{k}": list(v) if isinstance(v, tuple) else v for k, v in to_dict(cfg.optim).items()})
     out.update(cache=cfg.cache, seed=cfg.seed, epochs=cfg.epochs)
     return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a kill at any moment leaves the old content or the new, never a part."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _hidden_size(model_cfg: ModelConfig) -> int:

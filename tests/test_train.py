@@ -402,3 +402,51 @@ def test_trainer_resolves_the_sae_before_any_work(cache, tmp_path):
     line = next(x for x in log.splitlines() if "configuration error" in x)
     assert "SAE gemma-scope-2-270m-pt-res / layer_12_width_16k_l0_medium" in line and "HF_HUB_OFFLINE=1" in line
     assert "Traceback" not in log and "step-0 check" not in log
+
+
+def test_kill_inside_save_checkpoint_resumes_from_the_last_complete_one(run_a, cache, tmp_path):
+    """SIGKILL a rank (from outside) while it is inside ``save_checkpoint`` of step 2 (a test-only plugin holds it
+    there after the engine files are written): ``--resume auto`` takes step 1, the last complete checkpoint, and
+    steps 2-3 equal those of the uninterrupted run_a."""
+    import time
+
+    out = tmp_path / "killed"
+    marker = tmp_path / "in-save"
+    cmd_env = {"FPO_TEST_SLOW_SAVE_TAG": "step_2", "FPO_TEST_SLOW_SAVE_MARKER": str(marker)}
+    args = ["--max_steps", "3", "--epochs", "2", "--save_every", "1", "--plugins", "slow_save_plugin"]
+    os.environ.update(cmd_env)
+    try:
+        proc_box = {}
+
+        def watch():  # the kill comes from outside the ranks, once one of them is inside the save
+            deadline = time.time() + 400
+            while time.time() < deadline and not list(tmp_path.glob("in-save.*")):
+                time.sleep(0.1)
+            for m in tmp_path.glob("in-save.*"):
+                proc_box["killed"] = int(m.read_text())
+                os.kill(int(m.read_text()), signal.SIGKILL)
+                break
+
+        import threading
+
+        t = threading.Thread(target=watch, daemon=True)
+        t.start()
+        rc, log = train(cache, out, *args, timeout=420)
+        t.join(5)
+    finally:
+        for k in cmd_env:
+            os.environ.pop(k, None)
+    assert "killed" in proc_box and rc != 0, log[-4000:]
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step_1"  # the half-written step_2 was never named
+    assert (ckpt / "step_2").is_dir() and not (ckpt / "step_2" / "fpo_state.json").exists()
+
+    rc, log = train(cache, out, "--max_steps", "3", "--epochs", "2", "--resume", "auto")
+    assert rc == 0, log[-6000:]
+    assert "resumed from" in log and "step_1: step 1" in log
+    resumed = [r for r in metrics(out) if r["step"] >= 2][-2:]
+    assert [r["step"] for r in resumed] == [2, 3]
+    for a, d in zip(metrics(run_a[0])[1:], resumed):
+        for key in ("loss", "reward_accuracy", "feature_mse_rejected", "grad_norm"):
+            assert abs(a[key] - d[key]) <= 1e-6 * max(1.0, abs(a[key])), (a["step"], key, a[key], d[key])
+    assert (ckpt / "latest").read_text() == "step_3"
