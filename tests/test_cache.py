@@ -251,6 +251,48 @@ def test_killed_driver_rerun_completes_only_missing_shards(one_worker_store, tin
     assert not (out / LEASE_KEY).exists()  # released at the end
 
 
+def _descendants(pid: int) -> dict[int, str]:
+    """pid -> start time of every descendant of ``pid`` (read from /proc)."""
+    from fpo_dist.cache.reaper import _descendants as walk, _stat
+
+    st = _stat(pid)
+    return {p: s for p, s in walk({pid: st[1]}).items() if p != pid} if st else {}
+
+
+def test_sigkilled_driver_leaves_no_ray_process_behind(tiny, dataset, tmp_path):
+    """SIGKILL the cache driver alone (by PID, not its process group) mid-run: every process of the local Ray
+    instance it started (GCS, raylet, agents, workers) is gone within a bound."""
+    from fpo_dist.cache.reaper import _stat
+
+    out = tmp_path / "orphans"
+    cfg_file = _yaml(cache_config(tiny, dataset, out, workers=1), tmp_path / "cache.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "fpo_dist.cache", "--config", str(cfg_file)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if open_store(str(out)).committed_shards():
+                    break
+            except Exception:  # noqa: BLE001 — not created yet
+                pass
+            time.sleep(0.2)
+        ray_procs = _descendants(proc.pid)
+        names = {p: Path(f"/proc/{p}/comm").read_text().strip() for p in ray_procs if Path(f"/proc/{p}/comm").exists()}
+        assert len(ray_procs) >= 3, names  # gcs, raylet, worker(s), agents
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.time() + 30
+        left = ray_procs
+        while left and time.time() < deadline:
+            left = {p: s for p, s in ray_procs.items() if (st := _stat(p)) is not None and st[1] == s}
+            time.sleep(0.2)
+        assert not left, {p: names.get(p) for p in left}
+    finally:
+        _kill_session(proc)
+
+
 def test_second_job_on_the_same_store_refuses_up_front(one_worker_store, tiny, dataset, tmp_path):
     """Two real cache jobs on one output: the second refuses before planning, naming the first (host, pid, start
     time); the first completes to a store equal to an uninterrupted one and releases its lease."""

@@ -104,7 +104,10 @@ def connect_ray(cfg: CacheConfig):
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        from fpo_dist.cache import reaper
+
         n_cpus = max(1, cfg.workers * cfg.cpus_per_worker) if cfg.workers else None
+        before = reaper.children(os.getpid())
         ray.init(
             address="local",
             _node_ip_address="127.0.0.1",  # a local instance serves loopback only
@@ -112,6 +115,7 @@ def connect_ray(cfg: CacheConfig):
             include_dashboard=False,
             object_store_memory=256 << 20,
         )
+        reaper.watch(reaper.children(os.getpid()) - before)  # the instance dies with this process, by any signal
     return ray
 
 
