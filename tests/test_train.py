@@ -450,3 +450,45 @@ def test_kill_inside_save_checkpoint_resumes_from_the_last_complete_one(run_a, c
         for key in ("loss", "reward_accuracy", "feature_mse_rejected", "grad_norm"):
             assert abs(a[key] - d[key]) <= 1e-6 * max(1.0, abs(a[key])), (a["step"], key, a[key], d[key])
     assert (ckpt / "latest").read_text() == "step_3"
+
+
+def test_a_dead_rank_does_not_leave_the_other_hanging(cache, tmp_path):
+    """The launcher and rank 1 are SIGKILLed (by PID, from outside) mid-run, so nothing supervises rank 0 any more:
+    rank 0 exits on its own within the dist timeout (``--dist_timeout_s 30``) instead of hanging in a collective."""
+    import threading
+    import time
+
+    from fpo_dist.cache.reaper import _descendants as walk, _stat
+
+    out = tmp_path / "orphan"
+    result = {}
+
+    def run():
+        result["rc"], result["log"] = train(cache, out, "--max_steps", "200", "--epochs", "50", "--export", "false",
+                                            "--dist_timeout_s", "30", timeout=400)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and metrics(out)):
+        time.sleep(0.2)
+    assert (out / "metrics.jsonl").exists(), "training never started"
+    # the launcher is the one python child of this process running torch.distributed.run; its children are the ranks
+    launcher = next(p for p in walk({os.getpid(): _stat(os.getpid())[1]})
+                    if "torch.distributed.run" in Path(f"/proc/{p}/cmdline").read_text(errors="ignore"))
+    ranks = {}
+    for p in walk({launcher: _stat(launcher)[1]}):
+        env = Path(f"/proc/{p}/environ").read_bytes().split(b"\0")
+        rank = next((int(e.split(b"=")[1]) for e in env if e.startswith(b"RANK=")), None)
+        if rank is not None and "train.py" in Path(f"/proc/{p}/cmdline").read_text(errors="ignore"):
+            ranks[rank] = (p, _stat(p)[1])
+    assert set(ranks) == {0, 1}, ranks
+    os.kill(launcher, signal.SIGKILL)
+    os.kill(ranks[1][0], signal.SIGKILL)
+    t0 = time.time()
+    while time.time() - t0 < 30 + 30 and (st := _stat(ranks[0][0])) is not None and st[1] == ranks[0][1]:
+        time.sleep(0.2)
+    gone = (st := _stat(ranks[0][0])) is None or st[1] != ranks[0][1]
+    t.join(60)
+    assert gone, f"rank 0 still running {time.time() - t0:.0f} s after rank 1 died"
+    assert len(metrics(out)) < 200
