@@ -18,7 +18,6 @@ import time
 import torch
 
 
-
 class StandIn:
     """``n`` square matmuls of size ``dim``: calibrated so one call takes ``seconds``."""
 

@@ -253,7 +253,8 @@ def test_killed_driver_rerun_completes_only_missing_shards(one_worker_store, tin
 
 def _descendants(pid: int) -> dict[int, str]:
     """pid -> start time of every descendant of ``pid`` (read from /proc)."""
-    from fpo_dist.cache.reaper import _descendants as walk, _stat
+    from fpo_dist.cache.reaper import _descendants as walk
+    from fpo_dist.cache.reaper import _stat
 
     st = _stat(pid)
     return {p: s for p, s in walk({pid: st[1]}).items() if p != pid} if st else {}
@@ -291,6 +292,70 @@ def test_sigkilled_driver_leaves_no_ray_process_behind(tiny, dataset, tmp_path):
         assert not left, {p: names.get(p) for p in left}
     finally:
         _kill_session(proc)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (root only; unmounted in teardown)."""
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_out_of_disk_stops_clearly_and_a_rerun_completes(one_worker_store, tiny, dataset, ray_session, small_disk,
+                                                         tmp_path):
+    """The store's disk fills up (from outside: a filler file, once the first shard is committed) while shards are
+    written: the job stops with a clear error naming the shard and what to do, that shard is not committed, and a
+    rerun after the space is freed completes to a store that verify passes, equal to an uninterrupted one."""
+    import threading
+
+    from fpo_dist.cache.driver import CacheJobError, run_cache_job
+
+    out = small_disk / "store"
+    cfg = cache_config(tiny, dataset, out, workers=1, per_token_logps="true")
+    filler = small_disk / "filler"
+    done = threading.Event()
+
+    def fill():  # as soon as shard 0 is committed, take every free byte
+        while not done.is_set():
+            try:
+                if open_store(str(out)).committed_shards():
+                    break
+            except Exception:  # noqa: BLE001 — not created yet
+                pass
+            time.sleep(0.05)
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+
+    t = threading.Thread(target=fill, daemon=True)
+    t.start()
+    try:
+        with pytest.raises((CacheJobError, OSError)) as err:
+            run_cache_job(cfg, log=lambda *_: None)
+    finally:
+        done.set()
+        t.join(30)
+    assert "No space left on device" in str(err.value) or getattr(err.value, "errno", None) == 28, err.value
+    if isinstance(err.value, CacheJobError):
+        assert "not committed" in str(err.value) and "free space" in str(err.value), str(err.value)
+    store = open_store(str(out))
+    committed = store.committed_shards()
+    assert 1 <= len(committed) < store.plan.n_shards
+    filler.unlink()  # space freed
+    summary = build(cfg, ray_session)
+    assert summary["shards_committed_before"] == len(committed)
+    assert_same_store(one_worker_store[0], out)
 
 
 def test_second_job_on_the_same_store_refuses_up_front(one_worker_store, tiny, dataset, tmp_path):

@@ -182,9 +182,8 @@ def test_two_rank_zero3_equals_plain_pytorch(run_a, cache, tiny):
     documented order), AdamW, clipping at 1.0.  Tolerance: 2e-5 on losses, 1e-5 on weights (fp32)."""
     from sae_lens import SAE
 
-    from fpo_dist.models import pairs_from_batch
     from fpo_dist.losses import fpo_loss, prediction_mask, sequence_logps
-    from fpo_dist.models import build_batch
+    from fpo_dist.models import build_batch, pairs_from_batch
     from fpo_dist.store import open_store
 
     out, _ = run_a
@@ -322,9 +321,9 @@ def test_mismatched_cache_is_refused(cache, tmp_path):
 
 
 def test_step0_check_catches_a_wrong_model(cache, tmp_path):
-    from fpo_dist.testing import build_llama
-
     from transformers import AutoTokenizer
+
+    from fpo_dist.testing import build_llama
 
     tok = AutoTokenizer.from_pretrained(cache["tiny"].model_dir)
     wrong = tmp_path / "wrong"
@@ -458,7 +457,8 @@ def test_a_dead_rank_does_not_leave_the_other_hanging(cache, tmp_path):
     import threading
     import time
 
-    from fpo_dist.cache.reaper import _descendants as walk, _stat
+    from fpo_dist.cache.reaper import _descendants as walk
+    from fpo_dist.cache.reaper import _stat
 
     out = tmp_path / "orphan"
     result = {}

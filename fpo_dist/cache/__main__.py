@@ -37,6 +37,14 @@ def _build(argv: list[str]) -> int:
     except CacheJobError as e:
         print(f"cache job failed: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        import errno
+
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"cache job failed: no space left while writing {cfg.output} ({e}); free space there and rerun: "
+              "committed shards are kept", file=sys.stderr)
+        return 1
     return 0
 
 

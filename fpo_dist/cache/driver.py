@@ -9,6 +9,7 @@ its shard re-queued on a fresh actor, up to ``max_retries`` times per shard.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -18,9 +19,17 @@ from collections import Counter
 from pathlib import Path
 
 import fpo_dist
-from fpo_dist.config import CacheConfig, to_dict, to_yaml
-from fpo_dist.data import DataError, format_bad_report, BadRow, file_sha256, load_source, local_files, tokenizer_fingerprint, uses_chat_template
 from fpo_dist.cache.worker import CacheWorker
+from fpo_dist.config import CacheConfig, to_dict, to_yaml
+from fpo_dist.data import (
+    BadRow,
+    file_sha256,
+    format_bad_report,
+    load_source,
+    local_files,
+    tokenizer_fingerprint,
+    uses_chat_template,
+)
 from fpo_dist.models import load_tokenizer, tokenizer_spec
 from fpo_dist.resolve import resolve_cache_config
 
@@ -226,8 +235,11 @@ def _run_pool(cfg: CacheConfig, store, pending: list[int], log, lease) -> list[d
                 continue
             except RayTaskError as e:  # an error inside the worker (not its death): retrying cannot help
                 start, stop = plan.shard_range(shard)
-                raise CacheJobError(f"shard {shard} (rows {start}..{stop - 1}) failed in its worker: "
-                                    f"{e.cause if getattr(e, 'cause', None) else e}") from e
+                cause = e.cause if getattr(e, "cause", None) else e
+                hint = (f"; free space where the store lives ({cfg.output}) and rerun: committed shards are kept, "
+                        "this one is redone" if getattr(cause, "errno", None) == errno.ENOSPC else "")
+                raise CacheJobError(f"shard {shard} (rows {start}..{stop - 1}) failed in its worker, not committed: "
+                                    f"{cause}{hint}") from e
             if "error" in res:
                 raise CacheJobError(res["error"])
             lease.check()  # never commit after another job took the store

@@ -374,8 +374,12 @@ class CacheStore(_StoreReader, _StoreVerifier):
         lengths, nnz = self._array("lengths")[:][ok], self._array("nnz")[:][ok].reshape(-1)
         size = self.size_on_disk()
         committed = len(self.committed_shards())
-        stats = (lambda a: {"mean": float(a.mean()), "median": float(np.median(a)), "max": int(a.max())}
-                 if len(a) else {"mean": 0.0, "median": 0.0, "max": 0})
+
+        def stats(a: np.ndarray) -> dict[str, float]:
+            if not len(a):
+                return {"mean": 0.0, "median": 0.0, "max": 0}
+            return {"mean": float(a.mean()), "median": float(np.median(a)), "max": int(a.max())}
+
         return {
             "path": self.path,
             "provenance": self.provenance,
