@@ -18,7 +18,6 @@ import time
 import torch
 
 
-
 class StandIn:
     """``n`` square matmuls of size ``dim``: calibrated so one call takes ``seconds``."""
 
@@ -62,6 +61,7 @@ def bench_loader(store: str, sizes, device: str, step_s: float, pad_id: int, npr
         t0 = time.perf_counter()
         in_memory = [mb for _, mb in zip(range(n), loader)]  # read in this thread: the raw read cost
         read_s = (time.perf_counter() - t0) / n
+    verify = verify_on_read_cost(store, sizes.micro_batch)
     compute = StandIn(step_s, device)
 
     def step(mb) -> None:
@@ -102,7 +102,34 @@ def bench_loader(store: str, sizes, device: str, step_s: float, pad_id: int, npr
         "max_streaming_step_s": max(t for r in stream_s for t in r),
         "in_memory_cpu_s": mem_cpu, "streaming_cpu_s": stream_cpu,
         "overhead_cpu": statistics.median(s / m - 1 for m, s in zip(mem_cpu, stream_cpu)),
+        "verify_on_read": verify,
     }
     log(f"loader: in memory {out['in_memory_step_s']:.3f} s/step, streaming {out['streaming_step_s']:.3f} s/step, "
-        f"overhead {100 * overhead:+.2f}%")
+        f"overhead {100 * overhead:+.2f}%; verify on read: {1e3 * verify['s_per_shard']:.1f} ms per shard, one epoch's "
+        f"reads {verify['epoch_read_s_verified']:.3f} s vs {verify['epoch_read_s_unverified']:.3f} s unverified")
     return out
+
+
+def verify_on_read_cost(store: str, micro_batch: int, repeats: int = 3) -> dict:
+    """One epoch of reads (every ok row, in a shuffled order, ``micro_batch`` rows per call) through a fresh store
+    handle with verify on read (each shard checked against its committed checksum once) and without: the best of
+    ``repeats``.  Their difference is what verify on read costs a process over its lifetime (once per shard)."""
+    import numpy as np
+
+    from fpo_dist.store import open_store
+
+    ok = open_store(store).ok_rows()
+    order = np.random.default_rng(0).permutation(ok)
+
+    def epoch(verify: bool) -> float:
+        handle = open_store(store, verify_reads=verify)
+        t0 = time.perf_counter()
+        for i in range(0, len(order), micro_batch):
+            handle.read_rows(order[i : i + micro_batch])
+        return time.perf_counter() - t0
+
+    on = min(epoch(True) for _ in range(repeats))
+    off = min(epoch(False) for _ in range(repeats))
+    n_shards = open_store(store).plan.n_shards
+    return {"epoch_read_s_verified": on, "epoch_read_s_unverified": off, "shards": n_shards,
+            "s_per_shard": max(on - off, 0.0) / n_shards}

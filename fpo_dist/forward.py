@@ -25,8 +25,8 @@ from typing import Any, Mapping
 
 import torch
 
-from fpo_dist.losses import LossSpec, PooledCodes, Quantities, prediction_mask, sequence_logps, sequential_kl
 from fpo_dist.lm_head import ref_head, row_sums, selected_forward
+from fpo_dist.losses import LossSpec, PooledCodes, Quantities, prediction_mask, sequence_logps, sequential_kl
 from fpo_dist.models import capture_block_output
 
 

@@ -240,9 +240,8 @@ def calibrate_jumprelu_sae(
     import torch
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 
-    from fpo_dist.models import capture_block_output
-
     from fpo_dist.lm_head import backbone
+    from fpo_dist.models import capture_block_output
 
     with torch.no_grad(), capture_block_output(model, layer) as cap:  # the decoder only: no logits needed
         backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -269,3 +268,27 @@ def calibrate_jumprelu_sae(
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         sae.save_model(str(out_dir))
     return sae, l0
+
+
+def flip_byte_silently(store_path: str | os.PathLike, chunk: str | os.PathLike, rows) -> int:
+    """Fault injection for tests: flip one byte of the stored file ``chunk`` of the cache at ``store_path`` such that
+    the chunk still DECODES (to other values) — the silent corruption only a checksum catches.  Tries payload bytes
+    from the end of the file backwards; ``rows`` (ok rows whose data lives in that chunk) are read back, without
+    verify on read, to check that the flip decodes.  Returns the offset flipped."""
+    from fpo_dist.store import open_store
+
+    path = Path(chunk)
+    clean = path.read_bytes()
+    before = open_store(str(store_path), verify_reads=False).read_rows(rows)
+    for offset in range(len(clean) - 1, 32, -1):
+        raw = bytearray(clean)
+        raw[offset] ^= 0x01
+        path.write_bytes(bytes(raw))
+        try:
+            after = open_store(str(store_path), verify_reads=False).read_rows(rows)
+        except Exception:  # noqa: BLE001 — this flip breaks decoding: try the next byte
+            continue
+        if any(repr(getattr(before, f)) != repr(getattr(after, f)) for f in before.__dataclass_fields__):
+            return offset
+    path.write_bytes(clean)
+    raise RuntimeError(f"no single-byte flip of {path} decodes to other values")

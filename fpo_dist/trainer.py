@@ -11,6 +11,7 @@ loss runs.  An FPO run holds no reference model: only losses that declare ``need
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -108,7 +109,7 @@ class Trainer:
 
     def setup(self) -> None:
         from fpo_dist import engine as eng
-        from fpo_dist.store import open_store
+        from fpo_dist.store import StoreError, open_store
 
         cfg = self.cfg
         self.dist = eng.init_distributed(cfg.dist_timeout_s)
@@ -118,8 +119,8 @@ class Trainer:
                 print(f"loss {cfg.loss.name} does not use: {', '.join(cfg.loss.ignored)}", flush=True)
         try:
             self.store = open_store(cfg.cache)
-        except FileNotFoundError as e:
-            raise ConfigError(f"'cache': {e}; build it with `python -m fpo_dist.cache`") from None
+        except StoreError as e:
+            raise ConfigError(f"'cache': {e}") from None
         if not self.store.attrs.get("complete"):
             raise ConfigError(f"cache {cfg.cache} is not complete; finish it with `python -m fpo_dist.cache` (rerun resumes)")
         prov = self.store.provenance
@@ -132,6 +133,7 @@ class Trainer:
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        policy_cfg, ref_cfg = self._resolve(policy_cfg, ref_cfg, prov)
         self._setup_models(policy_cfg, ref_cfg, prov)
         self._setup_loader()
         self._setup_logging()
@@ -175,16 +177,40 @@ class Trainer:
             print(f"resident models: {[(m['class'], m['numel'], 'local', m['local_numel']) for m in models]}; reference model: "
                   f"{'yes' if self.reference is not None else 'none'}", flush=True)
 
+    def _resolve(self, policy_cfg: ModelConfig, ref_cfg: ModelConfig | None, prov: dict):
+        """Every model and the SAE as local directories, checked to fit (``fpo_dist.resolve``), before any is loaded;
+        a missing path, an unknown id or an unreachable hub is a ConfigError (one line, exit 2)."""
+        from dataclasses import replace
+
+        from fpo_dist.resolve import ResolveError, check_fit, resolve_dir, resolve_model, resolve_sae
+
+        def local(m: ModelConfig, key: str):
+            info = resolve_model(m.name_or_path, m.revision, m.gguf_file, m.trust_remote_code, key=f"{key}.name_or_path")
+            tok = resolve_dir(m.tokenizer, m.revision, "tokenizer", f"{key}.tokenizer") if m.tokenizer else None
+            return replace(m, name_or_path=info.path, tokenizer=tok), info
+
+        cfg = self.cfg
+        try:
+            policy_cfg, info = local(policy_cfg, "policy")
+            ref_cfg = local(ref_cfg, "ref_model")[0] if ref_cfg is not None else None
+            self._sae_dir = None
+            if self.spec.needs_sae:
+                source = cfg.sae.source or prov["sae"]["source"]
+                sae_id = cfg.sae.sae_id if cfg.sae.source else prov["sae"]["sae_id"]
+                sae = resolve_sae(source, sae_id)
+                self._sae_dir = sae.path
+                check_fit(prov["sae"]["layer"], info, sae, "policy.name_or_path")
+        except ResolveError as e:
+            raise ConfigError(str(e)) from None
+        return policy_cfg, ref_cfg
+
     def _load_sae(self, prov: dict):
         """The frozen SAE when the loss needs one (loaded before the engine: see ``engine.zero3_init_context``)."""
         if not self.spec.needs_sae:
             return None
         from fpo_dist.sae import load_sae
 
-        cfg = self.cfg
-        source = cfg.sae.source or prov["sae"]["source"]
-        sae_id = cfg.sae.sae_id if cfg.sae.source else prov["sae"]["sae_id"]
-        return load_sae(source, sae_id, device=self.device, dtype="float32")
+        return load_sae(self._sae_dir, None, device=self.device, dtype="float32")  # resolved by _resolve
 
     def _setup_ds_config(self, policy_cfg: ModelConfig) -> None:
         """The checked DeepSpeed config and the checkpoint to resume (converted when the world size changed)."""
@@ -322,8 +348,8 @@ class Trainer:
         if self.is_main:
             meta = {"step": self.step, "world_size": self.world, "loader": state["loader"], "loss": self.cfg.loss.name,
                     "run": _resume_fields(self.cfg)}
-            (root / tag / STATE_FILE).write_text(json.dumps(meta, indent=1))
-            (root / "latest").write_text(tag)  # only now is the checkpoint complete
+            _write_atomic(root / tag / STATE_FILE, json.dumps(meta, indent=1))
+            _write_atomic(root / "latest", tag)  # only now is the checkpoint complete (a kill before: the last one)
             tags = sorted((p for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)),
                           key=lambda p: int(p.name.split("_")[1]))
             for old in tags[: -self.cfg.keep_last]:
@@ -532,6 +558,13 @@ def _resume_fields(cfg: TrainConfig) -> dict:
     return out
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a kill at any moment leaves the old content or the new, never a part."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _hidden_size(model_cfg: ModelConfig) -> int:
     from transformers import AutoConfig
 
@@ -577,10 +610,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
+    from fpo_dist.store import StoreError
+
     trainer = Trainer(cfg)
     try:
         trainer.run()
     except ConfigError as e:
         print(f"configuration error (rank {getattr(trainer, 'rank', '?')}): {e}", file=sys.stderr)
+        return 2
+    except StoreError as e:  # e.g. a shard that fails its checksum on read: one line naming it, no traceback
+        print(f"cache error (rank {getattr(trainer, 'rank', '?')}, step {trainer.step}): {e}", file=sys.stderr)
         return 2
     return 0

@@ -240,9 +240,152 @@ def test_killed_driver_rerun_completes_only_missing_shards(one_worker_store, tin
     n_shards = open_store(str(out)).plan.n_shards
     before = len(open_store(str(out)).committed_shards())
     assert 1 <= before < n_shards, f"the driver was to be killed mid-run ({before}/{n_shards} committed)"
-    summary = build(cfg, ray_session)
+    from fpo_dist.store.lease import LEASE_KEY
+
+    lease = json.loads((out / LEASE_KEY).read_text())  # the killed driver's lease is left behind ...
+    assert lease["pid"] == proc.pid
+    summary = build(cfg, ray_session)  # ... and the rerun takes it over (same host, pid gone)
     assert summary["shards_committed_before"] == before
     assert summary["shards_done_now"] == n_shards - before  # only the missing ones
+    assert_same_store(one_worker_store[0], out)
+    assert not (out / LEASE_KEY).exists()  # released at the end
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """pid -> start time of every descendant of ``pid`` (read from /proc)."""
+    from fpo_dist.cache.reaper import _descendants as walk
+    from fpo_dist.cache.reaper import _stat
+
+    st = _stat(pid)
+    return {p: s for p, s in walk({pid: st[1]}).items() if p != pid} if st else {}
+
+
+def test_sigkilled_driver_leaves_no_ray_process_behind(tiny, dataset, tmp_path):
+    """SIGKILL the cache driver alone (by PID, not its process group) mid-run: every process of the local Ray
+    instance it started (GCS, raylet, agents, workers) is gone within a bound."""
+    from fpo_dist.cache.reaper import _stat
+
+    out = tmp_path / "orphans"
+    cfg_file = _yaml(cache_config(tiny, dataset, out, workers=1), tmp_path / "cache.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "fpo_dist.cache", "--config", str(cfg_file)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if open_store(str(out)).committed_shards():
+                    break
+            except Exception:  # noqa: BLE001 — not created yet
+                pass
+            time.sleep(0.2)
+        ray_procs = _descendants(proc.pid)
+        names = {p: Path(f"/proc/{p}/comm").read_text().strip() for p in ray_procs if Path(f"/proc/{p}/comm").exists()}
+        assert len(ray_procs) >= 3, names  # gcs, raylet, worker(s), agents
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.time() + 30
+        left = ray_procs
+        while left and time.time() < deadline:
+            left = {p: s for p, s in ray_procs.items() if (st := _stat(p)) is not None and st[1] == s}
+            time.sleep(0.2)
+        assert not left, {p: names.get(p) for p in left}
+    finally:
+        _kill_session(proc)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (root only; unmounted in teardown)."""
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_out_of_disk_stops_clearly_and_a_rerun_completes(one_worker_store, tiny, dataset, ray_session, small_disk,
+                                                         tmp_path):
+    """The store's disk fills up (from outside: a filler file, once the first shard is committed) while shards are
+    written: the job stops with a clear error naming the shard and what to do, that shard is not committed, and a
+    rerun after the space is freed completes to a store that verify passes, equal to an uninterrupted one."""
+    import threading
+
+    from fpo_dist.cache.driver import CacheJobError, run_cache_job
+
+    out = small_disk / "store"
+    cfg = cache_config(tiny, dataset, out, workers=1, per_token_logps="true")
+    filler = small_disk / "filler"
+    done = threading.Event()
+
+    def fill():  # as soon as shard 0 is committed, take every free byte
+        while not done.is_set():
+            try:
+                if open_store(str(out)).committed_shards():
+                    break
+            except Exception:  # noqa: BLE001 — not created yet
+                pass
+            time.sleep(0.05)
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+
+    t = threading.Thread(target=fill, daemon=True)
+    t.start()
+    try:
+        with pytest.raises((CacheJobError, OSError)) as err:
+            run_cache_job(cfg, log=lambda *_: None)
+    finally:
+        done.set()
+        t.join(30)
+    assert "No space left on device" in str(err.value) or getattr(err.value, "errno", None) == 28, err.value
+    if isinstance(err.value, CacheJobError):
+        assert "not committed" in str(err.value) and "free space" in str(err.value), str(err.value)
+    store = open_store(str(out))
+    committed = store.committed_shards()
+    assert 1 <= len(committed) < store.plan.n_shards
+    filler.unlink()  # space freed
+    summary = build(cfg, ray_session)
+    assert summary["shards_committed_before"] == len(committed)
+    assert_same_store(one_worker_store[0], out)
+
+
+def test_second_job_on_the_same_store_refuses_up_front(one_worker_store, tiny, dataset, tmp_path):
+    """Two real cache jobs on one output: the second refuses before planning, naming the first (host, pid, start
+    time); the first completes to a store equal to an uninterrupted one and releases its lease."""
+    from fpo_dist.store.lease import LEASE_KEY
+
+    out = tmp_path / "shared"
+    cfg_file = _yaml(cache_config(tiny, dataset, out, workers=1, per_token_logps="true"), tmp_path / "cache.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [sys.executable, "-m", "fpo_dist.cache", "--config", str(cfg_file)]
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / LEASE_KEY).exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert (out / LEASE_KEY).exists(), "the first job never took its lease"
+        second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert first.poll() is None, "the first job was to be still running"
+        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+        err = [line for line in second.stderr.splitlines() if line.strip()]
+        assert len(err) == 1 and "is being written by another cache job" in err[0], second.stderr
+        assert f"pid {first.pid}, started " in err[0] and f"host {socket.gethostname()}" in err[0]
+        assert "Ray" not in second.stdout + second.stderr  # refused before any work
+        output, _ = first.communicate(timeout=400)
+        assert first.returncode == 0, output[-3000:]
+    finally:
+        _kill_session(first)
+    assert not (out / LEASE_KEY).exists()
     assert_same_store(one_worker_store[0], out)
 
 

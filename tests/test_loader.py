@@ -340,3 +340,27 @@ def test_close_joins_the_thread_and_read_ahead_is_bounded(cache, monkeypatch):
     while _prefetch_threads() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not _prefetch_threads()
+
+
+def test_a_flipped_byte_stops_the_loader_before_its_rows_are_used(cache, tmp_path):
+    """Verify on read, through the prefetch thread: a byte flipped (from outside) in a data chunk of shard 1 stops
+    the loader with an error naming the shard, array and rows; no micro-batch holding a row of it came out."""
+    import shutil
+
+    from fpo_dist.store import ShardCorruptError
+
+    path, expected, _ = cache
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    chunk = broken / "shards" / "000001" / "code_values" / "c" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[-3] ^= 0x01  # in the compressed payload's tail
+    chunk.write_bytes(bytes(raw))
+    seen = []
+    with pytest.raises(ShardCorruptError) as err, _loaders(str(broken), 2, 1, 1, prefetch=2)[0] as loader:
+        for mb in loader:
+            seen.extend(mb.rows.tolist())
+    msg = str(err.value)
+    assert "shard 1 (rows 20..39)" in msg and "code_values" in msg and "rows 2" in msg, msg
+    assert f"python -m fpo_dist.cache verify {broken}" in msg
+    assert not [r for r in seen if 20 <= r < 40]

@@ -193,9 +193,8 @@ def test_two_rank_zero3_equals_plain_pytorch(run_a, cache, tiny):
     documented order), AdamW, clipping at 1.0.  Tolerance: 2e-5 on losses, 1e-5 on weights (fp32)."""
     from sae_lens import SAE
 
-    from fpo_dist.models import pairs_from_batch
     from fpo_dist.losses import fpo_loss, prediction_mask, sequence_logps
-    from fpo_dist.models import build_batch
+    from fpo_dist.models import build_batch, pairs_from_batch
     from fpo_dist.store import open_store
 
     out, _ = run_a
@@ -350,9 +349,9 @@ def test_mismatched_cache_is_refused(cache, tmp_path):
 
 
 def test_step0_check_catches_a_wrong_model(cache, tmp_path):
-    from fpo_dist.testing import build_llama
-
     from transformers import AutoTokenizer
+
+    from fpo_dist.testing import build_llama
 
     tok = AutoTokenizer.from_pretrained(cache["tiny"].model_dir)
     wrong = tmp_path / "wrong"
@@ -362,15 +361,22 @@ def test_step0_check_catches_a_wrong_model(cache, tmp_path):
 
 
 def test_step0_check_catches_a_wrong_hook_layer(cache, tmp_path):
-    """A cache whose features came from block 1 but whose provenance says block 0 (a mislabelled cache)."""
+    """A cache whose features came from block 1 but whose provenance says block 0 (a mislabelled cache).  The SAE's
+    own hook metadata would give it away before any work (``fpo_dist.resolve``, tested in test_resolve.py), so the
+    SAE here is a copy without it, as third-party SAEs often are: the step-0 check is what catches it then."""
     import zarr
 
+    sae = tmp_path / "sae-without-hook"
+    shutil.copytree(cache["tiny"].sae_dir, sae)
+    sae_cfg = json.loads((sae / "cfg.json").read_text())
+    assert sae_cfg["metadata"].pop("hook_name") == "blocks.1.hook_resid_post"
+    (sae / "cfg.json").write_text(json.dumps(sae_cfg))
     store = tmp_path / "relabelled"
     shutil.copytree(cache["store"], store)
     group = zarr.open_group(str(store), mode="r+")
     prov = dict(group.attrs["provenance"])
     assert prov["sae"]["layer"] == 1
-    prov["sae"] = {**prov["sae"], "layer": 0}
+    prov["sae"] = {**prov["sae"], "layer": 0, "source": str(sae)}
     group.attrs["provenance"] = prov
     rc, log = train({**cache, "store": str(store)}, tmp_path / "out", nproc=1, timeout=240)
     assert rc != 0 and "step-0 check failed" in log and "relative" in log
@@ -532,3 +538,142 @@ def test_lora_under_zero3_and_zero2_export_and_resume(cache, tiny):
     assert r3["step"] == 3
     for key in ("loss", "reward_accuracy", "feature_mse_rejected", "grad_norm"):
         assert abs(a3[key] - r3[key]) <= 1e-6 * max(1.0, abs(a3[key])), key
+
+
+# --------------------------------------------------------------------------------------------- integrity (issue 13)
+
+
+def test_a_flipped_byte_in_the_cache_stops_training(cache, tmp_path):
+    """A byte flipped from outside in a data chunk of shard 1 (one that still decodes: before verify on read, such a
+    run trained a whole epoch and exited 0): the run stops before any row of that shard reaches a
+    loss, with one line naming the shard, the array and the rows and pointing at ``verify`` (exit 2, no traceback)."""
+    store = tmp_path / "flipped"
+    shutil.copytree(cache["store"], store)
+    from fpo_dist.testing import flip_byte_silently
+
+    flip_byte_silently(store, store / "shards" / "000001" / "token_ids" / "c" / "0", list(range(8, 16)))
+    out = tmp_path / "out"
+    rc, log = train({**cache, "store": str(store)}, out, "--max_steps", "10", "--export", "false", nproc=1,
+                    timeout=240)
+    assert rc == 2, log[-4000:]
+    line = next(x for x in log.splitlines() if "cache error" in x)
+    assert "shard 1 (rows 8..15)" in line and "token_ids" in line and "rows " in line, line
+    assert f"python -m fpo_dist.cache verify {store}" in line
+    assert "Traceback" not in log
+    logged = metrics(out) if (out / "metrics.jsonl").exists() else []
+    used = {r for s in (samples(out) if (out / "samples.jsonl").exists() else []) for r in s["rows"]}
+    assert not used & set(range(8, 16)) and len(logged) < 10
+
+
+def test_trainer_resolves_the_sae_before_any_work(cache, tmp_path):
+    """A cache whose SAE is a Gemma Scope 2 release this machine has never resolved (no hub: HF_HUB_OFFLINE=1): the
+    trainer stops at setup with one line naming the SAE and what to do (exit 2), before loading any model."""
+    import zarr
+
+    store = tmp_path / "release-sae"
+    shutil.copytree(cache["store"], store)
+    group = zarr.open_group(str(store), mode="r+")
+    prov = dict(group.attrs["provenance"])
+    prov["sae"] = {**prov["sae"], "source": "gemma-scope-2-270m-pt-res", "sae_id": "layer_12_width_16k_l0_medium"}
+    group.attrs["provenance"] = prov
+    old_home = os.environ.get("HF_HOME")
+    os.environ["HF_HOME"] = str(tmp_path / "hf")  # nothing resolved there
+    try:
+        rc, log = train({**cache, "store": str(store)}, tmp_path / "out", nproc=1, timeout=240)
+    finally:
+        os.environ.pop("HF_HOME") if old_home is None else os.environ.__setitem__("HF_HOME", old_home)
+    assert rc == 2, log[-4000:]
+    line = next(x for x in log.splitlines() if "configuration error" in x)
+    assert "SAE gemma-scope-2-270m-pt-res / layer_12_width_16k_l0_medium" in line and "HF_HUB_OFFLINE=1" in line
+    assert "Traceback" not in log and "step-0 check" not in log
+
+
+def test_kill_inside_save_checkpoint_resumes_from_the_last_complete_one(run_a, cache, tmp_path):
+    """SIGKILL a rank (from outside) while it is inside ``save_checkpoint`` of step 2 (a test-only plugin holds it
+    there after the engine files are written): ``--resume auto`` takes step 1, the last complete checkpoint, and
+    steps 2-3 equal those of the uninterrupted run_a."""
+    import time
+
+    out = tmp_path / "killed"
+    marker = tmp_path / "in-save"
+    cmd_env = {"FPO_TEST_SLOW_SAVE_TAG": "step_2", "FPO_TEST_SLOW_SAVE_MARKER": str(marker)}
+    args = ["--max_steps", "3", "--epochs", "2", "--save_every", "1", "--plugins", "slow_save_plugin"]
+    os.environ.update(cmd_env)
+    try:
+        proc_box = {}
+
+        def watch():  # the kill comes from outside the ranks, once one of them is inside the save
+            deadline = time.time() + 400
+            while time.time() < deadline and not list(tmp_path.glob("in-save.*")):
+                time.sleep(0.1)
+            for m in tmp_path.glob("in-save.*"):
+                proc_box["killed"] = int(m.read_text())
+                os.kill(int(m.read_text()), signal.SIGKILL)
+                break
+
+        import threading
+
+        t = threading.Thread(target=watch, daemon=True)
+        t.start()
+        rc, log = train(cache, out, *args, timeout=420)
+        t.join(5)
+    finally:
+        for k in cmd_env:
+            os.environ.pop(k, None)
+    assert "killed" in proc_box and rc != 0, log[-4000:]
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step_1"  # the half-written step_2 was never named
+    assert (ckpt / "step_2").is_dir() and not (ckpt / "step_2" / "fpo_state.json").exists()
+
+    rc, log = train(cache, out, "--max_steps", "3", "--epochs", "2", "--resume", "auto")
+    assert rc == 0, log[-6000:]
+    assert "resumed from" in log and "step_1: step 1" in log
+    resumed = [r for r in metrics(out) if r["step"] >= 2][-2:]
+    assert [r["step"] for r in resumed] == [2, 3]
+    for a, d in zip(metrics(run_a[0])[1:], resumed):
+        for key in ("loss", "reward_accuracy", "feature_mse_rejected", "grad_norm"):
+            assert abs(a[key] - d[key]) <= 1e-6 * max(1.0, abs(a[key])), (a["step"], key, a[key], d[key])
+    assert (ckpt / "latest").read_text() == "step_3"
+
+
+def test_a_dead_rank_does_not_leave_the_other_hanging(cache, tmp_path):
+    """The launcher and rank 1 are SIGKILLed (by PID, from outside) mid-run, so nothing supervises rank 0 any more:
+    rank 0 exits on its own within the dist timeout (``--dist_timeout_s 30``) instead of hanging in a collective."""
+    import threading
+    import time
+
+    from fpo_dist.cache.reaper import _descendants as walk
+    from fpo_dist.cache.reaper import _stat
+
+    out = tmp_path / "orphan"
+    result = {}
+
+    def run():
+        result["rc"], result["log"] = train(cache, out, "--max_steps", "200", "--epochs", "50", "--export", "false",
+                                            "--dist_timeout_s", "30", timeout=400)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and metrics(out)):
+        time.sleep(0.2)
+    assert (out / "metrics.jsonl").exists(), "training never started"
+    # the launcher is the one python child of this process running torch.distributed.run; its children are the ranks
+    launcher = next(p for p in walk({os.getpid(): _stat(os.getpid())[1]})
+                    if "torch.distributed.run" in Path(f"/proc/{p}/cmdline").read_text(errors="ignore"))
+    ranks = {}
+    for p in walk({launcher: _stat(launcher)[1]}):
+        env = Path(f"/proc/{p}/environ").read_bytes().split(b"\0")
+        rank = next((int(e.split(b"=")[1]) for e in env if e.startswith(b"RANK=")), None)
+        if rank is not None and "train.py" in Path(f"/proc/{p}/cmdline").read_text(errors="ignore"):
+            ranks[rank] = (p, _stat(p)[1])
+    assert set(ranks) == {0, 1}, ranks
+    os.kill(launcher, signal.SIGKILL)
+    os.kill(ranks[1][0], signal.SIGKILL)
+    t0 = time.time()
+    while time.time() - t0 < 30 + 30 and (st := _stat(ranks[0][0])) is not None and st[1] == ranks[0][1]:
+        time.sleep(0.2)
+    gone = (st := _stat(ranks[0][0])) is None or st[1] != ranks[0][1]
+    t.join(60)
+    assert gone, f"rank 0 still running {time.time() - t0:.0f} s after rank 1 died"
+    assert len(metrics(out)) < 200

@@ -26,28 +26,47 @@ def _build(argv: list[str]) -> int:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
     from fpo_dist.cache.driver import CacheJobError, run_cache_job
+    from fpo_dist.resolve import ResolveError
     from fpo_dist.store import StoreError
 
     try:
         run_cache_job(cfg)
-    except (DataError, StoreError) as e:
+    except (DataError, StoreError, ResolveError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except CacheJobError as e:
         print(f"cache job failed: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        import errno
+
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"cache job failed: no space left while writing {cfg.output} ({e}); free space there and rerun: "
+              "committed shards are kept", file=sys.stderr)
+        return 1
     return 0
 
 
-def _open(path: str):
-    """The store at ``path``, or None after printing why it cannot be opened."""
-    from fpo_dist.store import StoreError, open_store
+def _store_command(run):
+    """Run ``run(argv)``; an unreadable store (any :class:`~fpo_dist.store.StoreError`) prints one line and exits 2."""
 
-    try:
-        return open_store(path)
-    except (StoreError, FileNotFoundError) as e:
-        print(f"error: {path}: {e}", file=sys.stderr)
-        return None
+    def command(argv: list[str]) -> int:
+        from fpo_dist.store import StoreError
+
+        try:
+            return run(argv)
+        except StoreError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return command
+
+
+def _open(path: str):
+    from fpo_dist.store import open_store
+
+    return open_store(path)
 
 
 def _verify(argv: list[str]) -> int:
@@ -64,8 +83,6 @@ def _verify(argv: list[str]) -> int:
                    help="let transformers run the model's own code (never taken from the store)")
     a = p.parse_args(argv)
     store = _open(a.store)
-    if store is None:
-        return 2
     problems = store.verify()
     for line in problems:
         print(f"PROBLEM {line}")
@@ -109,8 +126,6 @@ def _info(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print the full info as JSON")
     a = p.parse_args(argv)
     store = _open(a.store)
-    if store is None:
-        return 2
     info = store.info()
     info["token_extras"] = store.token_extras_info()
     if a.json:
@@ -166,7 +181,7 @@ def _extras_lines(store, extras) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("verify", "info"):
-        return {"verify": _verify, "info": _info}[argv[0]](argv[1:])
+        return _store_command({"verify": _verify, "info": _info}[argv[0]])(argv[1:])
     if argv and argv[0] == "build":
         argv = argv[1:]
     if argv and argv[0] in ("-h", "--help"):

@@ -9,6 +9,7 @@ its shard re-queued on a fresh actor, up to ``max_retries`` times per shard.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -18,10 +19,19 @@ from collections import Counter
 from pathlib import Path
 
 import fpo_dist
-from fpo_dist.config import CacheConfig, to_dict, to_yaml
-from fpo_dist.data import DataError, format_bad_report, BadRow, file_sha256, load_source, local_files, tokenizer_fingerprint, uses_chat_template
 from fpo_dist.cache.worker import CacheWorker
+from fpo_dist.config import CacheConfig, to_dict, to_yaml
+from fpo_dist.data import (
+    BadRow,
+    file_sha256,
+    format_bad_report,
+    load_source,
+    local_files,
+    tokenizer_fingerprint,
+    uses_chat_template,
+)
 from fpo_dist.models import load_tokenizer, tokenizer_spec
+from fpo_dist.resolve import resolve_cache_config
 
 
 class CacheJobError(RuntimeError):
@@ -103,7 +113,10 @@ def connect_ray(cfg: CacheConfig):
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        from fpo_dist.cache import reaper
+
         n_cpus = max(1, cfg.workers * cfg.cpus_per_worker) if cfg.workers else None
+        before = reaper.children(os.getpid())
         ray.init(
             address="local",
             _node_ip_address="127.0.0.1",  # a local instance serves loopback only
@@ -111,6 +124,7 @@ def connect_ray(cfg: CacheConfig):
             include_dashboard=False,
             object_store_memory=256 << 20,
         )
+        reaper.watch(reaper.children(os.getpid()) - before)  # the instance dies with this process, by any signal
     return ray
 
 
@@ -137,17 +151,28 @@ def plan_workers(cfg: CacheConfig, resources: dict, n_pending: int) -> tuple[int
 
 def run_cache_job(cfg: CacheConfig, log=print) -> dict:
     """Build (or complete) the store described by ``cfg``; return the summary dict."""
-    from fpo_dist.store import create_store
+    from fpo_dist.store import acquire_lease
 
     t_start = time.time()
     log("fpo-dist cache job, config:\n" + to_yaml(cfg))
-    tokenizer = load_tokenizer(tokenizer_spec(cfg.model))
+    with acquire_lease(cfg.output, log=log) as lease:  # one writing job per store, taken before any planning
+        return _run_job(cfg, lease, log, t_start)
+
+
+def _run_job(cfg: CacheConfig, lease, log, t_start: float) -> dict:
+    from fpo_dist.store import create_store
+
+    # model, tokenizer and SAE found (or downloaded) and checked once, before any worker starts; workers load the
+    # local directories of work_cfg and never touch the hub.  The provenance keeps the names the user gave.
+    work_cfg = resolve_cache_config(cfg)
+    tokenizer = load_tokenizer(tokenizer_spec(work_cfg.model))
     source = load_source(cfg.data)
     provenance = build_provenance(cfg, source, tokenizer)
     store = create_store(
         cfg.output, provenance, n_rows=len(source), rows_per_shard=cfg.rows_per_shard, chunk_rows=cfg.chunk_rows,
         options={"token_logps": cfg.per_token_logps, "token_codes": cfg.per_token_codes}, overwrite=cfg.overwrite,
     )
+    lease.beat()  # rewrites the lease if overwrite deleted it
     plan = store.plan
     pending = store.pending_shards()
     done_before = plan.n_shards - len(pending)
@@ -155,14 +180,15 @@ def run_cache_job(cfg: CacheConfig, log=print) -> dict:
         f"{done_before} already committed, {len(pending)} to do")
     results: list[dict] = []
     if pending:
-        results = _run_pool(cfg, store, pending, log)
+        results = _run_pool(work_cfg, store, pending, log, lease)
+    lease.check()
     store.finalize()
     summary = _summary(cfg, store, source, results, time.time() - t_start, done_before)
     log(format_summary(summary))
     return summary
 
 
-def _run_pool(cfg: CacheConfig, store, pending: list[int], log) -> list[dict]:
+def _run_pool(cfg: CacheConfig, store, pending: list[int], log, lease) -> list[dict]:
     ray = connect_ray(cfg)
     from ray.exceptions import RayActorError, RayTaskError
     from tqdm import tqdm
@@ -209,10 +235,14 @@ def _run_pool(cfg: CacheConfig, store, pending: list[int], log) -> list[dict]:
                 continue
             except RayTaskError as e:  # an error inside the worker (not its death): retrying cannot help
                 start, stop = plan.shard_range(shard)
-                raise CacheJobError(f"shard {shard} (rows {start}..{stop - 1}) failed in its worker: "
-                                    f"{e.cause if getattr(e, 'cause', None) else e}") from e
+                cause = e.cause if getattr(e, "cause", None) else e
+                hint = (f"; free space where the store lives ({cfg.output}) and rerun: committed shards are kept, "
+                        "this one is redone" if getattr(cause, "errno", None) == errno.ENOSPC else "")
+                raise CacheJobError(f"shard {shard} (rows {start}..{stop - 1}) failed in its worker, not committed: "
+                                    f"{cause}{hint}") from e
             if "error" in res:
                 raise CacheJobError(res["error"])
+            lease.check()  # never commit after another job took the store
             store.commit_shard(shard, res["checksum"])
             results.append(res)
             tokens += res["tokens"]

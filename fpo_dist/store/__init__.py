@@ -16,7 +16,9 @@ non-zeros and the optional per-token extras.  Zarr has no locking, so the write 
 
 Readers (the trainer's loader, ``verify``) use :meth:`CacheStore.read_rows`, which reads only the slices the
 requested rows need, one slice per run of contiguous rows; :meth:`CacheStore.read_token_extras` reads the
-per-token extras alone.
+per-token extras alone.  The first read from a shard checks the whole shard against its committed checksum
+(verify on read).  Whatever makes a store unreadable raises a :class:`StoreError` naming the file and what to do
+(:func:`~fpo_dist.store.schema.reading` is the one place that maps zarr's and the filesystem's errors).
 
 The package, by concern (import everything from ``fpo_dist.store``; the modules are an implementation detail):
 
@@ -26,12 +28,14 @@ The package, by concern (import everything from ``fpo_dist.store``; the modules 
 * :mod:`~fpo_dist.store.cache_store` — :func:`create_store`, :func:`open_store`, :class:`CacheStore`: the write
   protocol and the reports;
 * :mod:`~fpo_dist.store.reader` — reading rows: :class:`RowBatch`, :class:`Csr`, :class:`TokenExtras`;
-* :mod:`~fpo_dist.store.verify` — ``CacheStore.verify``.
+* :mod:`~fpo_dist.store.verify` — ``CacheStore.verify``;
+* :mod:`~fpo_dist.store.lease` — :func:`acquire_lease`: one writing cache job per store.
 """
 
 from __future__ import annotations
 
 from fpo_dist.store.cache_store import CacheStore, create_store, open_store
+from fpo_dist.store.lease import WriterLease, acquire_lease
 from fpo_dist.store.reader import Csr, RowBatch, TokenExtras
 from fpo_dist.store.schema import (
     COMPRESSOR,
@@ -45,9 +49,13 @@ from fpo_dist.store.schema import (
     Plan,
     RowsNotAvailableError,
     ShardCommittedError,
+    ShardCorruptError,
     StoreError,
     StoreFormatError,
+    StoreLockedError,
     StoreMismatchError,
+    StoreNotFoundError,
+    StoreUnreadableError,
 )
 from fpo_dist.store.writer import ShardResult
 
@@ -66,11 +74,17 @@ __all__ = [
     "RowBatch",
     "RowsNotAvailableError",
     "ShardCommittedError",
+    "ShardCorruptError",
     "ShardResult",
     "StoreError",
     "StoreFormatError",
+    "StoreLockedError",
     "StoreMismatchError",
+    "StoreNotFoundError",
+    "StoreUnreadableError",
     "TokenExtras",
+    "WriterLease",
+    "acquire_lease",
     "create_store",
     "open_store",
 ]

@@ -44,12 +44,15 @@ from fpo_dist.store.schema import (
     StoreError,
     StoreFormatError,
     StoreMismatchError,
+    StoreNotFoundError,
+    StoreUnreadableError,
     _array_names,
     _bad_rows_json,
     _chunk_digests,
     _differences,
     _normalize_options,
     _root_config,
+    reading,
 )
 from fpo_dist.store.verify import _StoreVerifier
 from fpo_dist.store.writer import ShardResult
@@ -81,9 +84,12 @@ def create_store(
     if not overwrite:
         existing = None
         try:
-            existing = zarr.open_group(path, mode="r", zarr_format=3, storage_options=storage_options)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-            pass
+            with reading(path):
+                existing = zarr.open_group(path, mode="r", zarr_format=3, storage_options=storage_options)
+        except StoreUnreadableError as e:
+            if not isinstance(e.__cause__, (FileNotFoundError, zarr.errors.GroupNotFoundError,
+                                            zarr.errors.NodeTypeValidationError)):
+                raise  # a corrupted root zarr.json: never silently replaced
         if existing is not None:
             attrs = dict(existing.attrs)
             if attrs.get("format") != FORMAT_NAME:
@@ -97,31 +103,69 @@ def create_store(
             raise StoreFormatError(f"{path} exists and is not empty, but is not a Zarr group; "
                                    "pass overwrite=True to replace it")
 
-    # mode "w" deletes whatever is at path
-    root = zarr.open_group(path, mode="w", zarr_format=3, storage_options=storage_options)
+    # overwrite: mode "w" deletes whatever is at path, except the writer lease, put back at once (the driver took it
+    # before planning); a new store: mode "a" creates the group next to the lease
+    from fpo_dist.store.lease import keep_lease
+
+    with keep_lease(path, storage_options, active=overwrite):
+        root = zarr.open_group(path, mode="w" if overwrite else "a", zarr_format=3, storage_options=storage_options)
     _create_arrays(root, plan, options)
     root.update_attributes({**config, "complete": False, "finalized_at": None, "checksum": None})
     return CacheStore(path, mode="r+", storage_options=storage_options)
 
 
-def open_store(path: str, mode: str = "r", storage_options: dict | None = None) -> CacheStore:
-    """Open an existing cache: ``mode='r'`` (readers) or ``'r+'`` (workers and the driver)."""
-    return CacheStore(str(path), mode=mode, storage_options=storage_options)
+def open_store(path: str, mode: str = "r", storage_options: dict | None = None, verify_reads: bool = True
+               ) -> CacheStore:
+    """Open an existing cache: ``mode='r'`` (readers) or ``'r+'`` (workers and the driver).
+
+    Any store that cannot be read raises a :class:`StoreError` naming the file and what to do.  With
+    ``verify_reads`` (the default) each shard is checked against its committed checksum the first time this
+    handle reads rows from it (:class:`ShardCorruptError` on a mismatch).
+    """
+    return CacheStore(str(path), mode=mode, storage_options=storage_options, verify_reads=verify_reads)
 
 
 def _open_root(path: str, mode: str, storage_options: dict | None) -> zarr.Group:
     try:
-        return zarr.open_group(path, mode=mode, zarr_format=3, storage_options=storage_options)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as e:
-        raise FileNotFoundError(f"no fpo-dist cache store at {path}: {e}") from e
+        with reading(path):
+            return zarr.open_group(path, mode=mode, zarr_format=3, storage_options=storage_options)
+    except StoreUnreadableError as e:
+        if isinstance(e.__cause__, (FileNotFoundError, zarr.errors.GroupNotFoundError,
+                                    zarr.errors.NodeTypeValidationError)):
+            raise StoreNotFoundError(f"no fpo-dist cache store at {path} (no Zarr group there: "
+                                     f"{' '.join(str(e.__cause__).split())}); check the path, or build the cache "
+                                     "with `python -m fpo_dist.cache --config CFG`") from e.__cause__
+        raise
+
+
+def _check_format(path: str, attrs: Mapping[str, Any]) -> None:
+    """Refuse a group that is not an fpo-dist cache, or one of another format version (naming what to do)."""
+    if attrs.get("format") != FORMAT_NAME:
+        raise StoreFormatError(f"{path} is not an {FORMAT_NAME} store (root attribute 'format' is "
+                               f"{attrs.get('format')!r}); check the path")
+    version = attrs.get("format_version")
+    if version != FORMAT_VERSION:
+        from fpo_dist import __version__
+
+        todo = ("upgrade fpo-dist to a version that reads it, or rebuild the cache with this one"
+                if isinstance(version, int) and version > FORMAT_VERSION else "rebuild the cache with this fpo-dist")
+        raise StoreFormatError(f"{path} has {FORMAT_NAME} format version {version!r}; fpo-dist {__version__} reads "
+                               f"version {FORMAT_VERSION}: {todo}")
 
 
 def _store_is_empty(path: str, storage_options: dict | None) -> bool:
     """True when nothing is stored at ``path`` (so a new store may be created there without overwrite)."""
+    from fpo_dist.store.lease import LEASE_KEY  # the writer lease is taken before the store is created
+
     if "://" not in path:
-        return not os.path.exists(path) or (os.path.isdir(path) and not any(os.scandir(path)))
+        return not os.path.exists(path) or (os.path.isdir(path) and not any(
+            e.name != LEASE_KEY for e in os.scandir(path)))
     store = zarr.storage.FsspecStore.from_url(path, storage_options=storage_options, read_only=True)
-    return bool(_sync(store.is_empty("")))
+    return not [k for k in _sync(_list_dir(store)) if k != LEASE_KEY]
+
+
+async def _list_dir(store) -> list[str]:
+    return [key async for key in store.list_dir("")]
 
 
 def _create_arrays(root: zarr.Group, plan: Plan, options: Mapping[str, bool]) -> None:
@@ -145,25 +189,26 @@ class CacheStore(_StoreReader, _StoreVerifier):
     :meth:`ok_rows`, :meth:`bad_rows`, :meth:`size_on_disk`, :meth:`info`, :meth:`token_extras_info`, :meth:`verify`.
     """
 
-    def __init__(self, path: str, mode: str = "r", storage_options: dict | None = None):
+    def __init__(self, path: str, mode: str = "r", storage_options: dict | None = None, verify_reads: bool = True):
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
         self.path, self.mode = path, mode
         self._root = _open_root(path, mode, storage_options)
         attrs = dict(self._root.attrs)
-        if attrs.get("format") != FORMAT_NAME:
-            raise StoreFormatError(f"{path} is not an {FORMAT_NAME} store (root attribute 'format' is "
-                                   f"{attrs.get('format')!r})")
-        if attrs.get("format_version") != FORMAT_VERSION:
-            raise StoreFormatError(f"{path} has {FORMAT_NAME} format version {attrs.get('format_version')}; "
-                                   f"this code reads version {FORMAT_VERSION}")
-        self.plan = Plan.from_dict(attrs["plan"])
-        self.provenance: dict[str, Any] = attrs["provenance"]
-        self.options: dict[str, bool] = attrs["options"]
-        self.bad_reasons: tuple[str, ...] = tuple(attrs["bad_reasons"])
+        _check_format(path, attrs)
+        try:
+            self.plan = Plan.from_dict(attrs["plan"])
+            self.provenance: dict[str, Any] = attrs["provenance"]
+            self.options: dict[str, bool] = _normalize_options(attrs["options"])
+            self.bad_reasons: tuple[str, ...] = tuple(attrs["bad_reasons"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreUnreadableError(path, f"the root attributes in {path.rstrip('/')}/zarr.json are incomplete "
+                                             f"or invalid ({type(e).__name__}: {e})") from e
         self._row_names, self._flat_names = _array_names(self.options)
         self._arrays: dict[str, zarr.Array] = {}
         self._index_cache: OrderedDict[int, _ShardIndex] = OrderedDict()
+        self.verify_reads = verify_reads
+        self._verified: set[int] = set()  # shards whose checksum this handle has checked (verify on read)
 
     def __repr__(self) -> str:
         return f"CacheStore({self.path!r}, mode={self.mode!r}, plan={self.plan})"
@@ -173,11 +218,13 @@ class CacheStore(_StoreReader, _StoreVerifier):
     @property
     def attrs(self) -> dict[str, Any]:
         """Root attributes, re-read from the store (the driver may have changed them)."""
-        return dict(zarr.open_group(self._root.store, mode=self.mode, zarr_format=3).attrs)
+        with reading(self.path):
+            return dict(zarr.open_group(self._root.store, mode=self.mode, zarr_format=3).attrs)
 
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
-            arr = self._root[name]
+            with reading(self.path, name):
+                arr = self._root[name]
             if self.mode == "r+":  # every chunk a writer touches is stored, so verify can spot a lost file
                 arr = arr.with_config({"write_empty_chunks": True})
             self._arrays[name] = arr
@@ -185,6 +232,11 @@ class CacheStore(_StoreReader, _StoreVerifier):
 
     def _shard_path(self, k: int) -> str:
         return f"shards/{k:06d}"
+
+    def _shard_group(self, k: int) -> zarr.Group:
+        """The group of shard ``k`` (a committed shard's group must exist: a missing one is a StoreError)."""
+        with reading(self.path, self._shard_path(k)):
+            return self._root[self._shard_path(k)]
 
     def _require_writable(self) -> None:
         if self.mode != "r+":
@@ -291,13 +343,17 @@ class CacheStore(_StoreReader, _StoreVerifier):
         return np.nonzero(self._array("status")[:] == STATUS_OK)[0].astype(np.int64)
 
     def bad_rows(self, shards: Iterable[int] | None = None) -> list[BadRow]:
-        """Bad rows recorded by the written shards (all shards by default), sorted by row index."""
+        """Bad rows recorded by the written shards (all shards by default), sorted by row index.  A committed
+        shard whose group is missing or unreadable raises :class:`StoreUnreadableError`."""
         out = []
+        committed = set(self.committed_shards())
         for k in range(self.plan.n_shards) if shards is None else shards:
             try:
-                group = self._root[self._shard_path(k)]
-            except KeyError:  # not written yet
-                continue
+                group = self._shard_group(k)
+            except StoreUnreadableError as e:
+                if k not in committed and isinstance(e.__cause__, KeyError):  # not written yet
+                    continue
+                raise
             out += [BadRow(index, reason, fld, detail) for index, reason, fld, detail in group.attrs["bad_rows"]]
         return sorted(out, key=lambda b: b.index)
 
@@ -318,8 +374,12 @@ class CacheStore(_StoreReader, _StoreVerifier):
         lengths, nnz = self._array("lengths")[:][ok], self._array("nnz")[:][ok].reshape(-1)
         size = self.size_on_disk()
         committed = len(self.committed_shards())
-        stats = (lambda a: {"mean": float(a.mean()), "median": float(np.median(a)), "max": int(a.max())}
-                 if len(a) else {"mean": 0.0, "median": 0.0, "max": 0})
+
+        def stats(a: np.ndarray) -> dict[str, float]:
+            if not len(a):
+                return {"mean": 0.0, "median": 0.0, "max": 0}
+            return {"mean": float(a.mean()), "median": float(np.median(a)), "max": int(a.max())}
+
         return {
             "path": self.path,
             "provenance": self.provenance,
@@ -330,6 +390,7 @@ class CacheStore(_StoreReader, _StoreVerifier):
             "checksum": attrs.get("checksum"),
             "shards": {"committed": committed, "pending": self.plan.n_shards - committed},
             "rows": {"total": self.plan.n_rows, **self.status_counts()},
+            "bad_rows_recorded": len(self.bad_rows()),  # reads every written shard's attributes
             "size_bytes": size,
             "bytes_per_response": size / (2 * int(ok.sum())) if ok.any() else None,
             "pooled_nnz": stats(nnz),

@@ -1,7 +1,9 @@
 """Reading rows back: :meth:`CacheStore.read_rows` (→ :class:`RowBatch`) and :meth:`CacheStore.read_token_extras`.
 
 A reader never writes.  Every requested row must be ok and in a committed shard, else
-:class:`RowsNotAvailableError` names the rows and their status.  Per committed shard the reader loads the per-row
+:class:`RowsNotAvailableError` names the rows and their status.  Verify on read: the first time a handle reads from a
+shard, it reads the whole shard and checks it against the shard's committed checksum
+(:meth:`~fpo_dist.store.verify._StoreVerifier._check_shard`) before returning any of its rows.  Per committed shard the reader loads the per-row
 arrays once and derives each flat array's row offsets from them (``docs/cache-format.md``, "Flat shard arrays"),
 keeping the last :attr:`CacheStore._INDEX_CACHE_SHARDS` shards (LRU).  After that, each run of consecutive requested
 rows costs one slice per flat array, and all slices of a call are fetched concurrently.
@@ -151,6 +153,10 @@ class _StoreReader:
     _index_cache: OrderedDict[int, _ShardIndex]
     _array: Callable[[str], zarr.Array]
     _shard_path: Callable[[int], str]
+    _shard_group: Callable[[int], zarr.Group]
+    _check_shard: Callable[[int, dict, zarr.Group], None]
+    verify_reads: bool
+    _verified: set[int]
 
     def read_rows(self, indices: Sequence[int] | np.ndarray, extras: bool = False) -> RowBatch:
         """Read rows by global index, in the order given (duplicates allowed).  Every row must be ok and in a
@@ -226,7 +232,10 @@ class _StoreReader:
             raise RowsNotAvailableError(f"shard {k} (rows {self.plan.shard_range(k)}) is not committed")
         start, stop = self.plan.shard_range(k)
         rows = {name: self._array(name)[start:stop] for name in self._row_names}
-        group = self._root[self._shard_path(k)]
+        group = self._shard_group(k)
+        if self.verify_reads and k not in self._verified:
+            self._check_shard(k, rows, group)  # before any of its rows is returned
+            self._verified.add(k)
         index = _ShardIndex(start, rows, group)
         self._index_cache[k] = index
         if len(self._index_cache) > self._INDEX_CACHE_SHARDS:

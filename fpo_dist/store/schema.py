@@ -13,9 +13,10 @@ changing a table, a dtype, the array order or the checksum serialisation changes
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +95,62 @@ class ShardCommittedError(StoreError):
 
 class RowsNotAvailableError(StoreError):
     """``read_rows`` was asked for rows that are not ok (bad, not written, or in an uncommitted shard)."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """Nothing at the path is a Zarr group (no ``zarr.json``): not a store at all."""
+
+
+class StoreUnreadableError(StoreError):
+    """A file of the store is missing or cannot be parsed (a half-finished copy, a truncated or corrupted
+    metadata file).  The message names the file and what to do; ``detail`` is the problem alone."""
+
+    def __init__(self, path: str, detail: str, todo: str | None = None):
+        self.path, self.detail = path, detail
+        super().__init__(f"cache store {path}: {detail}: {todo or _REPAIR.format(path=path)}")
+
+
+class ShardCorruptError(StoreError):
+    """Verify on read: a shard's content differs from its committed checksum.  Nothing of it was returned."""
+
+
+class StoreLockedError(StoreError):
+    """Another live cache job holds the store's writer lease."""
+
+
+# One place maps what zarr / the filesystem raise on a damaged store to a StoreError that names the file.
+_REPAIR = ("copy the store again from its source, or rebuild it (`python -m fpo_dist.cache --config CFG "
+           "--overwrite true`); `python -m fpo_dist.cache verify {path}` lists every problem")
+
+
+def unreadable(path: str, node: str, exc: BaseException) -> StoreError:
+    """The :class:`StoreError` for ``exc``, raised while reading node ``node`` ('' = root) of the store at ``path``."""
+    if isinstance(exc, StoreError):
+        return exc
+    where = f"{path.rstrip('/')}/{node}" if node else path
+    if isinstance(exc, (KeyError, FileNotFoundError)) or type(exc).__name__ in (
+            "NodeNotFoundError", "GroupNotFoundError", "ArrayNotFoundError"):
+        return StoreUnreadableError(path, f"{where} is missing (an interrupted copy?)")
+    if isinstance(exc, PermissionError):
+        return StoreUnreadableError(path, f"cannot read {where}: permission denied",
+                                    "give this user read access to the whole store")
+    detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+    return StoreUnreadableError(path, f"{where}/zarr.json is corrupted or truncated ({detail})")
+
+
+@contextlib.contextmanager
+def reading(path: str, node: str = "") -> Iterator[None]:
+    """Re-raise any failure to open node ``node`` of the store at ``path`` as a :class:`StoreError` naming it."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except (KeyError, OSError, ValueError, TypeError) as e:  # JSON/Unicode errors are ValueErrors
+        raise unreadable(path, node, e) from e
+    except Exception as e:  # zarr's own errors (metadata validation, node type, ...)
+        if type(e).__module__.startswith("zarr"):
+            raise unreadable(path, node, e) from e
+        raise
 
 
 # --------------------------------------------------------------------------------------------- plan

@@ -18,8 +18,16 @@ import zarr
 from zarr.core.sync import sync as _sync  # the one zarr internal used
 
 from fpo_dist.data import BadRow
-from fpo_dist.store.reader import _ShardIndex
-from fpo_dist.store.schema import _RAGGED_ARRAYS, Plan, _digest, _shard_checksum
+from fpo_dist.store.reader import _gather, _ShardIndex
+from fpo_dist.store.schema import (
+    _RAGGED_ARRAYS,
+    Plan,
+    ShardCorruptError,
+    StoreUnreadableError,
+    _digest,
+    _shard_checksum,
+    reading,
+)
 
 
 class _StoreVerifier:
@@ -31,8 +39,39 @@ class _StoreVerifier:
     _flat_names: list[str]
     _array: Callable[[str], zarr.Array]
     _shard_path: Callable[[int], str]
+    _shard_group: Callable[[int], zarr.Group]
     _shard_state: Callable[[], np.ndarray]
     attrs: dict[str, Any]
+    path: str
+
+    def _check_shard(self, k: int, rows: dict[str, np.ndarray], group: zarr.Group) -> None:
+        """Verify on read: shard ``k`` (its per-row arrays ``rows``, already read, and every flat array of
+        ``group``, read here in full) must hash to its committed checksum, else :class:`ShardCorruptError` names
+        the arrays and rows that differ (from :meth:`_verify_shard`) and points at ``verify``.
+
+        Missing chunk files read as fill values, so they fail the checksum too."""
+        start, stop = self.plan.shard_range(k)
+        committed = bytes(self._array("shard_checksum")[k])
+        error: Exception | None = None
+        try:
+            bad_rows = [BadRow(*b) for b in group.attrs["bad_rows"]]
+            handles = [group[name] for name in self._flat_names]
+            flat = _sync(_gather([a.async_array.getitem(slice(None)) for a in handles]))
+            arrays = {**rows, **dict(zip(self._flat_names, flat))}
+            if _shard_checksum(start, stop, bad_rows, arrays) == committed:
+                return
+        except Exception as e:  # noqa: BLE001 — undecodable chunks, missing arrays: diagnosed below
+            error = e
+        problems = self._verify_shard(k, committed, set(_sync(_list_keys(self._root.store))))
+        if not problems:  # the full check passes: the first read failed for another reason (I/O)
+            raise StoreUnreadableError(f"cache store {self.path}: reading shard {k} failed: {error!r}") from error
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        problems = [p.removeprefix(f"shard {k} (rows {start}..{stop - 1}): ") for p in problems]
+        raise ShardCorruptError(
+            f"cache store {self.path}: shard {k} (rows {start}..{stop - 1}) does not match its committed checksum, "
+            f"so none of its rows were used: {' | '.join(problems[:3])}{more}. Run `python -m fpo_dist.cache verify "
+            f"{self.path}` for the full report, then copy the store again from a good source or rebuild it"
+        ) from error
 
     def verify(self) -> list[str]:
         """Check every shard against its committed checksum; return a list of problems (empty = healthy).
@@ -59,12 +98,14 @@ class _StoreVerifier:
         start, stop = self.plan.shard_range(k)
         where = f"shard {k} (rows {start}..{stop - 1})"
         try:
-            group = self._root[self._shard_path(k)]
+            group = self._shard_group(k)
             attrs = dict(group.attrs)
             digests = attrs["chunk_digests"]
             bad_rows = [BadRow(*b) for b in attrs["bad_rows"]]
+        except StoreUnreadableError as e:
+            return [f"{where}: {e.detail}"]
         except Exception as e:  # noqa: BLE001 — any failure here means the shard group is unusable
-            return [f"{where}: shard group {self._shard_path(k)} missing or unreadable: {e!r}"]
+            return [f"{where}: shard group {self._shard_path(k)} unreadable: {e!r}"]
         problems: list[str] = []
         if attrs.get("checksum") != committed.hex():
             problems.append(f"{where}: shard attrs record checksum {attrs.get('checksum')}, "
@@ -84,7 +125,7 @@ class _StoreVerifier:
         """Per-row arrays: this shard's region, chunks of chunk_rows rows."""
         arrays: dict[str, np.ndarray | None] = {}
         for name in self._row_names:
-            arr = self._root[name]
+            arr = self._array(name)
             chunks = [(a, min(a + self.plan.chunk_rows, stop)) for a in range(start, stop, self.plan.chunk_rows)]
             arrays[name] = _verify_array(where, name, arr, chunks, digests.get(name, []), keys,
                                          lambda a, b: f"rows {a}..{b - 1}", problems)
@@ -97,9 +138,10 @@ class _StoreVerifier:
         arrays: dict[str, np.ndarray | None] = {}
         for name in self._flat_names:
             try:
-                arr = group[name]
-            except Exception as e:  # noqa: BLE001
-                problems.append(f"{where}: array {self._shard_path(k)}/{name} missing or unreadable: {e!r}")
+                with reading(self.path, f"{self._shard_path(k)}/{name}"):
+                    arr = group[name]
+            except StoreUnreadableError as e:
+                problems.append(f"{where}: {e.detail}")
                 arrays[name] = None
                 continue
             n = arr.shape[0]
