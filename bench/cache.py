@@ -134,7 +134,7 @@ def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int
     }
     log(f"cache: bare forward {out['bare_tokens_per_s']:.0f} tok/s, reference_pass "
         f"{out['reference_pass_tokens_per_s']:.0f} tok/s (ratio {out['ratio']:.3f})")
-    del model, sae
+    model = sae = None  # free them before the next part (the closures above are done)
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     return out

@@ -85,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import torch
 
-    from bench import assets as bench_assets, cache as bench_cache, loader as bench_loader, report, train as bench_train
+    from bench import assets as bench_assets
+    from bench import cache as bench_cache
+    from bench import loader as bench_loader
+    from bench import report
+    from bench import train as bench_train
     from bench.presets import preset_for
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

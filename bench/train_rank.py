@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(ours["root"])
     steps, profile = int(ours["steps"]), int(ours.get("profile", "1"))
     # the same modules in every run (FPO needs sae_lens; importing it first also keeps it ahead of zero.Init)
-    import sae_lens  # noqa: F401
+    import sae_lens  # noqa: F401, I001  (first: ahead of deepspeed and zero.Init)
     import torch
     import deepspeed  # noqa: F401
     import transformers  # noqa: F401

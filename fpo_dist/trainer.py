@@ -11,24 +11,17 @@ loss runs.  An FPO run holds no reference model: only losses that declare ``need
 from __future__ import annotations
 
 import json
-import os
-import random
-import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from fpo_dist import checkpoints as ckpt
 from fpo_dist.config import ConfigError, ModelConfig, TrainConfig, to_dict, to_yaml
 from fpo_dist.losses import LOSSES, check_loss_requirements, prediction_mask
 from fpo_dist.models import capture_block_output
-
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "fpo_state.json"  # step, world size and loader state of a checkpoint, readable before the engine exists
 
 
 class TrainingDiverged(RuntimeError):
@@ -220,7 +213,7 @@ class Trainer:
         self.bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.device.type == "cuda")
         template = eng.load_ds_template(cfg.deepspeed) if cfg.deepspeed else {"zero_optimization": {"stage": 0}}
         self.ds_config = eng.build_ds_config(template, cfg, self.world, _hidden_size(policy_cfg), self.bf16)
-        self.resume_from = self._resume_target()
+        self.resume_from = ckpt.resume_target(self.cfg, log=self._print)
         if self.resume_from is not None and self.resume_from[2] != self.world:
             # another data-parallel world: DeepSpeed's universal checkpoint re-partitions optimizer state
             load_dir, tag, _ = self.resume_from
@@ -295,35 +288,11 @@ class Trainer:
         (out / "config.yaml").write_text(to_yaml(self.cfg))
         self.tracker = Tracker(out, self.cfg.report_to, to_dict(self.cfg))
 
-    # ------------------------------------------------------------------ resume / checkpoints
+    # ------------------------------------------------------------------ resume / checkpoints (fpo_dist.checkpoints)
 
-    def _resume_target(self) -> tuple[str, str, int] | None:
-        """``(directory, tag, world size it was saved with)`` of the checkpoint to resume, or None."""
-        cfg = self.cfg
-        if not cfg.resume:
-            return None
-        if cfg.resume == "auto":
-            root = Path(cfg.output_dir) / CHECKPOINTS
-            latest = root / "latest"
-            if not latest.exists():
-                if self.is_main:
-                    print(f"resume auto: no checkpoint under {root}; starting fresh", flush=True)
-                return None
-            load_dir, tag = root, latest.read_text().strip()
-        else:
-            path = Path(cfg.resume)
-            load_dir, tag = path.parent, path.name
-        meta = load_dir / tag / STATE_FILE
-        if not meta.exists():
-            raise ConfigError(f"{load_dir / tag} is not a complete fpo-dist checkpoint (no {STATE_FILE})")
-        saved = json.loads(meta.read_text())
-        now = _resume_fields(cfg)
-        diffs = [f"{k}: checkpoint {saved['run'].get(k)!r}, this run {v!r}" for k, v in now.items()
-                 if k in saved.get("run", {}) and saved["run"][k] != v]
-        if diffs:
-            raise ConfigError(f"resuming {load_dir / tag} with different settings would continue another "
-                              "experiment:\n  " + "\n  ".join(diffs))
-        return str(load_dir), tag, int(saved["world_size"])
+    def _print(self, msg: str) -> None:
+        if self.is_main:
+            print(msg, flush=True)
 
     def maybe_resume(self) -> None:
         if self.resume_from is None:
@@ -332,29 +301,23 @@ class Trainer:
         state = self.policy.load(load_dir, tag)
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])
-        rng_file = Path(load_dir) / tag / f"rng_rank{self.rank}.pt"
-        if rng_file.exists():  # absent when the world size changed: ranks have no predecessor
-            _set_rng(torch.load(rng_file, weights_only=True))
+        rng = ckpt.rng_file(load_dir, tag, self.rank)
+        if rng.exists():  # absent when the world size changed: ranks have no predecessor
+            ckpt.set_rng(torch.load(rng, weights_only=True))
         if self.is_main:
             print(f"resumed from {load_dir}/{tag}: step {self.step}, loader {state['loader']}", flush=True)
 
     def save_checkpoint(self) -> None:
-        root = Path(self.cfg.output_dir) / CHECKPOINTS
+        root = Path(self.cfg.output_dir) / ckpt.CHECKPOINTS
         tag = f"step_{self.step}"
         state = {"step": self.step, "loader": self.loader.state_dict(), "config": to_dict(self.cfg)}
         self.policy.save(str(root), tag, client_state=state)
-        torch.save(_get_rng(), root / tag / f"rng_rank{self.rank}.pt")
+        torch.save(ckpt.get_rng(), ckpt.rng_file(root, tag, self.rank))
         self.dist.barrier()
         if self.is_main:
             meta = {"step": self.step, "world_size": self.world, "loader": state["loader"], "loss": self.cfg.loss.name,
-                    "run": _resume_fields(self.cfg)}
-            _write_atomic(root / tag / STATE_FILE, json.dumps(meta, indent=1))
-            _write_atomic(root / "latest", tag)  # only now is the checkpoint complete (a kill before: the last one)
-            tags = sorted((p for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)),
-                          key=lambda p: int(p.name.split("_")[1]))
-            for old in tags[: -self.cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-                shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)
+                    "run": ckpt.resume_fields(self.cfg)}
+            ckpt.commit(root, tag, meta, self.cfg.keep_last)
             print(f"checkpoint {root / tag}", flush=True)
         self.dist.barrier()
 
@@ -549,22 +512,6 @@ class Trainer:
             self.cleanup()
 
 
-def _resume_fields(cfg: TrainConfig) -> dict:
-    """The settings a resumed run must share with the checkpoint it continues."""
-    out = {f"loss.{k}": v for k, v in to_dict(cfg.loss).items()}
-    out.update({f"optim.{k}": list(v) if isinstance(v, tuple) else v for k, v in to_dict(cfg.optim).items()})
-    out.update({f"policy.lora.{k}": v for k, v in to_dict(cfg.policy.lora).items()})
-    out.update(cache=cfg.cache, seed=cfg.seed, epochs=cfg.epochs)
-    return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a kill at any moment leaves the old content or the new, never a part."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _hidden_size(model_cfg: ModelConfig) -> int:
     from transformers import AutoConfig
 
@@ -579,22 +526,6 @@ def _hidden_size(model_cfg: ModelConfig) -> int:
 def _nz(vec: torch.Tensor) -> tuple:
     idx = vec.nonzero().squeeze(-1)
     return idx.numpy(), vec[idx].float().numpy()
-
-
-def _get_rng() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
-             "numpy_pos": int(np.random.get_state()[2]), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,6 @@ import os
 
 import pytest
 import torch
-
 from test_train import metrics, train  # the real launcher (torchrun, own process group)
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.slow]

@@ -155,16 +155,17 @@ def run_cache_job(cfg: CacheConfig, log=print) -> dict:
 
     t_start = time.time()
     log("fpo-dist cache job, config:\n" + to_yaml(cfg))
+    # model, tokenizer and SAE found (or downloaded) and checked once, before the store is touched or any worker
+    # starts; workers load the local directories of work_cfg and never touch the hub.  The provenance keeps the
+    # names the user gave.
+    work_cfg = resolve_cache_config(cfg)
     with acquire_lease(cfg.output, log=log) as lease:  # one writing job per store, taken before any planning
-        return _run_job(cfg, lease, log, t_start)
+        return _run_job(cfg, work_cfg, lease, log, t_start)
 
 
-def _run_job(cfg: CacheConfig, lease, log, t_start: float) -> dict:
+def _run_job(cfg: CacheConfig, work_cfg: CacheConfig, lease, log, t_start: float) -> dict:
     from fpo_dist.store import create_store
 
-    # model, tokenizer and SAE found (or downloaded) and checked once, before any worker starts; workers load the
-    # local directories of work_cfg and never touch the hub.  The provenance keeps the names the user gave.
-    work_cfg = resolve_cache_config(cfg)
     tokenizer = load_tokenizer(tokenizer_spec(work_cfg.model))
     source = load_source(cfg.data)
     provenance = build_provenance(cfg, source, tokenizer)
