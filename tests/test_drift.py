@@ -8,7 +8,14 @@ import json
 import pytest
 import torch
 
-from fpo_dist.drift import drift_table, neuronpedia_url, overlap, plot_drift_comparison, read_drift, top_ids
+from fpo_dist.drift import (
+    drift_table,
+    neuronpedia_url,
+    overlap,
+    plot_drift_comparison,
+    read_drift,
+    top_ids,
+)
 
 # ----------------------------------------------------------------------------------------- pure
 
