@@ -45,14 +45,7 @@ from pathlib import Path
 import torch
 
 from fpo_dist.config import DataConfig
-from fpo_dist.data import (
-    PairTokenizer,
-    TokenizedPair,
-    encode_prompt,
-    load_source,
-    normalize_row,
-    uses_chat_template,
-)
+from fpo_dist.data import PairTokenizer, TokenizedPair, encode_prompt, load_source, normalize_row, uses_chat_template
 
 PairwiseJudge = Callable[[str, str, str], float]  # (instruction, policy_output, reference_output) -> 1 / 0.5 / 0
 
