@@ -91,3 +91,38 @@ def test_shape_errors_name_the_problem():
     with pytest.raises(ValueError, match="positive total weight"):
         boot.interval((np.zeros((3, 4)), np.zeros((3, 4))))
     assert "two-way bootstrap (10 resamples" in boot.describe()
+
+
+def _eval_dir(path, verdicts, outputs, feature_mse):
+    """A fake evaluation directory as fpo_dist.evaluate writes it: 2 prompts, 2 samples each, 3 pairs."""
+    import json
+
+    path.mkdir(parents=True)
+    prompts = ["Name two fruits.", "Name two tools."]
+    units = {"pairs": {"prompt": [0, 0, 1], "accuracy_ln": [1.0, 0.0, 1.0], "reward_accuracy_ln": [1.0, 1.0, 0.0],
+                       "feature_mse": feature_mse},
+             "generations": {"prompt": [0, 0, 1, 1], "verdict": verdicts, "entropy_sum": [1.0, 2.0, 3.0, 6.0],
+                             "n_tokens": [2, 2, 3, 3]}}
+    (path / "units.json").write_text(json.dumps(units))
+    records = [{"instruction": prompts[i // 2], "output": o, "generator": "policy"} for i, o in enumerate(outputs)]
+    (path / "policy_outputs.json").write_text(json.dumps(records))
+    return path
+
+
+def test_seed_statistics_from_evaluation_directories(tmp_path):
+    """The demo's numbers per seed are the plain metrics of each evaluation (rule-follow from the task's judge)."""
+    from fpo_dist.demo.report import seed_statistics
+
+    good, bad = ["Fruits: apple, pear.", "Tools: axe, saw."], ["Vegetables: beet, leek.", "no"]
+    a = [_eval_dir(tmp_path / f"a{s}", [1.0, 0.5, 1.0, 1.0], [good[0], good[0], good[1], bad[1]], [0.1, 0.2, 0.3])
+         for s in range(2)]
+    b = [_eval_dir(tmp_path / f"b{s}", [0.5, 0.5, 0.0, 0.5], [bad[0], good[0], bad[1], bad[1]], [0.0, 0.0, 0.3])
+         for s in range(2)]
+    ci = seed_statistics({"a": a, "b": b}, resamples=200)
+    assert ci["per_seed"]["a"]["rule_follow"] == [0.75, 0.75] and ci["per_seed"]["b"]["rule_follow"] == [0.25, 0.25]
+    assert ci["intervals"]["a"]["win_rate"]["mean"] == pytest.approx(3.5 / 4)
+    assert ci["intervals"]["a"]["entropy"]["mean"] == pytest.approx(12.0 / 10)  # per token, not per sample
+    assert ci["intervals"]["a"]["accuracy_ln"]["mean"] == pytest.approx(2 / 3)
+    diff = ci["differences"]["a − b"]
+    assert diff["rule_follow"]["mean"] == pytest.approx(0.5) and diff["feature_mse"]["mean"] == pytest.approx(0.1)
+    assert "two-way bootstrap (200 resamples" in ci["method"]

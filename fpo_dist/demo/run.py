@@ -202,7 +202,7 @@ def train(loss: str, store: Path, out: Path, steps: int, seed: int = 0, tag: str
     return run_dir
 
 
-def evaluate_policy(name: str, policy: Path, heldout: Path, eval_dir: Path, manifest: dict, beta: float) -> dict:
+def evaluate_policy(policy: Path, heldout: Path, eval_dir: Path, manifest: dict, beta: float) -> dict:
     """``fpo_dist.evaluate`` of one policy against the bundled reference on the held-out pairs (with the task's
     judge, the recipe's sampling), plus the task's rule-follow rate of its samples."""
     from fpo_dist.config import DataConfig
@@ -224,7 +224,7 @@ def evaluate_all(runs: dict[str, Path], data: dict[str, Path], out: Path, manife
     for name, policy in [("reference", ASSETS / "model")] + [(k, v / "hf") for k, v in runs.items()]:
         t0 = time.time()
         beta = RECIPE.beta_for(name.split("/")[0]) if name != "reference" else 0.1
-        m = evaluate_policy(name, policy, data["heldout"], out / "eval" / name, manifest, beta)
+        m = evaluate_policy(policy, data["heldout"], out / "eval" / name, manifest, beta)
         results[name] = m
         say(f"evaluated {name}: win rate vs reference {m['win_rate']:.3f}, rule-follow {m['rule_follow']:.3f} "
             f"({time.time() - t0:.0f} s)")

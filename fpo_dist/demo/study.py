@@ -95,7 +95,7 @@ def run_job(job_file: Path) -> int:
         return rc
     arm = ARM_BY_NAME[job["arm"]]
     beta = float(arm.params.get("beta", RECIPE.beta_for(arm.loss)))
-    m = evaluate_policy(job["arm"], run_dir / "hf", Path(job["heldout"]), eval_dir, job["manifest"], beta)
+    m = evaluate_policy(run_dir / "hf", Path(job["heldout"]), eval_dir, job["manifest"], beta)
     s = report.train_stats(run_dir)
     m.update(step_s=s["median_step_s"], peak_memory_mb=s["peak_memory_mb"])
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only the exported policy is kept
