@@ -43,3 +43,7 @@ def test_demo_reduced(tmp_path):
     assert results["results"]["reference"]["win_rate"] == 0.5  # the reference against itself: all ties
     assert len(json.loads((out / "runs" / "fpo" / "run_info.json").read_text())["resident_models"]) == 1
     assert "fpo step" in output  # training progress was visible
+    # the latents that drift: listed per method, shown in the report
+    drift = json.loads((out / "eval" / "fpo" / "drift.json").read_text())
+    assert drift["top"] and {"id", "reference_mean", "policy_mean", "change"} <= set(drift["top"][0])
+    assert "## The latents that drift" in report and (out / "plots" / "drift.png").exists()
