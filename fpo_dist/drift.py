@@ -60,10 +60,10 @@ def top_ids(rows: Sequence[Mapping]) -> list[int]:
 
 def overlap(ids: Sequence[int], baseline: Sequence[int]) -> float:
     """``|ids ∩ baseline| / |baseline|``: the share of ``baseline``'s top latents that ``ids`` also lists."""
-    base = set(int(i) for i in baseline)
+    base = {int(i) for i in baseline}
     if not base:
         return float("nan")
-    return len(base & set(int(i) for i in ids)) / len(base)
+    return len(base & {int(i) for i in ids}) / len(base)
 
 
 def neuronpedia_url(neuronpedia_id: str | None, latent: int) -> str | None:
