@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fpo-installed-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench lint clean
+.PHONY: install test test-fast demo study bench lint clean
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ $(STAMP): pyproject.toml
 # TDPO2 on 2 CPU ranks, evaluation, report (its path is printed)
 demo: install
 	$(PY) -m fpo_dist.demo $(DEMO_ARGS)
+
+# FPO's parts ablated on the demo task (10 arms x 5 training seeds, 2 jobs at a time; sized for <= 30 min on 2
+# idle cores) → docs/results/study/ (study.md, study.json, study.png); a rerun resumes from study_out/
+study: install
+	OMP_NUM_THREADS=1 $(PY) -m fpo_dist.demo.study $(STUDY_ARGS)
 
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)

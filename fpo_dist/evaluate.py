@@ -20,6 +20,11 @@ Metrics (all returned as one flat ``dict`` of numbers by :func:`evaluate`):
 - ``feature_mse``: feature drift — the mean over held-out responses of the mean over all SAE features of
   ``(c̄θ − c̄ref)²``, the pooled SAE codes (block-ℓ residual output, mean over the positions that predict
   response tokens) of the policy and of the reference.  0 for a policy equal to its reference.
+- The latents that drift (files, not numbers in the dict): the SAE latents whose mean pooled activation over the
+  held-out responses moved most from the reference's — id, reference mean, policy mean, change — in
+  ``drift.json`` / ``drift.png`` (:mod:`fpo_dist.drift`).
+- ``units.json``: the values behind the means, per held-out pair and per generated sample, each with its prompt
+  index, for confidence intervals that resample prompts (``fpo_dist.demo.stats``).
 
 CLI: ``python -m fpo_dist.evaluate --policy DIR --reference DIR --data heldout.jsonl [--sae DIR --layer L]
 [--judge module:function] --out DIR``.
@@ -69,13 +74,24 @@ class GenerationConfig:
 def load_heldout(data: DataConfig, tokenizer) -> tuple[list[TokenizedPair], list[tuple[dict, ...]]]:
     """The valid pairs of ``data``, tokenized like the cache job does, and the distinct prompts (message
     tuples, in first-seen order).  Bad rows follow ``data.on_bad_row``."""
+    pairs, prompts, _ = load_heldout_units(data, tokenizer)
+    return pairs, prompts
+
+
+def load_heldout_units(data: DataConfig, tokenizer) -> tuple[list[TokenizedPair], list[tuple[dict, ...]], list[int]]:
+    """:func:`load_heldout` plus, per pair, the index of its prompt in the prompt list (the unit a bootstrap over
+    held-out prompts resamples)."""
     source = load_source(data)
     pairs = PairTokenizer(tokenizer, data).tokenize_range(source, 0, len(source)).pairs
     prompts: dict[str, tuple[dict, ...]] = {}
+    position: dict[str, int] = {}
+    prompt_of_pair = []
     for index in (p.index for p in pairs):
         example = normalize_row(source.dataset[index], source.schema, source.columns)
-        prompts.setdefault(json.dumps(example.prompt, sort_keys=True), example.prompt)
-    return pairs, list(prompts.values())
+        key = json.dumps(example.prompt, sort_keys=True)
+        prompts.setdefault(key, example.prompt)
+        prompt_of_pair.append(position.setdefault(key, len(position)))
+    return pairs, list(prompts.values()), prompt_of_pair
 
 
 def instruction_of(messages: Sequence[dict]) -> str:
@@ -120,12 +136,15 @@ def score_pairs(
     batch_size: int = 8,
 ) -> dict[str, torch.Tensor]:
     """Per-pair ``[N, 2]`` (column 0 chosen, 1 rejected) ``policy_logps``, ``n_tokens`` and, when given a
-    reference, ``reference_logps``; with an SAE (needs the reference) ``feature_mse`` per response."""
+    reference, ``reference_logps``; with an SAE (needs the reference) ``feature_mse`` per response, and
+    ``policy_code_mean`` / ``reference_code_mean`` ``[d_sae]``: each latent's pooled activation averaged over all
+    ``2N`` responses (the input of :mod:`fpo_dist.drift`)."""
     from fpo_dist.models import build_batch
 
     if sae is not None and (reference is None or layer is None):
         raise ValueError("feature drift needs the reference model and the SAE's hook layer")
     cols: dict[str, list[torch.Tensor]] = {"policy_logps": [], "n_tokens": []}
+    code_sums: dict[str, torch.Tensor] = {}
     for start in range(0, len(pairs), batch_size):
         batch = build_batch(pairs[start : start + batch_size], pad_id)
         pol_logps, n_tokens, pol_codes = response_stats(policy, batch, layer, sae)
@@ -136,8 +155,12 @@ def score_pairs(
             cols.setdefault("reference_logps", []).append(ref_logps)
             if sae is not None:
                 cols.setdefault("feature_mse", []).append((pol_codes - ref_codes).square().mean(-1))
+                for name, codes in (("policy_code_mean", pol_codes), ("reference_code_mean", ref_codes)):
+                    code_sums[name] = code_sums.get(name, 0) + codes.double().sum(0)
     # each batch is [chosen rows; rejected rows]: regroup into [n, 2]
-    return {k: torch.cat([v.view(2, -1).T for v in vs]) for k, vs in cols.items()}
+    out = {k: torch.cat([v.view(2, -1).T for v in vs]) for k, vs in cols.items()}
+    out.update({k: v / (2 * len(pairs)) for k, v in code_sums.items()})
+    return out
 
 
 def preference_metrics(scores: dict[str, torch.Tensor], beta: float = 0.1) -> dict[str, float]:
@@ -162,6 +185,26 @@ def preference_metrics(scores: dict[str, torch.Tensor], beta: float = 0.1) -> di
         out["feature_mse"] = mse.mean().item()
         out["feature_mse_chosen"] = mse[:, 0].mean().item()
         out["feature_mse_rejected"] = mse[:, 1].mean().item()
+    return out
+
+
+def pair_units(scores: dict[str, torch.Tensor], prompt_of_pair: Sequence[int], beta: float = 0.1) -> dict[str, list]:
+    """Per held-out pair, the values whose means :func:`preference_metrics` reports (``accuracy_ln``,
+    ``reward_accuracy``, ``reward_accuracy_ln`` as 0/1; ``feature_mse`` the mean of its two responses), with the
+    pair's ``prompt`` index: what a bootstrap over held-out prompts resamples."""
+    pol, n = scores["policy_logps"].double(), scores["n_tokens"].clamp(min=1).double()
+    if len(prompt_of_pair) != len(pol):
+        raise ValueError(f"{len(prompt_of_pair)} prompt ids for {len(pol)} pairs")
+    avg = pol / n
+    out: dict[str, list] = {"prompt": [int(i) for i in prompt_of_pair],
+                            "accuracy_ln": (avg[:, 0] > avg[:, 1]).double().tolist()}
+    if "reference_logps" in scores:
+        ref = scores["reference_logps"].double()
+        reward, reward_ln = beta * (pol - ref), beta * (avg - ref / n)
+        out["reward_accuracy"] = (reward[:, 0] > reward[:, 1]).double().tolist()
+        out["reward_accuracy_ln"] = (reward_ln[:, 0] > reward_ln[:, 1]).double().tolist()
+    if "feature_mse" in scores:
+        out["feature_mse"] = scores["feature_mse"].double().mean(1).tolist()
     return out
 
 
@@ -201,6 +244,9 @@ def _row_sampler(generators: Sequence[torch.Generator], cfg: GenerationConfig, s
         def __init__(self) -> None:
             self.done = torch.zeros(len(generators), dtype=torch.bool)
             self.entropy_sum, self.tokens = 0.0, 0
+            # per row: the entropy summed over its live positions, and their number
+            self.row_entropy = torch.zeros(len(generators), dtype=torch.float64)
+            self.row_tokens = torch.zeros(len(generators), dtype=torch.long)
 
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
             logp = torch.log_softmax(scores.float(), dim=-1)
@@ -208,6 +254,8 @@ def _row_sampler(generators: Sequence[torch.Generator], cfg: GenerationConfig, s
             live = ~self.done
             self.entropy_sum += entropy[live].sum().item()
             self.tokens += int(live.sum())
+            self.row_entropy += torch.where(live, entropy.double(), 0.0)
+            self.row_tokens += live.long()
             tokens = sample_tokens(scores, cfg.temperature, cfg.top_p, generators)
             self.done |= torch.isin(tokens.cpu(), torch.tensor(list(stop_ids)))
             return torch.full_like(scores, float("-inf")).scatter_(-1, tokens[:, None], 0.0)
@@ -223,12 +271,32 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-@torch.no_grad()
+@dataclass
+class Generations:
+    """Samples ``outputs[i][j]`` (prompt ``i``, sample ``j``), the mean per-token entropy over all of them, and per
+    sample the entropy summed over its generated tokens (``entropy_sums[i][j]``) and their number
+    (``n_tokens[i][j]``): ``entropy = Σ entropy_sums / Σ n_tokens``."""
+
+    outputs: list[list[str]]
+    entropy: float
+    entropy_sums: list[list[float]]
+    n_tokens: list[list[int]]
+
+
 def generate(
     model, tokenizer, prompts: Sequence[Sequence[dict]], cfg: GenerationConfig, chat: bool
 ) -> tuple[list[list[str]], float]:
     """``cfg.samples_per_prompt`` seeded samples per prompt (``outputs[i][j]``) and the mean per-token entropy
     of the model along them.  Prompts are rendered exactly as for training (:func:`fpo_dist.data.encode_prompt`)."""
+    g = generate_samples(model, tokenizer, prompts, cfg, chat)
+    return g.outputs, g.entropy
+
+
+@torch.no_grad()
+def generate_samples(
+    model, tokenizer, prompts: Sequence[Sequence[dict]], cfg: GenerationConfig, chat: bool
+) -> Generations:
+    """:func:`generate` with the per-sample entropy sums and token counts."""
     from transformers import GenerationConfig as HFGenerationConfig
 
     from fpo_dist.models import pad_token_id
@@ -240,6 +308,8 @@ def generate(
     jobs = [(i, j) for i in range(len(prompts)) for j in range(cfg.samples_per_prompt)]
     encoded = [encode_prompt(tokenizer, prompts[i], chat) for i in range(len(prompts))]
     outputs: list[list[str]] = [[""] * cfg.samples_per_prompt for _ in prompts]
+    row_entropy = [[0.0] * cfg.samples_per_prompt for _ in prompts]
+    row_tokens = [[0] * cfg.samples_per_prompt for _ in prompts]
     entropy_sum, n_tokens = 0.0, 0
     # greedy over the sampler's one-hot scores; a fresh config, so no model-default processors run before it
     hf_cfg = HFGenerationConfig(
@@ -266,7 +336,8 @@ def generate(
             new = out[row, width:].tolist()
             cut = next((t for t, tok in enumerate(new) if tok in stop), len(new))
             outputs[i][j] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
-    return outputs, entropy_sum / max(n_tokens, 1)
+            row_entropy[i][j], row_tokens[i][j] = sampler.row_entropy[row].item(), int(sampler.row_tokens[row])
+    return Generations(outputs, entropy_sum / max(n_tokens, 1), row_entropy, row_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -296,12 +367,25 @@ def win_rate(
 ) -> dict[str, float]:
     """``{win_rate, wins, ties, losses, n}``: ``win_rate = (wins + 0.5·ties) / n``; the judge returns 1 (policy
     better), 0.5 (tie) or 0 (reference better) per instruction."""
+    return tally(judge_verdicts(instructions, policy_outputs, reference_outputs, judge))
+
+
+def judge_verdicts(
+    instructions: Sequence[str], policy_outputs: Sequence[str], reference_outputs: Sequence[str], judge: PairwiseJudge
+) -> list[float]:
+    """The judge's verdict per instruction (1 / 0.5 / 0), checked."""
     if not len(instructions) == len(policy_outputs) == len(reference_outputs) or not instructions:
         raise ValueError("need one policy and one reference output per instruction, and at least one instruction")
     verdicts = [float(judge(i, p, r)) for i, p, r in zip(instructions, policy_outputs, reference_outputs)]
     bad = sorted({v for v in verdicts if v not in (0.0, 0.5, 1.0)})
     if bad:
         raise ValueError(f"a pairwise judge must return 1 (win), 0.5 (tie) or 0 (loss), got {bad}")
+    return verdicts
+
+
+def tally(verdicts: Sequence[float]) -> dict[str, float]:
+    """``{win_rate, wins, ties, losses, n}`` of checked verdicts."""
+    verdicts = list(verdicts)
     n = len(verdicts)
     return {
         "win_rate": sum(verdicts) / n,
@@ -339,11 +423,14 @@ def evaluate(
     device: str = "cpu",
     dtype: str = "float32",
     batch_size: int = 8,
+    drift_top: int = 20,
 ) -> dict[str, float]:
     """All metrics for one policy (see the module docstring); ``generation=None`` skips sampling.
 
     The tokenizer is the reference's when there is one (the cache was tokenized with it), else the policy's.
-    With ``out_dir``: ``policy_outputs.json`` / ``reference_outputs.json`` (AlpacaEval) and ``metrics.json``.
+    With ``out_dir``: ``policy_outputs.json`` / ``reference_outputs.json`` (AlpacaEval), ``metrics.json``,
+    ``units.json`` (the per-pair and per-sample values behind the metrics, with their prompt index) and, with an
+    SAE, ``drift.json`` / ``drift.png`` (the ``drift_top`` latents that moved most: :mod:`fpo_dist.drift`).
     """
     from fpo_dist.models import ModelSpec, load_causal_lm, load_tokenizer, pad_token_id
     from fpo_dist.sae import load_sae
@@ -352,25 +439,46 @@ def evaluate(
     policy = load_causal_lm(ModelSpec(policy_dir, dtype=dtype), device=device)
     reference = load_causal_lm(ModelSpec(reference_dir, dtype=dtype), device=device) if reference_dir else None
     sae = load_sae(sae_source, sae_id, device=device) if sae_source else None
-    pairs, prompts = load_heldout(data, tokenizer)
+    pairs, prompts, prompt_of_pair = load_heldout_units(data, tokenizer)
     pad_id = pad_token_id(tokenizer)
     scores = score_pairs(policy, pairs, pad_id, reference, sae, sae_layer, batch_size)
     metrics = preference_metrics(scores, beta)
+    units = {"pairs": pair_units(scores, prompt_of_pair, beta)}
     if generation is not None:
-        metrics.update(_generation_metrics(policy, reference, tokenizer, prompts, data, generation, judge, out_dir))
+        gen_metrics, units["generations"] = _generation_metrics(
+            policy, reference, tokenizer, prompts, data, generation, judge, out_dir
+        )
+        metrics.update(gen_metrics)
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         Path(out_dir, "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        Path(out_dir, "units.json").write_text(json.dumps(units) + "\n")
+        if "policy_code_mean" in scores:
+            _write_drift(scores, sae, sae_source, sae_id, sae_layer, drift_top, out_dir)
     return metrics
 
 
-def _generation_metrics(policy, reference, tokenizer, prompts, data, cfg, judge, out_dir) -> dict[str, float]:
+def _write_drift(scores, sae, sae_source, sae_id, sae_layer, top, out_dir) -> None:
+    from fpo_dist import drift
+
+    rows = drift.drift_table(scores["reference_code_mean"], scores["policy_code_mean"], top)
+    meta = {"source": sae_source, "sae_id": sae_id, "layer": sae_layer,
+            "neuronpedia_id": getattr(sae.cfg.metadata, "neuronpedia_id", None)}
+    drift.write_drift(Path(out_dir, "drift.json"), rows, 2 * len(scores["policy_logps"]), sae.cfg.d_sae, meta)
+    drift.plot_drift(rows, Path(out_dir, "drift.png"), f"top {len(rows)} drifting SAE latents")
+
+
+def _generation_metrics(policy, reference, tokenizer, prompts, data, cfg, judge, out_dir) -> tuple[dict, dict]:
+    """The generation metrics and their per-sample units (flat, sample ``j`` of prompt ``i`` at ``i·k + j``)."""
     chat = uses_chat_template(tokenizer, data)
     k = cfg.samples_per_prompt
     instructions = [instruction_of(p) for p in prompts for _ in range(k)]
-    pol_out, entropy = generate(policy, tokenizer, prompts, cfg, chat)
-    out = {"entropy": entropy, "n_generations": float(len(instructions))}
-    pol_flat = [o for per_prompt in pol_out for o in per_prompt]
+    gens = generate_samples(policy, tokenizer, prompts, cfg, chat)
+    out = {"entropy": gens.entropy, "n_generations": float(len(instructions))}
+    units = {"prompt": [i for i in range(len(prompts)) for _ in range(k)],
+             "entropy_sum": [x for per in gens.entropy_sums for x in per],
+             "n_tokens": [x for per in gens.n_tokens for x in per]}
+    pol_flat = [o for per_prompt in gens.outputs for o in per_prompt]
     if out_dir is not None:
         write_alpaca_eval(Path(out_dir, "policy_outputs.json"), instructions, pol_flat, "policy")
     if reference is not None and (judge is not None or out_dir is not None):
@@ -380,8 +488,9 @@ def _generation_metrics(policy, reference, tokenizer, prompts, data, cfg, judge,
         if out_dir is not None:
             write_alpaca_eval(Path(out_dir, "reference_outputs.json"), instructions, ref_flat, "reference")
         if judge is not None:
-            out.update(win_rate(instructions, pol_flat, ref_flat, judge))
-    return out
+            units["verdict"] = judge_verdicts(instructions, pol_flat, ref_flat, judge)
+            out.update(tally(units["verdict"]))
+    return out, units
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -405,7 +514,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", help="directory for metrics.json and the AlpacaEval output files")
+    p.add_argument("--drift-top", type=int, default=20, help="latents listed in drift.json (with --sae)")
+    p.add_argument("--out", help="directory for metrics.json, units.json, drift.json/png and the AlpacaEval files")
     a = p.parse_args(argv)
     if a.sae and a.layer is None:
         p.error("--sae needs --layer")
@@ -416,7 +526,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     metrics = evaluate(
         a.policy, data, a.reference, a.sae, a.layer, a.sae_id, load_judge(a.judge) if a.judge else None, gen,
-        a.beta, a.out, a.device, batch_size=a.batch_size,
+        a.beta, a.out, a.device, batch_size=a.batch_size, drift_top=a.drift_top,
     )
     json.dump(metrics, sys.stdout, indent=2)
     print()

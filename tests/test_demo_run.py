@@ -46,3 +46,7 @@ def test_demo_reduced(tmp_path):
     evals = results["eval"]["fpo"]  # evaluation during training on the held-out cache: every 25 steps and the end
     assert [r["step"] for r in evals] == [25, 30] and all(r["eval/n_pairs"] == 256 for r in evals)
     assert "held-out cache" in report and "fpo eval loss" in report
+    # the latents that drift: listed per method, shown in the report
+    drift = json.loads((out / "eval" / "fpo" / "drift.json").read_text())
+    assert drift["top"] and {"id", "reference_mean", "policy_mean", "change"} <= set(drift["top"][0])
+    assert "## The latents that drift" in report and (out / "plots" / "drift.png").exists()

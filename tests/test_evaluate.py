@@ -220,3 +220,23 @@ def test_evaluate_end_to_end(tiny, heldout, tmp_path):
     records = json.loads((tmp_path / "policy_outputs.json").read_text())
     assert [r["instruction"] for r in records] == judge_calls and {r["generator"] for r in records} == {"policy"}
     assert json.loads((tmp_path / "reference_outputs.json").read_text())[0]["generator"] == "reference"
+    # units.json: the per-sample values behind the generation metrics, one per (prompt, sample), prompt-indexed
+    gens = json.loads((tmp_path / "units.json").read_text())["generations"]
+    assert gens["verdict"] == [0.5] * 4 and gens["prompt"] == [0, 1, 2, 3]
+    assert sum(gens["entropy_sum"]) / sum(gens["n_tokens"]) == pytest.approx(m["entropy"], rel=1e-6)
+    assert (tmp_path / "drift.json").exists()
+
+
+def test_generate_samples_per_sample_entropy(loaded):
+    from fpo_dist.evaluate import generate_samples
+
+    model, tok, _ = loaded
+    prompts = [[{"role": "user", "content": c}] for c in ("Say hello.", "Hi")]
+    cfg = GenerationConfig(max_new_tokens=6, temperature=1.0, seed=3, batch_size=3, samples_per_prompt=2)
+    g = generate_samples(model, tok, prompts, cfg, chat=True)
+    out, entropy = generate(model, tok, prompts, cfg, chat=True)
+    assert g.outputs == out and g.entropy == entropy
+    flat_sums = [x for per in g.entropy_sums for x in per]
+    flat_n = [x for per in g.n_tokens for x in per]
+    assert all(1 <= n <= 6 for n in flat_n) and all(s > 0 for s in flat_sums)
+    assert sum(flat_sums) / sum(flat_n) == pytest.approx(entropy, rel=1e-6)

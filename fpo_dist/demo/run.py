@@ -1,6 +1,6 @@
 """The embedded default: the whole pipeline on the bundled task, through the real entry points.
 
-    python -m fpo_dist.demo [--out DIR] [--losses fpo,dpo,simpo,tdpo2] [--steps N]
+    python -m fpo_dist.demo [--out DIR] [--losses fpo,dpo,simpo,tdpo2] [--steps N] [--seeds N]
 
 1. writes the task's train / held-out preference pairs (``fpo_dist.demo.task``);
 2. starts a Ray head on loopback and builds the reference cache with ``ray job submit -- python -m fpo_dist.cache``
@@ -11,8 +11,12 @@
 4. evaluates every policy against the reference on held-out prompts (``fpo_dist.evaluate``: pairwise preference
    accuracy, the judge's win rate on sampled generations, generation entropy, feature drift) and reads step time
    and peak memory from the training logs;
-5. writes ``report.md`` (a table per method), PNG training curves and AlpacaEval-format generations into the
-   output directory, whose path is printed at the start and the end.
+5. writes ``report.md`` (a table per method, the latents that drift), PNG training curves and AlpacaEval-format
+   generations into the output directory, whose path is printed at the start and the end.
+
+With ``--seeds N`` (N > 1) every method trains with training seeds 0..N-1 (the seed sets the data order; data,
+reference and cache stay fixed) and the report gives each metric as the mean over seeds with a 95 % bootstrap
+interval over seeds and held-out prompts, and paired differences between methods (``fpo_dist.demo.stats``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,13 +34,12 @@ import threading
 import time
 from pathlib import Path
 
-from fpo_dist.demo import task
+from fpo_dist.demo import report, task
 from fpo_dist.demo.recipe import RECIPE
 
 ROOT = Path(__file__).resolve().parents[2]
 ASSETS = Path(__file__).resolve().parent / "assets"
 LOSSES = ("fpo", "dpo", "simpo", "tdpo2")
-CURVES = ("loss", "reward_accuracy", "margin", "feature_mse_rejected")
 MARKER = ".fpo-demo-output"
 
 
@@ -163,18 +165,34 @@ def _wait_for_dashboard(port: int, head: subprocess.Popen, log: Path, timeout: f
     raise SystemExit(f"the Ray dashboard did not come up within {timeout:.0f} s; see {log}")
 
 
-def train(loss: str, store: Path, eval_store: Path, out: Path, steps: int) -> Path:
-    run_dir = out / "runs" / loss
-    per_rank = RECIPE.batch_pairs // 2
+def run_tag(loss: str, seed: int, n_seeds: int) -> str:
+    """``fpo`` for a single-seed demo (its directories as always), ``fpo/seed_3`` with several seeds."""
+    return loss if n_seeds == 1 else f"{loss}/seed_{seed}"
+
+
+def train_args(loss: str, store: Path, run_dir: Path, steps: int, seed: int = 0, world: int = 2,
+               loss_overrides: dict | None = None) -> list[str]:
+    """The recipe's ``launchers/train.py`` arguments (``fpo_dist.trainer`` CLI) for ``loss`` on ``world`` ranks
+    (global batch ``RECIPE.batch_pairs``); ``loss_overrides`` replace recipe values as ``--loss.<key> value``."""
+    params = {"beta": RECIPE.beta_for(loss), "alpha": RECIPE.alpha, "k": RECIPE.k, "topk_mode": RECIPE.topk_mode,
+              "gamma": RECIPE.simpo_gamma, **(loss_overrides or {})}
+    args = ["--cache", str(store), "--output_dir", str(run_dir), "--loss.name", loss]
+    for key, value in params.items():
+        args += [f"--loss.{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return args + ["--optim.lr", str(RECIPE.lr), "--optim.warmup_steps", str(RECIPE.warmup_steps),
+                   "--optim.grad_clip", str(RECIPE.grad_clip), "--micro_batch_size", str(RECIPE.batch_pairs // world),
+                   "--grad_accum", "1", "--max_steps", str(steps), "--seed", str(seed), "--log_every", "1",
+                   "--keep_last", "1"]
+
+
+def train(loss: str, store: Path, out: Path, steps: int, seed: int = 0, tag: str | None = None,
+          eval_store: Path | None = None) -> Path:
+    tag = tag or loss
+    run_dir = out / "runs" / tag
+    evaluation = ["--eval_cache", str(eval_store), "--eval_every", str(RECIPE.eval_every)] if eval_store else []
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
-           "launchers/train.py", "--deepspeed", "ds_configs/zero3.json", "--cache", str(store),
-           "--output_dir", str(run_dir), "--loss.name", loss, "--loss.beta", str(RECIPE.beta_for(loss)),
-           "--loss.alpha", str(RECIPE.alpha), "--loss.k", str(RECIPE.k), "--loss.topk_mode", RECIPE.topk_mode,
-           "--loss.gamma", str(RECIPE.simpo_gamma), "--optim.lr", str(RECIPE.lr),
-           "--optim.warmup_steps", str(RECIPE.warmup_steps), "--optim.grad_clip", str(RECIPE.grad_clip),
-           "--micro_batch_size", str(per_rank), "--grad_accum", "1", "--max_steps", str(steps), "--seed", "0",
-           "--log_every", "1", "--keep_last", "1", "--eval_cache", str(eval_store),
-           "--eval_every", str(RECIPE.eval_every)]
+           "launchers/train.py", "--deepspeed", "ds_configs/zero3.json",
+           *train_args(loss, store, run_dir, steps, seed), *evaluation]
     t0 = time.time()
     seen = [0]
 
@@ -185,129 +203,42 @@ def train(loss: str, store: Path, eval_store: Path, out: Path, steps: int) -> Pa
             seen[0] = len(rows)
             r = json.loads(rows[-1])
             extra = f", feature MSE (rejected) {r['feature_mse_rejected']:.2e}" if "feature_mse_rejected" in r else ""
-            say(f"  {loss} step {r['step']}/{steps}: loss {r['loss']:.4f}, reward accuracy "
+            say(f"  {tag} step {r['step']}/{steps}: loss {r['loss']:.4f}, reward accuracy "
                 f"{r['reward_accuracy']:.2f}, {r['step_time_s']:.2f} s/step{extra}")
 
-    _run(cmd, out / "logs" / f"train_{loss}.log", f"train {loss} (DeepSpeed ZeRO-3, 2 ranks, {steps} steps)",
-         progress)
-    say(f"train {loss}: {time.time() - t0:.0f} s")
+    log = out / "logs" / f"train_{tag.replace('/', '_')}.log"
+    _run(cmd, log, f"train {tag} (DeepSpeed ZeRO-3, 2 ranks, {steps} steps)", progress)
+    say(f"train {tag}: {time.time() - t0:.0f} s")
     return run_dir
 
 
-def evaluate_all(runs: dict[str, Path], data: dict[str, Path], out: Path, manifest: dict) -> dict[str, dict]:
+def evaluate_policy(policy: Path, heldout: Path, eval_dir: Path, manifest: dict, beta: float) -> dict:
+    """``fpo_dist.evaluate`` of one policy against the bundled reference on the held-out pairs (with the task's
+    judge, the recipe's sampling), plus the task's rule-follow rate of its samples."""
     from fpo_dist.config import DataConfig
     from fpo_dist.evaluate import GenerationConfig, evaluate
 
-    heldout = DataConfig(source=str(data["heldout"]), max_length=RECIPE.max_length,
-                         max_prompt_length=RECIPE.max_prompt_length)
+    data = DataConfig(source=str(heldout), max_length=RECIPE.max_length, max_prompt_length=RECIPE.max_prompt_length)
     gen = GenerationConfig(max_new_tokens=RECIPE.max_new_tokens, temperature=RECIPE.temperature, top_p=RECIPE.top_p,
                            seed=0, batch_size=64, samples_per_prompt=RECIPE.samples_per_prompt)
+    m = evaluate(str(policy), data, reference_dir=str(ASSETS / "model"), sae_source=str(ASSETS / "sae"),
+                 sae_layer=manifest["sae"]["hook_layer"], judge=task.pairwise_judge, generation=gen, beta=beta,
+                 out_dir=eval_dir)
+    outputs = json.loads((eval_dir / "policy_outputs.json").read_text())
+    m["rule_follow"] = task.follow_rate([o["instruction"] for o in outputs], [o["output"] for o in outputs])
+    return m
+
+
+def evaluate_all(runs: dict[str, Path], data: dict[str, Path], out: Path, manifest: dict) -> dict[str, dict]:
     results = {}
     for name, policy in [("reference", ASSETS / "model")] + [(k, v / "hf") for k, v in runs.items()]:
         t0 = time.time()
-        beta = RECIPE.beta_for(name) if name != "reference" else 0.1
-        m = evaluate(str(policy), heldout, reference_dir=str(ASSETS / "model"), sae_source=str(ASSETS / "sae"),
-                     sae_layer=manifest["sae"]["hook_layer"], judge=task.pairwise_judge, generation=gen, beta=beta,
-                     out_dir=out / "eval" / name)
-        outputs = json.loads((out / "eval" / name / "policy_outputs.json").read_text())
-        m["rule_follow"] = task.follow_rate([o["instruction"] for o in outputs], [o["output"] for o in outputs])
+        beta = RECIPE.beta_for(name.split("/")[0]) if name != "reference" else 0.1
+        m = evaluate_policy(policy, data["heldout"], out / "eval" / name, manifest, beta)
         results[name] = m
         say(f"evaluated {name}: win rate vs reference {m['win_rate']:.3f}, rule-follow {m['rule_follow']:.3f} "
             f"({time.time() - t0:.0f} s)")
     return results
-
-
-# --------------------------------------------------------------------------------------------- report
-
-
-def _train_stats(run_dir: Path) -> dict:
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval/loss" in r]
-    steady = [r["step_time_s"] for r in rows[2:]] or [r["step_time_s"] for r in rows]
-    return {"median_step_s": statistics.median(steady), "peak_memory_mb": max(r["peak_memory_mb"] for r in rows),
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows[2:] or rows), "rows": rows,
-            "evals": evals}
-
-
-def plot_curves(stats: dict[str, dict], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for key in CURVES:
-        fig, ax = plt.subplots(figsize=(6, 3.6))
-        for i, (name, s) in enumerate(stats.items()):
-            color = f"C{i}"
-            xs = [r["step"] for r in s["rows"] if key in r]
-            if xs:
-                ax.plot(xs, [r[key] for r in s["rows"] if key in r], label=f"{name} (train)", color=color, alpha=0.6)
-            evals = [r for r in s.get("evals", []) if f"eval/{key}" in r]
-            if evals:  # the held-out cache's curve next to the training one
-                ax.plot([r["step"] for r in evals], [r[f"eval/{key}"] for r in evals], "o--", color=color,
-                        label=f"{name} (held-out)")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(key.replace("_", " "))
-        ax.set_title(f"{key.replace('_', ' ')}: training batches and held-out cache")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = out / "plots" / f"{key}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def write_report(results: dict, stats: dict, out: Path, timings: dict, steps: int) -> Path:
-    lines = [
-        "# fpo-dist demo report",
-        "",
-        "Task: *stay on topic* (`fpo_dist/demo/task.py`): a response must name the requested category and list exactly "
-        "the requested number of distinct items of it. The reference (SFT on a mix) follows the rule on about a third "
-        f"of its samples. Each method trained {steps} optimizer steps (global batch {RECIPE.batch_pairs} pairs, "
-        "DeepSpeed ZeRO-3 on 2 CPU ranks) from the same Ray-built cache; evaluation on held-out prompts.",
-        "",
-        "| method | pairwise acc. (LN) | reward acc. | judge win rate vs ref | rule-follow | entropy | feature MSE "
-        "vs ref | median step (s) | peak mem / rank (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, m in results.items():
-        s = stats.get(name)
-        step = f"{s['median_step_s']:.3f}" if s else "—"
-        mem = f"{s['peak_memory_mb']:.0f}" if s else "—"
-        lines.append(
-            f"| {name} | {m['accuracy_ln']:.3f} | {m.get('reward_accuracy_ln', float('nan')):.3f} | "
-            f"{m['win_rate']:.3f} | {m['rule_follow']:.3f} | {m['entropy']:.3f} | {m.get('feature_mse', 0):.2e} | "
-            f"{step} | {mem} |"
-        )
-    lines += [
-        "",
-        "- *pairwise acc. (LN)*: the policy's length-normalised log-prob ranks each held-out chosen response above its "
-        "own rejected one. *reward acc.*: the same for the implicit reward avg logπθ − avg logπref (0 for the reference).",
-        "- *judge win rate*: the programmatic judge on sampled generations (temperature "
-        f"{RECIPE.temperature}, {RECIPE.samples_per_prompt} per prompt), win 1 / tie 0.5 / loss 0 against the "
-        "reference's samples for the same prompts and seeds.",
-        "- *entropy*: mean per-token predictive entropy along the policy's own samples (nats). *feature MSE*: mean "
-        "pooled-SAE-feature drift from the reference on held-out responses.",
-        "- *held-out cache*: the same loss and metrics over all held-out pairs (a cache built with the training "
-        f"cache's config), every {RECIPE.eval_every} steps and at the end, dashed in `plots/*.png`: "
-        + "; ".join(f"{name} eval loss {s['evals'][0]['eval/loss']:.3f} (step {s['evals'][0]['step']}) → "
-                    f"{s['evals'][-1]['eval/loss']:.3f} (step {s['evals'][-1]['step']}), reward accuracy "
-                    f"{s['evals'][-1].get('eval/reward_accuracy', float('nan')):.3f}"
-                    for name, s in stats.items() if s.get("evals")) + ".",
-        "- Generations in AlpacaEval format: `eval/<method>/policy_outputs.json`; training curves: `plots/*.png`; "
-        "logs: `logs/`.",
-        "",
-        "Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()),
-        "",
-    ]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -318,7 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "demo_out"), help="output directory (replaced)")
     p.add_argument("--losses", default=",".join(LOSSES))
     p.add_argument("--steps", type=int, default=RECIPE.steps)
+    p.add_argument("--seeds", type=int, default=1, help="training seeds per method (0..N-1); N > 1 reports mean "
+                   "and 95 %% CI over seeds and held-out prompts")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (with --seeds > 1)")
     a = p.parse_args(argv)
+    if a.seeds < 1:
+        p.error("--seeds must be at least 1")
     losses = [x for x in a.losses.split(",") if x]
     out = Path(a.out).resolve()
     if out.exists() and any(out.iterdir()):
@@ -339,32 +275,62 @@ def main(argv: list[str] | None = None) -> int:
     timings["cache"] = time.time() - t
 
     runs = {}
-    for loss in losses:
-        t = time.time()
-        runs[loss] = train(loss, store, eval_store, out, a.steps)
-        timings[f"train {loss}"] = time.time() - t
+    for seed in range(a.seeds):
+        for loss in losses:
+            t = time.time()
+            tag = run_tag(loss, seed, a.seeds)
+            runs[tag] = train(loss, store, out, a.steps, seed, tag, eval_store)
+            timings[f"train {loss}"] = timings.get(f"train {loss}", 0.0) + time.time() - t
 
     t = time.time()
     results = evaluate_all(runs, data, out, manifest)
     timings["evaluation"] = time.time() - t
-    stats = {k: _train_stats(v) for k, v in runs.items()}
-    plot_curves(stats, out)
+    stats = {k: report.train_stats(v) for k, v in runs.items()}
+    report.plot_curves({loss: stats[run_tag(loss, 0, a.seeds)] for loss in losses}, out)
     timings["total"] = time.time() - t_all
-    report = write_report(results, stats, out, timings, a.steps)
-    (out / "results.json").write_text(json.dumps(
-        {"results": results, "train": {k: {kk: vv for kk, vv in v.items() if kk not in ("rows", "evals")}
-                                       for k, v in stats.items()},
-         "eval": {k: v["evals"] for k, v in stats.items()},
-         "timings_s": timings}, indent=1))
+    if a.seeds == 1:
+        path = report.write_report(results, stats, out, timings, a.steps, drift_dirs=_eval_dirs(out, losses, 1, 0))
+        summary = {"results": results}
+        fpo_win = results["fpo"]["win_rate"] if "fpo" in results else None
+    else:
+        path, summary = _multi_seed_report(results, stats, out, timings, a, losses)
+        fpo_win = summary["statistics"]["intervals"].get("fpo", {}).get("win_rate", {}).get("mean")
+    summary.update(train={k: {kk: vv for kk, vv in v.items() if kk not in ("rows", "evals")} for k, v in stats.items()},
+                   eval={k: v["evals"] for k, v in stats.items()}, timings_s=timings)
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
     print()
-    print(report.read_text())
-    say(f"report: {report}")
+    print(path.read_text())
+    say(f"report: {path}")
     say(f"plots: {out / 'plots'}; generations (AlpacaEval format): {out / 'eval'}")
-    fpo = results.get("fpo")
-    if fpo is not None and fpo["win_rate"] <= 0.5:
-        say(f"WARNING: FPO's judge win rate against the reference is {fpo['win_rate']:.3f}, not above 0.5")
+    if fpo_win is not None and fpo_win <= 0.5:
+        say(f"WARNING: FPO's judge win rate against the reference is {fpo_win:.3f}, not above 0.5")
         return 1
     return 0
+
+
+def _eval_dirs(out: Path, losses: list[str], n_seeds: int, seed: int) -> dict[str, Path]:
+    """The trained methods' evaluation directories of one seed (the drift section's input)."""
+    return {loss: out / "eval" / run_tag(loss, seed, n_seeds) for loss in losses}
+
+
+def _multi_seed_report(results: dict, stats: dict, out: Path, timings: dict, a, losses: list[str]):
+    from fpo_dist import drift
+
+    seeds = range(a.seeds)
+    dirs = {"reference": [out / "eval" / "reference"],
+            **{loss: [out / "eval" / run_tag(loss, s, a.seeds) for s in seeds] for loss in losses}}
+    ci = report.seed_statistics(dirs, a.resamples)
+    report.plot_intervals(ci, out)
+    overlaps = {}
+    if "fpo" in losses:  # each seed's top set against FPO's of the same seed
+        for loss in losses:
+            overlaps[loss] = [drift.overlap(drift.top_ids(drift.read_drift(dirs[loss][s] / "drift.json")),
+                                            drift.top_ids(drift.read_drift(dirs["fpo"][s] / "drift.json")))
+                              for s in seeds]
+    per_loss_stats = {loss: [stats[run_tag(loss, s, a.seeds)] for s in seeds] for loss in losses}
+    path = report.write_multi_seed_report(ci, per_loss_stats, out, timings, a.steps,
+                                          _eval_dirs(out, losses, a.seeds, 0), overlaps)
+    return path, {"results": results, "statistics": ci, "drift_overlap_with_fpo": overlaps}
 
 
 if __name__ == "__main__":

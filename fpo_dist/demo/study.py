@@ -1,0 +1,297 @@
+"""FPO's parts ablated on the demo task: ``make study`` / ``python -m fpo_dist.demo.study``.
+
+    python -m fpo_dist.demo.study [--seeds 5] [--arms fpo,fpo-alpha0,...] [--steps 150] [--parallel 2]
+                                  [--out study_out] [--report-dir docs/results/study]
+
+Arms (:data:`ARMS`): FPO with the demo recipe; FPO with α = 0 (length-normalised DPO with the offline reference:
+the SAE term removed); top-k from the policy only (the authors' code) instead of the union; no stop-gradient on
+the chosen side; k = 10 and k = all features; β at 0.3× and 3× the recipe's; SimPO and DPO as anchors.  Each
+arm trains with every training seed (0..N-1: the data order; task data, reference and cache are fixed) and is
+evaluated like the demo (``fpo_dist.demo.run.evaluate_policy``).
+
+How it runs: the task data and the Ray-built cache as in the demo; then every (arm, seed) is one job — a fresh
+``python -m fpo_dist.demo.study --job FILE`` process that trains through the project's trainer
+(``fpo_dist.trainer.main`` with the arm's ``--loss.<key>`` flags; one process, world size 1, DeepSpeed without
+ZeRO, the demo's global batch of 8 pairs) and evaluates the policy; ``--parallel`` jobs at a time (one per core).
+A job whose ``result.json`` exists is not rerun (an interrupted study resumes).  Step times are therefore those
+of a single CPU process with another job beside it: comparable between arms, not with the demo's 2-rank ZeRO-3.
+
+Output (``--report-dir``): ``study.md`` (mean and 95 % CI per arm of the judge win rate, rule-follow rate, feature
+MSE vs the reference, entropy and median step time; paired differences against FPO), ``study.json`` and
+``study.png``.  Intervals: ``fpo_dist.demo.stats`` (two-way bootstrap over training seeds and held-out prompts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fpo_dist.demo import report, task
+from fpo_dist.demo.recipe import RECIPE
+from fpo_dist.demo.run import (
+    ASSETS,
+    MARKER,
+    ROOT,
+    build_cache,
+    evaluate_policy,
+    say,
+    train_args,
+)
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    loss: str
+    what: str
+    params: dict = field(default_factory=dict)  # --loss.<key> values over the recipe's
+
+
+D_SAE = 256  # the bundled SAE's width (fpo_dist/demo/assets/manifest.json): "k = all features"
+_B = RECIPE.beta_for("fpo")
+ARMS: tuple[Arm, ...] = (
+    Arm("fpo", "fpo", f"FPO, the demo recipe (β {_B:g}, α {RECIPE.alpha}, k {RECIPE.k}, union top-k, sg on chosen)"),
+    Arm("fpo-alpha0", "fpo", "α = 0: length-normalised DPO with the offline reference (no SAE term)", {"alpha": 0.0}),
+    Arm("fpo-topk-policy", "fpo", "top-k from the policy's codes only (authors' code), not the union",
+        {"topk_mode": "policy"}),
+    Arm("fpo-no-sg", "fpo", "no stop-gradient on the chosen side's feature distance", {"stop_grad_chosen": False}),
+    Arm("fpo-k10", "fpo", "k = 10", {"k": 10}),
+    Arm("fpo-kall", "fpo", f"k = all {D_SAE} features", {"k": D_SAE}),
+    Arm("fpo-beta-lo", "fpo", f"β = {0.3 * _B:g}", {"beta": 0.3 * _B}),
+    Arm("fpo-beta-hi", "fpo", f"β = {3 * _B:g}", {"beta": 3 * _B}),
+    Arm("simpo", "simpo", f"SimPO anchor (β {RECIPE.beta_for('simpo'):g}, γ {RECIPE.simpo_gamma})"),
+    Arm("dpo", "dpo", f"DPO anchor (β {RECIPE.beta_for('dpo'):g}, cached reference)"),
+)
+ARM_BY_NAME = {a.name: a for a in ARMS}
+STUDY_METRICS = (("win_rate", "judge win rate vs ref", ".3f"), ("rule_follow", "rule-follow", ".3f"),
+                 ("feature_mse", "feature MSE vs ref", ".2e"), ("entropy", "entropy", ".3f"),
+                 ("step_s", "median step (s)", ".3f"))
+
+
+def arm_train_args(arm: Arm, store: Path, run_dir: Path, steps: int, seed: int) -> list[str]:
+    """The trainer CLI of one (arm, seed): the demo recipe on one process, the arm's loss and ``--loss.<key>``s."""
+    return train_args(arm.loss, store, run_dir, steps, seed, world=1, loss_overrides=arm.params)
+
+
+# --------------------------------------------------------------------------------------------- one job
+
+
+def run_job(job_file: Path) -> int:
+    """Train and evaluate one (arm, seed) in this process; write ``result.json`` into its evaluation directory."""
+    from fpo_dist import trainer
+
+    job = json.loads(job_file.read_text())
+    run_dir, eval_dir = Path(job["run_dir"]), Path(job["eval_dir"])
+    shutil.rmtree(run_dir, ignore_errors=True)  # a job interrupted before its result starts over
+    rc = trainer.main(job["argv"])
+    if rc != 0:
+        return rc
+    arm = ARM_BY_NAME[job["arm"]]
+    beta = float(arm.params.get("beta", RECIPE.beta_for(arm.loss)))
+    m = evaluate_policy(run_dir / "hf", Path(job["heldout"]), eval_dir, job["manifest"], beta)
+    s = report.train_stats(run_dir)
+    m.update(step_s=s["median_step_s"], peak_memory_mb=s["peak_memory_mb"])
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only the exported policy is kept
+    (eval_dir / "result.json").write_text(json.dumps(m, indent=1))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- the study
+
+
+def _prepare(out: Path) -> tuple[dict, Path, dict]:
+    """Task data and the cache (reused when a previous run of the study completed it)."""
+    manifest = json.loads((ASSETS / "manifest.json").read_text())
+    data = task.write_preference_data(out / "data", seed=RECIPE.data_seed, n_train=RECIPE.n_train_pairs,
+                                      n_heldout=RECIPE.n_heldout_pairs)
+    store = out / "cache"
+    if not _cache_complete(store):
+        store = build_cache(data, out, manifest)
+    else:
+        say(f"reusing the complete cache {store}")
+    return data, store, manifest
+
+
+def _cache_complete(store: Path) -> bool:
+    if not store.exists():
+        return False
+    from fpo_dist.store import open_store
+
+    try:
+        return bool(open_store(str(store)).attrs.get("complete"))
+    except Exception:  # noqa: BLE001 — anything unreadable is rebuilt
+        return False
+
+
+def _job_cmd(job_file: Path) -> list[str]:
+    return [sys.executable, "-m", "fpo_dist.demo.study", "--job", str(job_file)]
+
+
+def run_study(arms: list[Arm], seeds: int, steps: int, parallel: int, out: Path) -> dict[str, list[Path]]:
+    """Every (arm, seed) job; returns each arm's evaluation directories in seed order."""
+    from fpo_dist.demo.run import _run
+
+    data, store, manifest = _prepare(out)
+    jobs, dirs = [], {a.name: [] for a in arms}
+    for seed in range(seeds):
+        for arm in arms:
+            tag = f"{arm.name}/seed_{seed}"
+            eval_dir = out / "eval" / tag
+            dirs[arm.name].append(eval_dir)
+            if (eval_dir / "result.json").exists():
+                continue
+            job_file = out / "jobs" / f"{arm.name}_seed_{seed}.json"
+            job_file.parent.mkdir(parents=True, exist_ok=True)
+            job_file.write_text(json.dumps({
+                "arm": arm.name, "seed": seed, "run_dir": str(out / "runs" / tag), "eval_dir": str(eval_dir),
+                "heldout": str(data["heldout"]), "manifest": manifest,
+                "argv": arm_train_args(arm, store, out / "runs" / tag, steps, seed)}, indent=1))
+            jobs.append((tag, job_file))
+    say(f"{len(jobs)} job(s) to run ({len(arms)} arms × {seeds} seeds, {parallel} at a time)")
+    done = [0]
+
+    def one(item) -> None:
+        tag, job_file = item
+        t0 = time.time()
+        _run(_job_cmd(job_file), out / "logs" / f"{tag.replace('/', '_')}.log", f"job {tag}")
+        done[0] += 1
+        say(f"job {tag} done in {time.time() - t0:.0f} s ({done[0]}/{len(jobs)})")
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        for f in [pool.submit(one, j) for j in jobs]:
+            f.result()
+    return dirs
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def study_statistics(dirs: dict[str, list[Path]], resamples: int = 2000, baseline: str = "fpo") -> dict:
+    """Per arm and metric: mean and 95 % CI (two-way bootstrap), and paired differences against ``baseline``."""
+    import numpy as np
+
+    from fpo_dist.demo.stats import Bootstrap, per_prompt, seed_values, stack_seeds
+
+    units = {arm: [report.metric_units(d) for d in ds] for arm, ds in dirs.items()}
+    n_prompts = {p for per in units.values() for _, p in per}.pop()
+    n_seeds = max(len(d) for d in dirs.values())
+    boot = Bootstrap(n_seeds, n_prompts, resamples)
+    steps_boot = Bootstrap(n_seeds, 1, resamples)  # step time: one value per run, resampled over seeds only
+    out = {"method": boot.describe() + "; step time: the per-run median step time, resampled over seeds",
+           "seeds": n_seeds, "intervals": {}, "per_seed": {}, "differences": {}}
+    metrics = {}
+    for arm, per in units.items():
+        ms = {k: stack_seeds([u[k] for u, _ in per]) for k, _, _ in STUDY_METRICS if k != "step_s"}
+        step = [json.loads((d / "result.json").read_text())["step_s"] for d in dirs[arm]]
+        ms["step_s"] = stack_seeds([per_prompt([s], [0], 1) for s in step])
+        metrics[arm] = ms
+        out["intervals"][arm] = {k: (steps_boot if k == "step_s" else boot).interval(v).as_dict() for k, v in ms.items()}
+        out["per_seed"][arm] = {k: np.round(seed_values(v), 6).tolist() for k, v in ms.items()}
+    if baseline in metrics:
+        for arm in metrics:
+            if arm != baseline:
+                out["differences"][f"{arm} − {baseline}"] = {
+                    k: (steps_boot if k == "step_s" else boot).difference(metrics[arm][k], metrics[baseline][k]).as_dict()
+                    for k in metrics[arm]}
+    return out
+
+
+def write_study_report(ci: dict, arms: list[Arm], steps: int, report_dir: Path, wall_s: float) -> Path:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "study.json").write_text(json.dumps(
+        {**ci, "arms": {a.name: {"loss": a.loss, "params": a.params, "what": a.what} for a in arms},
+         "steps": steps, "wall_s": wall_s}, indent=1))
+    plot_study(ci, report_dir / "study.png")
+    lines = [
+        "# FPO ablation study on the demo task",
+        "",
+        f"`python -m fpo_dist.demo.study` ({ci['seeds']} training seeds per arm, {steps} steps each, global batch "
+        f"{RECIPE.batch_pairs} pairs, one process per run; wall time {wall_s / 60:.0f} min). Each cell: mean over "
+        f"seeds [95 % CI]; {ci['method']}. Paired differences pair seed i of each arm with seed i of fpo (same data "
+        "order) under the same draws; **bold**: the interval excludes 0.",
+        "",
+        "| arm | what | " + " | ".join(t for _, t, _ in STUDY_METRICS) + " |",
+        "|---|---|" + "---|" * len(STUDY_METRICS),
+    ]
+    for arm in arms:
+        ivs = ci["intervals"][arm.name]
+        lines.append(f"| {arm.name} | {arm.what} | " + " | ".join(
+            report._cell(ivs[k], spec) for k, _, spec in STUDY_METRICS) + " |")
+    lines += ["", "| difference | " + " | ".join(t for _, t, _ in STUDY_METRICS) + " |",
+              "|---|" + "---|" * len(STUDY_METRICS)]
+    for pair, ivs in ci["differences"].items():
+        cells = []
+        for k, _, spec in STUDY_METRICS:
+            iv, text = ivs[k], report._cell(ivs[k], "+" + spec)
+            cells.append(f"**{text}**" if not iv["lo"] <= 0 <= iv["hi"] else text)
+        lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+    lines += ["", "Plot: `study.png` (win rate, rule-follow and feature MSE per arm, mean and 95 % CI). Per-seed "
+              "values: `study.json`.", ""]
+    path = report_dir / "study.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def plot_study(ci: dict, path: Path) -> Path:
+    plt = report._pyplot()
+    names = list(ci["intervals"])
+    keys = [("win_rate", "judge win rate vs ref"), ("rule_follow", "rule-follow"), ("feature_mse", "feature MSE vs ref")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4.2), squeeze=False)
+    for ax, (key, title) in zip(axes[0], keys):
+        ivs = [ci["intervals"][n][key] for n in names]
+        ax.errorbar(range(len(names)), [i["mean"] for i in ivs],
+                    yerr=[[i["mean"] - i["lo"] for i in ivs], [i["hi"] - i["mean"] for i in ivs]], fmt="o", capsize=3)
+        if "fpo" in ci["intervals"]:
+            ax.axhline(ci["intervals"]["fpo"][key]["mean"], color="C0", lw=0.6, ls="--")
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+        ax.set_title(f"{title} (mean, 95 % CI)", fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fpo_dist.demo.study", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--arms", default=",".join(a.name for a in ARMS), help=f"of {[a.name for a in ARMS]}")
+    p.add_argument("--steps", type=int, default=RECIPE.steps)
+    p.add_argument("--parallel", type=int, default=2, help="jobs at a time (one CPU core each)")
+    p.add_argument("--resamples", type=int, default=2000)
+    p.add_argument("--out", default=str(ROOT / "study_out"), help="work directory (kept: a rerun resumes)")
+    p.add_argument("--report-dir", default=str(ROOT / "docs" / "results" / "study"))
+    p.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job file in this process
+    a = p.parse_args(argv)
+    if a.job:
+        return run_job(Path(a.job))
+    unknown = [x for x in a.arms.split(",") if x and x not in ARM_BY_NAME]
+    if unknown or a.seeds < 1:
+        p.error(f"unknown arm(s) {unknown}; known: {list(ARM_BY_NAME)}" if unknown else "--seeds must be >= 1")
+    arms = [ARM_BY_NAME[x] for x in a.arms.split(",") if x]
+    out = Path(a.out).resolve()
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise SystemExit(f"--out {out} exists, is not empty and is not a study directory; choose another")
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by python -m fpo_dist.demo.study; reused (resumed) by the next run\n")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    t0 = time.time()
+    dirs = run_study(arms, a.seeds, a.steps, a.parallel, out)
+    ci = study_statistics(dirs, a.resamples)
+    path = write_study_report(ci, arms, a.steps, Path(a.report_dir), time.time() - t0)
+    print()
+    print(path.read_text())
+    say(f"study report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
