@@ -242,6 +242,9 @@ class TrainConfig:
     # "materialized": full [rows, T, vocab] logits (the path it replaces; for comparisons and benchmarks)
     logits: Literal["selected", "materialized"] = "selected"
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
+    # a resumable checkpoint (weights + optimizer state: ~12 bytes per parameter) after the last step; false:
+    # only save_every's, e.g. a run whose product is the HF export (tests, benchmarks)
+    save_final: bool = True
     keep_last: int = 2
     resume: str | None = None  # "auto" or a checkpoint path
     log_every: int = 1

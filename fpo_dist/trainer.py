@@ -505,7 +505,8 @@ class Trainer:
             self.maybe_resume()
             self.step0_check()
             self.train()
-            self.save_checkpoint()
+            if self.cfg.save_final:
+                self.save_checkpoint()
             self.finish_evaluation()
             self.export()
         finally:

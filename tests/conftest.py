@@ -96,16 +96,17 @@ def gemma(gemma_dir):
 
 
 @pytest.fixture(scope="session")
-def gemma_hf_dir(gemma) -> Path:
+def gemma_hf_dir(request) -> Path:
     """Gemma 3 270M re-saved once as a plain Hugging Face directory (bf16 weights + tokenizer.json) under the
     test cache, so the tests that need the real model but not the GGUF path load it in seconds (the GGUF
-    path is parsed in pure Python: ~50 s).  Built from the session's one GGUF load."""
+    path is parsed in pure Python: ~50 s).  Built from the session's one GGUF load, which happens only when
+    the directory is not cached yet."""
     import torch
 
     out = fpo_test_cache_dir() / "gemma3-270m-hf"
     done = out / "fpo-complete"
     if not done.exists():
-        model, tok = gemma
+        model, tok = request.getfixturevalue("gemma")
         tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
         # a GGUF-loaded model counts as quantized and refuses save_pretrained: copy its (dequantised)
         # weights into a plain model of the same config

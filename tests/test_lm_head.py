@@ -162,3 +162,39 @@ def test_unknown_logit_scaling_is_refused():
     model.config.logits_scaling = 4.0
     with pytest.raises(NotImplementedError, match="logits_scaling"):
         HeadTransform.of(model)
+
+
+@pytest.mark.parametrize("kind", ["llama-untied", "gemma-tied-softcap"])
+def test_cache_reference_pass_selected_equals_materialized(kind):
+    """A cache built with the output layer at selected positions (what the cache job runs) equals one built from
+    the model's full logits: per-token and summed reference log-probs within fp tolerance, token counts and
+    pooled SAE codes identical (the same block output feeds both); batches with padding and several lengths."""
+    from fpo_dist.cache.worker import reference_pass
+    from fpo_dist.data import TokenizedPair
+    from fpo_dist.testing import build_sae
+
+    model = _models(kind, seed=3).eval()
+    sae = build_sae(d_in=32, d_sae=96, hook_layer=1, threshold=0.05)
+    g = torch.Generator().manual_seed(5)
+
+    def ids(n):
+        return tuple(torch.randint(3, VOCAB, (n,), generator=g).tolist())
+
+    pairs = [TokenizedPair(i, bytes(16), ids(2 + i % 4), ids(1 + (3 * i) % 7), ids(2 + (5 * i) % 6)) for i in range(7)]
+    out = {mode: reference_pass(model, sae, 1, pairs, pad_id=0, batch_size=3, per_token_logps=True, logits=mode)
+           for mode in ("selected", "materialized")}
+    sel, mat = out["selected"], out["materialized"]
+    assert sel.n_tokens == mat.n_tokens == [(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    torch.testing.assert_close(torch.tensor(sel.logp_sum), torch.tensor(mat.logp_sum), rtol=1e-5, atol=1e-5)
+    assert max(abs(v) for pair in mat.logp_sum for v in pair) > 1.0  # real log-probs, not zeros
+    n_codes = 0
+    for a, b in zip(sel.pooled + sel.token_logps, mat.pooled + mat.token_logps):
+        for x, y in zip(a, b):
+            if isinstance(x, tuple):  # pooled codes: (indices, values)
+                assert (x[0] == y[0]).all() and (x[1] == y[1]).all()
+                n_codes += len(x[0])
+            else:
+                torch.testing.assert_close(torch.as_tensor(x), torch.as_tensor(y), rtol=1e-5, atol=1e-5)
+    assert n_codes > 0  # the SAE fired
+    with pytest.raises(ValueError, match="logits must be"):
+        reference_pass(model, sae, 1, pairs, pad_id=0, batch_size=3, logits="full")

@@ -1,7 +1,11 @@
 """Gemma 3 270M (real weights) with a Gemma-Scope-shaped SAE (d_in 640, d_sae 16,384, JumpReLU calibrated to
 L0 ≈ 50–100 per token at block 9), end to end, in fp32 and in bf16: the Ray cache job → FPO under ZeRO-3 on 2 CPU
 ranks (every large parameter partitioned; bf16 is DeepSpeed's bf16 mode, the path every GPU run takes) → HF
-export → transformers reloads the export and generates.  Short sequences and 2 steps, to fit CI's budget.
+export → transformers reloads the export and generates.
+
+Sized for CI (2 cores): 4 short pairs, 1 pair per rank, 2 steps; one calibrated SAE and both caches (fp32, bf16;
+one Ray session) are built once for the module; the runs write no optimizer checkpoint (``--save_final false``:
+~3 GB at this size) and only the bf16 run exports (the fp32 run proves the rest of the path in fp32).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from test_train import metrics, train  # the real launcher (torchrun, own proces
 pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
 
 LAYER = 9
+LR = 1e-6  # a pretrained model: the suite's tiny-model learning rate would blow it up
 ROWS = [
     {"prompt": "The capital of France is", "chosen": " Paris, a city on the Seine.", "rejected": " a banana."},
     {"prompt": "Two plus two equals", "chosen": " four.", "rejected": " twenty-two, said the cat."},
@@ -33,9 +38,25 @@ CALIBRATION = [
 ]
 
 
+def _reference_pass_both_ways(model, tok, sae) -> dict:
+    """The cache worker's computation on ROWS, with the output layer at selected positions and with full logits."""
+    from fpo_dist.cache.worker import reference_pass
+    from fpo_dist.data import TokenizedPair
+
+    def ids(text, special=False):
+        return tuple(tok(text, add_special_tokens=special).input_ids)
+
+    eos = (tok.eos_token_id,)
+    pairs = [TokenizedPair(i, bytes(16), ids(r["prompt"], True), ids(r["chosen"]) + eos, ids(r["rejected"]) + eos)
+             for i, r in enumerate(ROWS)]
+    return {mode: reference_pass(model, sae, LAYER, pairs, tok.pad_token_id, batch_size=4, logits=mode)
+            for mode in ("selected", "materialized")}
+
+
 @pytest.fixture(scope="module")
 def realshape(gemma_hf_dir, tmp_path_factory):
-    """The calibrated SAE, the data file and a ZeRO-3 config (the project's template)."""
+    """The calibrated SAE, the data file, a ZeRO-3 config (the project's template), and the cache worker's
+    reference pass on ROWS both ways (computed here, while the model is loaded)."""
     from fpo_dist.models import ModelSpec, load_causal_lm, load_tokenizer
     from fpo_dist.testing import calibrate_jumprelu_sae
 
@@ -45,54 +66,82 @@ def realshape(gemma_hf_dir, tmp_path_factory):
     # ~1,000 tokens: the six sentences in eight orders (other contexts, other activations)
     texts = [" ".join(CALIBRATION[(i + j) % 6] for j in range(6)) if i < 6 else " ".join(reversed(CALIBRATION[i - 6:] + CALIBRATION[:i - 6])) for i in range(8)]
     enc = tok(texts, return_tensors="pt", padding=True)
-    _, l0 = calibrate_jumprelu_sae(model, enc.input_ids, enc.attention_mask, LAYER, d_sae=16384, target_l0=85,
-                                   out_dir=root / "sae")
-    del model
+    sae, l0 = calibrate_jumprelu_sae(model, enc.input_ids, enc.attention_mask, LAYER, d_sae=16384, target_l0=85,
+                                     out_dir=root / "sae")
     assert 50 <= l0 <= 100, l0
+    both_ways = _reference_pass_both_ways(model, tok, sae)
+    del model, sae
     data = root / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in ROWS))
     return {"root": root, "model": str(gemma_hf_dir), "sae": str(root / "sae"), "data": str(data),
-            "ds": str(os.path.join(os.path.dirname(__file__), "..", "ds_configs", "zero3.json"))}
+            "ds": str(os.path.join(os.path.dirname(__file__), "..", "ds_configs", "zero3.json")),
+            "both_ways": both_ways}
 
 
-def _cache(rs: dict, dtype: str) -> str:
+@pytest.fixture(scope="module")
+def caches(realshape) -> dict[str, str]:
+    """Both caches (fp32 and bf16), built by the Ray cache job in one Ray session."""
     import ray
 
     from fpo_dist.cache.driver import run_cache_job
     from fpo_dist.config import CacheConfig, load_config
 
-    out = rs["root"] / f"store-{dtype}"
-    if not (out / "zarr.json").exists():
-        cfg = load_config(CacheConfig, None, [
-            "--model.name_or_path", rs["model"], "--model.dtype", dtype, "--sae.source", rs["sae"],
-            "--sae.layer", str(LAYER), "--data.source", rs["data"], "--output", str(out), "--rows_per_shard", "4",
-            "--chunk_rows", "4", "--workers", "1", "--device", "cpu", "--batch_size", "4",
-            "--data.max_length", "48", "--data.max_prompt_length", "24",
-        ])
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        try:
+    rs, out = realshape, {}
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        for dtype in ("float32", "bfloat16"):
+            out[dtype] = str(rs["root"] / f"store-{dtype}")
+            cfg = load_config(CacheConfig, None, [
+                "--model.name_or_path", rs["model"], "--model.dtype", dtype, "--sae.source", rs["sae"],
+                "--sae.layer", str(LAYER), "--data.source", rs["data"], "--output", out[dtype], "--rows_per_shard",
+                "4", "--chunk_rows", "4", "--workers", "1", "--device", "cpu", "--batch_size", "4",
+                "--data.max_length", "48", "--data.max_prompt_length", "24",
+            ])
             run_cache_job(cfg, log=lambda *_: None)
-        finally:
-            ray.shutdown()
-    return str(out)
+    finally:
+        ray.shutdown()
+    return out
+
+
+def test_gemma3_cache_selected_equals_materialized(realshape):
+    """The cache worker's reference pass with the output layer at selected positions ≡ full logits, on Gemma 3
+    270M (262k vocabulary, tied head) and the calibrated 16k SAE: log-prob sums within fp32 tolerance, the same
+    token counts and pooled codes (the same block output feeds both)."""
+    sel, mat = realshape["both_ways"]["selected"], realshape["both_ways"]["materialized"]
+    assert sel.n_tokens == mat.n_tokens
+    torch.testing.assert_close(torch.tensor(sel.logp_sum), torch.tensor(mat.logp_sum), rtol=1e-5, atol=2e-4)
+    assert all(-200 < v < -1 for pair in mat.logp_sum for v in pair), mat.logp_sum  # real log-probs
+    for a, b in zip(sel.pooled, mat.pooled):
+        for (ia, va), (ib, vb) in zip(a, b):
+            assert len(ia) > 50 and (ia == ib).all()
+            torch.testing.assert_close(torch.as_tensor(va), torch.as_tensor(vb), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_gemma3_cache_zero3_fpo_export_generate(realshape, dtype):
+def test_gemma3_cache_zero3_fpo_export_generate(realshape, caches, dtype):
     rs = realshape
-    cache = {"store": _cache(rs, dtype), "ds": rs["ds"]}
+    export = dtype == "bfloat16"  # one export is enough: the fp32 run proves the rest of the path in fp32
     out = rs["root"] / f"run-{dtype}"
-    rc, log = train(cache, out, "--dtype", dtype, "--micro_batch_size", "1", "--max_steps", "2", "--loss.k", "16", "--optim.lr", "1e-6",
-                    "--step0_rows", "2", timeout=600)
+    rc, log = train({"store": caches[dtype], "ds": rs["ds"]}, out, "--dtype", dtype, "--micro_batch_size", "1",
+                    "--max_steps", "2", "--loss.k", "16", "--optim.lr", str(LR), "--step0_rows", "2",
+                    "--save_final", "false", "--export", str(export).lower(), timeout=600)
     assert rc == 0, log[-6000:]
     assert "step-0 check:" in log and "resident models:" in log
     records = metrics(out)
     assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records), records
+    import yaml
+
+    assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"] == LR  # the later --optim.lr wins
+    assert LR / 10 < records[0]["lr"] <= LR, records[0]["lr"]  # and is the one applied
     info = json.loads((out / "run_info.json").read_text())
     assert info["dtype"] == dtype and info["zero_stage"] == 3 and info["reference_model_resident"] is False
     (policy,) = info["resident_models"]
     assert policy["local_numel"] < 0.6 * policy["numel"]  # really partitioned over the 2 ranks
+    assert not (out / "checkpoints").exists()  # --save_final false: no optimizer checkpoint written
+    if not export:
+        assert not (out / "hf").exists()
+        return
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -105,12 +154,12 @@ def test_gemma3_cache_zero3_fpo_export_generate(realshape, dtype):
     assert tok.decode(gen[0, enc.input_ids.shape[1]:]).strip()
 
 
-def test_fp32_cache_for_a_bf16_run_names_both_dtypes(realshape):
+def test_fp32_cache_for_a_bf16_run_names_both_dtypes(realshape, caches):
     """The step-0 check refuses an fp32 cache for a bf16 run and says that the dtypes differ."""
     rs = realshape
-    cache = {"store": _cache(rs, "float32"), "ds": rs["ds"]}
-    rc, log = train(cache, rs["root"] / "mismatch", "--dtype", "bfloat16", "--micro_batch_size", "1",
-                    "--max_steps", "1", "--step0_rows", "2", "--export", "false", nproc=1, timeout=300)
+    rc, log = train({"store": caches["float32"], "ds": rs["ds"]}, rs["root"] / "mismatch", "--dtype", "bfloat16",
+                    "--micro_batch_size", "1", "--max_steps", "1", "--step0_rows", "2", "--export", "false",
+                    nproc=1, timeout=300)
     assert rc != 0
     assert "step-0 check failed" in log
     assert "computed in float32 and this run computes in bfloat16" in log, log[-3000:]

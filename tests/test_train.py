@@ -314,8 +314,9 @@ def test_a_loss_registered_in_a_test_file_trains(cache, tmp_path):
     """The loss seam: a loss defined here alone (with its own hyper-parameter) trains through the real trainer."""
     out = tmp_path / "toy"
     rc, log = train(cache, out, "--plugins", "test_train:register_toy_loss", "--loss.name", "toy-margin", "--loss.margin", "0.25",
-                    "--max_steps", "2", "--export", "false", nproc=1, timeout=240)
+                    "--max_steps", "2", "--export", "false", "--save_final", "false", nproc=1, timeout=240)
     assert rc == 0, log[-6000:]
+    assert not (out / "checkpoints").exists()  # --save_final false and no save_every: no checkpoint at all
     m = metrics(out)
     assert [r["step"] for r in m] == [1, 2]
     assert abs(m[0]["loss"] - (0.25 - m[0]["toy_gap"])) < 1e-6

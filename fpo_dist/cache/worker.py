@@ -18,6 +18,7 @@ import torch
 from fpo_dist.config import CacheConfig
 from fpo_dist.data import BadRowError, PairTokenizer, TokenizedPair, load_source
 from fpo_dist.lm_head import row_sums, selected_forward
+from fpo_dist.logprobs import token_logps
 from fpo_dist.losses import prediction_mask
 from fpo_dist.models import (
     build_batch,
@@ -63,12 +64,18 @@ def reference_pass(
     batch_size: int,
     per_token_logps: bool = False,
     per_token_codes: bool = False,
+    logits: str = "selected",
 ) -> PairOutputs:
     """Reference log-probs and pooled SAE codes for ``pairs`` (in the order given).
 
     Pairs are batched in a fixed, length-sorted order that depends only on ``pairs``, so the same shard
-    gives bit-identical results on any worker.
+    gives bit-identical results on any worker.  ``logits="selected"`` (what the cache job runs) computes the
+    output layer only where a response token is predicted (:func:`fpo_dist.lm_head.selected_forward`);
+    ``"materialized"`` takes the model's full ``[rows, T, vocab]`` logits (the path it replaced; for tests
+    and benchmarks).  Both sum the same per-token values in the same order.
     """
+    if logits not in ("selected", "materialized"):
+        raise ValueError(f"logits must be 'selected' or 'materialized', got {logits!r}")
     device = next(model.parameters()).device
     order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids)), i))
     results: dict[int, tuple] = {}
@@ -80,12 +87,12 @@ def reference_pass(
         response = batch.response_mask.to(device)
         pm = prediction_mask(response)
         with capture_block_output(model, layer) as cap:
-            sel = selected_forward(model, input_ids, attention, pm)
-        per_tok = torch.zeros(pm.shape, dtype=sel.logps.dtype, device=device)
-        per_tok[torch.roll(pm, 1, dims=1)] = sel.logps  # token t's log-prob at t (pm[:, T-1] is never set)
+            logps, rows = _response_logps(model, input_ids, attention, response, pm, logits)
+        per_tok = torch.zeros(pm.shape, dtype=logps.dtype, device=device)
+        per_tok[torch.roll(pm, 1, dims=1)] = logps  # token t's log-prob at t (pm[:, T-1] is never set)
         pooled, tok_codes = _pooled_codes(sae, cap.output, pm, per_token_codes)
         n = len(idx)
-        sums = row_sums(sel.logps, sel.rows, len(input_ids)).float().cpu()  # the trainer's summation order
+        sums = row_sums(logps, rows, len(input_ids)).float().cpu()  # the trainer's summation order
         counts = response[:, 1:].sum(-1).cpu()
         for j, i in enumerate(idx):
             entry = [
@@ -106,6 +113,16 @@ def reference_pass(
         token_logps=[r[3] for r in ordered] if per_token_logps else None,
         token_codes=[r[-1] for r in ordered] if per_token_codes else None,
     )
+
+
+def _response_logps(model, input_ids, attention, response, pm, logits: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logps[N], rows[N])`` at the positions ``pm`` (row-major): the log-prob of the token each predicts."""
+    if logits == "selected":
+        sel = selected_forward(model, input_ids, attention, pm)
+        return sel.logps, sel.rows
+    full = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
+    per_token = token_logps(full, input_ids, response)  # token t's log-prob at t
+    return torch.roll(per_token, -1, dims=1)[pm], pm.nonzero()[:, 0]
 
 
 def _nonzeros(vec: torch.Tensor) -> tuple:
