@@ -111,6 +111,10 @@ def plot_drift(rows: Sequence[Mapping], path: str | os.PathLike, title: str = "l
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | os.PathLike) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,9 +141,4 @@ def plot_drift_comparison(tables: Mapping[str, Sequence[Mapping]], path: str | o
         ax.set_title(f"{name} (overlap with {baseline} {ov:.2f})", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     axes[0][0].set_ylabel("policy − reference mean activation")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

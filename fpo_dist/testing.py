@@ -118,6 +118,11 @@ def build_llama(
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(25.0)
         model.lm_head.weight.mul_(25.0)
+    return _finish(model, out_dir, tokenizer)
+
+
+def _finish(model, out_dir, tokenizer):
+    """Eval mode; saved in HF format (with the tokenizer) when ``out_dir`` is given."""
     model.eval()
     if out_dir is not None:
         model.save_pretrained(str(out_dir))
@@ -207,12 +212,7 @@ def build_gemma3(
         model.model.embed_tokens.weight.mul_(25.0)
         if not tied:
             model.lm_head.weight.mul_(25.0)
-    model.eval()
-    if out_dir is not None:
-        model.save_pretrained(str(out_dir))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(out_dir))
-    return model
+    return _finish(model, out_dir, tokenizer)
 
 
 def calibrate_jumprelu_sae(
