@@ -4,13 +4,17 @@ A config is a tree of dataclasses.  It is built from defaults, then a YAML file,
 overrides (``--section.key value`` or ``--section.key=value``; top-level keys as ``--key value``), and
 checked before any work: unknown keys, wrong types, values outside a fixed set and invalid flag
 combinations raise :class:`ConfigError` with the key and what to change.  Every run prints the
-resolved config in full (:func:`to_yaml`).
+resolved config in full (:func:`to_yaml`), with credentials in ``storage_options`` masked (:func:`public_dict`).
+
+A ``dict[str, Any]`` field (``storage_options``) takes a mapping in YAML, or JSON / a YAML flow mapping on the
+command line: ``--storage_options '{"endpoint_url": "http://127.0.0.1:9000", "key": "...", "secret": "..."}'``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +24,33 @@ from typing import Any, Literal, get_args, get_origin
 
 class ConfigError(ValueError):
     """A configuration problem, reported before any work is done."""
+
+
+def is_url(path: str) -> bool:
+    """An fsspec URL (``s3://…``, ``gs://…``, ``memory://…``) rather than a local path."""
+    return "://" in str(path)
+
+
+def storage_options_for(path: str, storage_options: dict[str, Any]) -> dict[str, Any] | None:
+    """The fsspec ``storage_options`` to open ``path`` with: the given ones for a URL, none for a local path
+    (zarr refuses options on a local path)."""
+    return dict(storage_options) if storage_options and is_url(path) else None
+
+
+def parse_storage_options(text: str, paths: dict[str, str]) -> dict[str, Any] | None:
+    """``--storage_options`` of a CLI outside the config (``verify``/``info``): JSON text -> the options for
+    ``paths`` (None when empty), or :class:`ConfigError`."""
+    options = _coerce_mapping(text, Any, "storage_options", "command line", from_string=True)
+    check_storage_options(options, paths)
+    return options or None
+
+
+def check_storage_options(options: dict[str, Any], paths: dict[str, str]) -> None:
+    """``storage_options`` must be used by one of ``paths`` (config key -> path): a flag is never silently ignored."""
+    if options and not any(is_url(p) for p in paths.values() if p):
+        keys = "/".join(f"'{k}'" for k in paths)
+        raise ConfigError(f"'storage_options' is set but {keys} is a local path; the options are for an fsspec URL "
+                          "such as s3://bucket/store: drop them or give a URL")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,6 +155,7 @@ class CacheConfig:
     sae: SAEConfig = field(default_factory=SAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     output: str = ""  # store path or fsspec URL
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for an 'output' URL (JSON on the CLI)
     workers: int = 0  # 0: one per GPU in the cluster, else CPU workers (one per cpus_per_worker)
     cpus_per_worker: int = 1  # CPU workers: torch threads per actor
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -146,6 +178,7 @@ class CacheConfig:
             raise ConfigError("'sae.layer' is required: the decoder block whose residual output the SAE reads")
         if not self.output:
             raise ConfigError("'output' is required: where the cache store is written (path or fsspec URL)")
+        check_storage_options(self.storage_options, {"output": self.output})
         if self.chunk_rows <= 0 or self.rows_per_shard <= 0 or self.rows_per_shard % self.chunk_rows:
             raise ConfigError(
                 f"'rows_per_shard' ({self.rows_per_shard}) must be a positive multiple of 'chunk_rows' "
@@ -221,7 +254,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    cache: str = ""  # the store built by the cache job
+    cache: str = ""  # the store built by the cache job (path or fsspec URL)
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for a cache/eval_cache URL
     plugins: list[str] = field(default_factory=list)  # modules imported first, e.g. to register a loss
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -309,6 +343,7 @@ class TrainConfig:
                               "`python -m fpo_dist.cache` (the training cache's config, another data.split)")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise ConfigError("'eval_batch_size' must be positive, or null for micro_batch_size")
+        check_storage_options(self.storage_options, {"cache": self.cache, "eval_cache": self.eval_cache})
 
     def _import_plugins(self) -> None:
         import importlib
@@ -354,10 +389,34 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# option names that hold credentials (s3fs key/secret/token, client_kwargs' aws_*_key*, passwords, ...)
+_SECRET = re.compile(r"key|secret|token|pass|credential|auth|session", re.IGNORECASE)
+MASK = "***"
+
+
+def mask_secrets(options: Any) -> Any:
+    """``options`` with every value under a credential-like name replaced by ``***`` (recursively)."""
+    if isinstance(options, dict):
+        return {k: MASK if _SECRET.search(str(k)) and v not in (None, "") else mask_secrets(v)
+                for k, v in options.items()}
+    if isinstance(options, (list, tuple)):
+        return [mask_secrets(v) for v in options]
+    return options
+
+
+def public_dict(cfg: Any) -> dict:
+    """:func:`to_dict` for printing, logging and files: credentials in ``storage_options`` masked."""
+    out = to_dict(cfg)
+    if "storage_options" in out:
+        out["storage_options"] = mask_secrets(out["storage_options"])
+    return out
+
+
 def to_yaml(cfg: Any) -> str:
+    """The config as YAML, as printed and written next to a run (:func:`public_dict`: credentials masked)."""
     import yaml
 
-    return yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False, default_flow_style=False)
+    return yaml.safe_dump(_plain(public_dict(cfg)), sort_keys=False, default_flow_style=False)
 
 
 def _plain(x: Any) -> Any:
@@ -506,13 +565,7 @@ def _coerce(value: Any, tp: Any, key: str, origin: str, from_string: bool) -> An
             return str(value)
         raise ConfigError(f"{origin}: '{key}' must be a string, got {value!r}")
     if origin_tp in (dict,) or tp is dict:
-        if from_string:
-            import yaml
-
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-            raise ConfigError(f"{origin}: '{key}' must be a mapping of strings, e.g. {{prompt: question}}")
-        return dict(value)
+        return _coerce_mapping(value, args[1] if len(args) == 2 else str, key, origin, from_string)
     if origin_tp in (tuple, list):
         if from_string:
             value = [v for v in str(value).split(",") if v != ""]
@@ -526,6 +579,27 @@ def _coerce(value: Any, tp: Any, key: str, origin: str, from_string: bool) -> An
         items = [_coerce(v, elem, key, origin, from_string) for v in value]
         return tuple(items) if origin_tp is tuple else items
     raise ConfigError(f"{origin}: '{key}': unsupported config type {tp!r}")  # pragma: no cover
+
+
+def _coerce_mapping(value: Any, value_type: Any, key: str, origin: str, from_string: bool) -> dict:
+    """A mapping with string keys; values strings (``dict[str, str]``) or any YAML/JSON value (``dict[str, Any]``).
+    From the command line the value is JSON or a YAML flow mapping."""
+    if from_string:
+        import yaml
+
+        try:
+            value = yaml.safe_load(value)  # JSON is YAML
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{origin}: '{key}' must be a JSON mapping, e.g. '{{\"a\": 1}}': {e}") from None
+    if value_type is Any:
+        value = {} if value is None else value  # an empty YAML key
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{origin}: '{key}' must be a mapping with string keys (JSON on the command line, "
+                              f"e.g. '{{\"endpoint_url\": \"http://127.0.0.1:9000\"}}'), got {type(value).__name__}")
+        return dict(value)
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ConfigError(f"{origin}: '{key}' must be a mapping of strings, e.g. {{prompt: question}}")
+    return dict(value)
 
 
 def split_config_args(argv: list[str]) -> tuple[str | None, list[str]]:

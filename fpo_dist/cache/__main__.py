@@ -4,6 +4,9 @@
     python -m fpo_dist.cache verify STORE [--recompute N] [--device cpu]      # checksums, completeness
     python -m fpo_dist.cache info STORE [--json]                              # provenance, counts, sizes
 
+STORE may be an fsspec URL (``s3://bucket/cache``); ``--storage_options JSON`` (all three commands) gives fsspec
+its options, e.g. ``'{"endpoint_url": "http://127.0.0.1:9000", "key": "...", "secret": "..."}'``.
+
 Under ``ray job submit … -- python -m fpo_dist.cache …`` the job attaches to that cluster (RAY_ADDRESS);
 plain runs start a local Ray instance.  Exit status: 0 ok, 1 failure, 2 bad configuration/input.
 """
@@ -39,13 +42,19 @@ def _build(argv: list[str]) -> int:
     return 0
 
 
-def _open(path: str):
+def _add_storage_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage_options", "--storage-options", default="{}", metavar="JSON",
+                   help="fsspec options for a STORE URL, a JSON mapping (e.g. endpoint_url, key, secret)")
+
+
+def _open(path: str, storage_options: str = "{}"):
     """The store at ``path``, or None after printing why it cannot be opened."""
+    from fpo_dist.config import ConfigError, parse_storage_options
     from fpo_dist.store import StoreError, open_store
 
     try:
-        return open_store(path)
-    except (StoreError, FileNotFoundError) as e:
+        return open_store(path, storage_options=parse_storage_options(storage_options, {"STORE": path}))
+    except (StoreError, FileNotFoundError, ConfigError) as e:
         print(f"error: {path}: {e}", file=sys.stderr)
         return None
 
@@ -62,8 +71,9 @@ def _verify(argv: list[str]) -> int:
                    "mean square of the cached vector (default 1e-6; 1e-2 for bf16/fp16 caches)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let transformers run the model's own code (never taken from the store)")
+    _add_storage_options(p)
     a = p.parse_args(argv)
-    store = _open(a.store)
+    store = _open(a.store, a.storage_options)
     if store is None:
         return 2
     problems = store.verify()
@@ -107,8 +117,9 @@ def _info(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m fpo_dist.cache info")
     p.add_argument("store")
     p.add_argument("--json", action="store_true", help="print the full info as JSON")
+    _add_storage_options(p)
     a = p.parse_args(argv)
-    store = _open(a.store)
+    store = _open(a.store, a.storage_options)
     if store is None:
         return 2
     info = store.info()

@@ -147,6 +147,7 @@ def run_cache_job(cfg: CacheConfig, log=print) -> dict:
     store = create_store(
         cfg.output, provenance, n_rows=len(source), rows_per_shard=cfg.rows_per_shard, chunk_rows=cfg.chunk_rows,
         options={"token_logps": cfg.per_token_logps, "token_codes": cfg.per_token_codes}, overwrite=cfg.overwrite,
+        storage_options=cfg.storage_options or None,
     )
     plan = store.plan
     pending = store.pending_shards()
