@@ -2,7 +2,8 @@
 
 The cache job (2 Ray workers) writes ``s3://…`` with ``--storage_options`` (endpoint and credentials, handed to the
 workers in their config); the S3 store is byte-for-byte the store the same job writes to a local path (the path it
-replaces: equal store checksums, equal rows); a rerun skips the committed shards; ``verify`` and ``info`` read it; a training run (1 rank, 2 steps, its evaluation on the S3 store as well)
+replaces: equal store checksums, equal rows); a rerun after an interrupted commit skips the committed shards and
+redoes the other (rewriting its objects in the bucket); ``verify`` and ``info`` read it; a training run (1 rank, 2 steps, its evaluation on the S3 store as well)
 streams from it, its step-0 check passing.  Credentials never reach a printed line or a file of the run.
 """
 
@@ -15,6 +16,7 @@ import socket
 
 import numpy as np
 import pytest
+import torch
 from test_train import ROOT, metrics, train  # the real launcher (own process group)
 
 pytestmark = pytest.mark.slow
@@ -70,8 +72,9 @@ def _assert_same_rows(a, b):
 
 @pytest.fixture(scope="module")
 def s3_cache(s3, tiny, tmp_path_factory):
-    """The cache job writes the S3 store and a local one, then reruns on the S3 store."""
+    """The cache job writes the S3 store and a local one, then resumes the S3 store after an interrupted commit."""
     import ray
+    import zarr
 
     from fpo_dist.cache.driver import run_cache_job
     from fpo_dist.store import open_store
@@ -91,6 +94,8 @@ def s3_cache(s3, tiny, tmp_path_factory):
         first = run_cache_job(_cache_config(tiny, data, url, options), log=logs.append)
         # the path S3 replaces (1 worker ≡ 2 workers: tests/test_cache.py)
         run_cache_job(_cache_config(tiny, data, root / "local", workers=1), log=lambda *_: None)
+        # the driver died after shard 1 was written, before it committed it: a rerun redoes that shard alone
+        zarr.open_array(f"{url}/shard_state", mode="r+", storage_options=options)[1] = 0
         rerun = run_cache_job(_cache_config(tiny, data, url, options), log=logs.append)
     finally:
         ray.shutdown()
@@ -107,13 +112,24 @@ def test_the_cache_job_writes_s3_with_two_workers_and_resumes(s3_cache, s3):
     first, rerun = s3_cache["first"], s3_cache["rerun"]
     assert len(first["workers"]) == 2 and all(w["shards"] > 0 for w in first["workers"].values())
     assert first["shards_done_now"] == 3 and first["counts"]["ok"] == N_ROWS
-    assert rerun["shards_committed_before"] == 3 and rerun["shards_done_now"] == 0  # committed shards are skipped
+    assert rerun["shards_committed_before"] == 2 and rerun["shards_done_now"] == 1  # committed shards are skipped
     # the store lives in the bucket (listed by s3fs, not through fpo_dist)
     assert s3["fs"].exists(f"{BUCKET}/store/zarr.json") and s3["fs"].exists(f"{BUCKET}/store/shards/000002/zarr.json")
     store = open_store(s3_cache["url"], storage_options=s3_cache["options"])
     assert store.attrs["complete"] and store.verify() == []
     _assert_same_rows(store, s3_cache["local"])  # S3 ≡ local path
     assert store.size_on_disk() > 0
+    # the loader opens the URL with the options (its own handle; the prefetch thread reads S3)
+    from fpo_dist.loader import CacheLoader
+
+    kw = dict(micro_batch_size=4, grad_accum=1, world_size=1, rank=0, seed=1, pad_id=0, prefetch=2)
+    with CacheLoader(s3_cache["url"], storage_options=s3_cache["options"], **kw) as a, \
+            CacheLoader(s3_cache["local"], **kw) as b:
+        pairs = list(zip(a, b, strict=True))
+    assert len(pairs) == N_ROWS // 4
+    for mb_a, mb_b in pairs:
+        assert mb_a.uids == mb_b.uids and torch.equal(mb_a.input_ids, mb_b.input_ids)
+        assert torch.equal(mb_a.ref_logp_sum, mb_b.ref_logp_sum)
     printed = "\n".join(s3_cache["logs"])
     assert "endpoint_url" in printed and SECRET not in printed and KEY not in printed  # the config, masked
 
