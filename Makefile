@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade "pip>=24"
 	# DS_BUILD_OPS=0: DeepSpeed ops are JIT-compiled when first used, not at install time.
 	# torch==2.13.0 is pinned in pyproject.toml: on a CPU machine pip takes the CPU build.
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev,demo,wandb,lora]"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev,demo,wandb,lora,s3]"
 	@rm -f $(VENV)/.fpo-installed-*
 	@touch $@
 

@@ -4,7 +4,10 @@ A config is a tree of dataclasses.  It is built from defaults, then a YAML file,
 overrides (``--section.key value`` or ``--section.key=value``; top-level keys as ``--key value``), and
 checked before any work: unknown keys, wrong types, values outside a fixed set and invalid flag
 combinations raise :class:`ConfigError` with the key and what to change.  Every run prints the
-resolved config in full (:func:`to_yaml`).
+resolved config in full (:func:`to_yaml`), with credentials in ``storage_options`` masked (:func:`public_dict`).
+
+A ``dict[str, Any]`` field (``storage_options``) takes a mapping in YAML, or JSON / a YAML flow mapping on the
+command line: ``--storage_options '{"endpoint_url": "http://127.0.0.1:9000", "key": "...", "secret": "..."}'``.
 """
 
 from __future__ import annotations
@@ -17,9 +20,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from fpo_dist.errors import ConfigError
+from fpo_dist.storage_options import (  # noqa: F401  (re-exported: the config's view of fsspec options)
+    MASK,
+    check_storage_options,
+    is_url,
+    mask_secrets,
+    storage_options_for,
+)
 
-class ConfigError(ValueError):
-    """A configuration problem, reported before any work is done."""
+
+def parse_storage_options(text: str, paths: dict[str, str]) -> dict[str, Any] | None:
+    """``--storage_options`` of a CLI outside the config (``verify``/``info``): JSON text -> the options for
+    ``paths`` (None when empty), or :class:`ConfigError`."""
+    options = _coerce_mapping(text, Any, "storage_options", "command line", from_string=True)
+    check_storage_options(options, paths)
+    return options or None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,6 +140,7 @@ class CacheConfig:
     sae: SAEConfig = field(default_factory=SAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     output: str = ""  # store path or fsspec URL
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for an 'output' URL (JSON on the CLI)
     workers: int = 0  # 0: one per GPU in the cluster, else CPU workers (one per cpus_per_worker)
     cpus_per_worker: int = 1  # CPU workers: torch threads per actor
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -146,6 +163,7 @@ class CacheConfig:
             raise ConfigError("'sae.layer' is required: the decoder block whose residual output the SAE reads")
         if not self.output:
             raise ConfigError("'output' is required: where the cache store is written (path or fsspec URL)")
+        check_storage_options(self.storage_options, {"output": self.output})
         if self.chunk_rows <= 0 or self.rows_per_shard <= 0 or self.rows_per_shard % self.chunk_rows:
             raise ConfigError(
                 f"'rows_per_shard' ({self.rows_per_shard}) must be a positive multiple of 'chunk_rows' "
@@ -221,7 +239,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    cache: str = ""  # the store built by the cache job
+    cache: str = ""  # the store built by the cache job (path or fsspec URL)
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for a cache/eval_cache URL
     plugins: list[str] = field(default_factory=list)  # "module" or "module:function", run first (register a loss)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -312,6 +331,7 @@ class TrainConfig:
                               "`python -m fpo_dist.cache` (the training cache's config, another data.split)")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise ConfigError("'eval_batch_size' must be positive, or null for micro_batch_size")
+        check_storage_options(self.storage_options, {"cache": self.cache, "eval_cache": self.eval_cache})
 
     def _import_plugins(self) -> None:
         """Import each ``plugins`` entry: ``module`` (registers on import) or ``module:function`` (called after)."""
@@ -369,10 +389,19 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def public_dict(cfg: Any) -> dict:
+    """:func:`to_dict` for printing, logging and files: credentials in ``storage_options`` masked."""
+    out = to_dict(cfg)
+    if "storage_options" in out:
+        out["storage_options"] = mask_secrets(out["storage_options"])
+    return out
+
+
 def to_yaml(cfg: Any) -> str:
+    """The config as YAML, as printed and written next to a run (:func:`public_dict`: credentials masked)."""
     import yaml
 
-    return yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False, default_flow_style=False)
+    return yaml.safe_dump(_plain(public_dict(cfg)), sort_keys=False, default_flow_style=False)
 
 
 def _plain(x: Any) -> Any:
@@ -521,13 +550,7 @@ def _coerce(value: Any, tp: Any, key: str, origin: str, from_string: bool) -> An
             return str(value)
         raise ConfigError(f"{origin}: '{key}' must be a string, got {value!r}")
     if origin_tp in (dict,) or tp is dict:
-        if from_string:
-            import yaml
-
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-            raise ConfigError(f"{origin}: '{key}' must be a mapping of strings, e.g. {{prompt: question}}")
-        return dict(value)
+        return _coerce_mapping(value, args[1] if len(args) == 2 else str, key, origin, from_string)
     if origin_tp in (tuple, list):
         if from_string:
             value = [v for v in str(value).split(",") if v != ""]
@@ -541,6 +564,27 @@ def _coerce(value: Any, tp: Any, key: str, origin: str, from_string: bool) -> An
         items = [_coerce(v, elem, key, origin, from_string) for v in value]
         return tuple(items) if origin_tp is tuple else items
     raise ConfigError(f"{origin}: '{key}': unsupported config type {tp!r}")  # pragma: no cover
+
+
+def _coerce_mapping(value: Any, value_type: Any, key: str, origin: str, from_string: bool) -> dict:
+    """A mapping with string keys; values strings (``dict[str, str]``) or any YAML/JSON value (``dict[str, Any]``).
+    From the command line the value is JSON or a YAML flow mapping."""
+    if from_string:
+        import yaml
+
+        try:
+            value = yaml.safe_load(value)  # JSON is YAML
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{origin}: '{key}' must be a JSON mapping, e.g. '{{\"a\": 1}}': {e}") from None
+    if value_type is Any:
+        value = {} if value is None else value  # an empty YAML key
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{origin}: '{key}' must be a mapping with string keys (JSON on the command line, "
+                              f"e.g. '{{\"endpoint_url\": \"http://127.0.0.1:9000\"}}'), got {type(value).__name__}")
+        return dict(value)
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ConfigError(f"{origin}: '{key}' must be a mapping of strings, e.g. {{prompt: question}}")
+    return dict(value)
 
 
 def split_config_args(argv: list[str]) -> tuple[str | None, list[str]]:

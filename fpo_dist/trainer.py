@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from fpo_dist import checkpoints as ckpt
-from fpo_dist.config import ConfigError, ModelConfig, TrainConfig, to_dict, to_yaml
+from fpo_dist.config import ConfigError, ModelConfig, TrainConfig, public_dict, storage_options_for, to_dict, to_yaml
 from fpo_dist.losses import LOSSES, check_loss_requirements, prediction_mask
 from fpo_dist.models import capture_block_output
 
@@ -111,7 +111,7 @@ class Trainer:
             if cfg.loss.ignored:
                 print(f"loss {cfg.loss.name} does not use: {', '.join(cfg.loss.ignored)}", flush=True)
         try:
-            self.store = open_store(cfg.cache)
+            self.store = open_store(cfg.cache, storage_options=storage_options_for(cfg.cache, cfg.storage_options))
         except StoreError as e:
             raise ConfigError(f"'cache': {e}") from None
         if not self.store.attrs.get("complete"):
@@ -135,14 +135,15 @@ class Trainer:
     def _open_eval_cache(self, prov: dict) -> None:
         """The held-out cache (``--eval_cache``), refused unless built like the training cache."""
         from fpo_dist.evaluation_loop import EvalSummary, provenance_differences
-        from fpo_dist.store import open_store
+        from fpo_dist.store import StoreError, open_store
 
         cfg = self.cfg
         if not cfg.eval_cache:
             return
         try:
-            self.eval_store = open_store(cfg.eval_cache)
-        except FileNotFoundError as e:
+            self.eval_store = open_store(cfg.eval_cache,
+                                         storage_options=storage_options_for(cfg.eval_cache, cfg.storage_options))
+        except StoreError as e:
             raise ConfigError(f"'eval_cache': {e}; build it with `python -m fpo_dist.cache` and the training "
                               "cache's config, another data.split") from None
         if not self.eval_store.attrs.get("complete"):
@@ -286,7 +287,7 @@ class Trainer:
         out = Path(self.cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(self.cfg))
-        self.tracker = Tracker(out, self.cfg.report_to, to_dict(self.cfg))
+        self.tracker = Tracker(out, self.cfg.report_to, public_dict(self.cfg))  # credentials masked
 
     # ------------------------------------------------------------------ resume / checkpoints (fpo_dist.checkpoints)
 
@@ -310,7 +311,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         root = Path(self.cfg.output_dir) / ckpt.CHECKPOINTS
         tag = f"step_{self.step}"
-        state = {"step": self.step, "loader": self.loader.state_dict(), "config": to_dict(self.cfg)}
+        state = {"step": self.step, "loader": self.loader.state_dict(), "config": public_dict(self.cfg)}
         self.policy.save(str(root), tag, client_state=state)
         torch.save(ckpt.get_rng(), ckpt.rng_file(root, tag, self.rank))
         self.dist.barrier()

@@ -301,7 +301,7 @@ class Cluster:
                 "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                 # every node (all on this host) finds its address on loopback, never the network interface's
                 # (`hostname -I`, the scripts' default on a real cluster): all traffic of the test stays on 127/8
-                "FPO_IP_CMD": "echo 127.0.0.1", **extra}
+                "FPO_IP_CMD": "echo 127.0.0.2", **extra}
 
     def pidfile_pids(self) -> set[int]:
         return {int(f.read_text()) for f in (self.dir / "run").glob("*.pid")}
@@ -407,13 +407,11 @@ def test_pipeline_cache_on_ray_then_train_with_torchrun(cluster, pipeline):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="open (issue 13): the cache driver, run by Ray's job supervisor, connects to "
-                   "the GCS at the machine's interface address: Ray rewrites any loopback bootstrap address "
-                   "(ray._private.services.resolve_ip_for_localhost) and the supervisor's RAY_ADDRESS names that "
-                   "address; the nodes, the head and torchrun already use 127.0.0.1")
 def test_local_cluster_traffic_stays_on_loopback(cluster, pipeline):
     """Every address the local-cluster run printed (the head's, Ray's node addresses, torchrun's master address) is
-    loopback (127.0.0.0/8): the nodes found theirs through FPO_IP_CMD, not `hostname -I`."""
+    loopback (127.0.0.0/8): the nodes found theirs through FPO_IP_CMD, not `hostname -I`.  127.0.0.2, not 127.0.0.1:
+    Ray rewrites a bootstrap address of exactly 127.0.0.1/localhost to the machine's interface address
+    (ray._private.services.resolve_ip_for_localhost), which would send the job driver's traffic off loopback."""
     import ipaddress
 
     cache, train = pipeline

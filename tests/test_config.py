@@ -108,3 +108,49 @@ def test_example_configs_load():
     assert cache.sae.layer == 25 and cache.data.schema == "messages"
     train = load_config(TrainConfig, examples / "gemma2-2b-fpo.yaml")
     assert train.loss.name == "fpo" and train.global_batch_size == 32 and train.optim.lr == 5e-7
+
+
+def test_storage_options_json_or_yaml_mapping_and_masked(tmp_path):
+    """``storage_options`` (a ``dict[str, Any]`` field): JSON on the CLI, a mapping in YAML, values of any type,
+    nested; the printed config masks credential-like names at any depth and keeps everything else."""
+    import json
+
+    import yaml
+
+    from fpo_dist.config import public_dict
+
+    opts = {"endpoint_url": "http://127.0.0.1:9000", "key": "AK1", "secret": "SK1", "anon": False,
+            "client_kwargs": {"region_name": "eu-west-1", "aws_session_token": "TK1"}, "default_block_size": 5}
+    cli = load_config(CacheConfig, write(tmp_path, CACHE_YAML.replace("/tmp/store", "s3://b/store")),
+                      ["--storage_options", json.dumps(opts)])
+    assert cli.storage_options == opts  # types kept: bool, int, nested mapping
+    from_yaml = load_config(CacheConfig, write(tmp_path, CACHE_YAML.replace("/tmp/store", "s3://b/store")
+                                               + "storage_options:\n  endpoint_url: http://127.0.0.1:9000\n  anon: true\n"))
+    assert from_yaml.storage_options == {"endpoint_url": "http://127.0.0.1:9000", "anon": True}
+    printed = yaml.safe_load(to_yaml(cli))["storage_options"]
+    assert printed == {**opts, "key": "***", "secret": "***",
+                       "client_kwargs": {"region_name": "eu-west-1", "aws_session_token": "***"}}
+    assert "SK1" not in to_yaml(cli) and public_dict(cli)["storage_options"]["secret"] == "***"
+    assert cli.storage_options["secret"] == "SK1"  # masking never changes the config itself
+    train = load_config(TrainConfig, None, ["--cache", "/local/store", "--eval_cache", "s3://b/eval",
+                                            "--storage_options", '{"anon": true}'])
+    assert train.storage_options == {"anon": True}
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[1, 2]", "'storage_options' must be a mapping with string keys"),
+    ("{endpoint_url: [", "'storage_options' must be a JSON mapping"),
+    ("plain", "'storage_options' must be a mapping with string keys"),
+])
+def test_storage_options_that_are_not_a_mapping_are_refused(tmp_path, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CacheConfig, write(tmp_path, CACHE_YAML.replace("/tmp/store", "s3://b/store")),
+                    ["--storage_options", value])
+
+
+def test_storage_options_on_local_paths_are_refused(tmp_path):
+    """Options nobody would use are not silently ignored."""
+    with pytest.raises(ConfigError, match="'storage_options' is set but 'output' is a local path"):
+        load_config(CacheConfig, write(tmp_path, CACHE_YAML), ["--storage_options", '{"anon": true}'])
+    with pytest.raises(ConfigError, match="'cache'/'eval_cache' is a local path"):
+        load_config(TrainConfig, None, ["--cache", "/local/store", "--storage_options", '{"anon": true}'])

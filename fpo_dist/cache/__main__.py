@@ -4,6 +4,9 @@
     python -m fpo_dist.cache verify STORE [--recompute N] [--device cpu]      # checksums, completeness
     python -m fpo_dist.cache info STORE [--json]                              # provenance, counts, sizes
 
+STORE may be an fsspec URL (``s3://bucket/cache``); ``--storage_options JSON`` (all three commands) gives fsspec
+its options, e.g. ``'{"endpoint_url": "http://127.0.0.1:9000", "key": "...", "secret": "..."}'``.
+
 Under ``ray job submit … -- python -m fpo_dist.cache …`` the job attaches to that cluster (RAY_ADDRESS);
 plain runs start a local Ray instance.  Exit status: 0 ok, 1 failure, 2 bad configuration/input.
 """
@@ -49,24 +52,32 @@ def _build(argv: list[str]) -> int:
 
 
 def _store_command(run):
-    """Run ``run(argv)``; an unreadable store (any :class:`~fpo_dist.store.StoreError`) prints one line and exits 2."""
+    """Run ``run(argv)``; an unreadable store (any :class:`~fpo_dist.store.StoreError`) or bad storage options
+    print one line and exit 2."""
 
     def command(argv: list[str]) -> int:
+        from fpo_dist.config import ConfigError
         from fpo_dist.store import StoreError
 
         try:
             return run(argv)
-        except StoreError as e:
+        except (StoreError, ConfigError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
 
     return command
 
 
-def _open(path: str):
+def _add_storage_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage_options", "--storage-options", default="{}", metavar="JSON",
+                   help="fsspec options for a STORE URL, a JSON mapping (e.g. endpoint_url, key, secret)")
+
+
+def _open(path: str, storage_options: str = "{}"):
+    from fpo_dist.config import parse_storage_options
     from fpo_dist.store import open_store
 
-    return open_store(path)
+    return open_store(path, storage_options=parse_storage_options(storage_options, {"STORE": path}))
 
 
 def _verify(argv: list[str]) -> int:
@@ -81,8 +92,9 @@ def _verify(argv: list[str]) -> int:
                    "mean square of the cached vector (default 1e-6; 1e-2 for bf16/fp16 caches)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let transformers run the model's own code (never taken from the store)")
+    _add_storage_options(p)
     a = p.parse_args(argv)
-    store = _open(a.store)
+    store = _open(a.store, a.storage_options)
     problems = store.verify()
     for line in problems:
         print(f"PROBLEM {line}")
@@ -124,8 +136,9 @@ def _info(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m fpo_dist.cache info")
     p.add_argument("store")
     p.add_argument("--json", action="store_true", help="print the full info as JSON")
+    _add_storage_options(p)
     a = p.parse_args(argv)
-    store = _open(a.store)
+    store = _open(a.store, a.storage_options)
     info = store.info()
     info["token_extras"] = store.token_extras_info()
     if a.json:

@@ -172,6 +172,7 @@ def _run_job(cfg: CacheConfig, work_cfg: CacheConfig, lease, log, t_start: float
     store = create_store(
         cfg.output, provenance, n_rows=len(source), rows_per_shard=cfg.rows_per_shard, chunk_rows=cfg.chunk_rows,
         options={"token_logps": cfg.per_token_logps, "token_codes": cfg.per_token_codes}, overwrite=cfg.overwrite,
+        storage_options=cfg.storage_options or None,
     )
     lease.beat()  # rewrites the lease if overwrite deleted it
     plan = store.plan

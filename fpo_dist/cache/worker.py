@@ -165,7 +165,8 @@ class CacheWorker:
             torch.set_num_threads(threads)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.store = open_store(cfg.output, mode="r+")
+        # storage_options come in the config (never the environment), so every node's actor reaches the store
+        self.store = open_store(cfg.output, mode="r+", storage_options=cfg.storage_options or None)
         self.store.check_writable()  # fail fast when the store is unreachable from this node
         self.tokenizer = load_tokenizer(tokenizer_spec(cfg.model))
         self.pairs = PairTokenizer(self.tokenizer, cfg.data)

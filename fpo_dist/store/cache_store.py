@@ -193,6 +193,7 @@ class CacheStore(_StoreReader, _StoreVerifier):
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
         self.path, self.mode = path, mode
+        self.storage_options = storage_options  # kept so that readers (the loader's thread) can reopen the store
         self._root = _open_root(path, mode, storage_options)
         attrs = dict(self._root.attrs)
         _check_format(path, attrs)
