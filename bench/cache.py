@@ -165,7 +165,7 @@ def bench_cache_job(assets: Assets, sizes: Sizes, device: str, workers: list[int
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     on_gpu = device == "cuda"
-    ray.init(address="local", num_cpus=max(workers) + (2 if on_gpu else 0), include_dashboard=False,
+    ray.init(address="local", _node_ip_address="127.0.0.2", num_cpus=max(workers) + (2 if on_gpu else 0), include_dashboard=False,
              object_store_memory=256 << 20, log_to_driver=False)
     def job(n: int, attempt: int) -> dict:
         out = root / f"store_w{n}" / str(attempt)

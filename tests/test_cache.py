@@ -69,8 +69,8 @@ def ray_session():
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 << 20,
-             log_to_driver=False)
+    ray.init(address="local", _node_ip_address="127.0.0.2", num_cpus=2, include_dashboard=False,
+             object_store_memory=128 << 20, log_to_driver=False)  # loopback (not .1: Ray rewrites 127.0.0.1)
     yield ray
     ray.shutdown()
 
@@ -452,7 +452,7 @@ def test_ray_job_submit_against_a_head_on_loopback(tiny, dataset, tmp_path, one_
            # as with an activated environment: the job's `python` is this interpreter
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+        [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.2",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
          f"--temp-dir={ray_tmp}", "--include-dashboard=true", "--dashboard-agent-listen-port=0",
          f"--object-store-memory={128 << 20}", "--disable-usage-stats"],

@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import fpo_dist
+from fpo_dist.cache import LOOPBACK_NODE_IP
 from fpo_dist.cache.worker import CacheWorker
 from fpo_dist.config import CacheConfig, to_dict, to_yaml
 from fpo_dist.data import (
@@ -119,7 +120,7 @@ def connect_ray(cfg: CacheConfig):
         before = reaper.children(os.getpid())
         ray.init(
             address="local",
-            _node_ip_address="127.0.0.1",  # a local instance serves loopback only
+            _node_ip_address=LOOPBACK_NODE_IP,  # a local instance serves loopback only
             num_cpus=n_cpus,
             include_dashboard=False,
             object_store_memory=256 << 20,

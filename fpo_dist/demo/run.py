@@ -34,6 +34,7 @@ import threading
 import time
 from pathlib import Path
 
+from fpo_dist.cache import LOOPBACK_NODE_IP
 from fpo_dist.demo import report, task
 from fpo_dist.demo.recipe import RECIPE
 
@@ -127,10 +128,10 @@ def build_cache(data: dict[str, Path], out: Path, manifest: dict) -> tuple[Path,
     ray_tmp = tempfile.mkdtemp(prefix="fpo-demo-ray-", dir="/tmp")  # short: AF_UNIX paths < 108 bytes
     ray_bin = str(Path(sys.executable).parent / "ray")
     head_log = out / "logs" / "ray_head.log"
-    say(f"starting a Ray head on 127.0.0.1:{port} (dashboard :{dash}, 2 CPUs)")
+    say(f"starting a Ray head on {LOOPBACK_NODE_IP}:{port} (dashboard 127.0.0.1:{dash}, 2 CPUs)")
     log_file = open(head_log, "w")
     head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+        [ray_bin, "start", "--head", "--block", f"--port={port}", f"--node-ip-address={LOOPBACK_NODE_IP}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--dashboard-agent-listen-port=0",
          "--num-cpus=2", f"--temp-dir={ray_tmp}", "--include-dashboard=true", "--disable-usage-stats",
          f"--object-store-memory={128 << 20}"],
