@@ -132,7 +132,7 @@ class StepClock:
 
 def instrument(timer: PhaseTimer, clock: StepClock) -> None:
     """Wrap the trainer's building blocks (this process only) so the profiled step is split into phases."""
-    from fpo_dist import engine, forward, losses, trainer
+    from fpo_dist import engine, forward, lm_head, losses, trainer
     from fpo_dist.loader import CacheLoader
 
     eng = engine.Engine
@@ -141,8 +141,11 @@ def instrument(timer: PhaseTimer, clock: StepClock) -> None:
     eng.step = timer.wrap(eng.step, "optimizer_step")
     CacheLoader.__next__ = timer.wrap(CacheLoader.__next__, "loader_next")
     for name, phase in (("pooled_policy_codes", "sae_encode_pool"), ("sequence_logps", "logps"),
-                        ("sequential_kl", "kl")):
+                        ("sequential_kl", "kl")):  # logps/kl: the materialized path (--logits materialized)
         setattr(forward, name, timer.wrap(getattr(forward, name), phase))
+    # the selected-position head (the default) computes log-probs inside the policy forward; its KL term (the
+    # reference's chunked log-softmax, forward pass) is timed on its own
+    lm_head._kl = timer.wrap(lm_head._kl, "kl")
     for name, spec in list(losses.LOSSES.items()):
         losses.LOSSES[name] = dataclasses.replace(spec, fn=timer.wrap(spec.fn, "loss_fn"))
     trainer.Trainer._check_finite = timer.wrap(trainer.Trainer._check_finite, "finite_check")
