@@ -160,7 +160,7 @@ def run_cache_job(cfg: CacheConfig, log=print) -> dict:
     # starts; workers load the local directories of work_cfg and never touch the hub.  The provenance keeps the
     # names the user gave.
     work_cfg = resolve_cache_config(cfg)
-    with acquire_lease(cfg.output, log=log) as lease:  # one writing job per store, taken before any planning
+    with acquire_lease(cfg.output, cfg.storage_options or None, log=log) as lease:  # one writer per store, first
         return _run_job(cfg, work_cfg, lease, log, t_start)
 
 
