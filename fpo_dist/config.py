@@ -348,12 +348,6 @@ class TrainConfig:
                     raise ConfigError(f"'plugins': {module!r} has no function {func!r}")
                 getattr(mod, func)()
 
-        for name in self.plugins:
-            try:
-                importlib.import_module(name)
-            except ImportError as e:
-                raise ConfigError(f"'plugins': cannot import {name!r}: {e}") from None
-
 
 # --------------------------------------------------------------------------------------------------
 # Building configs: defaults < YAML < CLI
