@@ -64,6 +64,7 @@ def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int
     """reference_pass vs the bare forward on identical batches: tokens/s of each and the ratio."""
     from contextlib import ExitStack
 
+    from fpo_dist import scoring
     from fpo_dist.cache import worker
     from fpo_dist.models import ModelSpec, load_causal_lm
     from fpo_dist.sae import load_sae
@@ -109,14 +110,15 @@ def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int
     # one more reference_pass with its parts timed: where the time beyond the forward goes
     parts: dict = defaultdict(float)
     with ExitStack() as stack:
-        for cm in _timed(worker, ["token_logps", "_pooled_codes", "_nonzeros", "build_batch"], parts, device):
+        for cm in (_timed(scoring, ["_pooled_codes"], parts, device)
+                   + _timed(worker, ["nonzeros", "build_batch"], parts, device)):
             stack.enter_context(cm)
         sync(device)
         t0 = time.perf_counter()
         ref_pass()
         sync(device)
         total = time.perf_counter() - t0
-    parts = {"total": total, **{k: parts[k] for k in ("build_batch", "token_logps", "_pooled_codes", "_nonzeros")}}
+    parts = {"total": total, **{k: parts[k] for k in ("build_batch", "_pooled_codes", "nonzeros")}}
     parts["forward_and_rest"] = total - sum(v for k, v in parts.items() if k != "total")
     ratios = [b / r for b, r in zip(t_bare, t_ref)]
     out = {

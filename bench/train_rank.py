@@ -140,8 +140,8 @@ def instrument(timer: PhaseTimer, clock: StepClock) -> None:
     eng.backward = timer.wrap(eng.backward, "backward")
     eng.step = timer.wrap(eng.step, "optimizer_step")
     CacheLoader.__next__ = timer.wrap(CacheLoader.__next__, "loader_next")
-    for name, phase in (("pooled_policy_codes", "sae_encode_pool"), ("sequence_logps", "logps"),
-                        ("sequential_kl", "kl")):  # logps/kl: the materialized path (--logits materialized)
+    for name, phase in (("pooled_policy_codes", "sae_encode_pool"), ("_sequence_sums", "logps"),
+                        ("position_kl", "kl")):  # logps/kl: the materialized path (--logits materialized)
         setattr(forward, name, timer.wrap(getattr(forward, name), phase))
     # the selected-position head (the default) computes log-probs inside the policy forward; its KL term (the
     # reference's chunked log-softmax, forward pass) is timed on its own
