@@ -76,15 +76,15 @@ def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int
     pairs, pad_id = tokenized_pairs(assets.model_dir, assets.data, sizes, sizes.bare_rows)
     tokens = sum(len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)  # as the worker
 
-    def ref_pass():
-        return worker.reference_pass(model, sae, assets.hook_layer, pairs, pad_id, sizes.cache_batch)
+    def ref_pass():  # as the cache job runs it: packed batches
+        return worker.reference_pass(model, sae, assets.hook_layer, pairs, pad_id, sizes.cache_batch, layout="packed")
 
-    batches = []  # exactly the batches reference_pass builds
+    batches = []  # the pairs of each batch reference_pass builds, padded: what a bare forward runs
 
     def recording(build):
-        def inner(*args, **kwargs):
-            batches.append(build(*args, **kwargs))
-            return batches[-1]
+        def inner(pairs, pad_id, layout):
+            batches.append(build(pairs, pad_id, "padded"))
+            return build(pairs, pad_id, layout)
         return inner
 
     with _patched(worker, "build_batch", recording):
