@@ -133,7 +133,6 @@ class MicroBatch:
     input_ids: torch.Tensor  # [R, T] int64 (padded: [2B, T]; packed: [1, Σ len])
     attention_mask: torch.Tensor | None  # [R, T] int64 (padded); None (packed)
     response_mask: torch.Tensor  # [R, T] bool
-    sequence_ids: torch.Tensor  # [R, T] int64: the sequence of each position, -1 on padding
     ref_logp_sum: torch.Tensor  # [B, 2] float32
     ref_n_tokens: torch.Tensor  # [B, 2] int64
     ref_codes_chosen: SparseCodes
@@ -146,6 +145,15 @@ class MicroBatch:
     sample_offset: int  # position in the epoch order where this micro-batch's step starts
     is_step_end: bool  # last micro-step of the step: the trainer steps the optimizer after it
     position_ids: torch.Tensor | None = None  # [R, T] int64 (packed): each sequence's own positions
+    # [R, T] int64: the sequence of each position, -1 on padding; None: the padded layout's (row r = sequence r)
+    sequence_ids: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.sequence_ids is None:
+            if self.attention_mask is None:
+                raise ValueError("a packed MicroBatch (attention_mask None) needs its sequence_ids")
+            rows = torch.arange(self.input_ids.shape[0], device=self.input_ids.device)[:, None]
+            object.__setattr__(self, "sequence_ids", torch.where(self.attention_mask.bool(), rows, -1))
 
     @property
     def n_pairs(self) -> int:

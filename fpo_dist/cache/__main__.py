@@ -129,7 +129,8 @@ def _recompute(store, n: int, device: str, trust_remote_code: bool):
     ok_rows = store.ok_rows()
     rows = sorted(np.random.default_rng(0).choice(ok_rows, size=min(n, len(ok_rows)), replace=False).tolist())
     pad = pad_token_id(tok)
-    return recompute_rows(store, model, sae, prov["sae"]["layer"], rows, pad, batch_size=prov.get("batch_size", 8))
+    return recompute_rows(store, model, sae, prov["sae"]["layer"], rows, pad, batch_size=prov.get("batch_size", 8),
+                          layout=prov.get("batch_layout", "padded"))  # stores from before packing: padded
 
 
 def _info(argv: list[str]) -> int:
