@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import torch
 
+from fpo_dist.attention import expect_packed
 from fpo_dist.lm_head import ref_head, row_sums, selected_forward
 from fpo_dist.logprobs import position_kl, token_logps
 from fpo_dist.losses import LossSpec, PooledCodes, Quantities
@@ -89,12 +90,12 @@ def _materialized_quantities(policy, batch, mb, ctx: LossContext) -> Quantities:
     pm = batch.prediction_mask
     seqs, n = batch.sequence_ids[pm], batch.n_sequences
     fwd = batch.model_inputs()
-    with _maybe_capture(policy, ctx) as cap:
+    with _maybe_capture(policy, ctx) as cap, expect_packed(batch.position_ids is not None):
         logits = policy(**fwd).logits
     n_tok = torch.bincount(seqs, minlength=n)
     q: dict[str, Any] = {"logps": _split(_sequence_sums(logits, batch, pm, seqs)), "n_tokens": _split(n_tok)}
     if spec.needs == "reference_model":
-        with torch.no_grad():
+        with torch.no_grad(), expect_packed(batch.position_ids is not None):
             ref_logits = ctx.reference(**fwd).logits
         q["ref_logps"], q["ref_n_tokens"] = _split(_sequence_sums(ref_logits, batch, pm, seqs)), _split(n_tok)
         if spec.needs_ref_logits:

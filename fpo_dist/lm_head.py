@@ -37,6 +37,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from fpo_dist.attention import expect_packed
+
 # fp32 bytes one chunk of [chunk, vocab] logits may take (Gemma's 262k vocabulary: 64 positions).
 HEAD_CHUNK_BYTES = 64 * 2**20
 
@@ -168,7 +170,7 @@ def selected_forward(
     call_kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
     if position_ids is not None:
         call_kwargs["position_ids"] = position_ids
-    with _instance_forward(inner, model_forward):
+    with _instance_forward(inner, model_forward), expect_packed(position_ids is not None):
         logps, kl = model(**call_kwargs)
     return SelectedOutput(logps, kl if ref is not None else None, box["hidden"], rows)
 

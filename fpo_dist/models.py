@@ -134,10 +134,13 @@ def load_tokenizer(spec: ModelSpec):
         return AutoTokenizer.from_pretrained(source, **kwargs)
 
 
-def load_causal_lm(spec: ModelSpec, *, requires_grad: bool = False, device: str | torch.device | None = None):
+def load_causal_lm(spec: ModelSpec, *, requires_grad: bool = False, device: str | torch.device | None = None,
+                   varlen: bool = False):
     """``AutoModelForCausalLM`` for ``spec`` in ``spec.dtype``, in eval mode.
 
     ``requires_grad=False`` freezes every parameter (reference model); the policy passes True.
+    ``varlen=True``: attention through :func:`fpo_dist.attention.varlen_attention` (each sequence of a packed row
+    on its own; what ``batch_layout: packed`` runs).
     ``device=None`` leaves placement to the caller (under ZeRO-3 DeepSpeed places the partitions: create
     ``HfDeepSpeedConfig`` before calling this).
     """
@@ -148,6 +151,10 @@ def load_causal_lm(spec: ModelSpec, *, requires_grad: bool = False, device: str 
         model = AutoModelForCausalLM.from_pretrained(source, dtype=spec.torch_dtype, **kwargs)
     if device is not None:
         model.to(device)
+    if varlen:
+        from fpo_dist.attention import enable_varlen
+
+        enable_varlen(model)
     model.eval()
     model.requires_grad_(requires_grad)
     return model

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fpo_dist.attention import expect_packed
 from fpo_dist.lm_head import row_sums, selected_forward, unwrap
 from fpo_dist.logprobs import token_logps
 from fpo_dist.models import PairBatch, capture_block_output
@@ -74,7 +75,8 @@ def _response_logps(model, batch: PairBatch, pm: Tensor, logits: str) -> Tensor:
     """``logps [N]`` at the positions ``pm`` (row-major): the log-prob of the token each predicts."""
     if logits == "selected":
         return selected_forward(model, batch.input_ids, batch.attention_mask, pm, position_ids=batch.position_ids).logps
-    full = model(**batch.model_inputs()).logits
+    with expect_packed(batch.position_ids is not None):
+        full = model(**batch.model_inputs()).logits
     per_token = token_logps(full, batch.input_ids, batch.response_mask)  # token t's log-prob at t
     return torch.roll(per_token, -1, dims=1)[pm]
 

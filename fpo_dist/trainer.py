@@ -238,7 +238,8 @@ class Trainer:
         dtype = "bfloat16" if self.bf16 else "float32"
         self._zero_ctx = eng.zero3_init_context(self.ds_config)  # keep alive: partitioned loading
         lora = cfg.policy.lora
-        policy = load_causal_lm(model_spec(policy_cfg, dtype), requires_grad=not lora.rank)
+        varlen = cfg.batch_layout == "packed"
+        policy = load_causal_lm(model_spec(policy_cfg, dtype), requires_grad=not lora.rank, varlen=varlen)
         if lora.rank:
             from fpo_dist.lora import apply_lora
 
@@ -253,7 +254,7 @@ class Trainer:
         self.policy = eng.Engine(policy, self.ds_config, optimizer=optimizer, lr_scheduler=scheduler)
         self.reference = None
         if ref_cfg is not None:
-            ref = load_causal_lm(model_spec(ref_cfg, dtype))
+            ref = load_causal_lm(model_spec(ref_cfg, dtype), varlen=varlen)
             self.reference = eng.Engine.frozen(ref, self.ds_config)
         self.layer = prov["sae"]["layer"]
         self.loss = LossContext(self.spec, cfg.loss.params, sae=self.sae, layer=self.layer, reference=self.reference,

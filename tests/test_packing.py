@@ -5,7 +5,8 @@ Packed = a micro-batch's 2B sequences back to back in ONE row, ``attention_mask`
 
 - transformers' own forward of each sequence ALONE (batch 1, no padding, no mask) — for the hidden states at
   every position, on Llama and on Gemma 3 (sliding-window and global layers alternate; the window is 4 tokens, so
-  most positions are outside it), with eager and sdpa attention;
+  most positions are outside it), with eager and sdpa attention (transformers' packed mask) and with
+  ``fpo_dist.attention``'s varlen attention (each sequence on its own; bit-identical in bf16 whatever the pack);
 - the padded layout, for every registered loss (loss, every metric, every gradient) and for the cache worker's
   reference pass (log-prob sums, token counts, pooled codes and the per-token extras).
 
@@ -14,10 +15,13 @@ The same on Gemma 3 270M (real weights) is in test_realshape.py.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
+from fpo_dist.attention import VARLEN, enable_varlen
 from fpo_dist.data import TokenizedPair
 from fpo_dist.lm_head import backbone
 from fpo_dist.loader import MicroBatch
@@ -36,11 +40,15 @@ def _pairs(n: int = 3, seed: int = 0) -> list[TokenizedPair]:
             for i in range(n)]
 
 
-def _model(kind: str, attn: str = "sdpa", seed: int = 0):
+def _model(kind: str, attn: str = "sdpa", seed: int = 0, dtype=torch.float64):
+    """``attn``: transformers' ``sdpa``/``eager`` (the packed mask built from position_ids), or ``varlen``
+    (fpo_dist.attention: each sequence on its own)."""
     model = (build_llama(vocab_size=VOCAB, seed=seed) if kind == "llama"
              else build_gemma3(vocab_size=VOCAB, sliding_window=4, softcap=3.0, seed=seed))
-    model.set_attn_implementation(attn)
-    return model.double()
+    model.set_attn_implementation("sdpa" if attn == "varlen" else attn)
+    if attn == "varlen":
+        enable_varlen(model)
+    return model.to(dtype)
 
 
 def test_packed_layout_hand_checked():
@@ -63,24 +71,58 @@ def test_packed_layout_hand_checked():
         build_batch(pairs, pad_id=0, layout="ragged")
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "varlen"])
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 def test_packed_forward_equals_each_sequence_alone(kind, attn):
-    """transformers builds the block-diagonal (and, for Gemma 3's sliding layers, windowed) mask from the packed
-    position_ids: every position's final hidden state equals that sequence's forward on its own.  (Eager attention
-    takes its softmax in fp32 whatever the model's dtype, so it agrees to fp32 rounding; sdpa exactly.)"""
+    """Packed, every position's final hidden state equals that sequence's forward on its own with transformers'
+    sdpa: for sdpa/eager through the block-diagonal (and, on Gemma 3's sliding layers, windowed) mask transformers
+    builds from the packed position_ids, for varlen through one attention call per sequence.  (Eager attention
+    takes its softmax in fp32 whatever the model's dtype, so it agrees to fp32 rounding; the others to fp64's.)"""
     model = _model(kind, attn)
+    alone_model = _model(kind, "sdpa")
     b = build_batch(_pairs(4, seed=1), pad_id=0, layout="packed")
     with torch.no_grad():
         packed = backbone(model)(**b.model_inputs()).last_hidden_state[0]
-        naive = backbone(model)(input_ids=b.input_ids, use_cache=False).last_hidden_state[0]  # attends across
+        naive = backbone(alone_model)(input_ids=b.input_ids, use_cache=False).last_hidden_state[0]  # attends across
         for s in range(b.n_sequences):
             at = b.sequence_ids[0] == s
-            alone = backbone(model)(input_ids=b.input_ids[:, at]).last_hidden_state[0]
-            tol = 1e-10 if attn == "sdpa" else 1e-6
+            alone = backbone(alone_model)(input_ids=b.input_ids[:, at], use_cache=False).last_hidden_state[0]
+            tol = 1e-6 if attn == "eager" else 1e-10
             torch.testing.assert_close(packed[at], alone, rtol=tol, atol=tol)
     later = b.sequence_ids[0] > 0
     assert not torch.allclose(naive[later], packed[later])  # the check can fail: without the mask it does
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_varlen_bf16_sequence_is_bitwise_independent_of_its_pack(kind):
+    """In bf16, a sequence's hidden states under varlen attention are bit-identical whatever it is packed with
+    (alone, with other pairs, at another offset) and to the padded layout through the same attention: the cache
+    job and the trainer pack different pairs together and still compute each sequence the same way."""
+    model = _model(kind, "varlen", dtype=torch.bfloat16)
+    pairs = _pairs(6, seed=4)
+    with torch.no_grad():
+        def hidden(batch_pairs, layout):
+            b = build_batch(batch_pairs, 0, layout)
+            h = backbone(model)(**b.model_inputs()).last_hidden_state
+            return {(p.index, side): h[b.sequence_ids == s] for side in (0, 1)
+                    for j, p in enumerate(batch_pairs) for s in [side * len(batch_pairs) + j]}
+
+        big = hidden(pairs, "packed")
+        for other in (hidden(pairs[:2], "packed"), hidden(pairs[3:][::-1], "packed"), hidden([pairs[4]], "packed"),
+                      hidden(pairs, "padded")):
+            for key, h in other.items():
+                assert torch.equal(h, big[key]), key
+
+
+def test_varlen_is_not_saved_with_the_model(tmp_path):
+    """An export of a varlen model loads with transformers' default attention (the implementation is not saved)."""
+    from transformers import AutoModelForCausalLM
+
+    model = _model("llama", "varlen", dtype=torch.float32)
+    assert model.config._attn_implementation == VARLEN
+    model.save_pretrained(tmp_path)
+    assert VARLEN not in (tmp_path / "config.json").read_text()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
 
 
 def _micro_batch(batch, ref_logps: torch.Tensor, ref_codes: torch.Tensor) -> MicroBatch:
@@ -105,6 +147,8 @@ def loss_setup():
     from fpo_dist.scoring import score_batch
 
     policy, reference = _model("llama", seed=0), _model("llama", seed=1)
+    models = {"sdpa": (policy, reference), "varlen": (enable_varlen(copy.deepcopy(policy)),
+                                                      enable_varlen(copy.deepcopy(reference)))}
     sae = build_sae(d_in=32, d_sae=128, hook_layer=1, threshold=0.2)
     sae.to(torch.float64)
     pairs = _pairs(3, seed=2)
@@ -114,7 +158,7 @@ def loss_setup():
     for layout in ("packed", "padded"):
         mb = _micro_batch(build_batch(pairs, 0, layout), ref.logp_sum, ref.pooled)
         mbs[layout] = replace(mb, ref_n_tokens=torch.stack([ref.n_tokens[:n], ref.n_tokens[n:]], 1))
-    return policy, reference, sae, mbs
+    return models, sae, mbs
 
 
 def _run(policy, reference, sae, mb, name, logits="selected"):
@@ -128,14 +172,16 @@ def _run(policy, reference, sae, mb, name, logits="selected"):
     return loss, metrics, grads
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "varlen"])
 @pytest.mark.parametrize("name", sorted(LOSSES))
-def test_every_loss_packed_equals_padded(loss_setup, name):
-    """Loss, every metric and every parameter gradient: packed ≡ padded (fp64 model), for the selected-position
-    head and for the materialized path on the packed layout."""
-    policy, reference, sae, mbs = loss_setup
-    want = _run(policy, reference, sae, mbs["padded"], name)
+def test_every_loss_packed_equals_padded(loss_setup, name, attn):
+    """Loss, every metric and every parameter gradient: packed ≡ padded (fp64 model, transformers' sdpa), for the
+    selected-position head and for the materialized path on the packed layout, with transformers' packed mask and
+    with varlen attention."""
+    models, sae, mbs = loss_setup
+    want = _run(*models["sdpa"], sae, mbs["padded"], name)
     for logits in ("selected", "materialized"):
-        got = _run(policy, reference, sae, mbs["packed"], name, logits)
+        got = _run(*models[attn], sae, mbs["packed"], name, logits)
         torch.testing.assert_close(got[0], want[0], rtol=1e-9, atol=1e-10)
         assert set(got[1]) == set(want[1])
         for key in want[1]:
@@ -148,15 +194,18 @@ def test_every_loss_packed_equals_padded(loss_setup, name):
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 def test_reference_pass_packed_equals_padded(kind):
-    """The cache worker's values (sums, counts, pooled codes, per-token log-probs and codes): packed ≡ padded."""
+    """The cache worker's values (sums, counts, pooled codes, per-token log-probs and codes): packed (varlen, as
+    the cache job runs it) ≡ padded (transformers' sdpa)."""
     from fpo_dist.cache.worker import reference_pass
 
-    model = _model(kind).float()
+    model = _model(kind, "varlen", dtype=torch.float32)
     hidden = model.config.hidden_size
     sae = build_sae(d_in=hidden, d_sae=96, hook_layer=1, threshold=0.1)
     pairs = _pairs(5, seed=3)
-    out = {layout: reference_pass(model, sae, 1, pairs, pad_id=0, batch_size=3, per_token_logps=True,
-                                  per_token_codes=True, layout=layout) for layout in ("packed", "padded")}
+    padded_model = _model(kind, "sdpa", dtype=torch.float32)
+    out = {layout: reference_pass(m, sae, 1, pairs, pad_id=0, batch_size=3, per_token_logps=True,
+                                  per_token_codes=True, layout=layout)
+           for layout, m in (("packed", model), ("padded", padded_model))}
     a, b = out["packed"], out["padded"]
     assert a.n_tokens == b.n_tokens
     torch.testing.assert_close(torch.tensor(a.logp_sum), torch.tensor(b.logp_sum), rtol=1e-5, atol=1e-5)

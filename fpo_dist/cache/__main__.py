@@ -124,13 +124,14 @@ def _recompute(store, n: int, device: str, trust_remote_code: bool):
     mcfg = ModelConfig.from_provenance(prov, trust_remote_code)
     dev = resolve_device(device)
     tok = load_tokenizer(tokenizer_spec(mcfg))
-    model = load_causal_lm(model_spec(mcfg), device=dev)
+    layout = prov.get("batch_layout", "padded")  # stores from before packing: padded
+    model = load_causal_lm(model_spec(mcfg), device=dev, varlen=layout == "packed")
     sae = load_sae(prov["sae"]["source"], prov["sae"]["sae_id"], device=dev)
     ok_rows = store.ok_rows()
     rows = sorted(np.random.default_rng(0).choice(ok_rows, size=min(n, len(ok_rows)), replace=False).tolist())
     pad = pad_token_id(tok)
     return recompute_rows(store, model, sae, prov["sae"]["layer"], rows, pad, batch_size=prov.get("batch_size", 8),
-                          layout=prov.get("batch_layout", "padded"))  # stores from before packing: padded
+                          layout=layout)
 
 
 def _info(argv: list[str]) -> int:
