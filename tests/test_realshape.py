@@ -201,7 +201,7 @@ def test_gemma3_cache_packed_equals_padded(realshape):
     for a, b in zip(pk.pooled, pd.pooled):
         for (ia, va), (ib, vb) in zip(a, b):
             assert len(ia) > 50 and (ia == ib).all()
-            torch.testing.assert_close(torch.as_tensor(va), torch.as_tensor(vb), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(torch.as_tensor(va), torch.as_tensor(vb), rtol=1e-4, atol=1e-4)  # fp32, 9 blocks
 
 
 @pytest.mark.parametrize("name", ["fpo", "dpo", "simpo", "dpo-online", "tdpo1", "tdpo2"])
