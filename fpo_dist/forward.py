@@ -27,7 +27,7 @@ import torch
 
 from fpo_dist.attention import expect_packed
 from fpo_dist.lm_head import ref_head, row_sums, selected_forward
-from fpo_dist.logprobs import position_kl, token_logps
+from fpo_dist.logprobs import position_kl, predicted_token_logps
 from fpo_dist.losses import LossSpec, PooledCodes, Quantities
 from fpo_dist.models import capture_block_output
 
@@ -93,11 +93,11 @@ def _materialized_quantities(policy, batch, mb, ctx: LossContext) -> Quantities:
     with _maybe_capture(policy, ctx) as cap, expect_packed(batch.position_ids is not None):
         logits = policy(**fwd).logits
     n_tok = torch.bincount(seqs, minlength=n)
-    q: dict[str, Any] = {"logps": _split(_sequence_sums(logits, batch, pm, seqs)), "n_tokens": _split(n_tok)}
+    q: dict[str, Any] = {"logps": _split(_sequence_sums(logits, batch, seqs)), "n_tokens": _split(n_tok)}
     if spec.needs == "reference_model":
         with torch.no_grad(), expect_packed(batch.position_ids is not None):
             ref_logits = ctx.reference(**fwd).logits
-        q["ref_logps"], q["ref_n_tokens"] = _split(_sequence_sums(ref_logits, batch, pm, seqs)), _split(n_tok)
+        q["ref_logps"], q["ref_n_tokens"] = _split(_sequence_sums(ref_logits, batch, seqs)), _split(n_tok)
         if spec.needs_ref_logits:
             q["kl"] = _split(row_sums(position_kl(ref_logits, logits)[pm], seqs, n))
     _cached_reference(q, mb, spec)
@@ -106,9 +106,8 @@ def _materialized_quantities(policy, batch, mb, ctx: LossContext) -> Quantities:
     return Quantities(**q)
 
 
-def _sequence_sums(logits: torch.Tensor, batch, pm: torch.Tensor, seqs: torch.Tensor) -> torch.Tensor:
-    per_token = token_logps(logits, batch.input_ids, batch.response_mask)  # token t's log-prob at t
-    return row_sums(torch.roll(per_token, -1, dims=1)[pm], seqs, batch.n_sequences)
+def _sequence_sums(logits: torch.Tensor, batch, seqs: torch.Tensor) -> torch.Tensor:
+    return row_sums(predicted_token_logps(logits, batch.input_ids, batch.response_mask), seqs, batch.n_sequences)
 
 
 def _maybe_capture(policy, ctx: LossContext):

@@ -144,6 +144,13 @@ def token_logps(logits: Tensor, input_ids: Tensor, response_mask: Tensor, chunk_
     return torch.cat([out[:, :1], torch.where(mask, shifted, 0.0)], dim=1)
 
 
+def predicted_token_logps(logits: Tensor, input_ids: Tensor, response_mask: Tensor) -> Tensor:
+    """``[N]``: at each position of ``prediction_mask(response_mask)`` (row-major), the log-prob of the response
+    token it predicts — from full logits, the values :func:`fpo_dist.lm_head.selected_forward` computes."""
+    per_token = token_logps(logits, input_ids, response_mask)  # token t's log-prob at t
+    return torch.roll(per_token, -1, dims=1)[prediction_mask(response_mask)]
+
+
 def sequence_logps(
     logits: Tensor, input_ids: Tensor, response_mask: Tensor, chunk_size: int | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:

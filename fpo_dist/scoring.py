@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fpo_dist.attention import expect_packed
 from fpo_dist.lm_head import row_sums, selected_forward, unwrap
-from fpo_dist.logprobs import token_logps
+from fpo_dist.logprobs import predicted_token_logps
 from fpo_dist.models import PairBatch, capture_block_output
 
 # SAE codes are computed in blocks of positions so that [positions, d_sae] fp32 stays under this many bytes.
@@ -77,8 +77,7 @@ def _response_logps(model, batch: PairBatch, pm: Tensor, logits: str) -> Tensor:
         return selected_forward(model, batch.input_ids, batch.attention_mask, pm, position_ids=batch.position_ids).logps
     with expect_packed(batch.position_ids is not None):
         full = model(**batch.model_inputs()).logits
-    per_token = token_logps(full, batch.input_ids, batch.response_mask)  # token t's log-prob at t
-    return torch.roll(per_token, -1, dims=1)[pm]
+    return predicted_token_logps(full, batch.input_ids, batch.response_mask)
 
 
 def _pooled_codes(sae, hidden: Tensor, seqs: Tensor, n: int, per_token: bool):
