@@ -49,6 +49,8 @@ def wandb_records(run_dir: Path) -> dict:
         items = lambda update: {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in update}  # noqa: E731
         if which == "run":
             out["config"].update(items(record.run.config.update))
+        elif which == "config":  # the config can also arrive as its own record (seen on a loaded host)
+            out["config"].update(items(record.config.update))
         elif which == "history":
             out["history"].append(items(record.history.item))
         elif which == "summary":
