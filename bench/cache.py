@@ -93,6 +93,8 @@ def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int
     ratio."""
     from contextlib import ExitStack
 
+    from fpo_dist import scoring
+    from fpo_dist import scoring
     from fpo_dist.cache import worker
     from fpo_dist.models import ModelSpec, load_causal_lm
     from fpo_dist.sae import load_sae
@@ -132,12 +134,16 @@ def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int
             wall.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
     # one more reference_pass with its parts timed: where the time beyond the forward goes
-    names = [n for n in ("build_batch", "_response_logps", "token_logps", "_pooled_codes", "_nonzeros")
-             if hasattr(worker, n)]
+    # (module, function) pairs that exist in this version: the batch layout, the decoder + output layer + log-probs,
+    # SAE encode + pooling, the sparse conversion
+    timed = [(m, n) for m, n in ((worker, "build_batch"), (scoring, "_response_logps"), (scoring, "_pooled_codes"),
+                                 (worker, "nonzeros")) if hasattr(m, n)]
+    names = [n for _, n in timed]
     parts: dict = defaultdict(float)
     with ExitStack() as stack:
-        for cm in _timed(worker, names, parts, device):
-            stack.enter_context(cm)
+        for module, name in timed:
+            for cm in _timed(module, [name], parts, device):
+                stack.enter_context(cm)
         sync(device)
         t0 = time.perf_counter()
         ref_pass()

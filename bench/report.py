@@ -500,10 +500,11 @@ def markdown(results: dict) -> str:
             f"{r['workers']} worker(s): {load_note(r.get('host_load'), m['cpu_cores'], r.get('host_loads'), r['workers'])}"
             for r in job["runs"]) + " (the Ray actors themselves count as other processes here)."]
         lines += ["", "Inside one `reference_pass` call (s): " + ", ".join(
-            f"{k} {v:.3f}" for k, v in parts.items()) + " (`forward_and_rest` = the model forward and glue; the bare "
-            f"forward alone took {statistics.median(comp['bare_s']):.3f}). `token_logps` and `_pooled_codes` (SAE encode "
-            f"+ mean pooling) run over every position, of which {100 * comp['response_fraction']:.0f} % predict a "
-            "response token.", ""]
+            f"{k} {v:.3f}" for k, v in parts.items()) + " (`_response_logps` = the decoder, the output layer and "
+            "the log-probs; `rest` = everything else; the bare "
+            f"forward alone took {statistics.median(comp['bare_s']):.3f}). The forward computes the output layer and "
+            f"`_pooled_codes` (SAE encode + mean pooling) only at the positions that predict a response token: "
+            f"{100 * comp['response_fraction']:.0f} % of all positions.", ""]
         lines += ["Bytes on disk per response (`store.info()`, whole store incl. tokens and metadata):", "",
                   "| | bytes/response | store vs it |", "|---|---:|---:|",
                   f"| this cache (pooled nnz mean {disk['pooled_nnz']['mean']:.0f} of {sizes['d_sae']}) | "
@@ -591,12 +592,10 @@ def findings(results: dict) -> list[str]:
             tot = parts["total"]
             lines.append("- inside reference_pass: " + ", ".join(
                 f"{n} {100 * v / tot:.0f} %" for n, v in parts.items() if n != "total") + " of the call")
-            extra = (parts["token_logps"] + parts["_pooled_codes"]) / tot
+            extra = parts.get("_pooled_codes", 0.0) / tot
             frac = c["compute"]["response_fraction"]
-            lines.append(f"- log-probs and SAE encode + pooling take {100 * extra:.0f} % of the call and run over every "
-                         f"position; {100 * frac:.0f} % of the positions predict a response token, so restricting both "
-                         f"to those would leave ~{100 * extra * frac:.0f} % (ratio ≈ {1 - extra * frac:.2f} if the rest "
-                         "of the call were the bare forward)")
+            lines.append(f"- SAE encode + pooling take {100 * extra:.0f} % of the call, over the {100 * frac:.0f} % of "
+                         "the positions that predict a response token")
             if k == "cache_worker_vs_bare":
                 r, comp = c["job"]["runs"][0], c["compute"]
                 lines.append(f"- the job's worker time also covers tokenization and the Zarr write; worker "

@@ -168,8 +168,8 @@ def instrument(timer: PhaseTimer, clock: StepClock, padding: PaddingCount | None
     CacheLoader.__next__ = timer.wrap(CacheLoader.__next__, "loader_next")
     if padding is not None:
         CacheLoader.__next__ = padding.wrap(CacheLoader.__next__)
-    for name, phase in (("pooled_policy_codes", "sae_encode_pool"), ("sequence_logps", "logps"),
-                        ("sequential_kl", "kl")):  # logps/kl: the materialized path (--logits materialized)
+    for name, phase in (("pooled_policy_codes", "sae_encode_pool"), ("_sequence_sums", "logps"),
+                        ("position_kl", "kl")):  # logps/kl: the materialized path (--logits materialized)
         setattr(forward, name, timer.wrap(getattr(forward, name), phase))
     # the selected-position head (the default) computes log-probs inside the policy forward; its KL term (the
     # reference's chunked log-softmax, forward pass) is timed on its own

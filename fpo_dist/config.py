@@ -147,6 +147,9 @@ class CacheConfig:
     rows_per_shard: int = 512
     chunk_rows: int = 256  # zarr chunk length; rows_per_shard must be a multiple
     batch_size: int = 8  # pairs per forward (2x sequences)
+    # "packed": the batch's sequences back to back in one row, per-sequence position_ids, no padding;
+    # "padded": one right-padded row per sequence
+    batch_layout: Literal["packed", "padded"] = "packed"
     per_token_logps: bool = False
     per_token_codes: bool = False
     overwrite: bool = False
@@ -260,6 +263,9 @@ class TrainConfig:
     # "selected": the output layer only where a response token is predicted, chunked (fpo_dist.lm_head);
     # "materialized": full [rows, T, vocab] logits (the path it replaces; for comparisons and benchmarks)
     logits: Literal["selected", "materialized"] = "selected"
+    # "packed": each micro-batch's chosen and rejected sequences back to back in one row (per-sequence
+    # position_ids, block-diagonal attention, no padding); "padded": one right-padded row per sequence
+    batch_layout: Literal["packed", "padded"] = "packed"
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
     # a resumable checkpoint (weights + optimizer state: ~12 bytes per parameter) after the last step; false:
     # only save_every's, e.g. a run whose product is the HF export (tests, benchmarks)

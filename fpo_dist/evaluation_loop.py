@@ -76,10 +76,10 @@ def rank_batches(ok_rows: np.ndarray, rank: int, world: int, batch_size: int) ->
     return out
 
 
-def evaluate(policy, loss, store, dist, pad_id: int, batch_size: int) -> dict[str, float]:
+def evaluate(policy, loss, store, dist, pad_id: int, batch_size: int, layout: str = "padded") -> dict[str, float]:
     """The ``eval/``-prefixed means over every ok row of ``store`` (collective: call on every rank)."""
     t0 = time.perf_counter()
-    sums, n_pairs = local_sums(policy, loss, store, dist.rank, dist.world, dist.device, pad_id, batch_size)
+    sums, n_pairs = local_sums(policy, loss, store, dist.rank, dist.world, dist.device, pad_id, batch_size, layout)
     keys = sorted(sums)
     totals = dist.sum([sums[k] for k in keys] + [float(n_pairs)])
     record = means(dict(zip(keys, totals[:-1])), totals[-1])
@@ -88,7 +88,7 @@ def evaluate(policy, loss, store, dist, pad_id: int, batch_size: int) -> dict[st
 
 
 def local_sums(policy, loss, store, rank: int, world: int, device, pad_id: int,
-               batch_size: int) -> tuple[dict[str, float], int]:
+               batch_size: int, layout: str = "padded") -> tuple[dict[str, float], int]:
     """This rank's pair-weighted sums of the loss and every metric, and its number of counted pairs."""
     from fpo_dist.loader import make_micro_batch
 
@@ -98,7 +98,7 @@ def local_sums(policy, loss, store, rank: int, world: int, device, pad_id: int,
     policy.train(False)
     try:
         for rows, counts in rank_batches(store.ok_rows(), rank, world, batch_size):
-            mb = make_micro_batch(store.read_rows(rows), pad_id, epoch=0, step_in_epoch=0, micro_step=0,
+            mb = make_micro_batch(store.read_rows(rows), pad_id, layout, epoch=0, step_in_epoch=0, micro_step=0,
                                   sample_offset=0, is_step_end=True).to(device)
             with torch.no_grad():
                 value, metrics = loss(policy, mb)

@@ -26,7 +26,8 @@ from typing import Any, Mapping
 import torch
 
 from fpo_dist.lm_head import ref_head, row_sums, selected_forward
-from fpo_dist.losses import LossSpec, PooledCodes, Quantities, prediction_mask, sequence_logps, sequential_kl
+from fpo_dist.logprobs import position_kl, token_logps
+from fpo_dist.losses import LossSpec, PooledCodes, Quantities
 from fpo_dist.models import capture_block_output
 
 
@@ -52,52 +53,61 @@ def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def forward_quantities(policy, mb, ctx: LossContext) -> Quantities:
-    """Forward ``policy`` on ``mb`` (a :class:`fpo_dist.loader.MicroBatch`) and gather what ``ctx.spec`` needs."""
+    """Forward ``policy`` on ``mb`` (a :class:`fpo_dist.loader.MicroBatch`, either layout) and gather what
+    ``ctx.spec`` needs.  Per-sequence values are segment sums over the predicting positions."""
+    batch = mb.layout
     if ctx.logits == "materialized":
-        return _materialized_quantities(policy, mb, ctx)
+        return _materialized_quantities(policy, batch, mb, ctx)
     spec = ctx.spec
-    pm = prediction_mask(mb.response_mask)
-    rows = mb.input_ids.shape[0]
-    n_tok = pm.sum(-1)
+    pm = batch.prediction_mask
+    seqs, n = batch.sequence_ids[pm], batch.n_sequences
+    n_tok = torch.bincount(seqs, minlength=n)
     q: dict[str, Any] = {"n_tokens": _split(n_tok)}
     ref = None
+    args = (batch.input_ids, batch.attention_mask, pm)
     if spec.needs == "reference_model":
         with torch.no_grad():
-            r = selected_forward(ctx.reference, mb.input_ids, mb.attention_mask, pm)
-        q["ref_logps"], q["ref_n_tokens"] = _split(row_sums(r.logps, r.rows, rows)), _split(n_tok)
+            r = selected_forward(ctx.reference, *args, position_ids=batch.position_ids)
+        q["ref_logps"], q["ref_n_tokens"] = _split(row_sums(r.logps, seqs, n)), _split(n_tok)
         if spec.needs_ref_logits:
             ref = ref_head(ctx.reference, r.hidden)
     with _maybe_capture(policy, ctx) as cap:
-        out = selected_forward(policy, mb.input_ids, mb.attention_mask, pm, ref=ref)
-    q["logps"] = _split(row_sums(out.logps, out.rows, rows))
+        out = selected_forward(policy, *args, position_ids=batch.position_ids, ref=ref)
+    q["logps"] = _split(row_sums(out.logps, seqs, n))
     if ref is not None:
-        q["kl"] = _split(row_sums(out.kl, out.rows, rows))
+        q["kl"] = _split(row_sums(out.kl, seqs, n))
     _cached_reference(q, mb, spec)
     if spec.needs_sae:
-        q["codes"] = _policy_codes(ctx, cap.output, pm, q)
+        q["codes"] = _policy_codes(ctx, cap.output[pm], seqs, n, q)
     return Quantities(**q)
 
 
-def _materialized_quantities(policy, mb, ctx: LossContext) -> Quantities:
-    """The path :func:`forward_quantities` replaces: full ``[rows, T, V]`` logits of both models (kept for
+def _materialized_quantities(policy, batch, mb, ctx: LossContext) -> Quantities:
+    """The path :func:`forward_quantities` replaces: full ``[R, T, V]`` logits of both models (kept for
     comparisons and benchmarks: ``logits: materialized``)."""
     spec = ctx.spec
-    fwd = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)
+    pm = batch.prediction_mask
+    seqs, n = batch.sequence_ids[pm], batch.n_sequences
+    fwd = batch.model_inputs()
     with _maybe_capture(policy, ctx) as cap:
         logits = policy(**fwd).logits
-    logp_sum, n_tok, _ = sequence_logps(logits, mb.input_ids, mb.response_mask)
-    q: dict[str, Any] = {"logps": _split(logp_sum), "n_tokens": _split(n_tok)}
+    n_tok = torch.bincount(seqs, minlength=n)
+    q: dict[str, Any] = {"logps": _split(_sequence_sums(logits, batch, pm, seqs)), "n_tokens": _split(n_tok)}
     if spec.needs == "reference_model":
         with torch.no_grad():
             ref_logits = ctx.reference(**fwd).logits
-        ref_sum, ref_n, _ = sequence_logps(ref_logits, mb.input_ids, mb.response_mask)
-        q["ref_logps"], q["ref_n_tokens"] = _split(ref_sum), _split(ref_n)
+        q["ref_logps"], q["ref_n_tokens"] = _split(_sequence_sums(ref_logits, batch, pm, seqs)), _split(n_tok)
         if spec.needs_ref_logits:
-            q["kl"] = _split(sequential_kl(ref_logits, logits, mb.response_mask))
+            q["kl"] = _split(row_sums(position_kl(ref_logits, logits)[pm], seqs, n))
     _cached_reference(q, mb, spec)
     if spec.needs_sae:
-        q["codes"] = _policy_codes(ctx, cap.output, prediction_mask(mb.response_mask), q)
+        q["codes"] = _policy_codes(ctx, cap.output[pm], seqs, n, q)
     return Quantities(**q)
+
+
+def _sequence_sums(logits: torch.Tensor, batch, pm: torch.Tensor, seqs: torch.Tensor) -> torch.Tensor:
+    per_token = token_logps(logits, batch.input_ids, batch.response_mask)  # token t's log-prob at t
+    return row_sums(torch.roll(per_token, -1, dims=1)[pm], seqs, batch.n_sequences)
 
 
 def _maybe_capture(policy, ctx: LossContext):
@@ -113,27 +123,29 @@ def _cached_reference(q: dict, mb, spec: LossSpec) -> None:
         q["ref_codes"] = (mb.ref_codes_chosen, mb.ref_codes_rejected)
 
 
-def _policy_codes(ctx: LossContext, hidden: torch.Tensor, pm: torch.Tensor, q: dict):
+def _policy_codes(ctx: LossContext, hidden: torch.Tensor, seqs: torch.Tensor, n: int, q: dict):
     columns = ctx.spec.feature_columns(ctx.params) if ctx.spec.feature_columns else None
-    return pooled_policy_codes(ctx.sae, hidden, pm, q.get("ref_codes") or (), columns)
+    return pooled_policy_codes(ctx.sae, hidden, seqs, n, q.get("ref_codes") or (), columns)
 
 
-def pooled_policy_codes(sae, hidden: torch.Tensor, pmask: torch.Tensor, refs, columns: tuple[int, str] | None):
-    """Pooled policy SAE codes for chosen (rows [0,B)) and rejected (rows [B,2B)) as ``PooledCodes``.
+def pooled_policy_codes(sae, hidden: torch.Tensor, seqs: torch.Tensor, n_sequences: int, refs,
+                        columns: tuple[int, str] | None):
+    """Pooled policy SAE codes for chosen (sequences [0,B)) and rejected ([B,2B)) as ``PooledCodes``, from the
+    hidden states ``[N, D]`` at the predicting positions and the sequence ``seqs [N]`` (of ``n_sequences``) of each.
 
-    ``columns = (k, topk_mode)``: pick the needed feature columns under no_grad (every row's policy top-k, plus
-    the reference top-k for ``union``) and run the grad path through those columns of ``W_enc`` only;
+    ``columns = (k, topk_mode)``: pick the needed feature columns under no_grad (every sequence's policy top-k,
+    plus the reference top-k for ``union``) and run the grad path through those columns of ``W_enc`` only;
     None: encode every feature with gradients.
     """
-    from fpo_dist.sae import encode_full, encode_selected, pool_mean, select_columns
+    from fpo_dist.sae import encode_full, encode_selected, pool_sequences, select_columns
 
-    n = hidden.shape[0] // 2
+    n2, n = n_sequences, n_sequences // 2
     if columns is None:
-        pooled = pool_mean(encode_full(sae, hidden), pmask)
+        pooled = pool_sequences(encode_full(sae, hidden), seqs, n2)
         return PooledCodes(pooled[:n]), PooledCodes(pooled[n:])
     k, mode = columns
     with torch.no_grad():
-        full = pool_mean(encode_full(sae, hidden.detach()), pmask)
+        full = pool_sequences(encode_full(sae, hidden.detach()), seqs, n2)
     cols = select_columns([full[:n], full[n:]], list(refs), k, mode)
-    pooled = pool_mean(encode_selected(sae, hidden, cols), pmask)
+    pooled = pool_sequences(encode_selected(sae, hidden, cols), seqs, n2)
     return PooledCodes(pooled[:n], cols), PooledCodes(pooled[n:], cols)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from fpo_dist.losses import SparseCodes
-from fpo_dist.models import build_batch, pairs_from_batch
+from fpo_dist.models import LAYOUTS, PairBatch, build_batch, pairs_from_batch
 from fpo_dist.store import CacheStore, Csr, RowBatch, open_store
 
 logger = logging.getLogger(__name__)
@@ -123,15 +123,17 @@ class SampleOrder:
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """One micro-batch of ``B`` pairs for one rank, laid out by :func:`fpo_dist.models.build_batch`.
+    """One micro-batch of ``B`` pairs for one rank, laid out by :func:`fpo_dist.models.build_batch` (the token
+    fields are those of its :class:`~fpo_dist.models.PairBatch`, ``layout`` gives them back as one).
 
-    Rows ``[0, B)`` of ``input_ids`` are ``prompt + chosen``, rows ``[B, 2B)`` ``prompt + rejected``; the
-    reference data is per pair, column 0 = chosen, 1 = rejected.
+    Sequences ``[0, B)`` are ``prompt + chosen``, ``[B, 2B)`` ``prompt + rejected`` (padded: one row each;
+    packed: back to back in one row); the reference data is per pair, column 0 = chosen, 1 = rejected.
     """
 
-    input_ids: torch.Tensor  # [2B, T] int64
-    attention_mask: torch.Tensor  # [2B, T] int64
-    response_mask: torch.Tensor  # [2B, T] bool
+    input_ids: torch.Tensor  # [R, T] int64 (padded: [2B, T]; packed: [1, Σ len])
+    attention_mask: torch.Tensor | None  # [R, T] int64 (padded); None (packed)
+    response_mask: torch.Tensor  # [R, T] bool
+    sequence_ids: torch.Tensor  # [R, T] int64: the sequence of each position, -1 on padding
     ref_logp_sum: torch.Tensor  # [B, 2] float32
     ref_n_tokens: torch.Tensor  # [B, 2] int64
     ref_codes_chosen: SparseCodes
@@ -143,18 +145,32 @@ class MicroBatch:
     micro_step: int  # in [0, grad_accum)
     sample_offset: int  # position in the epoch order where this micro-batch's step starts
     is_step_end: bool  # last micro-step of the step: the trainer steps the optimizer after it
+    position_ids: torch.Tensor | None = None  # [R, T] int64 (packed): each sequence's own positions
 
     @property
     def n_pairs(self) -> int:
         return len(self.rows)
 
+    @property
+    def layout(self) -> PairBatch:
+        """The token fields as a :class:`~fpo_dist.models.PairBatch`."""
+        return PairBatch(self.input_ids, self.attention_mask, self.response_mask, self.sequence_ids,
+                         2 * self.n_pairs, self.position_ids)
+
+    @property
+    def padding_tokens(self) -> int:
+        """Positions computed for no sequence (0 when packed)."""
+        return self.layout.padding_tokens
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MicroBatch:
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        move = lambda t: t if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return replace(
             self,
             input_ids=move(self.input_ids),
             attention_mask=move(self.attention_mask),
             response_mask=move(self.response_mask),
+            sequence_ids=move(self.sequence_ids),
+            position_ids=move(self.position_ids),
             ref_logp_sum=move(self.ref_logp_sum),
             ref_n_tokens=move(self.ref_n_tokens),
             ref_codes_chosen=SparseCodes(*(move(t) for t in _fields(self.ref_codes_chosen))),
@@ -175,13 +191,15 @@ def _sparse(csr: Csr) -> SparseCodes:
     return SparseCodes(_tensor(csr.offsets.astype(np.int64, copy=False)), _tensor(csr.indices), _tensor(csr.values))
 
 
-def make_micro_batch(batch: RowBatch, pad_id: int, **position: Any) -> MicroBatch:
-    """Tensors for the rows of ``batch`` (from the cached tokens: training never re-tokenizes)."""
-    layout = build_batch(pairs_from_batch(batch), pad_id)
+def make_micro_batch(batch: RowBatch, pad_id: int, layout: str = "padded", **position: Any) -> MicroBatch:
+    """Tensors for the rows of ``batch`` in ``layout`` (from the cached tokens: training never re-tokenizes)."""
+    pb = build_batch(pairs_from_batch(batch), pad_id, layout)
     return MicroBatch(
-        input_ids=layout.input_ids,
-        attention_mask=layout.attention_mask,
-        response_mask=layout.response_mask,
+        input_ids=pb.input_ids,
+        attention_mask=pb.attention_mask,
+        response_mask=pb.response_mask,
+        sequence_ids=pb.sequence_ids,
+        position_ids=pb.position_ids,
         ref_logp_sum=_tensor(batch.logp_sum.astype(np.float32, copy=False)),
         ref_n_tokens=_tensor(batch.n_tokens.astype(np.int64)),
         ref_codes_chosen=_sparse(batch.chosen_codes),
@@ -197,6 +215,7 @@ def _read_micro_batches(
     order: SampleOrder,
     topo: Topology,
     pad_id: int,
+    layout: str,
     epochs: int,
     epoch: int,
     consumed: int,
@@ -213,7 +232,7 @@ def _read_micro_batches(
                 # read_rows reads the rows in sorted order (one slice per run of consecutive rows) and returns
                 # them in the order asked.
                 batch = store.read_rows(rows[topo.micro_slice(p, m)])
-                yield make_micro_batch(batch, pad_id, epoch=e, step_in_epoch=p // G, micro_step=m, sample_offset=p,
+                yield make_micro_batch(batch, pad_id, layout, epoch=e, step_in_epoch=p // G, micro_step=m, sample_offset=p,
                                        is_step_end=m == topo.grad_accum - 1)
 
 
@@ -254,6 +273,7 @@ class CacheLoader:
         topology: Topology | None = None,
         seed: int,
         pad_id: int,
+        layout: str = "padded",
         ok_rows: np.ndarray | None = None,
         epochs: int = 1,
         prefetch: int = 2,
@@ -288,6 +308,9 @@ class CacheLoader:
             self.topology.micro_batch_size, self.topology.grad_accum, self.topology.world_size, self.topology.rank)
         self.order = SampleOrder(ok_rows, seed)
         self.pad_id = int(pad_id)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.layout = layout
         self.epochs = epochs
         self.prefetch = prefetch
         G = self.topology.global_batch
@@ -365,7 +388,7 @@ class CacheLoader:
 
     def _micro_batches(self, stop: threading.Event | None) -> Iterator[MicroBatch]:
         # Only what the reader needs, not ``self``: a thread holding the loader would keep it alive.
-        return _read_micro_batches(self.store, self.order, self.topology, self.pad_id, self.epochs,
+        return _read_micro_batches(self.store, self.order, self.topology, self.pad_id, self.layout, self.epochs,
                                    self._epoch, self._consumed, stop)
 
     def _start(self) -> None:

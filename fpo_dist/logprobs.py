@@ -155,17 +155,19 @@ def sequence_logps(
     return logp_sum, n_tokens, logp_sum / n_tokens.clamp(min=1)
 
 
+def position_kl(ref_logits: Tensor, pol_logits: Tensor, chunk_size: int | None = None) -> Tensor:
+    """``KL(softmax(ref[b, s]) ‖ softmax(pol[b, s]))`` at every position ``[B, T]``, fp32, chunk by chunk."""
+    if ref_logits.shape != pol_logits.shape:
+        raise ValueError(f"ref_logits {tuple(ref_logits.shape)} and pol_logits {tuple(pol_logits.shape)} differ in shape")
+    batch, _, vocab = pol_logits.shape
+    return _PositionKL.apply(ref_logits, pol_logits, chunk_size or auto_chunk_size(batch, vocab))
+
+
 def sequential_kl(ref_logits: Tensor, pol_logits: Tensor, response_mask: Tensor, chunk_size: int | None = None) -> Tensor:
     """TDPO's sequential KL ``[B]``: ``KL_y = Σ_{s: pm[b,s]} KL(π_ref(·|x, y_<s) ‖ π_θ(·|x, y_<s))``.
 
     Forward KL over the full vocabulary at the positions whose logits predict a response token
     (:func:`prediction_mask`, the same positions as the log-probs), computed in fp32 chunk by chunk.
     """
-    if ref_logits.shape != pol_logits.shape:
-        raise ValueError(f"ref_logits {tuple(ref_logits.shape)} and pol_logits {tuple(pol_logits.shape)} differ in shape")
-    batch, _, vocab = pol_logits.shape
-    chunk = chunk_size or auto_chunk_size(batch, vocab)
-    per_position = _PositionKL.apply(ref_logits, pol_logits, chunk)
+    per_position = position_kl(ref_logits, pol_logits, chunk_size)
     return torch.where(prediction_mask(response_mask), per_position, 0.0).sum(-1)
-
-

@@ -244,30 +244,62 @@ def forward_with_hook(
 # ---------------------------------------------------------------------------------------------------------
 
 
+LAYOUTS = ("packed", "padded")
+
+
 @dataclass(frozen=True)
 class PairBatch:
-    """``B`` preference pairs as ONE right-padded batch of ``2B`` sequences.
+    """``B`` preference pairs as ``2B`` sequences: sequences ``[0, B)`` are ``prompt + chosen``, ``[B, 2B)`` are
+    ``prompt + rejected`` of the same pairs, in one of two layouts (:func:`build_batch`):
 
-    Rows ``[0, B)`` are ``prompt + chosen``, rows ``[B, 2B)`` are ``prompt + rejected`` of the same pairs.
-    ``response_mask[i, t]`` is True iff ``input_ids[i, t]`` is a response token.  The hidden state and the
-    logits that PREDICT those tokens sit one position earlier: see ``prediction_mask``.
+    - ``padded``: one right-padded row per sequence (``[2B, T]``, T = the longest), with an ``attention_mask``;
+    - ``packed``: all ``2B`` sequences back to back in ONE row (``[1, Σ len]``), no padding, ``attention_mask``
+      None and ``position_ids`` restarting at 0 for each sequence, from which transformers builds the
+      block-diagonal causal mask (sdpa/eager; flash-attention's varlen path on GPU).
+
+    ``response_mask[r, t]`` is True iff ``input_ids[r, t]`` is a response token; ``sequence_ids[r, t]`` is the
+    sequence that position belongs to (−1 on padding).  The hidden state and the logits that PREDICT a response
+    token sit one position earlier: ``prediction_mask`` (the same in both layouts, since every sequence starts
+    with a non-empty prompt).  Everything per sequence is a segment sum over ``sequence_ids[prediction_mask]``.
     """
 
-    input_ids: torch.Tensor  # [2B, T] int64, pad_id after the end
-    attention_mask: torch.Tensor  # [2B, T] int64, 1 on real tokens
-    response_mask: torch.Tensor  # [2B, T] bool
+    input_ids: torch.Tensor  # [R, T] int64, pad_id after the end (padded)
+    attention_mask: torch.Tensor | None  # [R, T] int64, 1 on real tokens (padded); None (packed)
+    response_mask: torch.Tensor  # [R, T] bool
+    sequence_ids: torch.Tensor  # [R, T] int64 in [0, 2B), −1 on padding
+    n_sequences: int  # 2B
+    position_ids: torch.Tensor | None = None  # [R, T] int64 (packed): each sequence's own positions 0, 1, …
 
     @property
     def n_pairs(self) -> int:
-        return self.input_ids.shape[0] // 2
+        return self.n_sequences // 2
 
     @property
     def prediction_mask(self) -> torch.Tensor:
-        """[2B, T] bool: True at positions ``t`` whose next token ``t + 1`` is a response token.
+        """[R, T] bool: True at positions ``t`` whose next token ``t + 1`` is a response token.
 
         These are the positions whose logits give ``log π(y_t | ·)`` and whose hidden states are pooled.
         """
         return _prediction_mask(self.response_mask)
+
+    @property
+    def padding_tokens(self) -> int:
+        """Positions computed for no sequence (0 when packed)."""
+        return int((self.sequence_ids < 0).sum())
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments of the model's forward for this layout.  ``use_cache`` is False: transformers
+        derives the packed mask from ``position_ids`` only when no KV cache is passed (or created)."""
+        out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "use_cache": False}
+        if self.position_ids is not None:
+            out["position_ids"] = self.position_ids
+        return out
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PairBatch":
+        from dataclasses import fields, replace
+
+        return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+                                for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 def pairs_from_batch(batch) -> list[TokenizedPair]:
@@ -280,24 +312,35 @@ def pairs_from_batch(batch) -> list[TokenizedPair]:
     ]
 
 
-def build_batch(pairs: Sequence[TokenizedPair], pad_id: int) -> PairBatch:
-    """Lay out ``pairs`` as one right-padded ``PairBatch`` (chosen rows first); T = longest sequence."""
+def build_batch(pairs: Sequence[TokenizedPair], pad_id: int, layout: str = "padded") -> PairBatch:
+    """Lay out ``pairs`` as a :class:`PairBatch` (chosen sequences first) in ``layout`` (``padded``/``packed``)."""
     if not pairs:
         raise ValueError("build_batch needs at least one pair")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     for p in pairs:
         for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
             if not getattr(p, name):
-                # An empty prompt would leave the first response token without a predicting position.
+                # An empty prompt would leave the first response token without a predicting position (and, packed,
+                # would let the previous sequence's last position predict it).
                 raise ValueError(f"pair for source row {p.index} has an empty {name}")
-    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    T = max(len(prompt) + len(resp) for prompt, resp in rows)
-    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
-    response_mask = torch.zeros((len(rows), T), dtype=torch.bool)
-    for i, (prompt, resp) in enumerate(rows):
-        n_p, n = len(prompt), len(prompt) + len(resp)
-        input_ids[i, :n_p] = torch.tensor(prompt, dtype=torch.long)
-        input_ids[i, n_p:n] = torch.tensor(resp, dtype=torch.long)
-        attention_mask[i, :n] = 1
-        response_mask[i, n_p:n] = True
-    return PairBatch(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask)
+    seqs = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    lengths = [len(prompt) + len(resp) for prompt, resp in seqs]
+    packed = layout == "packed"
+    R, T = (1, sum(lengths)) if packed else (len(seqs), max(lengths))
+    input_ids = torch.full((R, T), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((R, T), dtype=torch.bool)
+    sequence_ids = torch.full((R, T), -1, dtype=torch.long)
+    position_ids = torch.zeros((R, T), dtype=torch.long) if packed else None
+    offset = 0
+    for i, (prompt, resp) in enumerate(seqs):
+        r, a = (0, offset) if packed else (i, 0)
+        n_p, n = len(prompt), lengths[i]
+        input_ids[r, a : a + n] = torch.tensor(tuple(prompt) + tuple(resp), dtype=torch.long)
+        response_mask[r, a + n_p : a + n] = True
+        sequence_ids[r, a : a + n] = i
+        if packed:
+            position_ids[0, a : a + n] = torch.arange(n)
+        offset += n
+    attention_mask = None if packed else (sequence_ids >= 0).long()
+    return PairBatch(input_ids, attention_mask, response_mask, sequence_ids, len(seqs), position_ids)

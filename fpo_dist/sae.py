@@ -102,6 +102,20 @@ def pool_mean(codes: Tensor, mask: Tensor) -> Tensor:
     return summed / m.sum(dim=1, keepdim=True).clamp(min=1)
 
 
+def pool_sequences(codes: Tensor, sequences: Tensor, n: int) -> Tensor:
+    """``c̄[s] = Σ_{i: sequences[i] = s} codes[i] / max(|{i: sequences[i] = s}|, 1)`` in fp32 ``[n, F]``.
+
+    ``codes [N, F]`` are the codes of the selected positions only (the hidden states at
+    ``PairBatch.prediction_mask``, in either layout), ``sequences [N]`` the sequence of each
+    (``PairBatch.sequence_ids[prediction_mask]``).  Padded and prompt positions are never encoded, so garbage
+    there (even non-finite) cannot leak in.  Equal to :func:`pool_mean` on the padded layout.
+    """
+    summed = torch.zeros(n, codes.shape[-1], dtype=torch.float32, device=codes.device)
+    summed = summed.index_add(0, sequences, codes.float())
+    counts = torch.bincount(sequences, minlength=n)[:n].clamp(min=1)
+    return summed / counts[:, None].to(summed.dtype)
+
+
 def to_sparse(pooled: Tensor) -> SparseCodes:
     """All non-zeros of pooled codes ``[B, F]`` (detached): indices int32 ascending, values fp32 — for the cache."""
     return SparseCodes.from_dense(pooled.detach())

@@ -20,8 +20,7 @@ import torch
 
 from fpo_dist import checkpoints as ckpt
 from fpo_dist.config import ConfigError, ModelConfig, TrainConfig, public_dict, storage_options_for, to_dict, to_yaml
-from fpo_dist.losses import LOSSES, check_loss_requirements, prediction_mask
-from fpo_dist.models import capture_block_output
+from fpo_dist.losses import LOSSES, check_loss_requirements
 
 
 class TrainingDiverged(RuntimeError):
@@ -266,7 +265,7 @@ class Trainer:
         try:
             self.loader = CacheLoader(
                 self.store, topology=self.dist.topology(cfg.micro_batch_size, cfg.grad_accum), seed=cfg.seed,
-                pad_id=self.pad_id, prefetch=cfg.prefetch, epochs=cfg.epochs,
+                pad_id=self.pad_id, layout=cfg.batch_layout, prefetch=cfg.prefetch, epochs=cfg.epochs,
             )
         except ValueError as e:  # too few rows for one global batch, and the like
             raise ConfigError(f"cache {cfg.cache}: {e}") from None
@@ -326,32 +325,26 @@ class Trainer:
 
     def step0_check(self) -> None:
         """Policy == reference at step 0: cached log-probs (and, for FPO, pooled features) must be
-        reproduced under the run's real layout (engine, dtype, padding), or the run aborts."""
+        reproduced under the run's real layout (engine, dtype, batch layout), or the run aborts."""
         if not self.cfg.step0_check or self.step > 0:
             return
         from fpo_dist.consistency import compare
-        from fpo_dist.lm_head import row_sums, selected_forward
         from fpo_dist.models import build_batch, pairs_from_batch
-        from fpo_dist.sae import encode_full, pool_mean
+        from fpo_dist.scoring import nonzeros, score_batch
 
         rows = self.store.ok_rows()[: self.cfg.step0_rows].tolist()
         batch = self.store.read_rows(rows)
-        pb = build_batch(pairs_from_batch(batch), self.pad_id)
-        ids, att, resp = (t.to(self.device) for t in (pb.input_ids, pb.attention_mask, pb.response_mask))
-        pm = prediction_mask(resp)
+        pb = build_batch(pairs_from_batch(batch), self.pad_id, self.cfg.batch_layout).to(self.device)
         self.policy.train(False)
-        with torch.no_grad(), capture_block_output(self.policy.module, self.layer) as cap:
-            out = selected_forward(self.policy, ids, att, pm)
+        out = score_batch(self.policy, pb, self.sae, self.layer)  # what the cache worker computed, on this run
         self.policy.train(True)
         n = len(rows)
-        logp_sum, n_tok = row_sums(out.logps, out.rows, 2 * n), pm.sum(-1)
         pooled = None
-        if self.sae is not None:
-            with torch.no_grad():
-                codes = pool_mean(encode_full(self.sae, cap.output), pm).cpu()
-            pooled = [tuple(_nz(codes[r]) for r in (b, n + b)) for b in range(n)]
-        lp = torch.stack([logp_sum[:n], logp_sum[n:]], 1).float().cpu().numpy()
-        nt = torch.stack([n_tok[:n], n_tok[n:]], 1).cpu().numpy()
+        if out.pooled is not None:
+            codes = out.pooled.cpu()
+            pooled = [tuple(nonzeros(codes[r]) for r in (b, n + b)) for b in range(n)]
+        lp = torch.stack([out.logp_sum[:n], out.logp_sum[n:]], 1).float().cpu().numpy()
+        nt = torch.stack([out.n_tokens[:n], out.n_tokens[n:]], 1).cpu().numpy()
         cmp = compare(batch, lp, nt, pooled, self.sae.cfg.d_sae if self.sae is not None else 0)
         atol_logp = self.cfg.step0_atol_logp * (30 if self.bf16 else 1)
         rtol_mse = self.cfg.step0_rtol_mse * (100 if self.bf16 else 1)
@@ -456,7 +449,8 @@ class Trainer:
         from fpo_dist.evaluation_loop import evaluate
 
         batch = self.cfg.eval_batch_size or self.cfg.micro_batch_size
-        record = {"step": self.step, **evaluate(self.policy, self.loss, self.eval_store, self.dist, self.pad_id, batch)}
+        record = {"step": self.step, **evaluate(self.policy, self.loss, self.eval_store, self.dist, self.pad_id, batch,
+                                                 self.cfg.batch_layout)}
         self.eval_summary.add(record)
         if self.is_main:
             self._log(record)
@@ -523,11 +517,6 @@ def _hidden_size(model_cfg: ModelConfig) -> int:
     c = AutoConfig.from_pretrained(model_cfg.name_or_path, revision=model_cfg.revision, **kwargs)
     c = getattr(c, "text_config", c)
     return int(c.hidden_size)
-
-
-def _nz(vec: torch.Tensor) -> tuple:
-    idx = vec.nonzero().squeeze(-1)
-    return idx.numpy(), vec[idx].float().numpy()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,6 +69,7 @@ def build_provenance(cfg: CacheConfig, source, tokenizer) -> dict:
         "hook": f"blocks.{cfg.sae.layer}.hook_resid_post",
         "data": data,
         "batch_size": cfg.batch_size,
+        "batch_layout": cfg.batch_layout,
     }
 
 

@@ -1,9 +1,9 @@
 """The cache worker: one frozen reference model + SAE, turning shards of rows into store regions.
 
-:func:`reference_pass` is the computation (one no-grad forward per batch, chosen and rejected rows
-together, the output layer only at the positions that predict response tokens (:mod:`fpo_dist.lm_head`), block-ℓ
-residual hook, SAE encoding on the worker's device, mean pooling over the positions
-that predict response tokens).  :class:`CacheWorker` wraps it with loading and shard I/O; the driver
+:func:`reference_pass` is the computation (one no-grad :func:`fpo_dist.scoring.score_batch` per batch of
+pairs, chosen and rejected sequences packed together: the output layer only at the positions that predict response
+tokens, the block-ℓ residual hook, SAE encoding of those positions on the worker's device, mean pooling per
+sequence).  :class:`CacheWorker` wraps it with loading and shard I/O; the driver
 runs it as a Ray actor, tests and ``verify`` run it in-process.
 """
 
@@ -17,22 +17,17 @@ import torch
 
 from fpo_dist.config import CacheConfig
 from fpo_dist.data import BadRowError, PairTokenizer, TokenizedPair, load_source
-from fpo_dist.lm_head import row_sums, selected_forward
-from fpo_dist.logprobs import token_logps
-from fpo_dist.losses import prediction_mask
+from fpo_dist.lm_head import unwrap
 from fpo_dist.models import (
     build_batch,
-    capture_block_output,
     load_causal_lm,
     load_tokenizer,
     model_spec,
     pad_token_id,
     tokenizer_spec,
 )
-from fpo_dist.sae import encode_full, load_sae, pool_mean
-
-# SAE codes are computed in row groups so that [rows, T, d_sae] fp32 stays under this many bytes.
-SAE_BLOCK_BYTES = 256 << 20
+from fpo_dist.sae import load_sae
+from fpo_dist.scoring import nonzeros, score_batch
 
 
 def resolve_device(device: str) -> torch.device:
@@ -65,45 +60,37 @@ def reference_pass(
     per_token_logps: bool = False,
     per_token_codes: bool = False,
     logits: str = "selected",
+    layout: str = "packed",
 ) -> PairOutputs:
     """Reference log-probs and pooled SAE codes for ``pairs`` (in the order given).
 
     Pairs are batched in a fixed, length-sorted order that depends only on ``pairs``, so the same shard
-    gives bit-identical results on any worker.  ``logits="selected"`` (what the cache job runs) computes the
-    output layer only where a response token is predicted (:func:`fpo_dist.lm_head.selected_forward`);
-    ``"materialized"`` takes the model's full ``[rows, T, vocab]`` logits (the path it replaced; for tests
-    and benchmarks).  Both sum the same per-token values in the same order.
+    gives bit-identical results on any worker.  Each batch is one :func:`fpo_dist.scoring.score_batch` in
+    ``layout`` (``packed``: the batch's sequences back to back in one row, no padding; ``padded``).
+    ``logits="selected"`` (what the cache job runs) computes the output layer only where a response token is
+    predicted; ``"materialized"`` takes the model's full logits (the path it replaced; for tests and benchmarks).
     """
-    if logits not in ("selected", "materialized"):
-        raise ValueError(f"logits must be 'selected' or 'materialized', got {logits!r}")
-    device = next(model.parameters()).device
     order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids)), i))
+    device = next(unwrap(model).parameters()).device
     results: dict[int, tuple] = {}
     for b0 in range(0, len(order), batch_size):
         idx = order[b0 : b0 + batch_size]
-        batch = build_batch([pairs[i] for i in idx], pad_id)
-        input_ids = batch.input_ids.to(device)
-        attention = batch.attention_mask.to(device)
-        response = batch.response_mask.to(device)
-        pm = prediction_mask(response)
-        with capture_block_output(model, layer) as cap:
-            logps, rows = _response_logps(model, input_ids, attention, response, pm, logits)
-        per_tok = torch.zeros(pm.shape, dtype=logps.dtype, device=device)
-        per_tok[torch.roll(pm, 1, dims=1)] = logps  # token t's log-prob at t (pm[:, T-1] is never set)
-        pooled, tok_codes = _pooled_codes(sae, cap.output, pm, per_token_codes)
+        batch = build_batch([pairs[i] for i in idx], pad_id, layout).to(device)
+        out = score_batch(model, batch, sae, layer, logits=logits, token_codes=per_token_codes)
+        sums, counts = out.logp_sum.float().cpu(), out.n_tokens.cpu()
+        per_tok = torch.split(out.token_logps.float().cpu(), counts.tolist()) if per_token_logps else None
         n = len(idx)
-        sums = row_sums(logps, rows, len(input_ids)).float().cpu()  # the trainer's summation order
-        counts = response[:, 1:].sum(-1).cpu()
         for j, i in enumerate(idx):
+            c, r = j, n + j
             entry = [
-                (float(sums[j]), float(sums[n + j])),
-                (int(counts[j]), int(counts[n + j])),
-                (_nonzeros(pooled[j]), _nonzeros(pooled[n + j])),
+                (float(sums[c]), float(sums[r])),
+                (int(counts[c]), int(counts[r])),
+                (nonzeros(out.pooled[c]), nonzeros(out.pooled[r])),
             ]
             if per_token_logps:
-                entry.append(tuple(per_tok[r][response[r]].float().cpu().numpy() for r in (j, n + j)))
+                entry.append((per_tok[c].numpy(), per_tok[r].numpy()))
             if per_token_codes:
-                entry.append((tok_codes[j], tok_codes[n + j]))
+                entry.append((out.token_codes[c], out.token_codes[r]))
             results[i] = tuple(entry)
     ordered = [results[i] for i in range(len(pairs))]
     return PairOutputs(
@@ -113,46 +100,6 @@ def reference_pass(
         token_logps=[r[3] for r in ordered] if per_token_logps else None,
         token_codes=[r[-1] for r in ordered] if per_token_codes else None,
     )
-
-
-def _response_logps(model, input_ids, attention, response, pm, logits: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logps[N], rows[N])`` at the positions ``pm`` (row-major): the log-prob of the token each predicts."""
-    if logits == "selected":
-        sel = selected_forward(model, input_ids, attention, pm)
-        return sel.logps, sel.rows
-    full = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
-    per_token = token_logps(full, input_ids, response)  # token t's log-prob at t
-    return torch.roll(per_token, -1, dims=1)[pm], pm.nonzero()[:, 0]
-
-
-def _nonzeros(vec: torch.Tensor) -> tuple:
-    nz = vec.nonzero().squeeze(-1)
-    return nz.to(torch.int32).cpu().numpy(), vec[nz].float().cpu().numpy()
-
-
-def _pooled_codes(sae, hidden: torch.Tensor, mask: torch.Tensor, per_token: bool):
-    """Mean-pooled SAE codes ``[R, d_sae]`` over ``mask`` positions, encoded in row groups; optionally the
-    per-token sparse codes of the masked positions as ``(nnz per token, indices, values)`` per row."""
-    rows, seq, _ = hidden.shape
-    d_sae = sae.cfg.d_sae
-    group = max(1, SAE_BLOCK_BYTES // max(1, seq * d_sae * 4))
-    pooled, tok = [], []
-    for r0 in range(0, rows, group):
-        codes = encode_full(sae, hidden[r0 : r0 + group])
-        m = mask[r0 : r0 + group]
-        pooled.append(pool_mean(codes, m))
-        if per_token:
-            for c, mm in zip(codes, m):
-                sel = c[mm]  # [n_tokens, d_sae]
-                nz = sel.nonzero()
-                tok.append(
-                    (
-                        (sel != 0).sum(-1).to(torch.int32).cpu().numpy(),
-                        nz[:, 1].to(torch.int32).cpu().numpy(),
-                        sel[nz[:, 0], nz[:, 1]].float().cpu().numpy(),
-                    )
-                )
-    return torch.cat(pooled), tok
 
 
 class CacheWorker:
@@ -200,7 +147,7 @@ class CacheWorker:
             return {"shard": shard, "error": str(e)}
         out = reference_pass(
             self.model, self.sae, self.cfg.sae.layer, rng.pairs, self.pad_id, self.cfg.batch_size,
-            self.cfg.per_token_logps, self.cfg.per_token_codes,
+            self.cfg.per_token_logps, self.cfg.per_token_codes, layout=self.cfg.batch_layout,
         )
         result = ShardResult.build(
             start, stop, rng.pairs, rng.bad, out.logp_sum, out.n_tokens, out.pooled,
