@@ -62,22 +62,6 @@ def _timed(module, names: list[str], totals: dict, device):
     return [_patched(module, n, wrap(n)) for n in names]
 
 
-def worker_order(pairs) -> list[int]:
-    """The order ``reference_pass`` batches pairs in (length-sorted; see fpo_dist.cache.worker)."""
-    return sorted(range(len(pairs)), key=lambda i: (len(pairs[i].prompt_ids)
-                                                    + max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids)), i))
-
-
-def padded_batches(pairs, pad_id: int, batch_size: int) -> list:
-    """The bare forward's batches: the worker's order and batch size, each batch right-padded to its longest
-    sequence (``fpo_dist.models.build_batch``), the layout a plain transformers forward takes."""
-    from fpo_dist.models import build_batch
-
-    order = worker_order(pairs)
-    return [build_batch([pairs[i] for i in order[b0 : b0 + batch_size]], pad_id)
-            for b0 in range(0, len(order), batch_size)]
-
-
 def _reference_pass_kwargs(worker) -> dict:
     """The worker's default path, named explicitly where this version has the switch: output layer at selected
     positions, and packed rows once ``reference_pass`` takes a ``layout``."""
@@ -94,7 +78,6 @@ def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int
     from contextlib import ExitStack
 
     from fpo_dist import scoring
-    from fpo_dist import scoring
     from fpo_dist.cache import worker
     from fpo_dist.models import ModelSpec, load_causal_lm
     from fpo_dist.sae import load_sae
@@ -107,10 +90,21 @@ def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int
     tokens = sum(len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)  # as the worker
     kwargs = _reference_pass_kwargs(worker)
 
-    def ref_pass(subset=pairs):
-        return worker.reference_pass(model, sae, assets.hook_layer, subset, pad_id, sizes.cache_batch, **kwargs)
+    def ref_pass():  # as the cache job runs it (packed batches, output layer at the selected positions)
+        return worker.reference_pass(model, sae, assets.hook_layer, pairs, pad_id, sizes.cache_batch, **kwargs)
 
-    batches = padded_batches(pairs, pad_id, sizes.cache_batch)
+    batches = []  # the pairs of each batch reference_pass builds, padded: what a bare forward runs
+
+    def recording(build):
+        def inner(pairs, pad_id, layout="padded"):
+            batches.append(build(pairs, pad_id, "padded"))
+            return build(pairs, pad_id, layout)
+        return inner
+
+    with _patched(worker, "build_batch", recording):
+        t0 = time.perf_counter()
+        ref_pass()  # also the warm-up: what a fresh worker's first shard pays
+        first_call_s = time.perf_counter() - t0
     dev_batches = [(b.input_ids, b.attention_mask) for b in batches]
 
     @torch.no_grad()
@@ -118,11 +112,7 @@ def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int
         for ids, att in subset:
             model(input_ids=ids.to(device), attention_mask=att.to(device), use_cache=False)
 
-    # warm-up: what a fresh worker's first batch pays (allocator, one-time initialisation), for both
-    t0 = time.perf_counter()
-    ref_pass(pairs[: sizes.cache_batch])
-    first_call_s = time.perf_counter() - t0
-    bare(dev_batches[:1])
+    bare([(ids[:, :32], att[:, :32]) for ids, att in dev_batches[:1]])  # a short warm-up (the model is warm already)
 
     t_bare, t_ref, c_bare, c_ref = [], [], [], []  # wall and process CPU seconds per call
     for _ in range(sizes.bare_rounds):

@@ -99,7 +99,7 @@ PRESETS: dict[str, Sizes] = {
         name="realshape", hidden=640, layers=18, heads=4, intermediate=2048, vocab=262144, hook_layer=9,
         d_sae=16384, target_l0=100, dtype="float32",
         rows=8, max_length=448, max_prompt_length=128, prompt_words=(0, 0), response_words=(0, 0),
-        cache_batch=4, rows_per_shard=4, bare_rows=4, bare_rounds=2,
+        cache_batch=4, rows_per_shard=4, bare_rows=4, bare_rounds=1,
         micro_batch=1, warmup_steps=1, measure_steps=2,
         loader_steps=0, loader_rounds=0, train_timeout_s=480,
         model="gemma3-270m", prompt_tokens=(48, 0.5, 16, 128), response_tokens=(96, 0.7, 16, 320),

@@ -78,7 +78,8 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
 class StepStats:
     loss: float = 0.0
     metrics: dict = field(default_factory=dict)
-    tokens: int = 0
+    tokens: int = 0  # the sequences' own tokens
+    computed: int = 0  # positions the forward ran (tokens + padding)
     micro: int = 0
     rows: list = field(default_factory=list)
 
@@ -386,7 +387,8 @@ class Trainer:
             stats.loss += float(loss.detach())
             for k, v in metrics.items():
                 stats.metrics[k] = stats.metrics.get(k, 0.0) + float(v)
-            stats.tokens += int(mb.attention_mask.sum())
+            stats.computed += mb.input_ids.numel()
+            stats.tokens += mb.input_ids.numel() - mb.padding_tokens
             stats.micro += 1
             stats.rows.extend(int(r) for r in mb.rows)
             if not boundary:
@@ -420,12 +422,14 @@ class Trainer:
 
     def _reduce(self, s: StepStats, seconds: float) -> dict:
         keys = sorted(s.metrics)
-        vec = self.dist.sum([s.loss / s.micro] + [s.metrics[k] / s.micro for k in keys] + [float(s.tokens)])
-        means = [v / self.world for v in vec[:-1]]
+        vec = self.dist.sum([s.loss / s.micro] + [s.metrics[k] / s.micro for k in keys]
+                            + [float(s.computed), float(s.tokens)])
+        means = [v / self.world for v in vec[:-2]]
         record = {"step": self.step, "loss": means[0]}
         record.update(dict(zip(keys, means[1:])))
         record.update(
             lr=self.policy.lr(), grad_norm=self.policy.grad_norm(), tokens_per_s=vec[-1] / max(seconds, 1e-9),
+            padding_share=1.0 - vec[-1] / max(vec[-2], 1.0),
             step_time_s=seconds, peak_memory_mb=self.dist.max(self.dist.peak_memory_mb()), epoch=self._epoch_of_step,
         )
         return record

@@ -38,19 +38,66 @@ CALIBRATION = [
 ]
 
 
-def _reference_pass_both_ways(model, tok, sae) -> dict:
-    """The cache worker's computation on ROWS, with the output layer at selected positions and with full logits."""
-    from fpo_dist.cache.worker import reference_pass
+def _pairs(tok):
     from fpo_dist.data import TokenizedPair
 
     def ids(text, special=False):
         return tuple(tok(text, add_special_tokens=special).input_ids)
 
     eos = (tok.eos_token_id,)
-    pairs = [TokenizedPair(i, bytes(16), ids(r["prompt"], True), ids(r["chosen"]) + eos, ids(r["rejected"]) + eos)
-             for i, r in enumerate(ROWS)]
-    return {mode: reference_pass(model, sae, LAYER, pairs, tok.pad_token_id, batch_size=4, logits=mode)
-            for mode in ("selected", "materialized")}
+    return [TokenizedPair(i, bytes(16), ids(r["prompt"], True), ids(r["chosen"]) + eos, ids(r["rejected"]) + eos)
+            for i, r in enumerate(ROWS)]
+
+
+def _reference_pass_both_ways(model, tok, sae) -> dict:
+    """The cache worker's computation on ROWS: the output layer at selected positions and full logits (padded),
+    and the selected head on the packed layout (what the cache job runs)."""
+    from fpo_dist.cache.worker import reference_pass
+
+    pairs = _pairs(tok)
+    out = {mode: reference_pass(model, sae, LAYER, pairs, tok.pad_token_id, batch_size=4, logits=mode, layout="padded")
+           for mode in ("selected", "materialized")}
+    out["packed"] = reference_pass(model, sae, LAYER, pairs, tok.pad_token_id, batch_size=4, layout="packed")
+    return out
+
+
+def _every_loss_both_layouts(model, tok, sae, cached) -> dict:
+    """For every registered loss, on 2 of ROWS: (loss, metrics, gradients) with the packed and the padded layout.
+    Gradients w.r.t. the blocks from LAYER on and the final norm (the 262k-row embedding/head is frozen here, so
+    the backward stays cheap; it still runs through the selected-position head, the SAE hook and 9 blocks)."""
+    from dataclasses import replace
+
+    from test_packing import _micro_batch
+
+    from fpo_dist.forward import LossContext
+    from fpo_dist.losses import LOSSES
+    from fpo_dist.models import build_batch
+
+    pairs = _pairs(tok)[:2]
+    params = [p for n, p in model.named_parameters()
+              if n.startswith("model.norm") or any(n.startswith(f"model.layers.{i}.") for i in range(LAYER, 18))]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    ref_logps = torch.tensor([p[0] for p in cached.logp_sum[:2]] + [p[1] for p in cached.logp_sum[:2]])
+    dense = torch.zeros(4, sae.cfg.d_sae)
+    for j, pair in enumerate(cached.pooled[:2]):
+        for side, (idx, val) in enumerate(pair):
+            dense[side * 2 + j, torch.as_tensor(idx).long()] = torch.as_tensor(val)
+    ntok = torch.tensor(cached.n_tokens[:2])
+    out = {}
+    for name, spec in LOSSES.items():
+        for layout in ("packed", "padded"):
+            mb = replace(_micro_batch(build_batch(pairs, tok.pad_token_id, layout), ref_logps, dense), ref_n_tokens=ntok)
+            ctx = LossContext(spec, {**spec.hyper_parameters, **({"k": 16} if name == "fpo" else {})}, sae=sae,
+                              layer=LAYER, reference=model)
+            loss, metrics = ctx(model, mb)
+            out[name, layout] = (loss.detach(), {k: float(v) for k, v in metrics.items()},
+                                 torch.autograd.grad(loss, params))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +117,13 @@ def realshape(gemma_hf_dir, tmp_path_factory):
                                      out_dir=root / "sae")
     assert 50 <= l0 <= 100, l0
     both_ways = _reference_pass_both_ways(model, tok, sae)
+    layouts = _every_loss_both_layouts(model, tok, sae, both_ways["packed"])
     del model, sae
     data = root / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in ROWS))
     return {"root": root, "model": str(gemma_hf_dir), "sae": str(root / "sae"), "data": str(data),
             "ds": str(os.path.join(os.path.dirname(__file__), "..", "ds_configs", "zero3.json")),
-            "both_ways": both_ways}
+            "both_ways": both_ways, "layouts": layouts}
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +163,33 @@ def test_gemma3_cache_selected_equals_materialized(realshape):
         for (ia, va), (ib, vb) in zip(a, b):
             assert len(ia) > 50 and (ia == ib).all()
             torch.testing.assert_close(torch.as_tensor(va), torch.as_tensor(vb), rtol=1e-6, atol=1e-7)
+
+
+def test_gemma3_cache_packed_equals_padded(realshape):
+    """The cache worker on the packed layout (what the cache job runs; Gemma 3's sliding-window and global layers
+    get their mask from the packed position_ids) ≡ the padded layout."""
+    pk, pd = realshape["both_ways"]["packed"], realshape["both_ways"]["selected"]
+    assert pk.n_tokens == pd.n_tokens
+    torch.testing.assert_close(torch.tensor(pk.logp_sum), torch.tensor(pd.logp_sum), rtol=1e-5, atol=2e-4)
+    for a, b in zip(pk.pooled, pd.pooled):
+        for (ia, va), (ib, vb) in zip(a, b):
+            assert len(ia) > 50 and (ia == ib).all()
+            torch.testing.assert_close(torch.as_tensor(va), torch.as_tensor(vb), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fpo", "dpo", "simpo", "dpo-online", "tdpo1", "tdpo2"])
+def test_gemma3_every_loss_packed_equals_padded(realshape, name):
+    """Loss, metrics and gradients (blocks 9-17 and the final norm) of every loss on Gemma 3 270M: packed ≡ padded."""
+    (l_pk, m_pk, g_pk), (l_pd, m_pd, g_pd) = realshape["layouts"][name, "packed"], realshape["layouts"][name, "padded"]
+    assert math.isfinite(float(l_pd))
+    torch.testing.assert_close(l_pk, l_pd, rtol=1e-4, atol=1e-4)
+    assert m_pk.keys() == m_pd.keys()
+    for key in m_pd:
+        assert m_pk[key] == pytest.approx(m_pd[key], rel=1e-3, abs=1e-3), key
+    scale = max(float(g.abs().max()) for g in g_pd)
+    for a, b in zip(g_pk, g_pd):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * scale + 1e-8)
+    assert scale > 0
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

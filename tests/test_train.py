@@ -165,6 +165,7 @@ def test_fpo_two_rank_zero3_run(run_a, tiny):
                 "topk_overlap", "margin"):
         assert key in m[0], key
     assert m[0]["peak_memory_mb"] > 0
+    assert all(r["padding_share"] == 0 for r in m)  # packed micro-batches (the default)
     assert "step-0 check: rows" in log
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -277,15 +278,18 @@ def test_resume_on_other_world_sizes_sees_every_sample_once_per_epoch(run_a, cac
 
 
 def test_dpo_cached_equals_dpo_online(cache):
+    """Cached ≡ online reference, and padded ≡ packed: the cached run pads its micro-batches, the online one packs
+    them (the default), against a cache built packed."""
     out_c, out_o = cache["root"] / "dpo", cache["root"] / "dpo_online"
     common = ("--max_steps", "3", "--loss.alpha", "0.5", "--loss.k", "50", "--export", "false")
-    rc, log = train(cache, out_c, "--loss.name", "dpo", *common)
+    rc, log = train(cache, out_c, "--loss.name", "dpo", "--batch_layout", "padded", *common)
     assert rc == 0, log[-6000:]
     rc, log = train(cache, out_o, "--loss.name", "dpo-online", *common)
     assert rc == 0, log[-6000:]
     assert "reference model: yes" in log
     mc, mo = metrics(out_c), metrics(out_o)
-    assert abs(mc[0]["loss"] - math.log(2)) < 1e-5  # fp32; cache and policy pad batches differently
+    assert abs(mc[0]["loss"] - math.log(2)) < 1e-5  # fp32; cache and policy lay out batches differently
+    assert all(r["padding_share"] > 0 for r in mc) and all(r["padding_share"] == 0 for r in mo)
     for a, b in zip(mc, mo):
         for key in ("loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "grad_norm"):
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a["step"], key, a[key], b[key])
