@@ -93,17 +93,18 @@ PRESETS: dict[str, Sizes] = {
     ),
     # The real shape on 2 CPU cores, fp32, 1 thread per rank, in under ~10 minutes (bench/realshape.py).
     # Lengths: UltraFeedback's are about prompt median ~150, responses ~250-300 tokens with a long tail; here both
-    # are scaled by ~0.4 to fit the CPU budget, keeping the several-fold spread of response lengths (10th-90th
-    # percentile of a response: ~40-230 tokens) and independent chosen/rejected lengths.
+    # are scaled down ~4x to fit the CPU budget (a Gemma step costs ~20-40 s on 2 cores), keeping the several-fold
+    # spread of response lengths (10th-90th percentile of a response: ~26-157 tokens) and independent chosen and
+    # rejected lengths.  Steps: 1 warm-up + 2 measured, no profiled step.
     "realshape": Sizes(
         name="realshape", hidden=640, layers=18, heads=4, intermediate=2048, vocab=262144, hook_layer=9,
         d_sae=16384, target_l0=100, dtype="float32",
-        rows=8, max_length=448, max_prompt_length=128, prompt_words=(0, 0), response_words=(0, 0),
+        rows=8, max_length=352, max_prompt_length=96, prompt_words=(0, 0), response_words=(0, 0),
         cache_batch=4, rows_per_shard=4, bare_rows=4, bare_rounds=1,
         micro_batch=1, warmup_steps=1, measure_steps=2,
         loader_steps=0, loader_rounds=0, train_timeout_s=480,
-        model="gemma3-270m", prompt_tokens=(48, 0.5, 16, 128), response_tokens=(96, 0.7, 16, 320),
-        calibration_rows=4, profile_steps=1, train_dtype="float32", cache_workers=(1,),
+        model="gemma3-270m", prompt_tokens=(32, 0.5, 12, 96), response_tokens=(64, 0.7, 12, 256),
+        calibration_rows=6, profile_steps=0, train_dtype="float32", cache_workers=(1,),
     ),
     # The same on one GPU (bf16, what every GPU run trains in): UltraFeedback's own scale of lengths, more rows.
     "realshape-gpu": Sizes(

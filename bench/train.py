@@ -15,6 +15,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bench.report import LOADED_CORES, HostLoad
@@ -155,10 +156,11 @@ def run(store: str, sizes, nproc: int, device: str, root: Path, losses=LOSSES, r
     host is kept (both are listed under ``attempts``)."""
 
     def attempt(loss: str, where: Path) -> dict:
-        load = HostLoad()
+        load, t0 = HostLoad(), time.perf_counter()
         launch(loss, store, where, sizes, nproc, device)
-        r = {**summarize(loss, where / f"train_{loss}", sizes), "host_load": load.stop()}
-        log(f"train {loss}: {r['step_time_s']:.3f} s/step, {r['tokens_per_s']:.0f} tok/s, "
+        r = {**summarize(loss, where / f"train_{loss}", sizes), "host_load": load.stop(),
+             "launch_s": time.perf_counter() - t0}
+        log(f"train {loss}: {r['step_time_s']:.3f} s/step, {r['tokens_per_s']:.0f} tok/s, launch {r['launch_s']:.0f} s, "
             f"peak {r['peak_memory_mb']:.0f} MB/rank (other processes: {r['host_load']['others_cores']:.2f} cores)")
         return r
 
