@@ -35,7 +35,7 @@ def run(sizes, device: str, root: Path, nproc: int, log=print, rerun_loaded: boo
     compute.update(host_load=load, host_loads=loads)
     job = bench_cache.bench_cache_job(a, sizes, device, [1], root / "cache", retry=False, log=log)
     train = bench_train.run(job["store"], sizes, nproc, device, root / "train", list(LOSSES),
-                            rerun_loaded=rerun_loaded, log=log)
+                            rerun_loaded=rerun_loaded, log=log, keep_going=True)
     return {"sizes": sizes.to_dict(), "assets": a.to_dict(), "train": train,
             "cache": {"compute": compute, "job": job, "ratio_reference_pass_vs_bare": compute["ratio"],
                       "ratio_worker_vs_bare": job["runs"][0]["mean_worker_tokens_per_s"] / compute["bare_tokens_per_s"]},
@@ -173,6 +173,11 @@ def markdown(rs: dict | None, rat: dict, device: str) -> list[str]:
                       f"{rs['sizes']['warmup_steps'] + rs['sizes']['measure_steps']} measured (first "
                       f"{rs['sizes']['warmup_steps']} skipped). Padding share: padding positions / computed positions "
                       "of every micro-batch the run's trainer was handed (counted from the micro-batches).", ""]
+        for n, tail in (tr.get("failed") or {}).items():
+            oom = "SIGKILL" in tail or "Signal 9" in tail or "exitcode: -9" in tail
+            lines += [f"**{n} failed twice**" + (" (killed by SIGKILL: the kernel's OOM killer on a host whose memory "
+                                                  "other processes shared)" if oom else "") + ": see the JSON's "
+                      "`realshape.train.failed`.", ""]
         if not rs.get("batch_layout_available", True):
             lines += ["**This trainer has no `batch_layout` switch yet: every run above is padded.**", ""]
     comp = cache.get("compute")

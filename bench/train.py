@@ -150,10 +150,12 @@ def above_setup(mem: dict) -> float:
 
 
 def run(store: str, sizes, nproc: int, device: str, root: Path, losses=LOSSES, rerun_loaded: bool = True,
-        log=print) -> dict:
+        log=print, keep_going: bool = False) -> dict:
     """Train each loss in its own launch.  On a shared host, a launch measured while other processes kept more
     than ``LOADED_CORES`` cores busy is re-run once at the end (``rerun_loaded``), and the attempt with the quieter
-    host is kept (both are listed under ``attempts``)."""
+    host is kept (both are listed under ``attempts``).  ``keep_going``: a failed launch (e.g. killed by the kernel's
+    OOM killer when other processes hold the shared host's memory) is tried once more after the others, and if it
+    fails again it is listed under ``failed`` with its log's tail instead of ending the run."""
 
     def attempt(loss: str, where: Path) -> dict:
         load, t0 = HostLoad(), time.perf_counter()
@@ -164,7 +166,23 @@ def run(store: str, sizes, nproc: int, device: str, root: Path, losses=LOSSES, r
             f"peak {r['peak_memory_mb']:.0f} MB/rank (other processes: {r['host_load']['others_cores']:.2f} cores)")
         return r
 
-    results = {loss: attempt(loss, root) for loss in losses}
+    results, failed = {}, {}
+    for loss in losses:
+        try:
+            results[loss] = attempt(loss, root)
+        except RuntimeError as e:
+            if not keep_going:
+                raise
+            log(f"train {loss}: {str(e).splitlines()[0]}; trying again after the others")
+            failed[loss] = str(e)[-3000:]
+    for loss in list(failed):
+        try:
+            results[loss] = attempt(loss, root / "retry")
+            del failed[loss]
+        except RuntimeError as e:
+            log(f"train {loss}: {str(e).splitlines()[0]} again; listed as failed")
+            failed[loss] = str(e)[-3000:]
+    losses = [n for n in losses if n in results]
     loaded = [n for n in losses if rerun_loaded and results[n]["host_load"]["others_cores"] > LOADED_CORES]
     for loss in reversed(loaded):
         first, again = results[loss], attempt(loss, root / "rerun")
@@ -172,4 +190,5 @@ def run(store: str, sizes, nproc: int, device: str, root: Path, losses=LOSSES, r
         keep["attempts"] = [{k: r[k] for k in ("step_time_s", "cpu_s_per_step", "peak_memory_mb", "host_load")}
                             for r in (first, again)]
         results[loss] = keep
-    return {"losses": results, "nproc": nproc, "rerun": loaded, "ds_config": str(ZERO3.relative_to(ROOT))}
+    return {"losses": results, "nproc": nproc, "rerun": loaded, "ds_config": str(ZERO3.relative_to(ROOT)),
+            "failed": failed}
