@@ -133,7 +133,7 @@ def shape_text(rs: dict) -> str:
             f"{s['max_length']} (prompt ≤ {s['max_prompt_length']}).")
 
 
-def markdown(rs: dict | None, rat: dict, device: str) -> list[str]:
+def markdown(rs: dict | None, rat: dict, device: str, cores: int | None = None) -> list[str]:
     if not rs:
         return []
     from bench.report import load_note
@@ -175,6 +175,15 @@ def markdown(rs: dict | None, rat: dict, device: str) -> list[str]:
                       f"{rs['sizes']['warmup_steps'] + rs['sizes']['measure_steps']} measured (first "
                       f"{rs['sizes']['warmup_steps']} skipped). Padding share: padding positions / computed positions "
                       "of every micro-batch the run's trainer was handed (counted from the micro-batches).", ""]
+        from bench.report import _phase_memory_table, _phase_table
+
+        phases = _phase_table(losses)
+        if phases:
+            lines += ["Where the time goes (one extra profiled step, rank 0; phases timed by wrapping the trainer's "
+                      "building blocks, `other` = the rest of the step):", ""]
+            lines += phases + ["", "Memory by phase (profiled step, rank 0: how far each phase pushed memory above "
+                                   "where it started; on CPU a lower bound of its transient allocations):", ""]
+            lines += _phase_memory_table(losses, unit) + [""]
         for n, tail in (tr.get("failed") or {}).items():
             oom = "SIGKILL" in tail or "Signal 9" in tail or "exitcode: -9" in tail
             lines += [f"**{n} failed twice**" + (" (killed by SIGKILL: the kernel's OOM killer on a host whose memory "
@@ -189,9 +198,11 @@ def markdown(rs: dict | None, rat: dict, device: str) -> list[str]:
                   f"tokens/s on {comp['pairs']} pairs ({comp['tokens']} tokens; the bare forward computes "
                   f"{comp['padded_tokens']} padded positions in {comp['batches']} batches of {comp['batch_pairs']} "
                   f"pairs), {comp['threads']} thread(s), {len(comp['bare_s'])} interleaved round(s); "
-                  f"{load_note(comp.get('host_load'), None, comp.get('host_loads'))}. The Ray cache job (1 worker, "
+                  f"{load_note(comp.get('host_load'), cores, comp.get('host_loads'))}. The Ray cache job (1 worker, "
                   f"tokenize + pass + write): {cache['job']['runs'][0]['mean_worker_tokens_per_s']:.0f} tokens/s per "
                   f"worker ({_f(rat.get('realshape_cache_job_worker_vs_bare_forward'))} of the bare forward; its "
                   "start-up is amortised over a few shards only). Inside one `reference_pass` call (s): " + ", ".join(
-                      f"{k} {v:.2f}" for k, v in comp["reference_pass_parts_s"].items()) + ".", ""]
+                      f"{k} {v:.2f}" for k, v in comp["reference_pass_parts_s"].items()) + " (`_response_logps`: "
+                  "the decoder, the output layer at the selected positions and the log-probs; `_pooled_codes`: SAE "
+                  "encode + pooling).", ""]
     return lines

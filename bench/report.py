@@ -398,7 +398,7 @@ def markdown(results: dict) -> str:
                   + (" (+ uncommitted changes)" if r.get("dirty") else ""))
                   + f", {r['wall_s']:.0f} s; other processes kept {r['host_load']['others_cores']:.2f} cores busy on "
                   "average during it.", ""]
-    lines += realshape.markdown(rs, rat, m["device"])
+    lines += realshape.markdown(rs, rat, m["device"], m.get("cpu_cores"))
     if not sizes:
         return "\n".join(lines).rstrip() + "\n"
     a = results.get("assets")
