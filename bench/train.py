@@ -56,6 +56,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (from /proc; empty where there is none)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # fields after "(comm)": state, ppid, ...
+            out.append(int(stat.parent.name))
+    return out
+
+
 def launch(loss: str, store: str, root: Path, sizes, nproc: int, device: str) -> None:
     """One launch training ``loss`` into ``root/train_{loss}`` (raises with the log's tail on failure)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -87,10 +100,13 @@ def launch(loss: str, store: str, root: Path, sizes, nproc: int, device: str) ->
         except subprocess.TimeoutExpired:
             rc = None
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # nothing of the run may outlive it
-            except ProcessLookupError:
-                pass
+            # nothing of the run may outlive it: torchrun's group, and its ranks, which torchrun starts in
+            # sessions of their own (a SIGKILL of torchrun alone would orphan them)
+            for pid in [proc.pid, *_children(proc.pid)]:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             proc.wait()
     if rc != 0:
         tail = log_path.read_text()[-5000:]
