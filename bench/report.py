@@ -14,6 +14,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from bench import realshape
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "deepspeed", "transformers", "sae-lens", "ray", "zarr", "numpy")
 
@@ -173,6 +175,7 @@ def ratios(results: dict) -> dict:
         "cache_worker_vs_bare": cache["ratio_worker_vs_bare"] if cache else None,
         "loader_overhead": loader["overhead"] if loader else None,
         "loader_overhead_cpu": loader.get("overhead_cpu") if loader else None,
+        **realshape.ratios(results.get("realshape")),
     }
 
 
@@ -184,7 +187,8 @@ TARGETS = (
     ("mem_fpo_simpo", "fpo / simpo peak memory per rank", "<=", 1.02),
     ("mem_fpo_tdpo2", "fpo / tdpo2 peak memory per rank", "<=", 0.75),
     ("mem_fpo_lora_fpo", "fpo LoRA (rank 16) / fpo full fine-tuning peak memory per rank", "<=", 0.95),
-    ("cache_reference_pass_vs_bare", "cache: reference_pass / bare forward tokens/s (same batches, threads)", ">=", 0.90),
+    ("cache_reference_pass_vs_bare", "cache: reference_pass / bare forward tokens/s (same pairs and batches, "
+     "padded for the bare forward; same threads)", ">=", 0.90),
     ("cache_worker_vs_bare", "cache job: tokens/s per worker (fewest workers) / bare forward", ">=", 0.90),
     ("loader_overhead", "loader overhead: streaming vs in memory", "<=", 0.02),
 )
@@ -196,13 +200,20 @@ def _met(value, op: str, threshold: float):
     return None if value is None else (value <= threshold if op == "<=" else value >= threshold)
 
 
-def check_targets(rat: dict) -> list[dict]:
+def check_targets_of(rat: dict, targets, second: dict) -> list[dict]:
+    """One entry per target: the value judged, and next to it the ``second`` ratio (CPU seconds for a time ratio,
+    the ratio as measured for a memory ratio judged above a baseline)."""
     out = []
-    for key, what, op, threshold in TARGETS:
-        value, cpu = rat.get(key), rat.get(CPU_TIME_KEY.get(key, ""))
+    for key, what, op, threshold in targets:
+        value, cpu = rat.get(key), rat.get(second.get(key, ""))
         out.append({"key": key, "what": what, "op": op, "threshold": threshold, "value": value,
                     "met": _met(value, op, threshold), "value_cpu_time": cpu, "met_cpu_time": _met(cpu, op, threshold)})
     return out
+
+
+def check_targets(rat: dict) -> list[dict]:
+    """The base preset's targets, then the real shape's (``realshape_*``; None until a realshape run)."""
+    return check_targets_of(rat, TARGETS, CPU_TIME_KEY) + check_targets_of(rat, realshape.TARGETS, realshape.SECOND_VALUE)
 
 
 # --------------------------------------------------------------------------------------------- markdown
@@ -361,8 +372,10 @@ def _mem_finding(results: dict, a: str, b: str) -> list[str]:
 
 
 def markdown(results: dict) -> str:
-    m, sizes, rat = results["machine"], results["sizes"], results["ratios"]
-    lines = [f"# fpo-dist benchmark: {m['device']} ({sizes['name']} sizes)", ""]
+    m, sizes, rat = results["machine"], results.get("sizes"), results["ratios"]
+    rs = results.get("realshape")
+    names = " + ".join(x for x in ((sizes or {}).get("name"), (rs or {}).get("sizes", {}).get("name")) if x)
+    lines = [f"# fpo-dist benchmark: {m['device']} ({names} sizes)", ""]
     label = f"{m['cpu_model']}, {m['cpu_cores']} cores, {_f(m['ram_gib'], '.0f')} GiB RAM"
     if m["device"] == "cuda":
         label = f"{m['gpu_count']}× {m['gpu']} ({m['gpu_memory_gib']:.0f} GiB, CUDA {m['cuda']}); host " + label
@@ -377,6 +390,17 @@ def markdown(results: dict) -> str:
         f"- command: `{results['command']}` ({results['wall_s']:.0f} s)",
         "",
     ]
+    if rs and rs.get("run"):
+        r = rs["run"]
+        same = r.get("command") == results["command"]
+        lines += [f"The real-shape part ({rs['sizes']['name']})" + (" ran in the same run" if same else
+                  f" ran separately: `{r['command']}` on {r['date_utc']}, code {(r['commit'] or '?')[:12]}"
+                  + (" (+ uncommitted changes)" if r.get("dirty") else ""))
+                  + f", {r['wall_s']:.0f} s; other processes kept {r['host_load']['others_cores']:.2f} cores busy on "
+                  "average during it.", ""]
+    lines += realshape.markdown(rs, rat, m["device"], m.get("cpu_cores"))
+    if not sizes:
+        return "\n".join(lines).rstrip() + "\n"
     a = results.get("assets")
     if a:
         lines += [f"Model: random-init Llama, {a['n_params'] / 1e6:.1f} M parameters ({sizes['layers']} blocks, d_model "
@@ -390,7 +414,7 @@ def markdown(results: dict) -> str:
     lines += ["## Targets", "",
               "| target | measured | threshold | | in CPU seconds |" if cpu_col else "| target | measured | threshold | |",
               "|---|---:|---:|---|---|" if cpu_col else "|---|---:|---:|---|"]
-    for t in results["targets"]:
+    for t in (t for t in results["targets"] if not t["key"].startswith("realshape_")):
         fmt = _pct if t["key"] == "loader_overhead" else _f
         thr = _pct(t["threshold"]) if t["key"] == "loader_overhead" else f"{t['threshold']:.2f}"
         verdict = "not run" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
@@ -477,7 +501,8 @@ def markdown(results: dict) -> str:
             f"{r['workers']} worker(s): {load_note(r.get('host_load'), m['cpu_cores'], r.get('host_loads'), r['workers'])}"
             for r in job["runs"]) + " (the Ray actors themselves count as other processes here)."]
         lines += ["", "Inside one `reference_pass` call (s): " + ", ".join(
-            f"{k} {v:.3f}" for k, v in parts.items()) + " (`forward_and_rest` = the model forward and glue; the bare "
+            f"{k} {v:.3f}" for k, v in parts.items()) + " (`_response_logps` = the decoder, the output layer and "
+            "the log-probs; `rest` = everything else; the bare "
             f"forward alone took {statistics.median(comp['bare_s']):.3f}). The forward computes the output layer and "
             f"`_pooled_codes` (SAE encode + mean pooling) only at the positions that predict a response token: "
             f"{100 * comp['response_fraction']:.0f} % of all positions.", ""]
@@ -514,6 +539,31 @@ def markdown(results: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _realshape_finding(results: dict, key: str) -> list[str]:
+    rs = results.get("realshape") or {}
+    losses = (rs.get("train") or {}).get("losses", {})
+    if key in ("realshape_time_fpo_vs_materialized", "realshape_time_fpo_vs_dpo_online"):
+        return _time_finding(losses, "fpo", "fpo-materialized" if "materialized" in key else "dpo-online")
+    if key == "realshape_mem_fpo_vs_materialized":
+        pa = (losses.get("fpo", {}).get("phases") or {}).get("peak_above_start_mb") or {}
+        pb = (losses.get("fpo-materialized", {}).get("phases") or {}).get("peak_above_start_mb") or {}
+        keys = sorted(set(pa) | set(pb), key=lambda k: -max(pa.get(k, 0), pb.get(k, 0)))[:6]
+        return ["- peak above each phase's start in the profiled step (fpo / fpo-materialized, MB): " + ", ".join(
+            f"{k} {_f(pa.get(k), '.0f')} / {_f(pb.get(k), '.0f')}" for k in keys)] if keys else []
+    if key == "realshape_cache_vs_bare_forward":
+        parts = ((rs.get("cache") or {}).get("compute") or {}).get("reference_pass_parts_s") or {}
+        tot = parts.get("total") or 1.0
+        return ["- inside reference_pass: " + ", ".join(f"{n} {100 * v / tot:.0f} %" for n, v in parts.items()
+                                                       if n != "total") + " of the call"]
+    if key == "realshape_padding_share":
+        pad = (losses.get("fpo") or {}).get("padding") or {}
+        return [f"- fpo's micro-batches: layouts {pad.get('layouts')}, {pad.get('padding_tokens')} padding of "
+                f"{pad.get('computed_tokens')} computed positions"
+                + ("; this trainer has no batch_layout switch yet (padded rows)" if not rs.get("batch_layout_available")
+                   else "")]
+    return []
+
+
 def findings(results: dict) -> list[str]:
     """For each missed target: where the time or memory goes (from the phase profile and memory stages)."""
     missed = [t for t in results["targets"] if t["met"] is False or t.get("met_cpu_time") is False]
@@ -543,7 +593,7 @@ def findings(results: dict) -> list[str]:
             tot = parts["total"]
             lines.append("- inside reference_pass: " + ", ".join(
                 f"{n} {100 * v / tot:.0f} %" for n, v in parts.items() if n != "total") + " of the call")
-            extra = parts["_pooled_codes"] / tot
+            extra = parts.get("_pooled_codes", 0.0) / tot
             frac = c["compute"]["response_fraction"]
             lines.append(f"- SAE encode + pooling take {100 * extra:.0f} % of the call, over the {100 * frac:.0f} % of "
                          "the positions that predict a response token")
@@ -559,6 +609,8 @@ def findings(results: dict) -> list[str]:
                                  f"took {first:.2f} s against {warm:.2f} s warm (per {comp['pairs']} pairs); with "
                                  f"{shards:.0f} shard(s) per worker in this job, start-up is amortised over little "
                                  "work (a real job runs thousands of shards per worker)")
+        elif k.startswith("realshape_"):
+            lines += _realshape_finding(results, k)
         elif k == "loader_overhead":
             lo = results["loader"]
             lines.append(f"- synchronous read {1000 * lo['read_s_per_micro_batch']:.1f} ms per micro-batch; slowest "

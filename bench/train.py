@@ -15,13 +15,37 @@ import socket
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from bench.report import LOADED_CORES, HostLoad
 
-LOSSES = ("fpo", "dpo", "simpo", "dpo-online", "tdpo2", "fpo-lora")
+LOSSES = ("fpo", "dpo", "simpo", "dpo-online", "tdpo2", "fpo-lora")  # the default list of the cpu/gpu presets
 # bench entries that are a registered loss with extra train flags: name → (loss.name, flags)
-VARIANTS = {"fpo-lora": ("fpo", ["--policy.lora.rank", "16", "--policy.lora.alpha", "32"])}
+VARIANTS = {
+    "fpo-lora": ("fpo", ["--policy.lora.rank", "16", "--policy.lora.alpha", "32"]),
+    # the path the selected-position head and packed rows replace: full [rows, T, vocab] logits, padded rows
+    # (what the authors' code and TRL's default do); the layout flag only where this trainer has it
+    "fpo-materialized": ("fpo", ["--logits", "materialized", "--batch_layout", "padded"]),
+}
+CHOICES = LOSSES + tuple(v for v in VARIANTS if v not in LOSSES)
+
+
+def has_batch_layout() -> bool:
+    """Whether this trainer has ``TrainConfig.batch_layout`` (packed rows); without it every run is padded."""
+    import dataclasses
+
+    from fpo_dist.config import TrainConfig
+
+    return any(f.name == "batch_layout" for f in dataclasses.fields(TrainConfig))
+
+
+def variant_flags(loss: str) -> list[str]:
+    flags = list(VARIANTS.get(loss, (loss, []))[1])
+    if "--batch_layout" in flags and not has_batch_layout():
+        i = flags.index("--batch_layout")
+        del flags[i : i + 2]
+    return flags
 ROOT = Path(__file__).resolve().parents[1]
 ZERO3 = ROOT / "ds_configs" / "zero3.json"
 
@@ -32,6 +56,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (from /proc; empty where there is none)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # fields after "(comm)": state, ppid, ...
+            out.append(int(stat.parent.name))
+    return out
+
+
 def launch(loss: str, store: str, root: Path, sizes, nproc: int, device: str) -> None:
     """One launch training ``loss`` into ``root/train_{loss}`` (raises with the log's tail on failure)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -39,12 +76,14 @@ def launch(loss: str, store: str, root: Path, sizes, nproc: int, device: str) ->
            "--master_port", str(_free_port()), "--log-dir", str(root / "torchelastic"),  # not a /tmp dir per launch
            "-m", "bench.train_rank",
            "--bench_root", str(root), "--bench_loss", loss,
-           "--bench_steps", str(sizes.warmup_steps + sizes.measure_steps), "--bench_profile", "1",
+           "--bench_steps", str(sizes.warmup_steps + sizes.measure_steps),
+           "--bench_profile", str(sizes.profile_steps),
            "--cache", store, "--deepspeed", str(ZERO3),
            "--micro_batch_size", str(sizes.micro_batch), "--grad_accum", "1", "--seed", "0",
            "--optim.lr", "1e-6", "--optim.warmup_steps", "0", "--export", "false", "--dist_timeout_s", "300",
            "--step0_check", "false",  # the step-0 check is tests/test_train.py's business, not a step cost
-           *VARIANTS.get(loss, (loss, []))[1]]
+           *(["--dtype", sizes.train_dtype] if sizes.train_dtype else []),
+           *variant_flags(loss)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("MASTER_PORT", None)
@@ -61,10 +100,13 @@ def launch(loss: str, store: str, root: Path, sizes, nproc: int, device: str) ->
         except subprocess.TimeoutExpired:
             rc = None
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # nothing of the run may outlive it
-            except ProcessLookupError:
-                pass
+            # nothing of the run may outlive it: torchrun's group, and its ranks, which torchrun starts in
+            # sessions of their own (a SIGKILL of torchrun alone would orphan them)
+            for pid in [proc.pid, *_children(proc.pid)]:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             proc.wait()
     if rc != 0:
         tail = log_path.read_text()[-5000:]
@@ -84,8 +126,21 @@ def summarize(loss: str, out: Path, sizes) -> dict:
     # CPU seconds per step summed over ranks (entry i of a rank's list is step i + 1)
     cpu = [sum(r["cpu_s_per_step"][s - 1] for r in ranks) for s in (x["step"] for x in measured)
            if all(len(r["cpu_s_per_step"]) >= s for r in ranks)]
+    pads = [r["padding"] for r in ranks if r.get("padding")]
+    padding = None
+    if pads:
+        pad, comp = sum(x["padding_tokens"] for x in pads), sum(x["computed_tokens"] for x in pads)
+        padding = {"padding_tokens": pad, "computed_tokens": comp, "share": pad / comp if comp else None,
+                   "micro_batches": sum(x["micro_batches"] for x in pads),
+                   "layouts": sorted({y for x in pads for y in x["layouts"]})}
     return {
         "loss": loss,
+        "logits": ranks[0].get("logits") if ranks else None,
+        "batch_layout": ranks[0].get("batch_layout") if ranks else None,
+        "padding": padding,
+        # per rank: the step's peak above the post-setup baseline (memory after Trainer.setup, before the first
+        # step: weights, optimizer state, reference model, SAE, and on CPU the process's imports), max over ranks
+        "peak_above_setup_mb": max((above_setup(r["memory"]) for r in ranks), default=None),
         "steps_measured": [r["step"] for r in measured],
         "step_time_s": statistics.median(r["step_time_s"] for r in measured),
         "step_times_s": [r["step_time_s"] for r in measured],
@@ -103,21 +158,47 @@ def summarize(loss: str, out: Path, sizes) -> dict:
     }
 
 
+def above_setup(mem: dict) -> float:
+    """A rank's training peak above its memory after setup (RSS on CPU, allocated on GPU)."""
+    if "max_allocated_mb" in mem["train_peak"]:
+        return mem["train_peak"]["max_allocated_mb"] - mem["after_setup"]["allocated_mb"]
+    return mem["train_peak"]["hwm_mb"] - mem["after_setup"]["rss_mb"]
+
+
 def run(store: str, sizes, nproc: int, device: str, root: Path, losses=LOSSES, rerun_loaded: bool = True,
-        log=print) -> dict:
+        log=print, keep_going: bool = False) -> dict:
     """Train each loss in its own launch.  On a shared host, a launch measured while other processes kept more
     than ``LOADED_CORES`` cores busy is re-run once at the end (``rerun_loaded``), and the attempt with the quieter
-    host is kept (both are listed under ``attempts``)."""
+    host is kept (both are listed under ``attempts``).  ``keep_going``: a failed launch (e.g. killed by the kernel's
+    OOM killer when other processes hold the shared host's memory) is tried once more after the others, and if it
+    fails again it is listed under ``failed`` with its log's tail instead of ending the run."""
 
     def attempt(loss: str, where: Path) -> dict:
-        load = HostLoad()
+        load, t0 = HostLoad(), time.perf_counter()
         launch(loss, store, where, sizes, nproc, device)
-        r = {**summarize(loss, where / f"train_{loss}", sizes), "host_load": load.stop()}
-        log(f"train {loss}: {r['step_time_s']:.3f} s/step, {r['tokens_per_s']:.0f} tok/s, "
+        r = {**summarize(loss, where / f"train_{loss}", sizes), "host_load": load.stop(),
+             "launch_s": time.perf_counter() - t0}
+        log(f"train {loss}: {r['step_time_s']:.3f} s/step, {r['tokens_per_s']:.0f} tok/s, launch {r['launch_s']:.0f} s, "
             f"peak {r['peak_memory_mb']:.0f} MB/rank (other processes: {r['host_load']['others_cores']:.2f} cores)")
         return r
 
-    results = {loss: attempt(loss, root) for loss in losses}
+    results, failed = {}, {}
+    for loss in losses:
+        try:
+            results[loss] = attempt(loss, root)
+        except RuntimeError as e:
+            if not keep_going:
+                raise
+            log(f"train {loss}: {str(e).splitlines()[0]}; trying again after the others")
+            failed[loss] = str(e)[-3000:]
+    for loss in list(failed):
+        try:
+            results[loss] = attempt(loss, root / "retry")
+            del failed[loss]
+        except RuntimeError as e:
+            log(f"train {loss}: {str(e).splitlines()[0]} again; listed as failed")
+            failed[loss] = str(e)[-3000:]
+    losses = [n for n in losses if n in results]
     loaded = [n for n in losses if rerun_loaded and results[n]["host_load"]["others_cores"] > LOADED_CORES]
     for loss in reversed(loaded):
         first, again = results[loss], attempt(loss, root / "rerun")
@@ -125,4 +206,5 @@ def run(store: str, sizes, nproc: int, device: str, root: Path, losses=LOSSES, r
         keep["attempts"] = [{k: r[k] for k in ("step_time_s", "cpu_s_per_step", "peak_memory_mb", "host_load")}
                             for r in (first, again)]
         results[loss] = keep
-    return {"losses": results, "nproc": nproc, "rerun": loaded, "ds_config": str(ZERO3.relative_to(ROOT))}
+    return {"losses": results, "nproc": nproc, "rerun": loaded, "ds_config": str(ZERO3.relative_to(ROOT)),
+            "failed": failed}

@@ -130,7 +130,33 @@ class StepClock:
         return inner
 
 
-def instrument(timer: PhaseTimer, clock: StepClock) -> None:
+class PaddingCount:
+    """Padding positions / computed positions of the micro-batches the trainer is handed (and trains on): from
+    each micro-batch itself, ``padding_tokens`` where it has one (packed rows: 0), else its attention mask."""
+
+    def __init__(self):
+        self.padding = self.computed = self.micro_batches = 0
+        self.layouts: set = set()
+
+    def wrap(self, fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            mb = fn(*args, **kwargs)
+            pad = getattr(mb, "padding_tokens", None)
+            self.padding += int(pad) if pad is not None else int((mb.attention_mask == 0).sum())
+            self.computed += int(mb.input_ids.numel())
+            self.micro_batches += 1
+            self.layouts.add("packed" if getattr(mb, "position_ids", None) is not None else "padded")
+            return mb
+
+        return inner
+
+    def to_dict(self) -> dict:
+        return {"padding_tokens": self.padding, "computed_tokens": self.computed, "micro_batches": self.micro_batches,
+                "layouts": sorted(self.layouts), "share": self.padding / self.computed if self.computed else None}
+
+
+def instrument(timer: PhaseTimer, clock: StepClock, padding: PaddingCount | None = None) -> None:
     """Wrap the trainer's building blocks (this process only) so the profiled step is split into phases."""
     from fpo_dist import engine, forward, lm_head, losses, trainer
     from fpo_dist.loader import CacheLoader
@@ -140,6 +166,8 @@ def instrument(timer: PhaseTimer, clock: StepClock) -> None:
     eng.backward = timer.wrap(eng.backward, "backward")
     eng.step = timer.wrap(eng.step, "optimizer_step")
     CacheLoader.__next__ = timer.wrap(CacheLoader.__next__, "loader_next")
+    if padding is not None:
+        CacheLoader.__next__ = padding.wrap(CacheLoader.__next__)
     for name, phase in (("pooled_policy_codes", "sae_encode_pool"), ("_sequence_sums", "logps"),
                         ("position_kl", "kl")):  # logps/kl: the materialized path (--logits materialized)
         setattr(forward, name, timer.wrap(getattr(forward, name), phase))
@@ -169,7 +197,7 @@ def _profile_totals(averages) -> dict:
 
 
 def run_one(tr, out: Path, steps: int, profile: int, timer: PhaseTimer, clock: StepClock, mem: dict,
-            cuda: bool) -> None:
+            cuda: bool, padding: PaddingCount | None = None) -> None:
     """Setup, ``steps`` training steps, then ``profile`` steps under the phase timer and torch.profiler."""
     import torch
 
@@ -203,7 +231,9 @@ def run_one(tr, out: Path, steps: int, profile: int, timer: PhaseTimer, clock: S
         mem["end"] = _memory(cuda)
         (out / f"rank{tr.rank}.json").write_text(json.dumps(
             {"rank": tr.rank, "world": tr.world, "train_s": train_s, "cpu_s_per_step": cpu_s, "memory": mem,
-             "reference_model_resident": tr.reference is not None, "sae_resident": tr.sae is not None}, indent=1))
+             "reference_model_resident": tr.reference is not None, "sae_resident": tr.sae is not None,
+             "padding": padding.to_dict() if padding is not None else None,
+             "logits": tr.cfg.logits, "batch_layout": getattr(tr.cfg, "batch_layout", "padded")}, indent=1))
     finally:
         tr.cleanup()
 
@@ -236,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     from fpo_dist.trainer import Trainer
 
     cuda = torch.cuda.is_available()
-    timer, clock = PhaseTimer(cuda), StepClock()
-    instrument(timer, clock)
+    timer, clock, padding = PhaseTimer(cuda), StepClock(), PaddingCount()
+    instrument(timer, clock, padding)
     imports = _memory(cuda)
     loss = ours["loss"]
     out = root / f"train_{loss}"
@@ -247,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(TrainConfig, None, overrides + ["--loss.name", VARIANTS.get(loss, (loss, []))[0],
                                                       "--output_dir", str(out),
                                                       "--max_steps", str(steps + profile)])
-    run_one(Trainer(cfg), out, steps, profile, timer, clock, {"after_imports": imports}, cuda)
+    run_one(Trainer(cfg), out, steps, profile, timer, clock, {"after_imports": imports}, cuda, padding)
     return 0
 
 

@@ -77,3 +77,129 @@ def test_bench_quick_runs_every_part(tmp_path):
     for heading in ("## Targets", "## 1. Training step per loss", "## 2. Cache job", "## 3. Loader"):
         assert heading in md
     assert m["cpu_model"] in md and "fpo / tdpo2 peak memory per rank" in md
+
+
+# ------------------------------------------------------------------------------------------------ the real shape
+# (no Gemma here: the data generator, the padding count and the report's arithmetic, on hand-made inputs)
+
+
+def test_realshape_lengths_follow_the_stated_distribution():
+    import random
+    import statistics
+
+    from bench.assets import lognormal_lengths
+
+    xs = lognormal_lengths(random.Random(0), (96, 0.7, 16, 320), 4000)
+    assert min(xs) >= 16 and max(xs) <= 320
+    assert 90 <= statistics.median(xs) <= 102  # the median is the stated one
+    q = statistics.quantiles(xs, n=10)
+    assert 3.5 < q[-1] / q[0] < 8  # exp(2 · 1.2816 · 0.7) ≈ 6.0: responses vary several-fold
+
+
+def test_realshape_rows_have_drawn_independent_lengths(tmp_path):
+    import json
+    import statistics
+
+    from bench.assets import length_stats
+    from bench.presets import PRESETS
+    from fpo_dist.data import TokenizedPair
+    from fpo_dist.testing import build_tokenizer
+
+    tok = build_tokenizer()
+    sizes = PRESETS["realshape"]
+    path = tmp_path / "rows.jsonl"
+    from bench.assets import write_realshape_rows
+
+    write_realshape_rows(path, tok, sizes, 40, seed=3)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 40 and all(r["prompt"] and r["chosen"].strip() and r["rejected"].strip() for r in rows)
+    n = lambda text: len(tok(text, add_special_tokens=False).input_ids)  # noqa: E731
+    chosen, rejected = [n(r["chosen"]) for r in rows], [n(r["rejected"]) for r in rows]
+    lo, hi = sizes.response_tokens[2], sizes.response_tokens[3]
+    assert all(lo - 3 <= x <= hi + 3 for x in chosen + rejected)  # decoded windows re-tokenize to ~the drawn length
+    assert abs(statistics.correlation(chosen, rejected)) < 0.5  # drawn independently
+    assert max(chosen + rejected) > 3 * min(chosen + rejected)
+    pairs = [TokenizedPair(i, bytes(16), (1,) * 10, (2,) * c, (3,) * r) for i, (c, r) in enumerate(zip(chosen, rejected))]
+    stats = length_stats(pairs)
+    assert stats["chosen"]["median"] == statistics.median(chosen) and stats["prompt"]["max"] == 10
+    assert stats["chosen"]["min"] <= stats["chosen"]["p10"] <= stats["chosen"]["p90"] <= stats["chosen"]["max"]
+
+
+def test_padding_count_from_the_micro_batches():
+    import types
+
+    import torch
+
+    from bench.train_rank import PaddingCount
+
+    padded = types.SimpleNamespace(input_ids=torch.zeros(2, 5), attention_mask=torch.tensor([[1, 1, 1, 0, 0],
+                                                                                                [1, 1, 1, 1, 1]]))
+    packed = types.SimpleNamespace(input_ids=torch.zeros(1, 8), attention_mask=None, position_ids=torch.zeros(1, 8),
+                                   padding_tokens=1)
+    batches = iter([padded, packed])
+    count = PaddingCount()
+    nxt = count.wrap(lambda: next(batches))
+    assert nxt() is padded and nxt() is packed
+    d = count.to_dict()
+    assert (d["padding_tokens"], d["computed_tokens"], d["micro_batches"]) == (3, 18, 2)
+    assert d["share"] == 3 / 18 and d["layouts"] == ["packed", "padded"]
+
+
+def _fake_run(step, peak, after_setup, cpu, padding=None, logits="selected", layout="packed"):
+    mem = {"after_imports": {"rss_mb": 500.0, "hwm_mb": 500.0}, "after_setup": {"rss_mb": after_setup, "hwm_mb": 0},
+           "train_peak": {"rss_mb": peak, "hwm_mb": peak}}
+    return {"step_time_s": step, "min_step_time_s": step, "cpu_s_per_step": cpu, "peak_memory_mb": peak,
+            "peak_above_setup_mb": peak - after_setup, "memory_by_rank": [mem], "padding": padding, "logits": logits,
+            "batch_layout": layout, "host_load": {"others_cores": 0.0}, "reference_model_resident": False,
+            "sae_resident": True, "tokens_per_s": 1.0}
+
+
+def test_realshape_ratios_targets_and_markdown():
+    from bench import realshape, report
+    from bench.presets import PRESETS
+    from bench.run import merge_previous
+
+    losses = {
+        "fpo": _fake_run(10.0, 4000.0, 3000.0, 20.0, {"padding_tokens": 0, "computed_tokens": 700, "share": 0.0,
+                                                      "micro_batches": 8, "layouts": ["packed"]}),
+        "fpo-materialized": _fake_run(20.0, 6000.0, 3000.0, 40.0, logits="materialized", layout="padded"),
+        "dpo-online": _fake_run(12.5, 5000.0, 3500.0, 25.0),
+    }
+    compute = {"ratio": 1.5, "ratio_cpu": 1.4, "reference_pass_kwargs": {"layout": "packed"}, "pairs": 8, "tokens": 100,
+               "padded_tokens": 120, "batches": 2, "batch_pairs": 4, "threads": 1, "bare_s": [2.0],
+               "reference_pass_tokens_per_s": 75.0, "bare_tokens_per_s": 50.0, "reference_pass_parts_s": {"total": 1.0}}
+    rs = {"sizes": PRESETS["realshape"].to_dict(), "batch_layout_available": True,
+          "assets": {"n_params": 268e6, "calibrated_l0": 70.0, "model": {"blocks": 18, "d_model": 640, "vocab": 262144},
+                     "lengths": {}},
+          "train": {"losses": losses, "nproc": 2, "ds_config": "ds_configs/zero3.json"},
+          "cache": {"compute": compute, "job": {"runs": [{"mean_worker_tokens_per_s": 40.0}]},
+                    "ratio_reference_pass_vs_bare": 1.5, "ratio_worker_vs_bare": 0.8},
+          "run": {"command": "python -m bench.run --preset realshape", "date_utc": "2026-12-03", "commit": "abc",
+                  "dirty": False, "wall_s": 500.0, "host_load": {"others_cores": 0.1}}}
+    rat = report.ratios({"realshape": rs})
+    assert rat["realshape_mem_fpo_vs_materialized"] == 1000 / 3000  # above the post-setup baseline
+    assert rat["realshape_mem_fpo_vs_materialized_measured"] == 4000 / 6000
+    assert rat["realshape_time_fpo_vs_materialized"] == 0.5 and rat["realshape_time_fpo_vs_dpo_online"] == 0.8
+    assert rat["realshape_cache_vs_bare_forward"] == 1.5 and rat["realshape_padding_share"] == 0.0
+    targets = {t["key"]: t for t in report.check_targets(rat)}
+    assert {k: targets[k]["met"] for k in targets if k.startswith("realshape_")} == {
+        "realshape_mem_fpo_vs_materialized": True, "realshape_time_fpo_vs_materialized": True,
+        "realshape_time_fpo_vs_dpo_online": False, "realshape_cache_vs_bare_forward": True,
+        "realshape_padding_share": True}
+    assert targets["time_fpo_dpo_online"]["met"] is None  # the base preset did not run
+
+    previous = {"sizes": {"name": "cpu"}, "command": "python -m bench.run", "train": {"x": 1}, "realshape": {"old": 1}}
+    merged = merge_previous({"command": "new", "realshape": rs}, previous, ran_base=False, ran_realshape=True)
+    assert merged["train"] == {"x": 1} and merged["command"] == "python -m bench.run" and merged["realshape"] is rs
+    kept = merge_previous({"command": "new", "sizes": {"name": "cpu"}}, previous, ran_base=True, ran_realshape=False)
+    assert kept["realshape"] == {"old": 1} and kept["command"] == "new"
+
+    results = {"machine": {"device": "cpu", "cpu_model": "x", "cpu_cores": 2, "ram_gib": 24, "python": "3.11",
+                           "versions": dict.fromkeys(report.PACKAGES, "1"), "date_utc": "d",
+                           "git": {"commit": "abc", "dirty": False}},
+               "sizes": None, "command": "python -m bench.run --preset realshape", "wall_s": 1.0,
+               "host_load": {"others_cores": 0.0}, "realshape": rs, "ratios": rat, "targets": list(targets.values())}
+    md = report.markdown(results)
+    assert "## Real shape: Gemma 3 270M + 16k SAE" in md and "ran in the same run" in md
+    assert "| fpo-materialized | materialized | padded | 20.00 [20.00] |" in md
+    assert "above the post-setup baseline" in md and "0.333 | <= 0.6 | **met** | 0.667 |" in md
