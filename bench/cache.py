@@ -62,15 +62,6 @@ def _timed(module, names: list[str], totals: dict, device):
     return [_patched(module, n, wrap(n)) for n in names]
 
 
-def _reference_pass_kwargs(worker) -> dict:
-    """The worker's default path, named explicitly where this version has the switch: output layer at selected
-    positions, and packed rows once ``reference_pass`` takes a ``layout``."""
-    import inspect
-
-    params = inspect.signature(worker.reference_pass).parameters
-    return {"layout": "packed"} if "layout" in params else {}
-
-
 def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int | None, log=print) -> dict:
     """reference_pass (the cache worker's computation, its default path) vs a bare no-grad transformers forward
     (full logits) over the same pairs, in the worker's batch order and size, padded: tokens/s of each and the
@@ -84,14 +75,18 @@ def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int
 
     if threads:
         torch.set_num_threads(threads)
-    model = load_causal_lm(ModelSpec(str(assets.model_dir), dtype=sizes.dtype), device=device)
+    # the same weights twice: varlen attention for reference_pass (as the cache worker loads it for packed rows),
+    # the model's own (sdpa) for the bare forward
+    spec = ModelSpec(str(assets.model_dir), dtype=sizes.dtype)
+    model = load_causal_lm(spec, device=device)
+    worker_model = load_causal_lm(spec, device=device, varlen=True)
     sae = load_sae(str(assets.sae_dir), device=device, dtype="float32")
     pairs, pad_id = tokenized_pairs(assets.model_dir, assets.data, sizes, sizes.bare_rows)
     tokens = sum(len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)  # as the worker
-    kwargs = _reference_pass_kwargs(worker)
+    kwargs = {"layout": "packed"}
 
     def ref_pass():  # as the cache job runs it (packed batches, output layer at the selected positions)
-        return worker.reference_pass(model, sae, assets.hook_layer, pairs, pad_id, sizes.cache_batch, **kwargs)
+        return worker.reference_pass(worker_model, sae, assets.hook_layer, pairs, pad_id, sizes.cache_batch, **kwargs)
 
     batches = []  # the pairs of each batch reference_pass builds, padded: what a bare forward runs
 
