@@ -115,7 +115,7 @@ def _every_loss_both_layouts(model, tok, sae, cached) -> dict:
             ctx = LossContext(spec, {**spec.hyper_parameters, **({"k": 16} if name == "fpo" else {})}, sae=sae,
                               layer=LAYER, reference=_attention(model, impl))
             loss, metrics = ctx(model, mb)
-            runs[layout] = (float(loss), {k: float(v) for k, v in metrics.items() if k in _CONTINUOUS},
+            runs[layout] = (float(loss.detach()), {k: float(v) for k, v in metrics.items() if k in _CONTINUOUS},
                             torch.autograd.grad(loss, params))
         (l_pk, m_pk, g_pk), (l_pd, m_pd, g_pd) = runs["packed"], runs["padded"]
         out[name] = {"loss": (l_pk, l_pd), "metrics": (m_pk, m_pd),
