@@ -8,8 +8,8 @@
 #                                             UltraFeedback-scale lengths (prompt median 150, responses 280 tokens),
 #                                             4 pairs per micro-batch; fpo vs materialized+padded vs dpo-online
 #   bench/gpu.sh --preset gpu,realshape       both in one run (one cuda.json)
-# The packed layout runs on whatever attention the trainer loads (flash-attention's varlen kernels when
-# flash-attn is installed and the trainer selects it; sdpa otherwise). Gemma's HF directory is assembled once
+# The packed layout runs fpo_dist/attention.py's varlen attention: one scaled_dot_product_attention call per
+# sequence (sdpa's flash kernel on a GPU; the flash-attn package is not used). Gemma's HF directory is assembled once
 # into $FPO_TEST_CACHE (default ~/.cache/fpo-dist-tests) if missing: a 1-2 minute first run.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -238,6 +238,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = 1.0
+    # torch's fused Adam/AdamW kernel: one pass over the (flat ZeRO) partition, no temporaries — about 15x faster
+    # than the default per-tensor loop on CPU (bench/optimizer.py); results differ from it in the last bit
+    fused: bool = False
 
 
 @dataclass
@@ -292,6 +295,8 @@ class TrainConfig:
             raise ConfigError("'cache' is required: the path of a store built by `python -m fpo_dist.cache`")
         if self.micro_batch_size <= 0 or self.grad_accum <= 0 or self.epochs <= 0:
             raise ConfigError("'micro_batch_size', 'grad_accum' and 'epochs' must be positive")
+        if self.optim.fused and self.optim.name == "rmsprop":
+            raise ConfigError("'optim.fused': torch has a fused kernel for adam and adamw only, not rmsprop")
         self._import_plugins()
         self.loss.validate()
         self.policy.lora.validate()

@@ -105,25 +105,18 @@ def instruction_of(messages: Sequence[dict]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def response_stats(
     model, batch, layer: int | None = None, sae=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(logp_sum [2B], n_tokens [2B], pooled codes [2B, d_sae] or None)`` of a ``PairBatch``'s responses."""
-    from fpo_dist.losses import sequence_logps
-    from fpo_dist.models import forward_with_hook
-    from fpo_dist.sae import encode_full, pool_mean
+    """``(logp_sum [2B], n_tokens [2B], pooled codes [2B, d_sae] or None)`` of a ``PairBatch``'s responses: the
+    cache's own computation (:func:`fpo_dist.scoring.score_batch`), so the output layer runs only at the positions
+    that predict a response token and no ``[rows, tokens, vocab]`` logits exist (262k-token vocabularies)."""
+    from fpo_dist.scoring import score_batch
 
     device = next(model.parameters()).device
-    ids, attn = batch.input_ids.to(device), batch.attention_mask.to(device)
-    resp = batch.response_mask.to(device)
-    if sae is None:
-        logits, hidden = model(input_ids=ids, attention_mask=attn, use_cache=False).logits, None
-    else:
-        logits, hidden = forward_with_hook(model, ids, attn, layer)
-    logp_sum, n_tokens, _ = sequence_logps(logits, ids, resp)
-    pooled = None if hidden is None else pool_mean(encode_full(sae, hidden), batch.prediction_mask.to(device)).cpu()
-    return logp_sum.float().cpu(), n_tokens.cpu(), pooled
+    scored = score_batch(model, batch.to(device), sae, layer if sae is not None else None)
+    pooled = None if scored.pooled is None else scored.pooled.cpu()
+    return scored.logp_sum.float().cpu(), scored.n_tokens.cpu(), pooled
 
 
 def score_pairs(

@@ -203,3 +203,16 @@ def test_realshape_ratios_targets_and_markdown():
     assert "## Real shape: Gemma 3 270M + 16k SAE" in md and "ran in the same run" in md
     assert "| fpo-materialized | materialized | padded | 20.00 [20.00] |" in md
     assert "above the post-setup baseline" in md and "0.333 | <= 0.6 | **met** | 0.667 |" in md
+
+
+def test_optimizer_bench_writes_its_ratio(tmp_path):
+    """``python -m bench.optimizer`` at a tiny size: both optimizers step, the ratio and the markdown are written."""
+    from bench.optimizer import main
+
+    result = main(["--numel", "4099", "--steps", "2", "--device", "cpu", "--out", str(tmp_path)])
+    assert set(result["runs"]) == {"per_tensor", "fused"}
+    assert all(r["step_s"] > 0 and len(r["steps_s"]) == 2 for r in result["runs"].values())
+    saved = json.loads((tmp_path / "optimizer-cpu.json").read_text())
+    assert saved["ratios"]["optimizer_fused_vs_per_tensor"] == pytest.approx(
+        result["runs"]["fused"]["step_s"] / result["runs"]["per_tensor"]["step_s"])
+    assert "optimizer_fused_vs_per_tensor" in (tmp_path / "optimizer-cpu.md").read_text()

@@ -181,7 +181,8 @@ def test_cache_reference_pass_selected_equals_materialized(kind):
         return tuple(torch.randint(3, VOCAB, (n,), generator=g).tolist())
 
     pairs = [TokenizedPair(i, bytes(16), ids(2 + i % 4), ids(1 + (3 * i) % 7), ids(2 + (5 * i) % 6)) for i in range(7)]
-    out = {mode: reference_pass(model, sae, 1, pairs, pad_id=0, batch_size=3, per_token_logps=True, logits=mode)
+    out = {mode: reference_pass(model, sae, 1, pairs, pad_id=0, batch_size=3, per_token_logps=True, logits=mode,
+                                layout="packed")
            for mode in ("selected", "materialized")}
     sel, mat = out["selected"], out["materialized"]
     assert sel.n_tokens == mat.n_tokens == [(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]

@@ -60,13 +60,15 @@ def reference_pass(
     per_token_logps: bool = False,
     per_token_codes: bool = False,
     logits: str = "selected",
-    layout: str = "packed",
+    layout: str = "padded",
 ) -> PairOutputs:
     """Reference log-probs and pooled SAE codes for ``pairs`` (in the order given).
 
     Pairs are batched in a fixed, length-sorted order that depends only on ``pairs``, so the same shard
     gives bit-identical results on any worker.  Each batch is one :func:`fpo_dist.scoring.score_batch` in
-    ``layout`` (``packed``: the batch's sequences back to back in one row, no padding; ``padded``).
+    ``layout`` (``packed``: the batch's sequences back to back in one row, no padding, for a model loaded with
+    ``varlen=True``, as the cache job runs it; ``padded``, the default of every function that builds batches, for
+    any model).
     ``logits="selected"`` (what the cache job runs) computes the output layer only where a response token is
     predicted; ``"materialized"`` takes the model's full logits (the path it replaced; for tests and benchmarks).
     """
