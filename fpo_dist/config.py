@@ -238,7 +238,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = 1.0
-    # torch's fused Adam/AdamW kernel: one pass over the (flat ZeRO) partition, no temporaries — about 15x faster
+    # torch's fused Adam/AdamW kernel: one pass over the (flat ZeRO) partition, no temporaries — 15-30x faster
     # than the default per-tensor loop on CPU (bench/optimizer.py); results differ from it in the last bit
     fused: bool = False
 

@@ -5,7 +5,7 @@ export → transformers reloads the export and generates.
 
 Sized for CI (2 cores): 4 short pairs, 1 pair per rank, 2 steps; one calibrated SAE and both caches (fp32, bf16;
 one Ray session) are built once for the module; the runs write no optimizer checkpoint (``--save_final false``:
-~3 GB at this size), step torch's fused AdamW (``--optim.fused``: the default per-tensor loop spends ~14 s creating
+~3 GB at this size), step torch's fused AdamW (``--optim.fused``: the default per-tensor loop spends 14-23 s creating
 each rank's optimizer state here, bench/optimizer.py) and only the bf16 run exports (the fp32 run proves the rest
 of the path in fp32).
 """
