@@ -114,7 +114,7 @@ def response_stats(
     from fpo_dist.scoring import score_batch
 
     device = next(model.parameters()).device
-    scored = score_batch(model, batch.to(device), sae, layer if sae is not None else None)
+    scored = score_batch(model, batch.to(device), sae, layer)
     pooled = None if scored.pooled is None else scored.pooled.cpu()
     return scored.logp_sum.float().cpu(), scored.n_tokens.cpu(), pooled
 
