@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from fpo_dist.domains import NON_NEGATIVE, POSITIVE, UNIT_OPEN_RIGHT, check
 from fpo_dist.errors import ConfigError
 from fpo_dist.storage_options import (  # noqa: F401  (re-exported: the config's view of fsspec options)
     MASK,
@@ -221,8 +222,8 @@ class LossConfig:
             if key in resolved:
                 if key in spec.choices and value not in spec.choices[key]:
                     raise ConfigError(f"'loss.{key}' must be one of {list(spec.choices[key])}, got {value!r}")
-                if key in spec.positive and value <= 0:
-                    raise ConfigError(f"'loss.{key}' must be positive")
+                if key in spec.domains:
+                    check(f"loss.{key}", value, spec.domains[key], f"loss '{self.name}'")
                 resolved[key] = value
             elif key not in ignored:
                 ignored.append(key)
@@ -241,6 +242,17 @@ class OptimConfig:
     # torch's fused Adam/AdamW kernel: one pass over the (flat ZeRO) partition, no temporaries — 15-30x faster
     # than the default per-tensor loop on CPU (bench/optimizer.py); results differ from it in the last bit
     fused: bool = False
+
+    def validate(self) -> None:
+        check("optim.lr", self.lr, POSITIVE)
+        check("optim.weight_decay", self.weight_decay, NON_NEGATIVE)
+        check("optim.warmup_steps", self.warmup_steps, NON_NEGATIVE, "linear warm-up steps; 0: none")
+        for i, b in enumerate(self.betas):
+            check(f"optim.betas[{i}]", b, UNIT_OPEN_RIGHT)
+        check("optim.eps", self.eps, POSITIVE)
+        check("optim.grad_clip", self.grad_clip, NON_NEGATIVE, "gradient-norm clipping threshold; 0: none")
+        if self.fused and self.name == "rmsprop":
+            raise ConfigError("'optim.fused': torch has a fused kernel for adam and adamw only, not rmsprop")
 
 
 @dataclass
@@ -295,8 +307,10 @@ class TrainConfig:
             raise ConfigError("'cache' is required: the path of a store built by `python -m fpo_dist.cache`")
         if self.micro_batch_size <= 0 or self.grad_accum <= 0 or self.epochs <= 0:
             raise ConfigError("'micro_batch_size', 'grad_accum' and 'epochs' must be positive")
-        if self.optim.fused and self.optim.name == "rmsprop":
-            raise ConfigError("'optim.fused': torch has a fused kernel for adam and adamw only, not rmsprop")
+        self.optim.validate()
+        check("step0_atol_logp", self.step0_atol_logp, POSITIVE)
+        check("step0_rtol_mse", self.step0_rtol_mse, POSITIVE)
+        check("dist_timeout_s", self.dist_timeout_s, POSITIVE)
         self._import_plugins()
         self.loss.validate()
         self.policy.lora.validate()

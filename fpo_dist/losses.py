@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fpo_dist.domains import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Interval
 from fpo_dist.logprobs import (  # noqa: F401  (re-exported: the log-prob half of the losses' inputs)
     CHUNK_BUDGET_BYTES,
     auto_chunk_size,
@@ -383,7 +384,10 @@ class LossSpec:
     ``needs``: where the reference values come from — the offline ``cache``, a resident ``reference_model``,
     or ``none`` (reference-free).  ``needs_sae``: pooled policy SAE codes at the cache's hook layer (the forward
     pass also hands over the cached reference codes).  ``needs_ref_logits``: full-vocabulary reference logits,
-    for the sequential KL.  ``choices``: allowed values of a hyper-parameter; ``positive``: those that must be > 0.
+    for the sequential KL.  ``choices``: allowed values of a hyper-parameter; ``domains``: the
+    :class:`~fpo_dist.domains.Interval` of each numeric one (every int/float hyper-parameter must declare one — use
+    ``fpo_dist.domains.ANY`` for an unconstrained one — and its default must lie in it), checked by the config before
+    any work.
     ``forward_defaults``: options of the forward pass, not of ``fn`` (FPO's ``encode_selected``);
     ``feature_columns(params)``: ``(k, topk_mode)`` when only the SAE columns a top-k term reads need gradients.
     """
@@ -396,7 +400,7 @@ class LossSpec:
     needs_ref_logits: bool = False
     defaults: Mapping[str, Any] = field(default_factory=dict)
     choices: Mapping[str, tuple] = field(default_factory=dict)
-    positive: frozenset[str] = frozenset()
+    domains: Mapping[str, Interval] = field(default_factory=dict)
     forward_defaults: Mapping[str, Any] = field(default_factory=dict)
     feature_columns: Callable[[Mapping[str, Any]], tuple[int, str] | None] | None = None
 
@@ -407,6 +411,18 @@ class LossSpec:
             raise ValueError(f"loss {self.name!r}: needs must be cache/reference_model/none, got {self.needs!r}")
         if self.needs_ref_logits and self.needs != "reference_model":
             raise ValueError(f"loss {self.name!r}: full-vocabulary reference logits need a resident reference model")
+        object.__setattr__(self, "domains", MappingProxyType(dict(self.domains)))
+        params = self.hyper_parameters
+        for key, default in params.items():
+            numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+            if numeric and key not in self.domains:
+                raise ValueError(f"loss {self.name!r}: numeric hyper-parameter {key!r} declares no domain; add "
+                                 f"domains={{{key!r}: Interval(...)}} (fpo_dist.domains; ANY for an unconstrained one)")
+            if key in self.domains and default not in self.domains[key]:
+                raise ValueError(f"loss {self.name!r}: the default {key}={default!r} is outside its domain "
+                                 f"({self.domains[key]})")
+        if set(self.domains) - set(params):
+            raise ValueError(f"loss {self.name!r}: domains for undeclared hyper-parameters {sorted(set(self.domains) - set(params))}")
 
     @property
     def hyper_parameters(self) -> dict[str, Any]:
@@ -451,18 +467,20 @@ for _spec in (
     LossSpec(
         "fpo", fpo_loss, "cache", inputs=_fpo_inputs, needs_sae=True,
         defaults={"beta": 0.1, "alpha": 0.5, "k": 50, "topk_mode": "union", "stop_grad_chosen": True},
-        choices={"topk_mode": ("union", "policy")}, positive=frozenset({"k"}),
+        choices={"topk_mode": ("union", "policy")},
+        domains={"beta": POSITIVE, "alpha": NON_NEGATIVE, "k": AT_LEAST_ONE},
         forward_defaults={"encode_selected": True},
         feature_columns=lambda p: (p["k"], p["topk_mode"]) if p["encode_selected"] else None,
     ),
-    LossSpec("dpo", dpo_loss, "cache", defaults={"beta": 0.1}),
+    LossSpec("dpo", dpo_loss, "cache", defaults={"beta": 0.1}, domains={"beta": POSITIVE}),
     LossSpec("simpo", simpo_loss, "none", inputs=lambda q: q.avg_logps,
-             defaults={"beta": 2.0, "gamma": 1.0, "gamma_is_ratio": False}),
-    LossSpec("dpo-online", dpo_loss, "reference_model", defaults={"beta": 0.1}),
+             defaults={"beta": 2.0, "gamma": 1.0, "gamma_is_ratio": False},
+             domains={"beta": POSITIVE, "gamma": NON_NEGATIVE}),
+    LossSpec("dpo-online", dpo_loss, "reference_model", defaults={"beta": 0.1}, domains={"beta": POSITIVE}),
     LossSpec("tdpo1", partial(tdpo_loss, variant=1), "reference_model", inputs=_tdpo_inputs, needs_ref_logits=True,
-             defaults={"beta": 0.1}),
+             defaults={"beta": 0.1}, domains={"beta": POSITIVE}),
     LossSpec("tdpo2", partial(tdpo_loss, variant=2), "reference_model", inputs=_tdpo_inputs, needs_ref_logits=True,
-             defaults={"beta": 0.1, "alpha": 0.5}),
+             defaults={"beta": 0.1, "alpha": 0.5}, domains={"beta": POSITIVE, "alpha": NON_NEGATIVE}),
 ):
     register_loss(_spec)
 

@@ -316,6 +316,7 @@ class Trainer:
         state = {"step": self.step, "loader": self.loader.state_dict(), "config": public_dict(self.cfg)}
         self.policy.save(str(root), tag, client_state=state)
         torch.save(ckpt.get_rng(), ckpt.rng_file(root, tag, self.rank))
+        ckpt.sync_tree(root / tag)  # this rank's files are on disk before rank 0 may commit the checkpoint
         self.dist.barrier()
         if self.is_main:
             meta = {"step": self.step, "world_size": self.world, "loader": state["loader"], "loss": self.cfg.loss.name,

@@ -185,3 +185,67 @@ def test_fused_optimizer_equals_the_per_tensor_loop(name):
 def test_fused_rmsprop_is_refused():
     with pytest.raises(ConfigError, match="optim.fused.*adam and adamw only"):
         load_config(TrainConfig, None, ["--cache", "/tmp/store", "--optim.name", "rmsprop", "--optim.fused", "true"])
+
+
+@pytest.mark.parametrize("args, key, domain", [
+    (["--loss.beta", "-0.1"], "loss.beta", "> 0"),
+    (["--loss.beta", "0"], "loss.beta", "> 0"),
+    (["--loss.alpha", "-1"], "loss.alpha", ">= 0"),
+    (["--loss.name", "tdpo2", "--loss.alpha", "-1"], "loss.alpha", ">= 0"),
+    (["--loss.name", "simpo", "--loss.gamma", "-0.5"], "loss.gamma", ">= 0"),
+    (["--loss.k", "0"], "loss.k", ">= 1"),
+    (["--loss.beta", "nan"], "loss.beta", "> 0"),
+    (["--optim.lr", "0"], "optim.lr", "> 0"),
+    (["--optim.lr", "-1"], "optim.lr", "> 0"),
+    (["--optim.lr", "inf"], "optim.lr", "> 0"),
+    (["--optim.warmup_steps", "-5"], "optim.warmup_steps", ">= 0"),
+    (["--optim.weight_decay", "-0.01"], "optim.weight_decay", ">= 0"),
+    (["--optim.betas", "0.9,1.0"], "optim.betas[1]", "in [0, 1)"),
+    (["--optim.eps", "0"], "optim.eps", "> 0"),
+    (["--optim.grad_clip", "-1"], "optim.grad_clip", ">= 0"),
+    (["--step0_atol_logp", "0"], "step0_atol_logp", "> 0"),
+])
+def test_every_hyper_parameter_has_its_domain_checked(args, key, domain):
+    """Nonsense values stop the config with one line naming the key, the value and the domain (a negative β or α
+    would otherwise train the inverted objective silently)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, None, ["--cache", "/tmp/c", *args])
+    msg = str(e.value)
+    assert "\n" not in msg and f"'{key}'" in msg and domain in msg, msg
+
+
+def test_in_domain_edges_are_accepted():
+    cfg = load_config(TrainConfig, None, ["--cache", "/tmp/c", "--loss.alpha", "0", "--optim.warmup_steps", "0",
+                                          "--optim.grad_clip", "0", "--loss.k", "1"])
+    assert cfg.loss.params["alpha"] == 0 and cfg.loss.params["k"] == 1 and cfg.optim.warmup_steps == 0
+
+
+def test_a_registered_loss_declares_a_domain_for_every_numeric_hyper_parameter():
+    from fpo_dist.domains import ANY, POSITIVE
+    from fpo_dist.losses import LOSSES, LossSpec, dpo_loss
+
+    for spec in LOSSES.values():  # the built-in ones: every int/float key has a domain holding its default
+        for key, default in spec.hyper_parameters.items():
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                assert default in spec.domains[key], (spec.name, key)
+    with pytest.raises(ValueError, match="'tau' declares no domain"):
+        LossSpec("x", dpo_loss, "cache", defaults={"beta": 0.1, "tau": 1.0}, domains={"beta": POSITIVE})
+    with pytest.raises(ValueError, match="outside its domain"):
+        LossSpec("x", dpo_loss, "cache", defaults={"beta": -0.1}, domains={"beta": POSITIVE})
+    LossSpec("x", dpo_loss, "cache", defaults={"beta": 0.1, "tau": -1.0}, domains={"beta": POSITIVE, "tau": ANY})
+
+
+def test_the_trainer_cli_refuses_a_negative_alpha_before_any_work(tmp_path):
+    """From outside: the launcher's process exits 2 with one line, before it reads the cache or starts anything."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, str(root / "launchers" / "train.py"), "--cache", str(tmp_path / "nowhere"),
+                        "--loss.alpha", "-1", "--output_dir", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=300, cwd=root)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines() == [
+        "configuration error: 'loss.alpha' is -1.0, outside its domain: it must be >= 0 (loss 'fpo')"]
+    assert not (tmp_path / "out").exists()

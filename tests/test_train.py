@@ -42,11 +42,12 @@ def toy_margin_loss(avg_chosen, avg_rejected, margin: float = 1.0):
 
 
 def register_toy_loss():
+    from fpo_dist.domains import NON_NEGATIVE
     from fpo_dist.losses import LOSSES, LossSpec, register_loss
 
     if "toy-margin" not in LOSSES:
         register_loss(LossSpec("toy-margin", toy_margin_loss, "none", inputs=lambda q: q.avg_logps,
-                               defaults={"margin": 1.0}))
+                               defaults={"margin": 1.0}, domains={"margin": NON_NEGATIVE}))
 
 
 
