@@ -143,6 +143,8 @@ def load_causal_lm(spec: ModelSpec, *, requires_grad: bool = False, device: str 
     on its own; what ``batch_layout: packed`` runs).
     ``device=None`` leaves placement to the caller (under ZeRO-3 DeepSpeed places the partitions: create
     ``HfDeepSpeedConfig`` before calling this).
+    A model with an attention-logit soft-cap (Gemma 2) runs its padded forwards and generation through
+    transformers' eager attention (:func:`use_softcap_attention`), the formula the packed path applies per sequence.
     """
     from transformers import AutoModelForCausalLM
 
@@ -151,6 +153,7 @@ def load_causal_lm(spec: ModelSpec, *, requires_grad: bool = False, device: str 
         model = AutoModelForCausalLM.from_pretrained(source, dtype=spec.torch_dtype, **kwargs)
     if device is not None:
         model.to(device)
+    use_softcap_attention(model)
     if varlen:
         from fpo_dist.attention import enable_varlen
 
@@ -158,6 +161,43 @@ def load_causal_lm(spec: ModelSpec, *, requires_grad: bool = False, device: str 
     model.eval()
     model.requires_grad_(requires_grad)
     return model
+
+
+# The attention implementation that applies a config's ``attn_logit_softcapping``, ``softcap · tanh(s / softcap)`` on
+# the scaled scores ``s`` before the mask and softmax: transformers' eager one.
+SOFTCAP_ATTENTION = "eager"
+
+
+def attention_softcap(model: nn.Module) -> float | None:
+    """The attention-logit soft-cap of ``model`` (``attn_logit_softcapping`` of any config in it: the model's, a
+    multimodal wrapper's text config), or None."""
+    for m in model.modules():
+        cap = getattr(getattr(m, "config", None), "attn_logit_softcapping", None)
+        if cap is not None:
+            return float(cap)
+    return None
+
+
+def use_softcap_attention(model: nn.Module) -> bool:
+    """Run a soft-capped model's attention (Gemma 2: ``attn_logit_softcapping``) through :data:`SOFTCAP_ATTENTION`
+    on every config in it; True when the model has a soft-cap.
+
+    transformers' sdpa function has no soft-cap argument: older versions drop it silently (padded batches,
+    evaluation and generation would compute another function than the packed path, which applies the cap), 5.24
+    refuses it, and which implementation ``from_pretrained`` picks by default differs between versions.  Naming
+    the implementation here makes every path that loads through :func:`load_causal_lm` — cache worker, trainer,
+    step-0 check, ``cache verify --recompute``, evaluation and generation — apply the cap with the eager formula;
+    the packed path (:func:`fpo_dist.attention.varlen_attention`) applies the same formula per sequence.  Models
+    without a soft-cap keep transformers' default (sdpa)."""
+    if attention_softcap(model) is None:
+        return False
+    seen = set()
+    for m in model.modules():
+        c = getattr(m, "config", None)
+        if c is not None and id(c) not in seen and hasattr(c, "_attn_implementation"):
+            seen.add(id(c))
+            c._attn_implementation = SOFTCAP_ATTENTION
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -215,6 +215,47 @@ def build_gemma3(
     return _finish(model, out_dir, tokenizer)
 
 
+def build_gemma2(
+    out_dir: str | os.PathLike | None = None,
+    vocab_size: int = 512,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    attn_softcap: float | None = 5.0,
+    final_softcap: float | None = 30.0,
+    sliding_window: int = 4,
+    qk_scale: float = 16.0,
+    seed: int = 0,
+    tokenizer=None,
+):
+    """A randomly initialised ``Gemma2ForCausalLM`` whose attention-logit soft-cap binds: ``attn_softcap`` sets
+    ``attn_logit_softcapping`` (Gemma 2's is 50; small here) and the query/key projections are scaled by
+    ``qk_scale`` so that many scaled scores exceed the cap, i.e. ``softcap · tanh(s / softcap)`` changes the
+    attention (``attn_softcap=None`` with the same seed: the same weights, no cap).  Sliding-window and global
+    layers alternate (``sliding_window`` tokens), ``final_softcap`` sets ``final_logit_softcapping``; the head is
+    tied to the embeddings.  Deterministic for a seed; saved in HF format when ``out_dir`` is given."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    head_dim = hidden_size // 2
+    cfg = Gemma2Config(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim,
+        query_pre_attn_scalar=head_dim, sliding_window=sliding_window,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+        attn_logit_softcapping=attn_softcap, final_logit_softcapping=final_softcap, tie_word_embeddings=True,
+        max_position_embeddings=512, bos_token_id=getattr(tokenizer, "bos_token_id", 1),
+        eos_token_id=getattr(tokenizer, "eos_token_id", 2), pad_token_id=getattr(tokenizer, "pad_token_id", 0),
+    )
+    torch.manual_seed(seed)
+    model = Gemma2ForCausalLM(cfg)
+    with torch.no_grad():  # spread the next-token distributions (see build_llama); large scores for the cap
+        model.model.embed_tokens.weight.mul_(25.0)
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(qk_scale)
+            layer.self_attn.k_proj.weight.mul_(qk_scale)
+    return _finish(model, out_dir, tokenizer)
+
+
 def calibrate_jumprelu_sae(
     model,
     input_ids,
@@ -268,6 +309,69 @@ def calibrate_jumprelu_sae(
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         sae.save_model(str(out_dir))
     return sae, l0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tolerances: two computations that differ only in rounding
+# ---------------------------------------------------------------------------------------------------------
+
+ROUNDING_SAFETY = 8.0  # roundings per stage (norms, projections, softmax, additions) and blocked matmul sums
+
+
+def rounding_tolerance(scale, dtype, depth: int, safety: float = ROUNDING_SAFETY):
+    """The largest difference expected between two computations of the same values that differ only in
+    floating-point rounding (another CPU's matrix kernels, another batch shape or padding, another reduction order):
+
+        tol = safety · depth · eps(dtype) · scale
+
+    ``scale``: the magnitude the compared values are computed FROM, not each value's own — the max ``|x|`` of the
+    compared row or position (a float, or a tensor of per-row maxima for per-row bounds).  For log-probs, a token's
+    ``z_y − logsumexp(z)`` moves by at most ``2·max|Δz|``: pass ``2 · max|logit|`` (times the token count for a sum).
+    ``depth``: the rounding stages in sequence between the inputs and the compared values — for a transformer its
+    blocks (plus one for the head when logits are compared).  ``eps = torch.finfo(dtype).eps``.
+
+    Derivation.  Every stage (matmul, norm, attention softmax, residual addition) rounds its result to within a
+    relative ``eps/2`` of the values flowing through it.  An element of a matmul or norm output mixes the whole row,
+    so its error is relative to the row's magnitude, not to the element's: a small entry of a Gemma residual row
+    whose largest entries are ~3·10⁴ is off by ~10⁻² between two kernels (the 0.0024 seen on an Intel Xeon with
+    AMX, an element-wise ``rtol`` cannot express it).  The residual stream carries every stage's error forward, so
+    the errors of ``depth`` stages at most add up; ``safety`` covers the several roundings inside one block and the
+    partial sums of blocked matmul kernels, and two kernels each within the bound of the exact value are within
+    twice it of each other (inside the same factor).  Measured on Gemma 3 270M (fp32, Xeon with AVX-512/AMX):
+    block 17's output padded vs alone ≤ 6·eps·scale, its logits ≤ 19·eps·scale; the bound at depth 18 is
+    144·eps·scale.  A fault (attending to padding or to another packed sequence, a dropped soft-cap, a wrong block)
+    moves values by a sizeable fraction of the scale, far above it in fp32.  A bound of half the scale or more says
+    nothing (bf16 through many blocks): refused, compare in fp32 or fewer stages instead."""
+    import torch
+
+    factor = safety * depth * torch.finfo(dtype).eps
+    if factor >= 0.5:
+        raise ValueError(f"a rounding bound of {factor:.3g} × the scale ({dtype}, depth {depth}) cannot fail a wrong "
+                         "result: compare in a wider dtype or over fewer stages")
+    return factor * scale
+
+
+def assert_rounding_close(actual, expected, *, dtype, depth: int, dim: int | None = -1, scale=None,
+                          safety: float = ROUNDING_SAFETY, msg: str = "") -> float:
+    """Assert ``|actual − expected| ≤ rounding_tolerance(scale, dtype, depth)`` element-wise, ``scale`` being
+    ``max |expected|`` along ``dim`` per slice (``dim=None``: over the whole tensor) unless given.  Returns the
+    largest ``|Δ| / tol`` (≤ 1), the headroom a report can quote."""
+    import torch
+
+    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{msg}: shapes differ: {tuple(actual.shape)} vs {tuple(expected.shape)}")
+    if scale is None:
+        scale = expected.abs().amax() if dim is None else expected.abs().amax(dim=dim, keepdim=True)
+    tol = torch.as_tensor(rounding_tolerance(scale, dtype, depth, safety), dtype=torch.float64)
+    diff = (actual - expected).abs()
+    ratio = float((diff / tol.clamp(min=torch.finfo(torch.float64).tiny)).max()) if diff.numel() else 0.0
+    if not bool((diff <= tol).all()):
+        worst = int(diff.flatten().argmax())
+        raise AssertionError(f"{msg}: max |Δ| = {float(diff.max()):.3g} exceeds the rounding bound ({ratio:.2f} × it; "
+                             f"{dtype}, depth {depth}, bound at the worst element "
+                             f"{float(tol.expand_as(diff).flatten()[worst]):.3g})")
+    return ratio
 
 
 def flip_byte_silently(store_path: str | os.PathLike, chunk: str | os.PathLike, rows) -> int:
