@@ -1,5 +1,16 @@
 """Cached reference values vs recomputed ones: the comparison behind ``cache verify --recompute`` (phase 1) and
-the trainer's step-0 check (phase 2, where the "model" is the freshly initialised policy)."""
+the trainer's step-0 check (phase 2, where the "model" is the freshly initialised policy).
+
+Tolerances (``TrainConfig.step0_*``, ``cache verify --atol-logp/--rtol-mse``) and where they come from, by the rule of
+:func:`fpo_dist.testing.rounding_tolerance` (``8 · depth · eps · scale``): a recomputation with other batch shapes or
+another CPU's kernels moves a token's log-prob ``z_y − logsumexp(z)`` by at most ``2·max|Δz|``, i.e. by
+``2 · 8 · (blocks + 1) · eps · max|logit|``.  In fp32, for 18-26 blocks (Gemma 3 270M, Gemma 2 2B) and |logits| ≤ 30
+(Gemma 2's final soft-cap; ≈ 25 measured on Gemma 3 270M) that is 0.9-1.5·10⁻³: the step-0 default 10⁻³ per token
+(measured ≤ 2·10⁻⁶ per token, Gemma 3 270M packed vs padded, Intel Xeon with AMX).  ``verify --recompute`` (same
+batches, possibly another machine) defaults to 10⁻⁴, tighter than the rule's bound.  bf16's eps (2⁻⁷) makes the bound
+vacuous through a deep model, so its allowance (×30 in the trainer, 3·10⁻² in verify) is empirical and a bf16 run
+needs a bf16 cache.  Pooled codes: rounding alone gives a relative MSE of order (10⁻⁵)²; the 10⁻⁴ default allows for
+JumpReLU threshold flips (one feature of a ~250-feature vector moving by threshold / tokens: ~10⁻⁵)."""
 
 from __future__ import annotations
 
