@@ -155,13 +155,13 @@ def _check_format(path: str, attrs: Mapping[str, Any]) -> None:
 
 def _store_is_empty(path: str, storage_options: dict | None) -> bool:
     """True when nothing is stored at ``path`` (so a new store may be created there without overwrite)."""
-    from fpo_dist.store.lease import LEASE_KEY  # the writer lease is taken before the store is created
+    from fpo_dist.store.lease import is_lease_file  # the writer lease is taken before the store is created
 
     if "://" not in path:
         return not os.path.exists(path) or (os.path.isdir(path) and not any(
-            e.name != LEASE_KEY for e in os.scandir(path)))
+            not is_lease_file(e.name) for e in os.scandir(path)))
     store = zarr.storage.FsspecStore.from_url(path, storage_options=storage_options, read_only=True)
-    return not [k for k in _sync(_list_dir(store)) if k != LEASE_KEY]
+    return not [k for k in _sync(_list_dir(store)) if not is_lease_file(k)]
 
 
 async def _list_dir(store) -> list[str]:
