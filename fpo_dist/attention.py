@@ -15,7 +15,9 @@ worker, the trainer's policy and reference, and the step-0 check run packed batc
 packed``).  It is not saved with the model.  Sequence boundaries come from the ``position_ids`` transformers passes
 to the attention function (a new sequence wherever the position does not continue; the same in a gradient-
 checkpointing recompute); a 2-D padding mask, when transformers passes one, restricts each row to its real tokens.  Models whose attention uses a logit soft-cap (Gemma 2) are
-computed with the same per-sequence loop in plain PyTorch (the eager formula).  A KV cache (generation) is not
+computed with the same per-sequence loop in plain PyTorch: the formula of transformers' eager attention, which
+:func:`fpo_dist.models.load_causal_lm` selects for such models' padded batches, evaluation and generation, so every
+path applies the cap (``tests/test_gemma2.py`` holds all of them to a float64 eager oracle).  A KV cache (generation) is not
 supported: generation uses the model's own implementation.
 """
 

@@ -329,6 +329,22 @@ def test_padding_does_not_change_real_token_outputs(tiny_model):
     assert b.attention_mask.sum(1).min() < b.input_ids.shape[1]  # some rows really are padded
 
 
+def test_rounding_tolerance_fails_a_real_difference_and_refuses_vacuous_bounds():
+    """The rule (fpo_dist.testing.rounding_tolerance): 8·depth·eps·scale per row; a row whose largest entry is 3·10⁴
+    tolerates 0.02 on a small entry at depth 18 (the Xeon's padded-vs-alone case), a relative 10⁻⁴ change of that
+    entry's row does not pass, and bf16 through 18 blocks (a bound above half the scale) is refused."""
+    from fpo_dist.testing import rounding_tolerance
+
+    row = torch.tensor([[3.0e4, 5.0, -2.0]])
+    bound = rounding_tolerance(3.0e4, torch.float32, 18)
+    assert bound == pytest.approx(8 * 18 * torch.finfo(torch.float32).eps * 3.0e4)
+    assert assert_rounding_close(row + torch.tensor([[0.0, 0.02, 0.0]]), row, dtype=torch.float32, depth=18) < 1
+    with pytest.raises(AssertionError, match="exceeds the rounding bound"):
+        assert_rounding_close(row + torch.tensor([[3.0, 0.0, 0.0]]), row, dtype=torch.float32, depth=18)
+    with pytest.raises(ValueError, match="cannot fail a wrong result"):
+        rounding_tolerance(1.0, torch.bfloat16, 18)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Real model: Gemma 3 270M
 # ---------------------------------------------------------------------------------------------------------
