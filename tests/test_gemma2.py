@@ -116,7 +116,14 @@ def test_softcapped_models_load_with_the_attention_that_applies_the_cap(g2, tiny
     model = load_causal_lm(ModelSpec(str(g2["root"] / "capped")))
     assert attention_softcap(model) == SOFTCAP and model.config._attn_implementation == "eager"
     assert load_causal_lm(ModelSpec(str(g2["root"] / "capped")), varlen=True).config._attn_implementation == VARLEN
+    # whatever a model was set to (transformers' default differs between versions; an sdpa that ignores the cap
+    # is what older ones picked), a soft-capped one is switched to eager on every config in it
+    from fpo_dist.models import use_softcap_attention
+
+    model.config._attn_implementation = "sdpa"
+    assert use_softcap_attention(model) and model.config._attn_implementation == "eager"
     llama = load_causal_lm(ModelSpec(str(tiny.model_dir)))  # no soft-cap: transformers' default stays
+    assert not use_softcap_attention(llama)
     assert attention_softcap(llama) is None and llama.config._attn_implementation == "sdpa"
     # the saved config names no implementation: an export loads with whatever its loader picks
     assert "_attn_implementation" not in json.loads((g2["root"] / "capped" / "config.json").read_text())
