@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fpo_dist.config import ConfigError, TrainConfig, to_dict
+from fpo_dist.config import ConfigError, TrainConfig, mask_text, to_dict
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "fpo_state.json"
@@ -95,7 +95,7 @@ def resume_fields(cfg: TrainConfig) -> dict:
     out = {f"loss.{k}": v for k, v in to_dict(cfg.loss).items()}
     out.update({f"optim.{k}": list(v) if isinstance(v, tuple) else v for k, v in to_dict(cfg.optim).items()})
     out.update({f"policy.lora.{k}": v for k, v in to_dict(cfg.policy.lora).items()})
-    out.update(cache=cfg.cache, seed=cfg.seed, epochs=cfg.epochs)
+    out.update(cache=mask_text(cfg.cache), seed=cfg.seed, epochs=cfg.epochs)  # written to fpo_state.json: no userinfo
     return out
 
 

@@ -7,7 +7,9 @@ combinations raise :class:`ConfigError` with the key and what to change.  Every 
 resolved config in full (:func:`to_yaml`), with credentials in ``storage_options`` masked (:func:`public_dict`).
 
 A ``dict[str, Any]`` field (``storage_options``) takes a mapping in YAML, or JSON / a YAML flow mapping on the
-command line: ``--storage_options '{"endpoint_url": "http://127.0.0.1:9000", "key": "...", "secret": "..."}'``.
+command line.  Credentials come from a file or the environment, never the command line:
+``--storage_options @creds.json`` (or ``storage_options: "@creds.json"`` in YAML), or ``FPO_STORAGE_OPTIONS``;
+inline JSON holding a secret is refused (:mod:`fpo_dist.storage_options`).
 """
 
 from __future__ import annotations
@@ -24,17 +26,21 @@ from fpo_dist.domains import NON_NEGATIVE, POSITIVE, UNIT_OPEN_RIGHT, check
 from fpo_dist.errors import ConfigError
 from fpo_dist.storage_options import (  # noqa: F401  (re-exported: the config's view of fsspec options)
     MASK,
+    check_command_line_value,
     check_storage_options,
     is_url,
     mask_secrets,
+    mask_text,
+    options_from_env,
+    resolve_storage_options,
     storage_options_for,
 )
 
 
 def parse_storage_options(text: str, paths: dict[str, str]) -> dict[str, Any] | None:
-    """``--storage_options`` of a CLI outside the config (``verify``/``info``): JSON text -> the options for
-    ``paths`` (None when empty), or :class:`ConfigError`."""
-    options = _coerce_mapping(text, Any, "storage_options", "command line", from_string=True)
+    """``--storage_options`` of a CLI outside the config (``verify``/``info``): JSON text or ``@path`` (else
+    ``FPO_STORAGE_OPTIONS``) -> the options for ``paths`` (None when empty), or :class:`ConfigError`."""
+    options = resolve_storage_options(text) or options_from_env(paths)
     check_storage_options(options, paths)
     return options or None
 
@@ -167,6 +173,7 @@ class CacheConfig:
             raise ConfigError("'sae.layer' is required: the decoder block whose residual output the SAE reads")
         if not self.output:
             raise ConfigError("'output' is required: where the cache store is written (path or fsspec URL)")
+        self.storage_options = self.storage_options or options_from_env({"output": self.output})
         check_storage_options(self.storage_options, {"output": self.output})
         if self.chunk_rows <= 0 or self.rows_per_shard <= 0 or self.rows_per_shard % self.chunk_rows:
             raise ConfigError(
@@ -356,7 +363,9 @@ class TrainConfig:
                               "`python -m fpo_dist.cache` (the training cache's config, another data.split)")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise ConfigError("'eval_batch_size' must be positive, or null for micro_batch_size")
-        check_storage_options(self.storage_options, {"cache": self.cache, "eval_cache": self.eval_cache})
+        paths = {"cache": self.cache, "eval_cache": self.eval_cache}
+        self.storage_options = self.storage_options or options_from_env(paths)
+        check_storage_options(self.storage_options, paths)
 
     def _import_plugins(self) -> None:
         """Import each ``plugins`` entry: ``module`` (registers on import) or ``module:function`` (called after)."""
@@ -392,12 +401,15 @@ def load_config(cls: type[_T], yaml_path: str | Path | None = None, overrides: l
             raise ConfigError(f"config file not found: {path}")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except yaml.YAMLError as e:  # line and column only: the text around them may hold a credential
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}: not valid YAML{at}: {mask_text(str(getattr(e, 'problem', '') or ''))}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
         _apply_mapping(cfg, raw, prefix="", origin=str(path))
     for key, value in _parse_overrides(overrides or []):
+        check_command_line_value(key, value)  # no credential on a command line (fpo_dist.storage_options)
         _apply_dotted(cfg, key, value, origin="command line")
     if hasattr(cfg, "validate"):
         cfg.validate()
@@ -409,8 +421,9 @@ def to_dict(cfg: Any) -> dict:
 
 
 def public_dict(cfg: Any) -> dict:
-    """:func:`to_dict` for printing, logging and files: credentials in ``storage_options`` masked."""
-    out = to_dict(cfg)
+    """:func:`to_dict` for printing, logging and files: credentials in ``storage_options`` masked, and URL userinfo or
+    a credential-like ``name=value`` in any other string (:func:`mask_text`)."""
+    out = _plain(to_dict(cfg), mask_text)
     if "storage_options" in out:
         out["storage_options"] = mask_secrets(out["storage_options"])
     return out
@@ -423,12 +436,12 @@ def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(_plain(public_dict(cfg)), sort_keys=False, default_flow_style=False)
 
 
-def _plain(x: Any) -> Any:
+def _plain(x: Any, text=None) -> Any:
     if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
+        return {k: _plain(v, text) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
+        return [_plain(v, text) for v in x]
+    return text(x) if text is not None and isinstance(x, str) else x
 
 
 def _parse_overrides(args: list[str]) -> list[tuple[str, str]]:
@@ -568,6 +581,8 @@ def _coerce(value: Any, tp: Any, key: str, origin: str, from_string: bool) -> An
         if from_string or isinstance(value, str):
             return str(value)
         raise ConfigError(f"{origin}: '{key}' must be a string, got {value!r}")
+    if (origin_tp in (dict,) or tp is dict) and key.endswith("storage_options"):  # @file, secrets refused on the CLI
+        return resolve_storage_options(value, key, origin, from_command_line=from_string)
     if origin_tp in (dict,) or tp is dict:
         return _coerce_mapping(value, args[1] if len(args) == 2 else str, key, origin, from_string)
     if origin_tp in (tuple, list):

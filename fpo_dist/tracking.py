@@ -4,7 +4,9 @@ Sinks: ``tensorboard`` (``<output_dir>/tensorboard``), ``wandb`` (the optional `
 ``WANDB_PROJECT``, ``WANDB_DIR`` and the rest of W&B's environment apply; by default its files go under
 ``<output_dir>/wandb``), or ``none``.  Every sink receives the same records: a training record's keys are logged as
 ``train/<key>``, an evaluation record's keys already carry ``eval/``.  The run's config is given to each sink once at
-start, and ``run_info`` once (:meth:`Tracker.summary`).  Only rank 0 builds a tracker.
+start, and ``run_info`` once (:meth:`Tracker.summary`).  Only rank 0 builds a tracker.  The config given is the
+masked one (``fpo_dist.config.public_dict``); W&B, which records the command line, sees it masked as well
+(``fpo_dist.storage_options.mask_argv``).
 """
 
 from __future__ import annotations
@@ -74,8 +76,11 @@ class WandbSink:
         self.wandb = wandb
         directory = Path(os.environ.get("WANDB_DIR") or out)
         directory.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(config=config, dir=str(directory), name=os.environ.get("WANDB_NAME") or out.name,
-                              reinit="create_new")
+        from fpo_dist.storage_options import masked_argv
+
+        with masked_argv():  # W&B records sys.argv in the run's metadata: never a credential given inline
+            self.run = wandb.init(config=config, dir=str(directory), name=os.environ.get("WANDB_NAME") or out.name,
+                                  reinit="create_new")
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)

@@ -528,6 +528,7 @@ def _hidden_size(model_cfg: ModelConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from fpo_dist.config import load_config, split_config_args
+    from fpo_dist.storage_options import mask_text  # error lines never show URL userinfo or a credential
 
     argv = list(sys.argv[1:] if argv is None else argv)
     # the deepspeed launcher appends --local_rank=N; LOCAL_RANK is in the environment too
@@ -537,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(TrainConfig, path, overrides)
     except ConfigError as e:
-        print(f"configuration error: {e}", file=sys.stderr)
+        print(f"configuration error: {mask_text(str(e))}", file=sys.stderr)
         return 2
     from fpo_dist.store import StoreError
 
@@ -545,9 +546,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer.run()
     except ConfigError as e:
-        print(f"configuration error (rank {getattr(trainer, 'rank', '?')}): {e}", file=sys.stderr)
+        print(f"configuration error (rank {getattr(trainer, 'rank', '?')}): {mask_text(str(e))}", file=sys.stderr)
         return 2
     except StoreError as e:  # e.g. a shard that fails its checksum on read: one line naming it, no traceback
-        print(f"cache error (rank {getattr(trainer, 'rank', '?')}, step {trainer.step}): {e}", file=sys.stderr)
+        print(f"cache error (rank {getattr(trainer, 'rank', '?')}, step {trainer.step}): {mask_text(str(e))}",
+              file=sys.stderr)
         return 2
     return 0

@@ -122,7 +122,7 @@ def test_storage_options_json_or_yaml_mapping_and_masked(tmp_path):
     opts = {"endpoint_url": "http://127.0.0.1:9000", "key": "AK1", "secret": "SK1", "anon": False,
             "client_kwargs": {"region_name": "eu-west-1", "aws_session_token": "TK1"}, "default_block_size": 5}
     cli = load_config(CacheConfig, write(tmp_path, CACHE_YAML.replace("/tmp/store", "s3://b/store")),
-                      ["--storage_options", json.dumps(opts)])
+                      ["--storage_options", f"@{write(tmp_path, json.dumps(opts), 'creds.json')}"])  # secrets: a file
     assert cli.storage_options == opts  # types kept: bool, int, nested mapping
     from_yaml = load_config(CacheConfig, write(tmp_path, CACHE_YAML.replace("/tmp/store", "s3://b/store")
                                                + "storage_options:\n  endpoint_url: http://127.0.0.1:9000\n  anon: true\n"))

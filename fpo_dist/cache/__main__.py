@@ -4,8 +4,11 @@
     python -m fpo_dist.cache verify STORE [--recompute N] [--device cpu]      # checksums, completeness
     python -m fpo_dist.cache info STORE [--json]                              # provenance, counts, sizes
 
-STORE may be an fsspec URL (``s3://bucket/cache``); ``--storage_options JSON`` (all three commands) gives fsspec
-its options, e.g. ``'{"endpoint_url": "http://127.0.0.1:9000", "key": "...", "secret": "..."}'``.
+STORE may be an fsspec URL (``s3://bucket/cache``); fsspec's options (all three commands) come from
+``--storage_options @creds.json`` (a JSON file, e.g. ``{"endpoint_url": "http://127.0.0.1:9000", "key": "...",
+"secret": "..."}``; ``storage_options: "@creds.json"`` in the build's YAML), else the ``FPO_STORAGE_OPTIONS``
+environment variable (JSON, or the file's path).  Inline ``--storage_options '{…}'`` is for options that are not
+secret: a credential there is refused (fpo_dist/storage_options.py).
 
 Under ``ray job submit … -- python -m fpo_dist.cache …`` the job attaches to that cluster (RAY_ADDRESS);
 plain runs start a local Ray instance.  Exit status: 0 ok, 1 failure, 2 bad configuration/input.
@@ -17,6 +20,8 @@ import argparse
 import json
 import sys
 
+from fpo_dist.storage_options import mask_text  # error lines never show URL userinfo or a credential
+
 
 def _build(argv: list[str]) -> int:
     from fpo_dist.config import CacheConfig, ConfigError, load_config, split_config_args
@@ -26,7 +31,7 @@ def _build(argv: list[str]) -> int:
     try:
         cfg = load_config(CacheConfig, path, overrides)
     except ConfigError as e:
-        print(f"configuration error: {e}", file=sys.stderr)
+        print(f"configuration error: {mask_text(str(e))}", file=sys.stderr)
         return 2
     from fpo_dist.cache.driver import CacheJobError, run_cache_job
     from fpo_dist.resolve import ResolveError
@@ -35,17 +40,17 @@ def _build(argv: list[str]) -> int:
     try:
         run_cache_job(cfg)
     except (DataError, StoreError, ResolveError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {mask_text(str(e))}", file=sys.stderr)
         return 2
     except CacheJobError as e:
-        print(f"cache job failed: {e}", file=sys.stderr)
+        print(f"cache job failed: {mask_text(str(e))}", file=sys.stderr)
         return 1
     except OSError as e:
         import errno
 
         if e.errno != errno.ENOSPC:
             raise
-        print(f"cache job failed: no space left while writing {cfg.output} ({e}); free space there and rerun: "
+        print(f"cache job failed: no space left while writing {mask_text(cfg.output)} ({e}); free space there and rerun: "
               "committed shards are kept", file=sys.stderr)
         return 1
     return 0
@@ -62,15 +67,16 @@ def _store_command(run):
         try:
             return run(argv)
         except (StoreError, ConfigError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {mask_text(str(e))}", file=sys.stderr)
             return 2
 
     return command
 
 
 def _add_storage_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--storage_options", "--storage-options", default="{}", metavar="JSON",
-                   help="fsspec options for a STORE URL, a JSON mapping (e.g. endpoint_url, key, secret)")
+    p.add_argument("--storage_options", "--storage-options", default="{}", metavar="@FILE|JSON",
+                   help="fsspec options for a STORE URL: @path of a JSON file (credentials: key, secret, ...), or "
+                   "inline JSON without secrets (e.g. endpoint_url); default: $FPO_STORAGE_OPTIONS")
 
 
 def _open(path: str, storage_options: str = "{}"):
@@ -143,6 +149,7 @@ def _info(argv: list[str]) -> int:
     store = _open(a.store, a.storage_options)
     info = store.info()
     info["token_extras"] = store.token_extras_info()
+    info["path"] = mask_text(info["path"])
     if a.json:
         print(json.dumps(info, indent=2, default=str))
         return 0

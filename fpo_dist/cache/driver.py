@@ -21,7 +21,7 @@ from pathlib import Path
 import fpo_dist
 from fpo_dist.cache import LOOPBACK_NODE_IP
 from fpo_dist.cache.worker import CacheWorker
-from fpo_dist.config import CacheConfig, to_dict, to_yaml
+from fpo_dist.config import CacheConfig, mask_text, to_dict, to_yaml
 from fpo_dist.data import (
     BadRow,
     file_sha256,
@@ -180,7 +180,7 @@ def _run_job(cfg: CacheConfig, work_cfg: CacheConfig, lease, log, t_start: float
     plan = store.plan
     pending = store.pending_shards()
     done_before = plan.n_shards - len(pending)
-    log(f"store {cfg.output}: {plan.n_rows} rows in {plan.n_shards} shards of {plan.rows_per_shard}; "
+    log(f"store {mask_text(cfg.output)}: {plan.n_rows} rows in {plan.n_shards} shards of {plan.rows_per_shard}; "
         f"{done_before} already committed, {len(pending)} to do")
     results: list[dict] = []
     if pending:
