@@ -175,18 +175,17 @@ def bench_cache_job(assets: Assets, sizes: Sizes, device: str, workers: list[int
                     log=print) -> dict:
     """The real cache job with each worker count in ``workers`` (each measured again if the host was busy);
     bytes per response of the last store."""
-    import ray
-
+    from fpo_dist.cache import init_local_ray
     from fpo_dist.cache.driver import run_cache_job
     from fpo_dist.config import CacheConfig, load_config
     from fpo_dist.store import open_store
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     on_gpu = device == "cuda"
-    ray.init(address="local", _node_ip_address="127.0.0.2", num_cpus=max(workers) + (2 if on_gpu else 0), include_dashboard=False,
-             object_store_memory=256 << 20, log_to_driver=False)
+    # as the cache driver's own local instance: loopback only, Ray's default token authentication
+    ray = init_local_ray(num_cpus=max(workers) + (2 if on_gpu else 0), include_dashboard=False,
+                         object_store_memory=256 << 20, log_to_driver=False)
+
     def job(n: int, attempt: int) -> dict:
         out = root / f"store_w{n}" / str(attempt)
         cfg = load_config(CacheConfig, None, [

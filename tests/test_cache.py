@@ -65,12 +65,12 @@ def cache_config(tiny, dataset, output, **over) -> CacheConfig:
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """One local Ray instance (2 CPUs, loopback, capped object store) for the in-process builds."""
-    import ray
+    """One local Ray instance (2 CPUs, listening on loopback only, Ray's default token authentication, capped object
+    store) for the in-process builds: started as the cache driver starts its own (``init_local_ray``)."""
+    from fpo_dist.cache import init_local_ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", _node_ip_address="127.0.0.2", num_cpus=2, include_dashboard=False,
-             object_store_memory=128 << 20, log_to_driver=False)  # loopback (not .1: Ray rewrites 127.0.0.1)
+    ray = init_local_ray(num_cpus=2, include_dashboard=False, object_store_memory=128 << 20, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -96,6 +96,24 @@ def assert_same_store(a, b):
     rows = sa.ok_rows()
     ra, rb = sa.read_rows(rows, extras=True), sb.read_rows(rows, extras=True)
     assert np.array_equal(ra.logp_sum, rb.logp_sum) and np.array_equal(ra.chosen_codes.values, rb.chosen_codes.values)
+
+
+def test_local_ray_instance_listens_on_loopback_only(ray_session):
+    """The in-process instance (``init_local_ray``, as the cache driver's) with an actor alive: no process of it (this
+    one, GCS, raylet, agents, workers) listens beyond loopback, read from outside with ``ss``."""
+    from listening import descendants, exposed, listeners
+
+    @ray_session.remote
+    class Probe:
+        def pid(self) -> int:
+            return os.getpid()
+
+    probe = Probe.remote()
+    actor = ray_session.get(probe.pid.remote())
+    pids = descendants(os.getpid())
+    assert actor in pids and any(s.pid == actor for s in listeners(pids))  # the actor's gRPC server is seen
+    assert not exposed(pids), exposed(pids)
+    ray_session.kill(probe)
 
 
 def test_one_worker_equals_two_workers(one_worker_store, tiny, dataset, ray_session, tmp_path):
@@ -270,7 +288,10 @@ def _descendants(pid: int) -> dict[int, str]:
 
 def test_sigkilled_driver_leaves_no_ray_process_behind(tiny, dataset, tmp_path):
     """SIGKILL the cache driver alone (by PID, not its process group) mid-run: every process of the local Ray
-    instance it started (GCS, raylet, agents, workers) is gone within a bound."""
+    instance it started (GCS, raylet, agents, workers) is gone within a bound.  Before the kill: that instance
+    listens on loopback only and has Ray's token authentication on."""
+    from listening import exposed
+
     from fpo_dist.cache.reaper import _stat
 
     out = tmp_path / "orphans"
@@ -290,6 +311,12 @@ def test_sigkilled_driver_leaves_no_ray_process_behind(tiny, dataset, tmp_path):
         ray_procs = _descendants(proc.pid)
         names = {p: Path(f"/proc/{p}/comm").read_text().strip() for p in ray_procs if Path(f"/proc/{p}/comm").exists()}
         assert len(ray_procs) >= 3, names  # gcs, raylet, worker(s), agents
+        # mid-run, the CLI's local Ray instance (driver, GCS, raylet, agents, the CacheWorker) listens on loopback
+        # only (``ss``), and runs with Ray's token authentication (the processes' environment)
+        assert any("CacheWorker" in _cmdline(p) for p in ray_procs), names
+        assert not exposed({proc.pid, *ray_procs}), exposed({proc.pid, *ray_procs})
+        gcs = [p for p, n in names.items() if n == "gcs_server"]
+        assert gcs and b"RAY_AUTH_MODE=token" in Path(f"/proc/{gcs[0]}/environ").read_bytes().split(b"\0")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         deadline = time.time() + 30
@@ -441,49 +468,58 @@ def test_verify_and_info_cli(one_worker_store, tmp_path):
     assert "shard 3" in bad.stdout and "not committed" in bad.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_job_submit_against_a_head_on_loopback(tiny, dataset, tmp_path, one_worker_store):
-    """``ray start --head`` (non-default ports, loopback) + ``ray job submit``; the head is stopped by PID."""
-    import shutil
-    import tempfile
+    """The demo's Ray head (``fpo_dist.demo.run.ray_head``: non-default ports, loopback, token authentication) +
+    ``ray job submit`` of a cache job.  While the job runs, no process of the head's tree (GCS, raylet, agents,
+    the job's driver and its CacheWorker actors) or of ``ray job submit`` listens anywhere but on loopback (``ss``,
+    sampled); the dashboard refuses a request without the token; the head is stopped by process group."""
+    import urllib.error
+    import urllib.request
+
+    from listening import descendants, exposed
+
+    from fpo_dist.demo.run import ray_head
 
     ray_bin = Path(sys.executable).parent / "ray"
-    port, dash = _free_port(), _free_port()
-    ray_tmp = tempfile.mkdtemp(prefix="fpo-ray-", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
-           # as with an activated environment: the job's `python` is this interpreter
-           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.2",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-         f"--temp-dir={ray_tmp}", "--include-dashboard=true", "--dashboard-agent-listen-port=0",
-         f"--object-store-memory={128 << 20}", "--disable-usage-stats"],
-        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        cfg = cache_config(tiny, dataset, tmp_path / "submitted", workers=2, per_token_logps="true")
-        cfg_file = _yaml(cfg, tmp_path / "job.yaml")
-        submit = [str(ray_bin), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+    cfg = cache_config(tiny, dataset, tmp_path / "submitted", workers=2, per_token_logps="true")
+    cfg_file = _yaml(cfg, tmp_path / "job.yaml")
+    with ray_head(tmp_path / "head.log") as (url, env):
+        head_pid = next(p for p in descendants(os.getpid()) if "ray start --head" in _cmdline(p))
+        with pytest.raises(urllib.error.HTTPError) as refused:  # no token: refused
+            urllib.request.urlopen(f"{url}/api/jobs/", timeout=10)
+        assert refused.value.code == 401
+        submit = [str(ray_bin), "job", "submit", "--address", url, "--working-dir", str(ROOT),
                   "--", "python", "-m", "fpo_dist.cache", "--config", str(cfg_file)]
-        deadline = time.time() + 90
-        while True:  # the dashboard's job API takes a few seconds to come up
-            res = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
-            if res.returncode == 0 or time.time() > deadline or "Connection" not in res.stdout + res.stderr:
+        leaks, n_actor_samples, deadline = set(), 0, time.time() + 90
+        while True:
+            with open(tmp_path / "submit.log", "w") as log:
+                proc = subprocess.Popen(submit, env={**env, "OMP_NUM_THREADS": "1"}, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+                try:
+                    while proc.poll() is None:  # sample the sockets of every process of the head and of the submit
+                        pids = descendants(head_pid, proc.pid)
+                        leaks |= set(exposed(pids))
+                        n_actor_samples += any("CacheWorker" in _cmdline(p) for p in pids)
+                        time.sleep(0.5)
+                finally:
+                    _kill_session(proc)
+            output = (tmp_path / "submit.log").read_text()
+            # the dashboard's job API may take a few seconds more than /api/version to come up
+            if proc.returncode == 0 or time.time() > deadline or "Connection" not in output:
                 break
             time.sleep(3)
-        assert res.returncode == 0, (res.stdout[-3000:] + res.stderr[-3000:] +
-                                     "\nhead:\n" + (tmp_path / "head.log").read_text()[-3000:])
-        assert "cache done" in res.stdout and "succeeded" in res.stdout
-    finally:
-        _kill_session(head)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        assert proc.returncode == 0, output[-3000:] + "\nhead:\n" + (tmp_path / "head.log").read_text()[-3000:]
+        assert "cache done" in output and "succeeded" in output
+    assert n_actor_samples >= 1, "no sample caught a cache actor alive"
+    assert not leaks, leaks
     assert_same_store(one_worker_store[0], tmp_path / "submitted")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 @pytest.mark.realmodel

@@ -121,7 +121,12 @@ def check_train_run(out: Path, steps: list[int]) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------------------
+NETNS_PID = "FPO_TEST_NETNS_PID"  # in a command's env: run it in that process's network namespace (the cluster's)
+
+
 def run(cmd, env, timeout=120, check=True):
+    if env.get(NETNS_PID):  # SLURM's clients reach slurmctld only from inside the cluster's network namespace
+        cmd = ["nsenter", f"--net=/proc/{env[NETNS_PID]}/ns/net", "--", *cmd]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if check and p.returncode != 0:
         raise AssertionError(f"{cmd} -> {p.returncode}\nstdout:\n{p.stdout[-4000:]}\nstderr:\n{p.stderr[-4000:]}")
@@ -190,10 +195,13 @@ def job_info(job: str, env: dict) -> dict:
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
-def wait_jobs(jobs: list[str], env: dict, timeout: float = 240) -> list[dict]:
-    """Poll (1 s) until none of the jobs is pending or running; `sbatch --wait` polls far slower."""
+def wait_jobs(jobs: list[str], env: dict, timeout: float = 240, on_poll=None) -> list[dict]:
+    """Poll (1 s) until none of the jobs is pending or running; `sbatch --wait` polls far slower.  ``on_poll()``, if
+    given, is called at every poll while the jobs run."""
     deadline = time.monotonic() + timeout
     while run(["squeue", "-h", "-j", ",".join(jobs)], env, check=False).stdout.strip():
+        if on_poll is not None:
+            on_poll()
         if time.monotonic() > deadline:
             run(["scancel", *jobs], env, check=False)
             raise AssertionError(f"jobs {jobs} not done after {timeout} s")
@@ -223,6 +231,7 @@ def test_dry_run_cache_layout():
     worker = layout_value(out, "worker_cmd")
     assert "--address=10.9.8.7:22420" in worker and "--node-ip-address=$(hostname -I" in worker, worker
     assert "-N2 -n2 -x n1" in layout_value(out, "worker_step")
+    assert layout_value(out, "ray_auth") == "token (a per-job token in RAY_AUTH_TOKEN)"  # Ray's token auth, on
     assert "-N1 -n1 -w n1" in layout_value(out, "head_step")
     assert "job submit --address http://10.9.8.7:22421" in layout_value(out, "submit")
     assert layout_value(out, "entrypoint") == (
@@ -287,6 +296,9 @@ class Cluster:
                             "FPO_SLURM_CTLD_PORT": str(free_port()), "FPO_SLURM_SLURMD_PORT": str(free_port())}
         self.daemon_pids: set[int] = set()
         self.job_pids: set[int] = set()  # Ray processes, cache actors etc. seen while the jobs ran
+        self.netns_pid: int | None = None  # the process holding the cluster's private network namespace
+        self.listeners: set[str] = set()  # "comm proto address:port" of every listening socket sampled (pipeline)
+        self.exposed: set[str] = set()  # those reachable from outside the machine (should stay empty)
 
     def harness(self, *args, check=True):
         return run(["bash", str(HARNESS), *args], self.harness_env, timeout=300, check=check)
@@ -301,17 +313,28 @@ class Cluster:
                 "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                 # every node (all on this host) finds its address on loopback, never the network interface's
                 # (`hostname -I`, the scripts' default on a real cluster): all traffic of the test stays on 127/8
-                "FPO_IP_CMD": "echo 127.0.0.2", **extra}
+                "FPO_IP_CMD": "echo 127.0.0.2", NETNS_PID: str(self.netns_pid or ""), **extra}
+
+    def sample_sockets(self) -> None:
+        """Record the listening sockets of every process of this cluster (daemons, and everything carrying its
+        SLURM_CONF: batch scripts, srun steps, Ray, the cache driver and actors, torchrun and the ranks)."""
+        from listening import listeners
+
+        pids = set(procs_with_env(SLURM_CONF=self.conf)) | self.daemon_pids
+        for sock in listeners(pids):
+            self.listeners.add(f"{sock.comm} {sock.proto} {sock.address}:{sock.port}")
+            if sock.exposed:
+                self.exposed.add(str(sock))
 
     def pidfile_pids(self) -> set[int]:
         return {int(f.read_text()) for f in (self.dir / "run").glob("*.pid")}
 
-    def pipeline(self, **extra) -> tuple[dict, dict]:
+    def pipeline(self, on_poll=None, **extra) -> tuple[dict, dict]:
         """pipeline.sh with these job settings; waits for both jobs and returns their `scontrol show job` info."""
         env = self.env(FPO_CACHE_NODES="2", FPO_TRAIN_NODES="2", **extra)
         out = run([str(SLURM / "pipeline.sh")], env).stdout
         ids = dict(re.findall(r"^(FPO_\w+_JOB)=(\d+)$", out, re.M))
-        cache, train = wait_jobs([ids["FPO_CACHE_JOB"], ids["FPO_TRAIN_JOB"]], env)
+        cache, train = wait_jobs([ids["FPO_CACHE_JOB"], ids["FPO_TRAIN_JOB"]], env, on_poll=on_poll)
         return cache, train
 
     def log(self, name: str) -> str:
@@ -335,7 +358,9 @@ def cluster(tiny):
     try:
         c.harness("up", "--nodes", "2", "--cpus", "2")
         c.daemon_pids = c.pidfile_pids()
-        assert len(c.daemon_pids) == 4  # munged, slurmctld, 2 x slurmd
+        netns = c.dir / "run" / "netns.pid"
+        c.netns_pid = int(netns.read_text()) if netns.exists() else None
+        assert len(c.daemon_pids) == 4 + (c.netns_pid is not None)  # munged, slurmctld, 2 x slurmd (+ netns holder)
         served = True
         yield c
     finally:
@@ -364,7 +389,7 @@ def cluster(tiny):
 def pipeline(cluster) -> tuple[dict, dict]:
     """pipeline.sh (cache job on Ray, then the torchrun training job) run once for the module: its jobs' info.
     The cache actors' PIDs join the processes the teardown checks."""
-    cache, train = cluster.pipeline(**CACHE_JOB, **TRAIN_JOB)
+    cache, train = cluster.pipeline(on_poll=cluster.sample_sockets, **CACHE_JOB, **TRAIN_JOB)
     cache_log = cluster.log(f"fpo-cache-{cache['JobId']}.out")
     cluster.job_pids |= {int(pid) for pid in re.findall(r"^\s*worker \S+:(\d+) \[cpu\] ray node", cache_log, re.M)}
     return cache, train
@@ -408,16 +433,30 @@ def test_pipeline_cache_on_ray_then_train_with_torchrun(cluster, pipeline):
 
 @pytest.mark.slow
 def test_local_cluster_traffic_stays_on_loopback(cluster, pipeline):
-    """Every address the local-cluster run printed (the head's, Ray's node addresses, torchrun's master address) is
-    loopback (127.0.0.0/8): the nodes found theirs through FPO_IP_CMD, not `hostname -I`.  127.0.0.2, not 127.0.0.1:
-    Ray rewrites a bootstrap address of exactly 127.0.0.1/localhost to the machine's interface address
-    (ray._private.services.resolve_ip_for_localhost), which would send the job driver's traffic off loopback."""
+    """Nothing the local cluster runs can be reached from outside the machine, sampled every second while the
+    pipeline ran (``ss`` in each process's network namespace, ``tests/listening.py``): the daemons and every job
+    process (Ray head and worker, GCS, raylets, agents, cache driver and actors, torchrun and the ranks) live in the
+    harness's private network namespace, whose only interface is ``lo`` — multi-node Ray binds every interface
+    (its node addresses cannot be 127.0.0.1), so the namespace is what keeps it private.  Ray ran with token
+    authentication.  And every address the run printed (head, Ray nodes, torchrun's master) is loopback: the nodes
+    found theirs through FPO_IP_CMD, not `hostname -I`."""
     import ipaddress
 
     cache, train = pipeline
+    assert cluster.netns_pid is not None, "the harness fell back to the host's network (no network namespace)"
+    ns = Path(f"/proc/{cluster.netns_pid}/net/dev").read_text().splitlines()[2:]
+    assert [line.split(":")[0].strip() for line in ns] == ["lo"]
+    comms = {entry.split()[0] for entry in cluster.listeners}
+    assert {"slurmctld", "slurmd", "gcs_server", "raylet"} <= comms, sorted(cluster.listeners)  # sampled mid-run
+    assert any(c.startswith("ray::CacheWorke") for c in comms), sorted(comms)  # a cache actor's gRPC server
+    assert not cluster.exposed, sorted(cluster.exposed)
     logs = {name: cluster.log(f"fpo-{name}-{job['JobId']}.out") for name, job in (("cache", cache), ("train", train))}
+    assert layout_value(logs["cache"], "ray_auth").startswith("token"), logs["cache"][:3000]
     for name, text in logs.items():
         assert ipaddress.ip_address(layout_value(text, "head_ip")).is_loopback, (name, layout_value(text, "head_ip"))
+        # Ray's C++ probe for a "local IP" (a UDP connect to 8.8.8.8:53) fails in the namespace — no route — and says
+        # so: proof of the isolation, not an address in use
+        text = "\n".join(line for line in text.splitlines() if "via external connectivity to: 8.8.8.8" not in line)
         found = set()
         for candidate in re.findall(r"(?<![\d.])(\d{1,3}(?:\.\d{1,3}){3})(?![\d.])", text):
             try:

@@ -100,7 +100,6 @@ def s3_cache(s3, tiny, tmp_path_factory):
     url, options = f"s3://{BUCKET}/store", s3["options"]
     logs: list[str] = []
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", _node_ip_address="127.0.0.2", num_cpus=2, include_dashboard=False,
              object_store_memory=128 << 20, log_to_driver=False)
     try:

@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import fpo_dist
-from fpo_dist.cache import LOOPBACK_NODE_IP
+from fpo_dist.cache import init_local_ray
 from fpo_dist.cache.worker import CacheWorker
 from fpo_dist.config import CacheConfig, mask_text, to_dict, to_yaml
 from fpo_dist.data import (
@@ -104,11 +104,11 @@ def _sae_files(source: str) -> dict:
 
 
 def connect_ray(cfg: CacheConfig):
-    """Attach to a cluster (``ray_address`` or RAY_ADDRESS, as under ``ray job submit``) or start a local one."""
+    """Attach to a cluster (``ray_address`` or RAY_ADDRESS, as under ``ray job submit``) or start a local one, which
+    listens on loopback only, with Ray's token authentication at Ray's default (:func:`fpo_dist.cache.init_local_ray`)."""
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # token authentication: Ray's default (on, local)
     if ray.is_initialized():
         return ray
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
@@ -119,13 +119,7 @@ def connect_ray(cfg: CacheConfig):
 
         n_cpus = max(1, cfg.workers * cfg.cpus_per_worker) if cfg.workers else None
         before = reaper.children(os.getpid())
-        ray.init(
-            address="local",
-            _node_ip_address=LOOPBACK_NODE_IP,  # a local instance serves loopback only
-            num_cpus=n_cpus,
-            include_dashboard=False,
-            object_store_memory=256 << 20,
-        )
+        init_local_ray(num_cpus=n_cpus, include_dashboard=False, object_store_memory=256 << 20)  # loopback only
         reaper.watch(reaper.children(os.getpid()) - before)  # the instance dies with this process, by any signal
     return ray
 

@@ -22,6 +22,7 @@ interval over seeds and held-out prompts, and paired differences between methods
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -34,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-from fpo_dist.cache import LOOPBACK_NODE_IP
+from fpo_dist.cache import LOCAL_RAY_ENV, LOOPBACK_NODE_IP
 from fpo_dist.demo import report, task
 from fpo_dist.demo.recipe import RECIPE
 
@@ -56,12 +57,12 @@ def _free_port() -> int:
 
 def _env() -> dict:
     venv_bin = str(Path(sys.executable).parent)
-    return {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+    return {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
             "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
 
 
-def _run(cmd: list[str], log: Path, what: str, progress=None) -> None:
+def _run(cmd: list[str], log: Path, what: str, progress=None, env: dict | None = None) -> None:
     """Run ``cmd`` in its own process group, streaming its notable lines to the console and all of its output to
     ``log``; ``progress()`` (if given) is called every few seconds to print a progress line."""
     say(f"{what}: {' '.join(cmd[:6])} …  (log: {log})")
@@ -74,7 +75,7 @@ def _run(cmd: list[str], log: Path, what: str, progress=None) -> None:
     if progress is not None:
         threading.Thread(target=report_progress, daemon=True).start()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True, bufsize=1)
         try:
             for line in proc.stdout:
@@ -124,34 +125,60 @@ def build_cache(data: dict[str, Path], out: Path, manifest: dict) -> tuple[Path,
     store, eval_store = out / "cache", out / "eval_cache"
     cfgs = [_cache_config(data["train"], store, out / "cache.yaml", manifest),
             _cache_config(data["heldout"], eval_store, out / "eval_cache.yaml", manifest)]
-    port, dash = _free_port(), _free_port()
-    ray_tmp = tempfile.mkdtemp(prefix="fpo-demo-ray-", dir="/tmp")  # short: AF_UNIX paths < 108 bytes
     ray_bin = str(Path(sys.executable).parent / "ray")
-    head_log = out / "logs" / "ray_head.log"
-    say(f"starting a Ray head on {LOOPBACK_NODE_IP}:{port} (dashboard 127.0.0.1:{dash}, 2 CPUs)")
-    log_file = open(head_log, "w")
+    with ray_head(out / "logs" / "ray_head.log") as (dash_url, env):
+        for cfg, what in zip(cfgs, ("cache", "eval_cache")):
+            _run([ray_bin, "job", "submit", "--address", dash_url, "--working-dir", str(ROOT),
+                  "--", "python", "-m", "fpo_dist.cache", "--config", str(cfg)], out / "logs" / f"{what}.log",
+                 f"{what.replace('_', ' ')} job (Ray, 2 CPU workers)", env=env)
+    return store, eval_store
+
+
+@contextlib.contextmanager
+def ray_head(log: Path, num_cpus: int = 2, object_store_bytes: int = 128 << 20):
+    """A Ray head that only this machine can reach, with Ray's token authentication on; yields ``(dashboard URL,
+    environment for ray job submit)`` and stops the head by process group afterwards.
+
+    Every server of the head listens on 127.0.0.1 only: node address 127.0.0.1 in Ray's single-node mode
+    (``fpo_dist.cache.LOCAL_RAY_ENV``; why: ``fpo_dist/cache/__init__.py``), the dashboard on 127.0.0.1.  A plain
+    ``ray start --head`` turns token authentication on only if a token already exists (``~/.ray/auth_token``), so
+    the head is given a fresh token of its own: ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH`` (a 0600 file in
+    the head's private temp dir), in the environment of the head and of ``ray job submit``; the job's driver
+    inherits it from the head."""
+    import secrets
+    import urllib.request
+
+    port, dash = _free_port(), _free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="fpo-demo-ray-", dir="/tmp")  # 0700; short: AF_UNIX paths < 108 bytes
+    token = secrets.token_hex(32)
+    token_file = Path(ray_tmp) / "auth_token"
+    with os.fdopen(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(token)
+    env = {**_env(), **LOCAL_RAY_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+    env.pop("RAY_AUTH_TOKEN", None)  # would take precedence over the file
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    say(f"starting a Ray head on {LOOPBACK_NODE_IP}:{port} (dashboard 127.0.0.1:{dash}, {num_cpus} CPUs, "
+        "loopback only, token authentication)")
+    log_file = open(log, "w")
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={port}", f"--node-ip-address={LOOPBACK_NODE_IP}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--dashboard-agent-listen-port=0",
-         "--num-cpus=2", f"--temp-dir={ray_tmp}", "--include-dashboard=true", "--disable-usage-stats",
-         f"--object-store-memory={128 << 20}"],
-        cwd=ROOT, env=_env(), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+         f"--num-cpus={num_cpus}", f"--temp-dir={ray_tmp}", "--include-dashboard=true", "--disable-usage-stats",
+         f"--object-store-memory={object_store_bytes}"],
+        cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        _wait_for_dashboard(dash, head, head_log)
-        for cfg, what in zip(cfgs, ("cache", "eval_cache")):
-            _run([ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-                  "--", "python", "-m", "fpo_dist.cache", "--config", str(cfg)], out / "logs" / f"{what}.log",
-                 f"{what.replace('_', ' ')} job (Ray, 2 CPU workers)")
+        _wait_for_dashboard(dash, head, log, urllib.request.Request(
+            f"http://127.0.0.1:{dash}/api/version", headers={"Authorization": f"Bearer {token}"}))
+        yield f"http://127.0.0.1:{dash}", env
     finally:
         _kill_group(head)
         head.wait(timeout=30)
         log_file.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    return store, eval_store
 
 
-def _wait_for_dashboard(port: int, head: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+def _wait_for_dashboard(port: int, head: subprocess.Popen, log: Path, request, timeout: float = 120) -> None:
     import urllib.request
 
     deadline = time.time() + timeout
@@ -159,11 +186,11 @@ def _wait_for_dashboard(port: int, head: subprocess.Popen, log: Path, timeout: f
         if head.poll() is not None:
             raise SystemExit(f"the Ray head exited (code {head.returncode}); see {log}")
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2).read()
+            urllib.request.urlopen(request, timeout=2).read()
             return
         except OSError:
             time.sleep(1)
-    raise SystemExit(f"the Ray dashboard did not come up within {timeout:.0f} s; see {log}")
+    raise SystemExit(f"the Ray dashboard (port {port}) did not come up within {timeout:.0f} s; see {log}")
 
 
 def run_tag(loss: str, seed: int, n_seeds: int) -> str:
