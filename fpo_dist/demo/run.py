@@ -14,6 +14,12 @@
 5. writes ``report.md`` (a table per method, the latents that drift), PNG training curves and AlpacaEval-format
    generations into the output directory, whose path is printed at the start and the end.
 
+Network: the demo needs none, and runs (Linux) in a private network namespace whose only interface is ``lo``
+(``unshare --net``, or ``--net --map-root-user`` where unprivileged user namespaces are allowed), so that nothing it
+starts can be reached from outside: the Ray head listens on 127.0.0.1 anyway (``ray_head``), but torch's rendezvous
+store of the training runs (DeepSpeed's ``TCPStore``) listens on every interface and has no bind option.  Where no
+namespace can be made, or with ``FPO_DEMO_NETNS=0``, it runs on the host's network and says what that exposes.
+
 With ``--seeds N`` (N > 1) every method trains with training seeds 0..N-1 (the seed sets the data order; data,
 reference and cache stay fixed) and the report gives each metric as the mean over seeds with a 95 % bootstrap
 interval over seeds and held-out prompts, and paired differences between methods (``fpo_dist.demo.stats``).
@@ -272,7 +278,44 @@ def evaluate_all(runs: dict[str, Path], data: dict[str, Path], out: Path, manife
 # --------------------------------------------------------------------------------------------- main
 
 
+NETNS_ENV = "FPO_DEMO_NETNS"  # 0: the host's network; "inner": already in the demo's private namespace
+# bring lo up, and add 127.0.0.2 to it: getaddrinfo(AI_ADDRCONFIG) finds no usable address where 127.0.0.1 is the only one
+_NETNS_SETUP = "ip link set lo up && ip addr add 127.0.0.2/8 dev lo"
+
+
+def private_network_prefix() -> list[str] | None:
+    """The command prefix that runs a command in a new network namespace holding only ``lo`` (up), or None where this
+    machine cannot make one (not Linux, no ``unshare``/``ip``, no privilege and no user namespaces)."""
+    if sys.platform != "linux" or not (shutil.which("unshare") and shutil.which("ip")):
+        return None
+    prefix = ["unshare", "--net"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
+    try:
+        ok = subprocess.run([*prefix, "sh", "-c", _NETNS_SETUP], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        ok = False
+    return [*prefix, "sh", "-c", _NETNS_SETUP + ' && exec "$0" "$@"'] if ok else None
+
+
+def _enter_private_network(argv: list[str]) -> None:
+    """Re-execute this demo (same pid) in a private network namespace, unless already there or FPO_DEMO_NETNS=0;
+    where none can be made, warn once naming what listens on the host's network."""
+    mode = os.environ.get(NETNS_ENV, "1")
+    if mode == "inner":
+        say("network: a private namespace (only lo): nothing the demo starts can be reached from outside")
+        return
+    prefix = private_network_prefix() if mode != "0" else None
+    if prefix is not None:
+        os.environ[NETNS_ENV] = "inner"
+        sys.stdout.flush()
+        os.execvp(prefix[0], [*prefix, sys.executable, "-m", "fpo_dist.demo", *argv])
+    say("WARNING: network: the host's (" + ("FPO_DEMO_NETNS=0" if mode == "0" else "no private network namespace "
+        "can be made here") + "): the Ray head listens on 127.0.0.1 only, but the training runs' rendezvous store "
+        "(torch TCPStore, DeepSpeed) listens on every interface while they run")
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command line (python -m fpo_dist.demo): run where nothing else can reach it
+        _enter_private_network(sys.argv[1:])
     p = argparse.ArgumentParser(prog="python -m fpo_dist.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "demo_out"), help="output directory (replaced)")
     p.add_argument("--losses", default=",".join(LOSSES))
