@@ -264,7 +264,7 @@ class CacheLoader:
     """Iterates this rank's micro-batches, in order, from ``start_state`` to the end of epoch ``epochs - 1``.
 
     ``store`` is a path/URL (opened with fsspec ``storage_options``) or a :class:`CacheStore` (reopened with its
-    own options); the loader opens its own read handle (the prefetch thread never shares one with the caller).  ``ok_rows`` (unique, all ok; sorted here) restricts training to a subset;
+    own options and retry policy); the loader opens its own read handle (the prefetch thread never shares one with the caller).  ``ok_rows`` (unique, all ok; sorted here) restricts training to a subset;
     by default every ok row of the store.  ``prefetch`` micro-batches are read ahead by a background thread
     (0: read in the consumer's thread).  ``iter(loader)`` is the loader itself: a new ``for`` loop continues where
     the last one stopped.  Use as a context manager, or call :meth:`close`.
@@ -288,9 +288,12 @@ class CacheLoader:
         start_state: dict[str, Any] | None = None,
         storage_options: dict[str, Any] | None = None,
     ):
+        retry = None
         if isinstance(store, CacheStore):
-            store, storage_options = store.path, store.storage_options
-        self.store = open_store(str(store), storage_options=storage_options)
+            store, storage_options, retry = store.path, store.storage_options, store.retry
+        # its own handle: verify on read checks every shard it touches, and every later read against what passed;
+        # a transient I/O error is retried (the handle's RetryPolicy), then raised as StoreIOError
+        self.store = open_store(str(store), storage_options=storage_options, retry=retry)
         if not self.store.attrs.get("complete"):
             raise ValueError(f"cache store {self.store.path} is not finalized: finish the cache job (a rerun "
                              "resumes its committed shards) before training on it")

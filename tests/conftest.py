@@ -66,3 +66,74 @@ def gemma_hf_dir(request) -> Path:
     from fpo_dist.testing import gemma3_270m_hf_dir
 
     return gemma3_270m_hf_dir(fpo_test_cache_dir(), load=lambda: request.getfixturevalue("gemma"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Object storage: moto's S3 server on 127.0.0.1 (dev extra moto[server]), stoppable and restartable
+# ---------------------------------------------------------------------------------------------------------
+
+
+class MotoS3:
+    """moto's S3 server on a free loopback port.  ``stop()`` closes its socket (clients get connection refused);
+    ``start()`` serves again on the same port with the same buckets (moto keeps them in this process).
+    ``requests`` lists every request the server answered, as ``"GET /bucket/key"`` lines (werkzeug's request log),
+    once :meth:`record` is on.  ``options(**extra)``: fsspec storage options for s3fs."""
+
+    def __init__(self):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = None
+        self.requests: list[str] = []
+        self.start()
+
+    def start(self) -> None:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.INFO)  # the request log feeds `requests`; nothing printed
+        logging.getLogger("werkzeug").propagate = False
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def record(self) -> None:
+        import logging
+
+        requests = self.requests
+
+        class _Handler(logging.Handler):
+            def emit(self, record):  # '127.0.0.1 - - [date] "GET /bucket/key HTTP/1.1" 200 -'
+                line = record.getMessage()
+                if '"' in line:
+                    requests.append(" ".join(line.split('"')[1].split()[:2]))
+
+        logging.getLogger("werkzeug").addHandler(_Handler())
+
+    def options(self, **extra) -> dict:
+        return {"endpoint_url": f"http://127.0.0.1:{self.port}", "key": "fpo-test-key", "secret": "fpo-test-secret",
+                **extra}
+
+
+@pytest.fixture
+def moto_s3():
+    """A :class:`MotoS3` server for one test; stopped (and its request log detached) at the end."""
+    import logging
+
+    log = logging.getLogger("werkzeug")
+    handlers, level, propagate = list(log.handlers), log.level, log.propagate
+    server = MotoS3()
+    try:
+        yield server
+    finally:
+        server.stop()
+        log.handlers[:] = handlers
+        log.setLevel(level)
+        log.propagate = propagate

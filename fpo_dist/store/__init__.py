@@ -16,9 +16,11 @@ non-zeros and the optional per-token extras.  Zarr has no locking, so the write 
 
 Readers (the trainer's loader, ``verify``) use :meth:`CacheStore.read_rows`, which reads only the slices the
 requested rows need, one slice per run of contiguous rows; :meth:`CacheStore.read_token_extras` reads the
-per-token extras alone.  The first read from a shard checks the whole shard against its committed checksum
-(verify on read).  Whatever makes a store unreadable raises a :class:`StoreError` naming the file and what to do
-(:func:`~fpo_dist.store.schema.reading` is the one place that maps zarr's and the filesystem's errors).
+per-token extras alone.  The first read from a shard checks the whole shard against its committed checksum and
+uses those same bytes; every later read of it is checked against the digests of the chunks that passed (verify on
+read).  Whatever makes a store unreadable raises a :class:`StoreError` naming the file and what to do
+(:func:`~fpo_dist.store.schema.reading` is the one place that maps zarr's and the filesystem's errors); a transient
+I/O error is retried (:class:`RetryPolicy`), then raised as :class:`StoreIOError`, never called corruption.
 
 The package, by concern (import everything from ``fpo_dist.store``; the modules are an implementation detail):
 
@@ -40,6 +42,7 @@ from fpo_dist.store.reader import Csr, RowBatch, TokenExtras
 from fpo_dist.store.schema import (
     COMPRESSOR,
     DEFAULT_RAGGED_CHUNK,
+    DEFAULT_RETRY,
     FORMAT_NAME,
     FORMAT_VERSION,
     OPTIONS,
@@ -47,11 +50,13 @@ from fpo_dist.store.schema import (
     STATUS_NOT_WRITTEN,
     STATUS_OK,
     Plan,
+    RetryPolicy,
     RowsNotAvailableError,
     ShardCommittedError,
     ShardCorruptError,
     StoreError,
     StoreFormatError,
+    StoreIOError,
     StoreLockedError,
     StoreMismatchError,
     StoreNotFoundError,
@@ -62,6 +67,7 @@ from fpo_dist.store.writer import ShardResult
 __all__ = [
     "COMPRESSOR",
     "DEFAULT_RAGGED_CHUNK",
+    "DEFAULT_RETRY",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "OPTIONS",
@@ -71,6 +77,7 @@ __all__ = [
     "CacheStore",
     "Csr",
     "Plan",
+    "RetryPolicy",
     "RowBatch",
     "RowsNotAvailableError",
     "ShardCommittedError",
@@ -78,6 +85,7 @@ __all__ = [
     "ShardResult",
     "StoreError",
     "StoreFormatError",
+    "StoreIOError",
     "StoreLockedError",
     "StoreMismatchError",
     "StoreNotFoundError",

@@ -10,18 +10,24 @@ Zarr has no locking, so writes follow one protocol (``docs/cache-format.md``, "W
   rewritten.
 
 :class:`CacheStore` gets its reading methods from :mod:`fpo_dist.store.reader` and ``verify`` from
-:mod:`fpo_dist.store.verify`.
+:mod:`fpo_dist.store.verify`.  It reads through :class:`_RetryingStore`: every read of the storage is retried on a
+transient I/O error (:func:`~fpo_dist.store.schema.is_transient`) as its :class:`RetryPolicy` says, then fails with
+:class:`StoreIOError` naming the error — never "corrupted".
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import hashlib
+import logging
 import os
+import random
+import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 import zarr
@@ -29,20 +35,23 @@ import zarr.errors
 from zarr.core.sync import sync as _sync  # the one zarr internal used
 
 from fpo_dist.data import BAD_REASONS, BadRow
-from fpo_dist.store.reader import _gather, _ShardIndex, _StoreReader
+from fpo_dist.store.reader import _gather, _ShardDigests, _ShardIndex, _StoreReader
 from fpo_dist.store.schema import (
     _ROW_ARRAYS,
     COMPRESSOR,
     DEFAULT_RAGGED_CHUNK,
+    DEFAULT_RETRY,
     FORMAT_NAME,
     FORMAT_VERSION,
     STATUS_BAD_BASE,
     STATUS_NOT_WRITTEN,
     STATUS_OK,
     Plan,
+    RetryPolicy,
     ShardCommittedError,
     StoreError,
     StoreFormatError,
+    StoreIOError,
     StoreMismatchError,
     StoreNotFoundError,
     StoreUnreadableError,
@@ -52,10 +61,14 @@ from fpo_dist.store.schema import (
     _differences,
     _normalize_options,
     _root_config,
+    is_transient,
     reading,
 )
 from fpo_dist.store.verify import _StoreVerifier
 from fpo_dist.store.writer import ShardResult
+
+logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 def create_store(
@@ -114,21 +127,25 @@ def create_store(
     return CacheStore(path, mode="r+", storage_options=storage_options)
 
 
-def open_store(path: str, mode: str = "r", storage_options: dict | None = None, verify_reads: bool = True
-               ) -> CacheStore:
+def open_store(path: str, mode: str = "r", storage_options: dict | None = None, verify_reads: bool = True,
+               retry: RetryPolicy | None = None) -> CacheStore:
     """Open an existing cache: ``mode='r'`` (readers) or ``'r+'`` (workers and the driver).
 
     Any store that cannot be read raises a :class:`StoreError` naming the file and what to do.  With
     ``verify_reads`` (the default) each shard is checked against its committed checksum the first time this
-    handle reads rows from it (:class:`ShardCorruptError` on a mismatch).
+    handle reads rows from it, and every later read of its data against the bytes that passed
+    (:class:`ShardCorruptError` on a mismatch).  ``retry`` (default :data:`~fpo_dist.store.schema.DEFAULT_RETRY`)
+    bounds the retries of a transient I/O error; after it, :class:`StoreIOError`.
     """
-    return CacheStore(str(path), mode=mode, storage_options=storage_options, verify_reads=verify_reads)
+    return CacheStore(str(path), mode=mode, storage_options=storage_options, verify_reads=verify_reads,
+                      retry=retry)
 
 
-def _open_root(path: str, mode: str, storage_options: dict | None) -> zarr.Group:
+def _open_root(path: str, mode: str, storage_options: dict | None, retry: RetryPolicy) -> zarr.Group:
     try:
         with reading(path):
-            return zarr.open_group(path, mode=mode, zarr_format=3, storage_options=storage_options)
+            store = _RetryingStore(_base_store(path, mode, storage_options), path, retry)
+            return zarr.open_group(store=store, mode=mode, zarr_format=3)
     except StoreUnreadableError as e:
         if isinstance(e.__cause__, (FileNotFoundError, zarr.errors.GroupNotFoundError,
                                     zarr.errors.NodeTypeValidationError)):
@@ -136,6 +153,89 @@ def _open_root(path: str, mode: str, storage_options: dict | None) -> zarr.Group
                                      f"{' '.join(str(e.__cause__).split())}); check the path, or build the cache "
                                      "with `python -m fpo_dist.cache --config CFG`") from e.__cause__
         raise
+
+
+def _base_store(path: str, mode: str, storage_options: dict | None) -> zarr.abc.store.Store:
+    """The zarr store ``zarr.open_group(path, storage_options=...)`` would make: fsspec for a URL, else local."""
+    read_only = mode == "r"
+    if "://" in path or ("::" in path and "local://" not in path):  # zarr's own test for an fsspec URL
+        return zarr.storage.FsspecStore.from_url(path, storage_options=storage_options, read_only=read_only)
+    if storage_options:
+        raise TypeError(f"storage_options are for an fsspec URL; {path} is a local path")
+    return zarr.storage.LocalStore(path, read_only=read_only)
+
+
+class _RetryingStore(zarr.storage.WrapperStore):
+    """A zarr store that retries every read of the wrapped one (``get``, ``get_partial_values``, ``exists``, sizes,
+    listings) on a transient I/O error (:func:`~fpo_dist.store.schema.is_transient`), waiting as ``retry`` says and
+    logging each retry; when the policy is spent, :class:`StoreIOError` names the key and the last error.  Any other
+    error (a missing key, undecodable bytes) passes at once; writes pass through unchanged."""
+
+    def __init__(self, store: zarr.abc.store.Store, path: str = "", retry: RetryPolicy = DEFAULT_RETRY):
+        super().__init__(store)
+        self._path, self._retry = path, retry
+
+    def _with_store(self, store: zarr.abc.store.Store) -> _RetryingStore:
+        return type(self)(store, self._path, self._retry)
+
+    async def _retrying(self, key: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        first_failure, attempt = None, 1
+        while True:
+            try:
+                return await call()
+            except StoreError:
+                raise
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                now = time.monotonic()
+                first_failure = now if first_failure is None else first_failure
+                delay = self._retry.delay(attempt, random.random())
+                if attempt >= self._retry.attempts or now + delay - first_failure > self._retry.deadline_s:
+                    where = f"{self._path.rstrip('/')}/{key}" if key else self._path
+                    raise StoreIOError(self._path, where, e, attempt, now - first_failure) from e
+                logger.warning("cache store %s: transient I/O error reading %s (%s: %s); try %d of %d in %.1f s",
+                               self._path, key or "/", type(e).__name__, " ".join(str(e).split())[:200],
+                               attempt + 1, self._retry.attempts, delay)
+                await asyncio.sleep(delay)
+                attempt += 1
+
+    async def get(self, key, prototype, byte_range=None):
+        return await self._retrying(key, lambda: self._store.get(key, prototype, byte_range))
+
+    async def get_partial_values(self, prototype, key_ranges):
+        key_ranges = list(key_ranges)
+        key = key_ranges[0][0] if key_ranges else ""
+        return await self._retrying(key, lambda: self._store.get_partial_values(prototype, key_ranges))
+
+    async def _get_many(self, requests):
+        for key, prototype, byte_range in requests:
+            yield key, await self.get(key, prototype, byte_range)
+
+    async def exists(self, key: str) -> bool:
+        return await self._retrying(key, lambda: self._store.exists(key))
+
+    async def getsize(self, key: str) -> int:
+        return await self._retrying(key, lambda: self._store.getsize(key))
+
+    async def getsize_prefix(self, prefix: str) -> int:
+        return await self._retrying(prefix, lambda: self._store.getsize_prefix(prefix))
+
+    async def list(self) -> AsyncIterator[str]:
+        for key in await self._retrying("", lambda: _collect(self._store.list())):
+            yield key
+
+    async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
+        for key in await self._retrying(prefix, lambda: _collect(self._store.list_prefix(prefix))):
+            yield key
+
+    async def list_dir(self, prefix: str) -> AsyncIterator[str]:
+        for key in await self._retrying(prefix, lambda: _collect(self._store.list_dir(prefix))):
+            yield key
+
+
+async def _collect(keys: AsyncIterator[str]) -> list[str]:
+    return [key async for key in keys]
 
 
 def _check_format(path: str, attrs: Mapping[str, Any]) -> None:
@@ -189,12 +289,14 @@ class CacheStore(_StoreReader, _StoreVerifier):
     :meth:`ok_rows`, :meth:`bad_rows`, :meth:`size_on_disk`, :meth:`info`, :meth:`token_extras_info`, :meth:`verify`.
     """
 
-    def __init__(self, path: str, mode: str = "r", storage_options: dict | None = None, verify_reads: bool = True):
+    def __init__(self, path: str, mode: str = "r", storage_options: dict | None = None, verify_reads: bool = True,
+                 retry: RetryPolicy | None = None):
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
         self.path, self.mode = path, mode
         self.storage_options = storage_options  # kept so that readers (the loader's thread) can reopen the store
-        self._root = _open_root(path, mode, storage_options)
+        self.retry = retry or DEFAULT_RETRY  # likewise
+        self._root = _open_root(path, mode, storage_options, self.retry)
         attrs = dict(self._root.attrs)
         _check_format(path, attrs)
         try:
@@ -209,7 +311,8 @@ class CacheStore(_StoreReader, _StoreVerifier):
         self._arrays: dict[str, zarr.Array] = {}
         self._index_cache: OrderedDict[int, _ShardIndex] = OrderedDict()
         self.verify_reads = verify_reads
-        self._verified: set[int] = set()  # shards whose checksum this handle has checked (verify on read)
+        # verify on read: shard -> digests of the chunks that passed its committed checksum in this handle
+        self._verified: dict[int, _ShardDigests] = {}
 
     def __repr__(self) -> str:
         return f"CacheStore({self.path!r}, mode={self.mode!r}, plan={self.plan})"
@@ -361,9 +464,10 @@ class CacheStore(_StoreReader, _StoreVerifier):
     def size_on_disk(self) -> int:
         """Bytes stored: os.walk for a local store, else the sizes the store lists."""
         store = self._root.store
-        if isinstance(store, zarr.storage.LocalStore):
+        base = getattr(store, "_store", store)  # the store _RetryingStore wraps
+        if isinstance(base, zarr.storage.LocalStore):
             return sum(
-                os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(store.root) for f in files
+                os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(base.root) for f in files
             )
         return int(_sync(store.getsize_prefix("")))
 

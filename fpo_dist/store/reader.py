@@ -1,12 +1,22 @@
 """Reading rows back: :meth:`CacheStore.read_rows` (→ :class:`RowBatch`) and :meth:`CacheStore.read_token_extras`.
 
 A reader never writes.  Every requested row must be ok and in a committed shard, else
-:class:`RowsNotAvailableError` names the rows and their status.  Verify on read: the first time a handle reads from a
-shard, it reads the whole shard and checks it against the shard's committed checksum
-(:meth:`~fpo_dist.store.verify._StoreVerifier._check_shard`) before returning any of its rows.  Per committed shard the reader loads the per-row
-arrays once and derives each flat array's row offsets from them (``docs/cache-format.md``, "Flat shard arrays"),
-keeping the last :attr:`CacheStore._INDEX_CACHE_SHARDS` shards (LRU).  After that, each run of consecutive requested
-rows costs one slice per flat array, and all slices of a call are fetched concurrently.
+:class:`RowsNotAvailableError` names the rows and their status.
+
+Verify on read (``verify_reads``, the default): the bytes that were checked are the bytes used.  The first time a
+handle reads from a shard, it reads the whole shard once — its per-row region and every flat array — checks it
+against the shard's committed checksum (:meth:`~fpo_dist.store.verify._StoreVerifier._check_shard`) and serves
+that call's rows from those same decoded arrays; nothing of the shard is read twice.  It then keeps a sha256 of
+each block of the bytes it checked (:class:`_ShardDigests`: per-row arrays per chunk, flat arrays per
+:data:`_DIGEST_BLOCK` elements; 32 bytes each, kept for the handle's life).  Every later read of the shard's data —
+a flat-array slice, or the per-row region again after the LRU below evicted it — reads whole blocks and checks each
+against its kept digest before any of it is used, so a byte changed on the storage after the check (a bad
+transfer, an overwrite) raises :class:`ShardCorruptError` naming the shard, array and rows.
+
+Per committed shard the reader keeps the per-row arrays and derives each flat array's row offsets from them
+(``docs/cache-format.md``, "Flat shard arrays"), for the last :attr:`CacheStore._INDEX_CACHE_SHARDS` shards (LRU).
+Each run of consecutive requested rows costs one block-aligned slice per flat array, and all slices of a call
+are fetched concurrently.
 
 The per-token extras (options ``token_logps`` / ``token_codes``, the cache config's ``per_token_logps`` /
 ``per_token_codes``) come back with ``read_rows(..., extras=True)`` alongside everything else, or alone, reading only
@@ -16,6 +26,7 @@ their own flat arrays, with :meth:`~_StoreReader.read_token_extras`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +44,9 @@ from fpo_dist.store.schema import (
     STATUS_OK,
     Plan,
     RowsNotAvailableError,
+    ShardCorruptError,
+    StoreError,
+    _canonical,
     _cat,
 )
 
@@ -103,16 +117,50 @@ class TokenExtras:
         return len(self.index)
 
 
+# Flat arrays are digested in blocks of this many elements (or of a chunk, if smaller): a read hashes only the blocks
+# that hold its rows, not the whole chunk zarr decodes (16 KiB of int32 instead of 256 KiB).
+_DIGEST_BLOCK = 4096
+
+
+def _block_sha256(a: np.ndarray, chunk: int) -> list[bytes]:
+    """sha256 of the canonical bytes of each piece ``a[i : i + chunk]`` along axis 0."""
+    return [hashlib.sha256(_canonical(a[i : i + chunk]).reshape(-1).view(np.uint8)).digest()
+            for i in range(0, len(a), chunk)]
+
+
+@dataclass(frozen=True)
+class _ShardDigests:
+    """What a handle keeps of a shard that passed its committed checksum: the sha256 of each block of the bytes that
+    were checked (per-row arrays: the shard's region in pieces of ``row_chunk`` rows; flat arrays: pieces of
+    ``flat_block`` elements) and each flat array's length.  Later reads of the shard are checked against these."""
+
+    row_chunk: int
+    flat_block: int
+    rows: dict[str, list[bytes]]
+    flat: dict[str, list[bytes]]
+    lengths: dict[str, int]
+
+    @classmethod
+    def of(cls, rows: dict[str, np.ndarray], flat: dict[str, np.ndarray], row_chunk: int, flat_block: int
+           ) -> _ShardDigests:
+        return cls(row_chunk, flat_block, {n: _block_sha256(a, row_chunk) for n, a in rows.items()},
+                   {n: _block_sha256(a, flat_block) for n, a in flat.items()}, {n: len(a) for n, a in flat.items()})
+
+
 @dataclass
 class _ShardIndex:
     """What a reader keeps per committed shard: its per-row arrays, the row offsets into each flat array, and
-    the flat arrays' handles (opened on first use)."""
+    the flat arrays' handles (opened on first use).  ``digests``: the chunk digests later reads are checked against
+    (None when the handle does not verify).  ``loaded``: the flat arrays read in full by the check, used only by the
+    call that made it (:meth:`_StoreReader._read` drops them)."""
 
     start: int
     rows: dict[str, np.ndarray]
     group: zarr.Group | None = None
     offsets: dict[str, np.ndarray] = field(default_factory=dict)  # count array name -> int64 [n + 1]
     _flat: dict[str, zarr.Array] = field(default_factory=dict)
+    digests: _ShardDigests | None = None
+    loaded: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self):
         for count in {c for _, c, _ in _RAGGED_ARRAYS.values() if c in self.rows}:
@@ -124,6 +172,23 @@ class _ShardIndex:
         if name not in self._flat:
             self._flat[name] = self.group[name]
         return self._flat[name]
+
+
+@dataclass(frozen=True)
+class _Slice:
+    """One run ``[a, b)`` (shard-local rows) of one flat array, for unique-row slots ``slot, slot + 1, ...``."""
+
+    slot: int
+    k: int
+    si: _ShardIndex
+    a: int
+    b: int
+    name: str
+
+    @property
+    def elements(self) -> tuple[int, int]:
+        off = self.si.offsets[_RAGGED_ARRAYS[self.name][1]]
+        return int(off[self.a]), int(off[self.b])
 
 
 @dataclass
@@ -154,9 +219,10 @@ class _StoreReader:
     _array: Callable[[str], zarr.Array]
     _shard_path: Callable[[int], str]
     _shard_group: Callable[[int], zarr.Group]
-    _check_shard: Callable[[int, dict, zarr.Group], None]
+    _check_shard: Callable[[int, dict, zarr.Group], dict[str, np.ndarray]]
     verify_reads: bool
-    _verified: set[int]
+    _verified: dict[int, _ShardDigests]
+    path: str
 
     def read_rows(self, indices: Sequence[int] | np.ndarray, extras: bool = False) -> RowBatch:
         """Read rows by global index, in the order given (duplicates allowed).  Every row must be ok and in a
@@ -204,19 +270,25 @@ class _StoreReader:
         per_row: dict[str, list] = {n: [None] * len(uniq) for n in flat_names}
         row_vals = {n: np.empty((len(uniq), *_ROW_ARRAYS[n][1]), _ROW_ARRAYS[n][0]) for n in self._row_names}
         shards = self.plan.shard_of(uniq)
-        reads: list[tuple[int, _ShardIndex, int, int, str]] = []  # (slot of row a, shard, run [a, b), array)
+        reads: list[_Slice] = []
+        touched: list[_ShardIndex] = []
         pos = 0
-        for k in np.unique(shards).tolist():
-            sel = uniq[shards == k]
-            si = self._shard_index(k)
-            local = sel - si.start
-            self._require_ok(sel, si.rows["status"][local])
-            for name in self._row_names:
-                row_vals[name][pos : pos + len(sel)] = si.rows[name][local]
-            for a, b in _runs(local):
-                reads += [(pos, si, a, b, name) for name in flat_names]
-                pos += b - a
-        _fetch(reads, per_row)
+        try:
+            for k in np.unique(shards).tolist():
+                sel = uniq[shards == k]
+                si = self._shard_index(k)
+                touched.append(si)
+                local = sel - si.start
+                self._require_ok(sel, si.rows["status"][local])
+                for name in self._row_names:
+                    row_vals[name][pos : pos + len(sel)] = si.rows[name][local]
+                for a, b in _runs(local):
+                    reads += [_Slice(pos, k, si, a, b, name) for name in flat_names]
+                    pos += b - a
+            self._fetch(reads, per_row)
+        finally:
+            for si in touched:  # the check's full arrays serve only the call that made it
+                si.loaded = {}
         return _Read(inverse, row_vals, per_row)
 
     def _require_ok(self, rows: np.ndarray, status: np.ndarray) -> None:
@@ -231,16 +303,102 @@ class _StoreReader:
         if self._array("shard_state")[k] != 1:
             raise RowsNotAvailableError(f"shard {k} (rows {self.plan.shard_range(k)}) is not committed")
         start, stop = self.plan.shard_range(k)
-        rows = {name: self._array(name)[start:stop] for name in self._row_names}
+        rows = {name: self._read_region(k, name, start, stop) for name in self._row_names}
         group = self._shard_group(k)
-        if self.verify_reads and k not in self._verified:
-            self._check_shard(k, rows, group)  # before any of its rows is returned
-            self._verified.add(k)
-        index = _ShardIndex(start, rows, group)
+        if not self.verify_reads:
+            index = _ShardIndex(start, rows, group)
+        elif k in self._verified:  # checked earlier by this handle, evicted since: rows re-read above, checked
+            index = _ShardIndex(start, rows, group, digests=self._verified[k])
+        else:  # first read: the whole shard once, checked, and this call's rows come from the same arrays
+            flat = self._check_shard(k, rows, group)  # before any of its rows is returned
+            digests = _ShardDigests.of(rows, flat, self.plan.chunk_rows, min(_DIGEST_BLOCK, self.plan.ragged_chunk))
+            self._verified[k] = digests
+            index = _ShardIndex(start, rows, group, digests=digests, loaded=flat)
         self._index_cache[k] = index
         if len(self._index_cache) > self._INDEX_CACHE_SHARDS:
             self._index_cache.popitem(last=False)
         return index
+
+    def _read_region(self, k: int, name: str, start: int, stop: int) -> np.ndarray:
+        """Shard ``k``'s rows of per-row array ``name``; checked against the kept digests if the shard was verified."""
+        digests = self._verified.get(k) if self.verify_reads else None
+        if digests is None:
+            return self._array(name)[start:stop]
+        try:
+            data = self._array(name)[start:stop]
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 — codecs raise assorted errors on undecodable bytes
+            raise self._changed(k, name, f"rows {start}..{stop - 1} cannot be decoded ({type(e).__name__}: {e})"
+                                ) from e
+        bad = _differing(_block_sha256(data, digests.row_chunk), digests.rows[name])
+        if bad:
+            c = digests.row_chunk
+            spans = ", ".join(f"rows {start + j * c}..{min(start + (j + 1) * c, stop) - 1}" for j in bad)
+            raise self._changed(k, name, f"{spans} differ from the bytes that passed the check")
+        return data
+
+    def _fetch(self, reads: list[_Slice], per_row: dict[str, list]) -> None:
+        """Every run's slice of every flat array, and split each into per-row segments, one per count column:
+        ``per_row[name][slot] = [segment, ...]``.  A run of a shard checked by this very call is cut from the arrays
+        the check read; the others are fetched all at once (zarr overlaps their I/O and decoding) — for a verified
+        shard as whole digest blocks, each checked before use."""
+        fetched = iter(_sync(_gather_results([self._get_slice(r) for r in reads if r.name not in r.si.loaded])))
+        for r in reads:
+            lo, hi = r.elements
+            if r.name in r.si.loaded:
+                data = r.si.loaded[r.name][lo:hi]
+            else:
+                data = self._checked_slice(r, next(fetched))
+            count = _RAGGED_ARRAYS[r.name][1]
+            off = r.si.offsets[count]
+            for row in range(r.a, r.b):
+                seg = data[off[row] - lo : off[row + 1] - lo]
+                per_row[r.name][r.slot + row - r.a] = np.split(seg, np.cumsum(r.si.rows[count][row])[:-1])
+
+    def _get_slice(self, r: _Slice):
+        """The coroutine reading ``r``'s elements: exactly them, or (verified shard) the whole blocks holding them."""
+        lo, hi = r.elements
+        if r.si.digests is not None and hi > lo:
+            c = r.si.digests.flat_block
+            lo, hi = (lo // c) * c, min(-(-hi // c) * c, r.si.digests.lengths[r.name])
+        return r.si.flat_array(r.name).async_array.getitem(slice(lo, hi))
+
+    def _checked_slice(self, r: _Slice, data) -> np.ndarray:
+        """``r``'s elements from what :meth:`_get_slice` returned (an array or the exception it raised), after
+        checking each whole block against the digest kept when the shard passed its checksum."""
+        lo, hi = r.elements
+        digests = r.si.digests
+        if isinstance(data, BaseException):
+            if digests is None or isinstance(data, StoreError):
+                raise data
+            raise self._changed(r.k, r.name, f"{self._describe_flat(r, lo, hi)} cannot be decoded "
+                                             f"({type(data).__name__}: {data})") from data
+        if digests is None or hi == lo:
+            return data
+        c = digests.flat_block
+        first = lo // c
+        bad = _differing(_block_sha256(data, c), digests.flat[r.name][first : first + -(-len(data) // c)])
+        if bad:
+            spans = "; ".join(self._describe_flat(r, (first + j) * c, min((first + j + 1) * c,
+                                                                          digests.lengths[r.name])) for j in bad)
+            raise self._changed(r.k, r.name, f"{spans} differ from the bytes that passed the check")
+        return data[lo - first * c : hi - first * c]
+
+    def _describe_flat(self, r: _Slice, a: int, b: int) -> str:
+        """Elements ``[a, b)`` of ``r``'s flat array, and the shard's rows whose segments fall in them."""
+        off = r.si.offsets[_RAGGED_ARRAYS[r.name][1]]
+        lo = int(np.searchsorted(off, a, side="right")) - 1
+        hi = int(np.searchsorted(off, max(b - 1, a), side="right")) - 1
+        return f"elements {a}..{b - 1} (rows {r.si.start + lo}..{r.si.start + max(lo, hi)})"
+
+    def _changed(self, k: int, name: str, what: str) -> ShardCorruptError:
+        start, stop = self.plan.shard_range(k)
+        return ShardCorruptError(
+            f"cache store {self.path}: shard {k} (rows {start}..{stop - 1}) changed after this process checked it "
+            f"against its committed checksum, so none of the rows read from it now were used: {name}: {what}. Run "
+            f"`python -m fpo_dist.cache verify {self.path}` for the full report, then copy the store again from a "
+            "good source or rebuild it")
 
     def _describe_status(self, code: int) -> str:
         if code == STATUS_NOT_WRITTEN:
@@ -249,22 +407,6 @@ class _StoreReader:
             return "ok"
         k = code - STATUS_BAD_BASE
         return f"bad ({self.bad_reasons[k]})" if 0 <= k < len(self.bad_reasons) else f"invalid status {code}"
-
-
-def _fetch(reads: list[tuple[int, _ShardIndex, int, int, str]], per_row: dict[str, list]) -> None:
-    """Fetch every run's slice of every flat array, all at once (zarr overlaps their I/O and decoding), and split
-    each into per-row segments, one per count column: ``per_row[name][slot] = [segment, ...]``."""
-    datas = _sync(_gather([
-        si.flat_array(name).async_array.getitem(slice(si.offsets[_RAGGED_ARRAYS[name][1]][a],
-                                                      si.offsets[_RAGGED_ARRAYS[name][1]][b]))
-        for _, si, a, b, name in reads
-    ]))
-    for (slot, si, a, b, name), data in zip(reads, datas):
-        count = _RAGGED_ARRAYS[name][1]
-        off = si.offsets[count]
-        for r in range(a, b):
-            seg = data[off[r] - off[a] : off[r + 1] - off[a]]
-            per_row[name][slot + r - a] = np.split(seg, np.cumsum(si.rows[count][r])[:-1])
 
 
 def _token_extras(read: _Read) -> dict[str, Any]:
@@ -287,5 +429,15 @@ def _runs(sorted_local: np.ndarray) -> list[tuple[int, int]]:
     return [(int(r[0]), int(r[-1]) + 1) for r in np.split(sorted_local, breaks)]
 
 
+def _differing(got: list[bytes], kept: list[bytes]) -> list[int]:
+    """Positions of the chunks whose digest differs from the kept one (a missing or extra chunk counts)."""
+    return [j for j in range(max(len(got), len(kept))) if j >= len(got) or j >= len(kept) or got[j] != kept[j]]
+
+
 async def _gather(coros: list) -> list:
     return list(await asyncio.gather(*coros))
+
+
+async def _gather_results(coros: list) -> list:
+    """Like :func:`_gather`, but each coroutine's exception is returned in its place (so it can be told apart)."""
+    return list(await asyncio.gather(*coros, return_exceptions=True))

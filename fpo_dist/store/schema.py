@@ -8,12 +8,15 @@ changing a table, a dtype, the array order or the checksum serialisation changes
 * :class:`Plan` is the only place that does row ↔ shard ↔ chunk arithmetic;
 * :func:`_root_config` is what must match for a store to be resumed (provenance, plan, options, bad reasons),
   :func:`_differences` names what does not;
-* :func:`_shard_checksum` is the canonical serialisation of a shard, :func:`_chunk_digests` the per-chunk manifest.
+* :func:`_shard_checksum` is the canonical serialisation of a shard, :func:`_chunk_digests` the per-chunk manifest;
+* :func:`unreadable` / :func:`reading` map what zarr and the storage raise to one :class:`StoreError`, and
+  :func:`is_transient` / :class:`RetryPolicy` say which I/O errors a read retries, and for how long.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -118,13 +121,35 @@ class StoreLockedError(StoreError):
     """Another live cache job holds the store's writer lease."""
 
 
+class StoreIOError(StoreError):
+    """Reading the store failed with an I/O error (a timeout, a dropped connection, a 5xx or throttling answer of an
+    object store, after :class:`RetryPolicy`'s retries for a transient one): nothing says the store is damaged, so
+    the message names the error and never calls it corrupted.  ``cause`` is the last error seen."""
+
+    def __init__(self, path: str, where: str, cause: BaseException, attempts: int = 1, waited_s: float = 0.0):
+        self.path, self.where, self.cause, self.attempts = path, where, cause, attempts
+        detail = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+        if is_transient(cause):
+            tries = f" ({attempts} attempts over {waited_s:.1f} s)" if attempts > 1 else ""
+            what = f"a transient I/O error{tries}"
+            todo = ("the store itself is not known to be damaged: check that the storage is reachable (endpoint, "
+                    "network, service status) and run again")
+        else:
+            what = "an I/O error"
+            todo = "check the storage (mount, disk, service) and run again"
+        super().__init__(f"cache store {path}: reading {where} failed with {what}: {detail}; {todo}")
+
+
 # One place maps what zarr / the filesystem raise on a damaged store to a StoreError that names the file.
 _REPAIR = ("copy the store again from its source, or rebuild it (`python -m fpo_dist.cache --config CFG "
            "--overwrite true`); `python -m fpo_dist.cache verify {path}` lists every problem")
 
 
 def unreadable(path: str, node: str, exc: BaseException) -> StoreError:
-    """The :class:`StoreError` for ``exc``, raised while reading node ``node`` ('' = root) of the store at ``path``."""
+    """The :class:`StoreError` for ``exc``, raised while reading node ``node`` ('' = root) of the store at ``path``.
+
+    Only bytes that cannot be parsed are called corrupted (with :data:`_REPAIR`'s advice); an I/O error — transient
+    or not — is a :class:`StoreIOError` naming it, never advice to rebuild."""
     if isinstance(exc, StoreError):
         return exc
     where = f"{path.rstrip('/')}/{node}" if node else path
@@ -134,6 +159,8 @@ def unreadable(path: str, node: str, exc: BaseException) -> StoreError:
     if isinstance(exc, PermissionError):
         return StoreUnreadableError(path, f"cannot read {where}: permission denied",
                                     "give this user read access to the whole store")
+    if isinstance(exc, OSError) or is_transient(exc):
+        return StoreIOError(path, where, exc)
     detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
     return StoreUnreadableError(path, f"{where}/zarr.json is corrupted or truncated ({detail})")
 
@@ -147,10 +174,78 @@ def reading(path: str, node: str = "") -> Iterator[None]:
         raise
     except (KeyError, OSError, ValueError, TypeError) as e:  # JSON/Unicode errors are ValueErrors
         raise unreadable(path, node, e) from e
-    except Exception as e:  # zarr's own errors (metadata validation, node type, ...)
-        if type(e).__module__.startswith("zarr"):
+    except Exception as e:  # zarr's own errors (metadata validation, node type, ...), a storage client's I/O errors
+        if type(e).__module__.startswith("zarr") or is_transient(e):
             raise unreadable(path, node, e) from e
         raise
+
+
+# --------------------------------------------------------------------------------------------- transient I/O
+
+# errno values of a network or a busy service, not of the bytes: s3fs maps S3's 503 / SlowDown / ServiceUnavailable to
+# EBUSY and 500 / InternalError to EREMOTEIO; sockets and NFS give the others.
+_TRANSIENT_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ETIMEDOUT", "ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "EHOSTUNREACH", "EHOSTDOWN", "ENETUNREACH",
+    "ENETDOWN", "ENETRESET", "EPIPE", "EAGAIN", "EBUSY", "EREMOTEIO") if hasattr(errno, name))
+# Exception classes (matched by name along the class's MRO, so that no storage client is imported here) that a
+# storage client raises for a network failure: builtins' ConnectionError / TimeoutError (asyncio's and fsspec's
+# FSTimeoutError included), botocore's ConnectionError (EndpointConnectionError, ConnectTimeoutError, ...) and
+# HTTPClientError (ReadTimeoutError, ConnectionClosedError, ...), aiohttp's ClientConnectionError /
+# ClientPayloadError, http.client's IncompleteRead.
+_TRANSIENT_CLASSES = frozenset({"ConnectionError", "TimeoutError", "HTTPClientError", "ClientConnectionError",
+                                "ClientPayloadError", "IncompleteRead"})
+# Error codes of an object store's HTTP answer that mean "try again" (botocore's ClientError, untranslated).
+_TRANSIENT_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+                              "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequests"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when ``exc`` (or an exception it was raised from) is an I/O failure that may pass if the read is retried:
+    a timeout, a refused / reset / dropped connection, an HTTP 5xx, 429 or throttling answer of an object store.
+    Missing files, permissions and undecodable bytes are not transient."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, (FileNotFoundError, PermissionError)):
+            return False
+        if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+            return True
+        if any(c.__name__ in _TRANSIENT_CLASSES for c in type(exc).__mro__):
+            return True
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):  # botocore ClientError
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            if status >= 500 or status == 429 or response.get("Error", {}).get("Code") in _TRANSIENT_CODES:
+                return True
+        exc, seen = exc.__cause__, seen + 1
+    return False
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a read retries a transient I/O error (:func:`is_transient`): at most ``attempts`` tries in all, waiting
+    ``first_delay_s``, then twice as long each time (at most ``max_delay_s``, each wait jittered down by up to a
+    quarter), and no try starts more than ``deadline_s`` after the first failure.  Then the read fails with
+    :class:`StoreIOError`.  The default rides out a storage endpoint that is away for ~30 s."""
+
+    attempts: int = 8
+    first_delay_s: float = 0.5
+    max_delay_s: float = 8.0
+    deadline_s: float = 60.0
+
+    def __post_init__(self):
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
+            raise ValueError(f"RetryPolicy.attempts must be a positive integer, got {self.attempts!r}")
+        for name in ("first_delay_s", "max_delay_s", "deadline_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"RetryPolicy.{name} must be >= 0, got {getattr(self, name)!r}")
+
+    def delay(self, retry: int, jitter: float = 0.0) -> float:
+        """Seconds to wait before retry number ``retry`` (1 = the second try); ``jitter`` in [0, 1)."""
+        return min(self.first_delay_s * 2 ** (retry - 1), self.max_delay_s) * (1 - jitter / 4)
+
+
+DEFAULT_RETRY = RetryPolicy()
+NO_RETRY = RetryPolicy(attempts=1)
 
 
 # --------------------------------------------------------------------------------------------- plan

@@ -23,6 +23,7 @@ from fpo_dist.store.schema import (
     _RAGGED_ARRAYS,
     Plan,
     ShardCorruptError,
+    StoreIOError,
     StoreUnreadableError,
     _digest,
     _shard_checksum,
@@ -44,32 +45,40 @@ class _StoreVerifier:
     attrs: dict[str, Any]
     path: str
 
-    def _check_shard(self, k: int, rows: dict[str, np.ndarray], group: zarr.Group) -> None:
+    def _check_shard(self, k: int, rows: dict[str, np.ndarray], group: zarr.Group) -> dict[str, np.ndarray]:
         """Verify on read: shard ``k`` (its per-row arrays ``rows``, already read, and every flat array of
         ``group``, read here in full) must hash to its committed checksum, else :class:`ShardCorruptError` names
-        the arrays and rows that differ (from :meth:`_verify_shard`) and points at ``verify``.
+        the arrays and rows that differ (from :meth:`_verify_shard`) and points at ``verify``.  Returns the flat
+        arrays it read and checked (by name), so that the caller uses exactly the bytes that passed.
 
-        Missing chunk files read as fill values, so they fail the checksum too."""
+        Missing chunk files read as fill values, so they fail the checksum too.  An I/O error (after the store's
+        retries) is a :class:`StoreIOError`, not corruption."""
         start, stop = self.plan.shard_range(k)
         committed = bytes(self._array("shard_checksum")[k])
         error: Exception | None = None
         try:
             bad_rows = [BadRow(*b) for b in group.attrs["bad_rows"]]
             handles = [group[name] for name in self._flat_names]
-            flat = _sync(_gather([a.async_array.getitem(slice(None)) for a in handles]))
-            arrays = {**rows, **dict(zip(self._flat_names, flat))}
-            if _shard_checksum(start, stop, bad_rows, arrays) == committed:
-                return
+            flat = dict(zip(self._flat_names, _sync(_gather([a.async_array.getitem(slice(None)) for a in handles]))))
+            if _shard_checksum(start, stop, bad_rows, {**rows, **flat}) == committed:
+                return flat
+        except StoreIOError:
+            raise
         except Exception as e:  # noqa: BLE001 — undecodable chunks, missing arrays: diagnosed below
             error = e
         problems = self._verify_shard(k, committed, set(_sync(_list_keys(self._root.store))))
-        if not problems:  # the full check passes: the first read failed for another reason (I/O)
-            raise StoreUnreadableError(f"cache store {self.path}: reading shard {k} failed: {error!r}") from error
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         problems = [p.removeprefix(f"shard {k} (rows {start}..{stop - 1}): ") for p in problems]
+        if not problems and error is not None:
+            raise StoreUnreadableError(
+                self.path, f"reading shard {k} failed ({type(error).__name__}: {error}), yet a full check of it "
+                "finds nothing wrong", f"run again; if it recurs, run `python -m fpo_dist.cache verify {self.path}`"
+            ) from error
+        found = (f": {' | '.join(problems[:3])}{more}" if problems else
+                 ", yet a second full read of it matches (its bytes changed in transit or while it was read)")
         raise ShardCorruptError(
             f"cache store {self.path}: shard {k} (rows {start}..{stop - 1}) does not match its committed checksum, "
-            f"so none of its rows were used: {' | '.join(problems[:3])}{more}. Run `python -m fpo_dist.cache verify "
+            f"so none of its rows were used{found}. Run `python -m fpo_dist.cache verify "
             f"{self.path}` for the full report, then copy the store again from a good source or rebuild it"
         ) from error
 
@@ -104,6 +113,8 @@ class _StoreVerifier:
             bad_rows = [BadRow(*b) for b in attrs["bad_rows"]]
         except StoreUnreadableError as e:
             return [f"{where}: {e.detail}"]
+        except StoreIOError:  # the storage failed, not the shard: no verdict on it
+            raise
         except Exception as e:  # noqa: BLE001 — any failure here means the shard group is unusable
             return [f"{where}: shard group {self._shard_path(k)} unreadable: {e!r}"]
         problems: list[str] = []
@@ -183,6 +194,8 @@ def _verify_array(where, name, arr, chunks, digests, keys, describe, problems) -
     for i, (a, b) in enumerate(chunks):
         try:
             data = arr[a:b]
+        except StoreIOError:  # the storage failed, not the chunk: no verdict on it
+            raise
         except Exception as e:  # noqa: BLE001 — codecs raise assorted errors on corrupt input
             undecodable.append(f"{describe(a, b)}: {e!r}")
             continue
