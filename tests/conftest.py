@@ -14,6 +14,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Network: the suite runs in a private network namespace holding only lo, where one can be made
+# ---------------------------------------------------------------------------------------------------------
+
+# Why: torch's rendezvous store (TCPStore, behind every DeepSpeed/torchrun run of the tests) has no bind-address option
+# and listens on every interface; in a namespace with only ``lo`` nothing outside this machine can reach it (or any
+# other server a test starts).  The pytest process moves itself there before the first test (root only), so every
+# process the tests start inherits it.  Fallback (not root, not Linux, or FPO_TEST_NETNS=0): the host's network,
+# named in the header; Ray's and moto's own sockets stay on 127.0.0.1 either way (test_cache, test_s3).
+NETNS_NOTE = "FPO_TEST_NETNS=0" if os.environ.get("FPO_TEST_NETNS") == "0" else None
+
+
+def pytest_configure(config):
+    global NETNS_NOTE
+    if NETNS_NOTE is None:
+        from fpo_dist.netns import enter_private_network
+
+        NETNS_NOTE = enter_private_network()
+
+
+def pytest_report_header(config):
+    if NETNS_NOTE is None:
+        return "network: a private namespace holding only lo (nothing a test starts can be reached from outside)"
+    return (f"WARNING network: the host's ({NETNS_NOTE}): the training runs' rendezvous stores (torch TCPStore) listen "
+            "on every interface while they run")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Models: the tiny local Llama + SAE, and the real Gemma 3 270M (GGUF from PyPI)
 # ---------------------------------------------------------------------------------------------------------
 

@@ -106,6 +106,13 @@ def listeners(pids: set[int]) -> list[Listener]:
     return found
 
 
+def beyond_loopback(pids: set[int]) -> list[str]:
+    """The listening sockets of ``pids`` bound to anything but a loopback address, whatever their namespace (the
+    suite runs in a private one, where :func:`exposed` holds for any socket: the servers that have a bind option —
+    Ray's on 127.0.0.1, moto — are held to their address with this)."""
+    return sorted({str(s) for s in listeners(pids) if not s.loopback})
+
+
 def exposed(pids: set[int]) -> list[str]:
     """The listening sockets of ``pids`` that something outside this machine could reach (should be none)."""
     return sorted({str(s) for s in listeners(pids) if s.exposed})

@@ -101,7 +101,7 @@ def assert_same_store(a, b):
 def test_local_ray_instance_listens_on_loopback_only(ray_session):
     """The in-process instance (``init_local_ray``, as the cache driver's) with an actor alive: no process of it (this
     one, GCS, raylet, agents, workers) listens beyond loopback, read from outside with ``ss``."""
-    from listening import descendants, exposed, listeners
+    from listening import beyond_loopback, descendants, listeners
 
     @ray_session.remote
     class Probe:
@@ -112,7 +112,7 @@ def test_local_ray_instance_listens_on_loopback_only(ray_session):
     actor = ray_session.get(probe.pid.remote())
     pids = descendants(os.getpid())
     assert actor in pids and any(s.pid == actor for s in listeners(pids))  # the actor's gRPC server is seen
-    assert not exposed(pids), exposed(pids)
+    assert not beyond_loopback(pids), beyond_loopback(pids)
     ray_session.kill(probe)
 
 
@@ -290,7 +290,7 @@ def test_sigkilled_driver_leaves_no_ray_process_behind(tiny, dataset, tmp_path):
     """SIGKILL the cache driver alone (by PID, not its process group) mid-run: every process of the local Ray
     instance it started (GCS, raylet, agents, workers) is gone within a bound.  Before the kill: that instance
     listens on loopback only and has Ray's token authentication on."""
-    from listening import exposed
+    from listening import beyond_loopback
 
     from fpo_dist.cache.reaper import _stat
 
@@ -314,7 +314,7 @@ def test_sigkilled_driver_leaves_no_ray_process_behind(tiny, dataset, tmp_path):
         # mid-run, the CLI's local Ray instance (driver, GCS, raylet, agents, the CacheWorker) listens on loopback
         # only (``ss``), and runs with Ray's token authentication (the processes' environment)
         assert any("CacheWorker" in _cmdline(p) for p in ray_procs), names
-        assert not exposed({proc.pid, *ray_procs}), exposed({proc.pid, *ray_procs})
+        assert not beyond_loopback({proc.pid, *ray_procs}), beyond_loopback({proc.pid, *ray_procs})
         gcs = [p for p, n in names.items() if n == "gcs_server"]
         assert gcs and b"RAY_AUTH_MODE=token" in Path(f"/proc/{gcs[0]}/environ").read_bytes().split(b"\0")
         os.kill(proc.pid, signal.SIGKILL)
@@ -476,7 +476,7 @@ def test_ray_job_submit_against_a_head_on_loopback(tiny, dataset, tmp_path, one_
     import urllib.error
     import urllib.request
 
-    from listening import descendants, exposed
+    from listening import beyond_loopback, descendants
 
     from fpo_dist.demo.run import ray_head
 
@@ -498,7 +498,7 @@ def test_ray_job_submit_against_a_head_on_loopback(tiny, dataset, tmp_path, one_
                 try:
                     while proc.poll() is None:  # sample the sockets of every process of the head and of the submit
                         pids = descendants(head_pid, proc.pid)
-                        leaks |= set(exposed(pids))
+                        leaks |= set(beyond_loopback(pids))
                         n_actor_samples += any("CacheWorker" in _cmdline(p) for p in pids)
                         time.sleep(0.5)
                 finally:

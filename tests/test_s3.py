@@ -99,9 +99,10 @@ def s3_cache(s3, tiny, tmp_path_factory):
                                           "rejected": f"Nope {i}." + " Meh" * (i % 4)}) for i in range(N_ROWS)))
     url, options = f"s3://{BUCKET}/store", s3["options"]
     logs: list[str] = []
+    from fpo_dist.cache import init_local_ray
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", _node_ip_address="127.0.0.2", num_cpus=2, include_dashboard=False,
-             object_store_memory=128 << 20, log_to_driver=False)
+    init_local_ray(num_cpus=2, include_dashboard=False, object_store_memory=128 << 20, log_to_driver=False)
     try:
         first = run_cache_job(_cache_config(tiny, data, url, s3["creds"]), log=logs.append)
         # the path S3 replaces (1 worker ≡ 2 workers: tests/test_cache.py)

@@ -279,21 +279,6 @@ def evaluate_all(runs: dict[str, Path], data: dict[str, Path], out: Path, manife
 
 
 NETNS_ENV = "FPO_DEMO_NETNS"  # 0: the host's network; "inner": already in the demo's private namespace
-# bring lo up, and add 127.0.0.2 to it: getaddrinfo(AI_ADDRCONFIG) finds no usable address where 127.0.0.1 is the only one
-_NETNS_SETUP = "ip link set lo up && ip addr add 127.0.0.2/8 dev lo"
-
-
-def private_network_prefix() -> list[str] | None:
-    """The command prefix that runs a command in a new network namespace holding only ``lo`` (up), or None where this
-    machine cannot make one (not Linux, no ``unshare``/``ip``, no privilege and no user namespaces)."""
-    if sys.platform != "linux" or not (shutil.which("unshare") and shutil.which("ip")):
-        return None
-    prefix = ["unshare", "--net"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
-    try:
-        ok = subprocess.run([*prefix, "sh", "-c", _NETNS_SETUP], capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        ok = False
-    return [*prefix, "sh", "-c", _NETNS_SETUP + ' && exec "$0" "$@"'] if ok else None
 
 
 def _enter_private_network(argv: list[str]) -> None:
@@ -303,6 +288,8 @@ def _enter_private_network(argv: list[str]) -> None:
     if mode == "inner":
         say("network: a private namespace (only lo): nothing the demo starts can be reached from outside")
         return
+    from fpo_dist.netns import private_network_prefix
+
     prefix = private_network_prefix() if mode != "0" else None
     if prefix is not None:
         os.environ[NETNS_ENV] = "inner"
