@@ -200,6 +200,38 @@ def test_a_read_rides_out_a_storage_restart(clean_store, moto_s3, caplog):
                for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
+def test_the_loader_rides_out_a_storage_restart(clean_store, moto_s3, caplog):
+    """The trainer's path: a CacheLoader (prefetch thread, its own handle reopened with the given store's retry
+    policy) streams from S3; the server stops after the first micro-batch and is back 1.5 s later.  Every micro-batch
+    equals the one streamed from the local copy, and the outage was met (retries logged)."""
+    import torch
+
+    from fpo_dist.loader import CacheLoader
+
+    url, _ = _put_store(clean_store[0], moto_s3)
+    kw = dict(micro_batch_size=4, grad_accum=1, world_size=1, rank=0, seed=3, pad_id=0, prefetch=2)
+    with CacheLoader(str(clean_store[0]), **kw) as local:
+        want = list(local)
+    patient = RetryPolicy(attempts=40, first_delay_s=0.1, max_delay_s=0.4, deadline_s=30)
+    handle = open_store(url, storage_options=_s3_options(moto_s3), retry=patient)
+    with caplog.at_level("WARNING", logger="fpo_dist.store.cache_store"), CacheLoader(handle, **kw) as loader:
+        batches = iter(loader)
+        got = [next(batches)]
+        moto_s3.stop()
+        restart = threading.Timer(1.5, moto_s3.start)
+        restart.start()
+        try:
+            got += list(batches)
+        finally:
+            restart.join()
+    assert len(got) == len(want) > 3
+    for a, b in zip(got, want):
+        assert a.rows.tolist() == b.rows.tolist() and torch.equal(a.input_ids, b.input_ids)
+        assert torch.equal(a.ref_logp_sum, b.ref_logp_sum) and torch.equal(a.ref_codes_chosen.values,
+                                                                           b.ref_codes_chosen.values)
+    assert any("transient I/O error" in r.getMessage() for r in caplog.records)
+
+
 def test_a_storage_that_stays_down_is_an_io_error_not_corruption(clean_store, moto_s3):
     """The server stops and stays down: opening the store and reading rows from an open handle each fail, within the
     retry bound, with a StoreIOError naming the I/O error and the key — not 'corrupted', no advice to overwrite."""

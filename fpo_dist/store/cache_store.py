@@ -156,13 +156,21 @@ def _open_root(path: str, mode: str, storage_options: dict | None, retry: RetryP
 
 
 def _base_store(path: str, mode: str, storage_options: dict | None) -> zarr.abc.store.Store:
-    """The zarr store ``zarr.open_group(path, storage_options=...)`` would make: fsspec for a URL, else local."""
+    """The zarr store ``zarr.open_group(path, storage_options=...)`` would make: fsspec for a URL, else local.
+
+    An fsspec store is made on zarr's event-loop thread, as zarr makes its own: fsspec caches one filesystem instance
+    per thread, with its directory listings, so this store shares the instance (and the cache coherence) of every
+    ``zarr.open_group(path)`` in this process — e.g. :func:`create_store`'s writes."""
     read_only = mode == "r"
     if "://" in path or ("::" in path and "local://" not in path):  # zarr's own test for an fsspec URL
-        return zarr.storage.FsspecStore.from_url(path, storage_options=storage_options, read_only=read_only)
+        return _sync(_fsspec_store(path, storage_options, read_only))
     if storage_options:
         raise TypeError(f"storage_options are for an fsspec URL; {path} is a local path")
     return zarr.storage.LocalStore(path, read_only=read_only)
+
+
+async def _fsspec_store(path: str, storage_options: dict | None, read_only: bool) -> zarr.storage.FsspecStore:
+    return zarr.storage.FsspecStore.from_url(path, storage_options=storage_options, read_only=read_only)
 
 
 class _RetryingStore(zarr.storage.WrapperStore):
@@ -177,6 +185,12 @@ class _RetryingStore(zarr.storage.WrapperStore):
 
     def _with_store(self, store: zarr.abc.store.Store) -> _RetryingStore:
         return type(self)(store, self._path, self._retry)
+
+    def __repr__(self) -> str:  # zarr's messages name the store: the wrapped one is what the user opened
+        return repr(self._store)
+
+    def __str__(self) -> str:
+        return str(self._store)
 
     async def _retrying(self, key: str, call: Callable[[], Awaitable[_T]]) -> _T:
         first_failure, attempt = None, 1

@@ -430,7 +430,7 @@ def _runs(sorted_local: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _differing(got: list[bytes], kept: list[bytes]) -> list[int]:
-    """Positions of the chunks whose digest differs from the kept one (a missing or extra chunk counts)."""
+    """Positions of the blocks whose digest differs from the kept one (a missing or extra block counts)."""
     return [j for j in range(max(len(got), len(kept))) if j >= len(got) or j >= len(kept) or got[j] != kept[j]]
 
 
