@@ -168,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from fpo_dist.netns import enter_private_network
+
+    # the training launches' rendezvous stores (torch TCPStore) listen on every interface: where this process can
+    # (root), it and all it starts run in a network namespace holding only lo (fpo_dist.netns)
+    netns = enter_private_network() if os.environ.get("FPO_BENCH_NETNS") != "0" else "FPO_BENCH_NETNS=0"
+    print("[bench] network: " + ("a private namespace (only lo)" if netns is None else
+          f"the host's ({netns}): the training runs' rendezvous stores listen on every interface"), flush=True)
     import torch
 
     from bench import report
