@@ -57,13 +57,20 @@ def enable_varlen(model: nn.Module) -> nn.Module:
     implementation: the model's and, for multimodal wrappers, its text config's).  Not saved with the model:
     transformers drops the implementation from ``config.json``, so an export loads with its usual default."""
     register()
+    set_attention_implementation(model, VARLEN)
+    return model
+
+
+def set_attention_implementation(model: nn.Module, name: str) -> None:
+    """Name ``name`` (a transformers attention implementation: ``eager``, ``sdpa``, or one registered with
+    ``AttentionInterface``) in every config in ``model`` that names one — the model's and, for multimodal wrappers,
+    its text config's."""
     seen = set()
     for m in model.modules():
         c = getattr(m, "config", None)
         if c is not None and id(c) not in seen and hasattr(c, "_attn_implementation"):
             seen.add(id(c))
-            c._attn_implementation = VARLEN
-    return model
+            c._attn_implementation = name
 
 
 @contextlib.contextmanager

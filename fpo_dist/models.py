@@ -191,12 +191,9 @@ def use_softcap_attention(model: nn.Module) -> bool:
     without a soft-cap keep transformers' default (sdpa)."""
     if attention_softcap(model) is None:
         return False
-    seen = set()
-    for m in model.modules():
-        c = getattr(m, "config", None)
-        if c is not None and id(c) not in seen and hasattr(c, "_attn_implementation"):
-            seen.add(id(c))
-            c._attn_implementation = SOFTCAP_ATTENTION
+    from fpo_dist.attention import set_attention_implementation
+
+    set_attention_implementation(model, SOFTCAP_ATTENTION)
     return True
 
 
