@@ -7,7 +7,7 @@ another CPU's kernels moves a token's log-prob ``z_y − logsumexp(z)`` by at mo
 ``2 · 8 · (blocks + 1) · eps · max|logit|``.  In fp32, for 18-26 blocks (Gemma 3 270M, Gemma 2 2B) and |logits| ≤ 30
 (Gemma 2's final soft-cap; ≈ 25 measured on Gemma 3 270M) that is 0.9-1.5·10⁻³: the step-0 default 10⁻³ per token
 (measured ≤ 2·10⁻⁶ per token, Gemma 3 270M packed vs padded, Intel Xeon with AMX).  ``verify --recompute`` (same
-batches, possibly another machine) defaults to 10⁻⁴, tighter than the rule's bound.  bf16's eps (2⁻⁷) makes the bound
+batches, possibly another machine: another CPU's kernels) uses the same defaults (10⁻³; 10⁻⁴ relative MSE).  bf16's eps (2⁻⁷) makes the bound
 vacuous through a deep model, so its allowance (×30 in the trainer, 3·10⁻² in verify) is empirical and a bf16 run
 needs a bf16 cache.  Pooled codes: rounding alone gives a relative MSE of order (10⁻⁵)²; the 10⁻⁴ default allows for
 JumpReLU threshold flips (one feature of a ~250-feature vector moving by threshold / tokens: ~10⁻⁵)."""
