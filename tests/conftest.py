@@ -100,6 +100,15 @@ def gemma_hf_dir(request) -> Path:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def reset_moto(port: int) -> None:
+    """Empty moto's state (its backends are per process, shared by every server this process started): a fresh
+    server starts with no bucket, whatever earlier tests made."""
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"),
+                           timeout=30).read()
+
+
 class MotoS3:
     """moto's S3 server on a free loopback port.  ``stop()`` closes its socket (clients get connection refused);
     ``start()`` serves again on the same port with the same buckets (moto keeps them in this process).
@@ -115,6 +124,7 @@ class MotoS3:
         self.server = None
         self.requests: list[str] = []
         self.start()
+        reset_moto(self.port)  # a fresh server: no bucket of an earlier test (``start()`` again keeps them)
 
     def start(self) -> None:
         import logging

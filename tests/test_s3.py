@@ -49,6 +49,9 @@ def s3(tmp_path_factory):
     server.start()
     try:
         import s3fs
+        from conftest import reset_moto
+
+        reset_moto(port)  # moto keeps buckets per process: another test module's server may have made this one
 
         options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": KEY, "secret": SECRET}
         fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
