@@ -10,7 +10,8 @@ Conventions (the math with every paper-vs-code choice: ``docs/method.md``):
 - Every loss is ``L = −mean_b log σ(u_b)`` and returns ``(loss, metrics)``; metrics are detached scalars.
 - ``reward_accuracy`` is pairwise: pair ``b``'s chosen reward against pair ``b``'s own rejected reward, strictly
   greater (ties count as wrong).  ``margin`` is the batch mean of ``u`` (the logit inside σ);
-  ``reward_margin`` is the batch mean of ``rewards_chosen − rewards_rejected``.
+  ``reward_margin`` is the batch mean of ``rewards_chosen − rewards_rejected`` (for FPO: the margin term of ``u``,
+  beside its ``feature_term``; see :func:`fpo_loss`).
 - The seam to the trainer: the forward pass (:mod:`fpo_dist.forward`) turns a micro-batch into
   :class:`Quantities`; a registered :class:`LossSpec` declares which quantities it needs and its
   hyper-parameters with their defaults, and maps the quantities to ``(loss, metrics)``.  Add a loss with
@@ -306,6 +307,12 @@ def fpo_loss(
 
     Policy codes are the pooled ``c̄θ`` (a dense ``[B, d_sae]`` tensor or :class:`PooledCodes` over a column
     subset); reference codes are the cached sparse ``c̄ref``.  Rewards ``β(avg logπθ(y) − avg logπref(y))``.
+
+    The two terms of ``u_b = m_b − f_b``, logged separately (batch means; ``margin = reward_margin − feature_term``):
+    the margin term ``m_b = rewards_chosen_b − rewards_rejected_b`` is ``reward_margin`` (as for every loss), with
+    ``reward_margin_abs = mean_b |m_b|``; the feature term ``f_b = α·β·(D_l,b − D_w,b)`` is ``feature_term``, with
+    ``feature_term_abs = mean_b |f_b|``.  The magnitudes are what :mod:`fpo_dist.diagnostics` compares (a signed
+    batch mean can be near 0 while every pair's term is large).
     """
     pol_w = pol_codes_chosen if isinstance(pol_codes_chosen, PooledCodes) else PooledCodes(pol_codes_chosen)
     pol_l = pol_codes_rejected if isinstance(pol_codes_rejected, PooledCodes) else PooledCodes(pol_codes_rejected)
@@ -316,8 +323,13 @@ def fpo_loss(
 
     rewards_chosen = beta * (pol_avg_chosen - ref_avg_chosen)
     rewards_rejected = beta * (pol_avg_rejected - ref_avg_rejected)
-    u = (rewards_chosen - rewards_rejected) - alpha * beta * (d_l - d_w)
+    margin_term = rewards_chosen - rewards_rejected
+    feature_term = alpha * beta * (d_l - d_w)
+    u = margin_term - feature_term
     metrics = _metrics(u, rewards_chosen, rewards_rejected, pol_avg_chosen, pol_avg_rejected)
+    metrics["reward_margin_abs"] = margin_term.detach().float().abs().mean()
+    metrics["feature_term"] = feature_term.detach().float().mean()
+    metrics["feature_term_abs"] = feature_term.detach().float().abs().mean()
     metrics["feature_mse_chosen"] = d_w.detach().mean()
     metrics["feature_mse_rejected"] = d_l.detach().mean()
     metrics["topk_overlap"] = torch.cat([overlap_w, overlap_l]).mean()

@@ -20,6 +20,7 @@ import torch
 
 from fpo_dist import checkpoints as ckpt
 from fpo_dist.config import ConfigError, ModelConfig, TrainConfig, public_dict, storage_options_for, to_dict, to_yaml
+from fpo_dist.diagnostics import FeatureTermMonitor
 from fpo_dist.losses import LOSSES, check_loss_requirements
 
 
@@ -378,6 +379,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.loss.name}", disable=not self.is_main,
                    file=sys.stderr, dynamic_ncols=True)
         self.policy.train(True)
+        terms = FeatureTermMonitor(self.total_steps, cfg.loss.params.get("alpha"), cfg.loss.params.get("beta"))
         stats, t_step = StepStats(), time.perf_counter()
         for mb in self.loader if self.step < self.total_steps else ():
             self._epoch_of_step = mb.epoch
@@ -398,6 +400,9 @@ class Trainer:
                 continue
             self.step += 1  # the loader's state advanced when it handed out this step's last micro-batch
             record = self._reduce(stats, time.perf_counter() - t_step)
+            if self.is_main and (warning := terms.update(record)):  # FPO's feature term swamps its margin term
+                print(warning, flush=True)
+                self.run_info.setdefault("warnings", []).append(warning)  # run_info.json and every sink, at the end
             if cfg.log_samples:
                 self._log_samples(stats.rows, record["epoch"])
             if self.is_main and (self.step % cfg.log_every == 0 or self.step == self.total_steps):

@@ -448,6 +448,95 @@ def test_policy_equal_reference_gives_log2_and_zero_feature_mse():
     torch.testing.assert_close(m["topk_overlap"], torch.tensor(1.0))
 
 
+def test_fpo_margin_and_feature_terms_hand_derived():
+    # Pair 0 is the hand example (union): margin term m = 0.1, feature term f = αβ(D_l − D_w) = 0.05·(0.625 − 10.5)
+    #   = −0.49375, u = m − f = 0.59375.  Pair 1 swaps the sides (codes and log-probs): θ_w = −2, θ_l = −1 →
+    #   m = 0.1[(−2 + 1) − 0] = −0.1; D_w = 0.625, D_l = 10.5 → f = 0.05·9.875 = 0.49375; u = −0.59375.
+    # Signed batch means: m̄ = 0, f̄ = 0, ū = 0; magnitudes: mean|m| = 0.1, mean|f| = 0.49375.
+    codes = torch.tensor(POL_W + POL_L), torch.tensor(POL_L + POL_W)
+    refs = SparseCodes.from_dense(torch.tensor(REF_W + REF_L)), SparseCodes.from_dense(torch.tensor(REF_L + REF_W))
+    for sg in (True, False):  # the stop-gradient changes gradients, not values
+        loss, m = fpo_loss(t(-1.0, -2.0), t(-2.0, -1.0), t(-1.5, -1.5), t(-1.5, -1.5), *codes, *refs,
+                           beta=0.1, alpha=0.5, k=2, stop_grad_chosen=sg)
+        torch.testing.assert_close(loss, torch.tensor((nll(0.59375) + nll(-0.59375)) / 2))
+        torch.testing.assert_close(m["reward_margin"], torch.tensor(0.0))
+        torch.testing.assert_close(m["feature_term"], torch.tensor(0.0))
+        torch.testing.assert_close(m["reward_margin_abs"], torch.tensor(0.1))
+        torch.testing.assert_close(m["feature_term_abs"], torch.tensor(0.49375))
+    loss, m = _hand_fpo("union")  # pair 0 alone: the signed terms
+    torch.testing.assert_close(m["reward_margin"], torch.tensor(0.1))
+    torch.testing.assert_close(m["feature_term"], torch.tensor(-0.49375))
+    torch.testing.assert_close(m["feature_term_abs"], torch.tensor(0.49375))
+    assert "feature_term" not in dpo_loss(t(-1.0), t(-2.0), t(-1.5), t(-1.5))[1]  # FPO's alone
+
+
+def test_fpo_mean_u_is_margin_term_minus_feature_term():
+    # mean_b u_b = mean_b m_b − mean_b f_b: the logged "margin" equals reward_margin − feature_term.  fp32: each
+    # side rounds at ~1.2e-7 of its magnitude (a few units here) per operation → atol 1e-5.
+    g = torch.Generator().manual_seed(3)
+    pol_w, pol_l, ref_w, ref_l = (-torch.rand(8, generator=g) * 3 for _ in range(4))
+    codes = [torch.relu(torch.randn(8, 40, generator=g)) for _ in range(4)]
+    _, m = fpo_loss(pol_w, pol_l, ref_w, ref_l, codes[0], codes[1], SparseCodes.from_dense(codes[2]),
+                    SparseCodes.from_dense(codes[3]), beta=0.1, alpha=4.0, k=5)
+    assert m["feature_term_abs"] > 0.1 and m["reward_margin_abs"] > 0.1  # both terms count
+    torch.testing.assert_close(m["margin"], m["reward_margin"] - m["feature_term"], atol=1e-5, rtol=0)
+    assert m["feature_term_abs"] >= m["feature_term"].abs() and m["reward_margin_abs"] >= m["reward_margin"].abs()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The feature-term warning (fpo_dist.diagnostics)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_feature_term_warning_threshold_and_message():
+    from fpo_dist.diagnostics import feature_term_warning
+
+    # window means: |f| = (3 + 5)/2 = 4, |m| = (0.2 + 0.6)/2 = 0.4 → ratio exactly 10: not above, no warning
+    assert feature_term_warning([3.0, 5.0], [0.2, 0.6], alpha=0.5, beta=0.1) is None
+    # |f| = (3 + 5.2)/2 = 4.1 > 10 · 0.4 → warns, naming both means, the ratio (4.1/0.4 = 10.25), α, β, the remedy
+    line = feature_term_warning([3.0, 5.2], [0.2, 0.6], alpha=0.5, beta=0.1)
+    assert line is not None and "\n" not in line
+    for part in ("last 2 optimizer steps", "is 4.1 ", "is 0.4 ", "10.2", "α 0.5", "β 0.1", "--loss.alpha",
+                 "docs/method.md"):
+        assert part in line, (part, line)
+    assert feature_term_warning([], [], 0.5, 0.1) is None
+    with pytest.raises(ValueError, match="margin_abs"):
+        feature_term_warning([1.0], [1.0, 2.0], 0.5, 0.1)
+
+
+def test_feature_term_warning_near_zero():
+    from fpo_dist.diagnostics import FLOOR, feature_term_warning
+
+    assert feature_term_warning([0.0] * 5, [0.0] * 5, 0.5, 0.1) is None  # policy = reference: 0 against 0
+    assert feature_term_warning([FLOOR / 2] * 5, [0.0] * 5, 0.5, 0.1) is None  # negligible, however large the ratio
+    line = feature_term_warning([1e-3] * 5, [0.0] * 5, 0.5, 0.1)  # a real feature term, no margin at all
+    assert line is not None and "inf×" in line
+    assert feature_term_warning([float("nan")] * 5, [1.0] * 5, 0.5, 0.1) is None
+
+
+def test_feature_term_monitor_window_and_once():
+    from fpo_dist.diagnostics import FeatureTermMonitor, window_size
+
+    assert [window_size(n) for n in (1, 4, 5, 12, 20, 1000)] == [0, 0, 5, 12, 20, 20]
+    # 100 steps → window 20.  |m| = 1 every step; |f| = 0 for 20 steps, then 30.  After j steps of 30 the window's
+    # mean |f| is 30j/20 = 1.5j, above 10 · 1 first at j = 7 → the warning comes at step 27, and only then.
+    mon = FeatureTermMonitor(100, alpha=2.0, beta=0.5)
+    said = {}
+    for step in range(1, 61):
+        rec = {"feature_term_abs": 0.0 if step <= 20 else 30.0, "reward_margin_abs": 1.0, "loss": 0.7}
+        if (line := mon.update(rec)) is not None:
+            said[step] = line
+    assert list(said) == [27] and "is 10.5 " in said[27] and "α 2, β 0.5" in said[27]
+    # a run shorter than the window is judged over all its steps, but only from 5 steps on
+    short = FeatureTermMonitor(6, 0.5, 0.1)
+    assert [short.update({"feature_term_abs": 1.0, "reward_margin_abs": 0.0}) is not None for _ in range(6)] == \
+        [False] * 5 + [True]
+    tiny = FeatureTermMonitor(4, 0.5, 0.1)
+    assert all(tiny.update({"feature_term_abs": 1.0, "reward_margin_abs": 0.0}) is None for _ in range(4))
+    other = FeatureTermMonitor(100, 0.5, 0.1)  # a loss without the metric (DPO, TDPO2, ...): never
+    assert all(other.update({"reward_margin_abs": 0.0, "loss": 0.7}) is None for _ in range(50))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------------------

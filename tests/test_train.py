@@ -334,6 +334,29 @@ def test_a_loss_registered_in_a_test_file_trains(cache, tmp_path):
     assert set(saved["ignored"]) == {"alpha", "beta", "k"}  # the shared flags of train(), unused by this loss
 
 
+def test_a_dominant_feature_term_is_warned_about(cache, tmp_path):
+    """FPO at a huge α on one process, 5 steps (the shortest run the warning judges, over all its steps): every
+    metrics.jsonl row carries the margin and the feature term of u (margin = reward_margin − feature_term), and the
+    run prints one warning line whose numbers are the window means recomputed here from metrics.jsonl; run_info.json
+    keeps the line."""
+    out = tmp_path / "loud"
+    rc, log = train(cache, out, "--loss.alpha", "1e6", "--max_steps", "5", "--export", "false", "--save_final", "false",
+                    nproc=1, timeout=240)
+    assert rc == 0, log[-6000:]
+    m = metrics(out)
+    assert [r["step"] for r in m] == [1, 2, 3, 4, 5]
+    for r in m:
+        assert abs(r["margin"] - (r["reward_margin"] - r["feature_term"])) <= 1e-5 * max(1.0, abs(r["feature_term"]))
+        assert r["feature_term_abs"] >= abs(r["feature_term"]) and r["reward_margin_abs"] >= abs(r["reward_margin"])
+    lines = [x[x.index("warning: FPO"):] for x in log.splitlines() if "feature term dominates u" in x]  # past tqdm's \r
+    assert len(lines) == 1, log[-6000:]
+    f = sum(r["feature_term_abs"] for r in m) / 5
+    margin = sum(r["reward_margin_abs"] for r in m) / 5
+    assert f > 10 * margin
+    assert f"is {f:.4g} and the mean |margin term| is {margin:.4g}" in lines[0] and "α 1e+06, β 0.5" in lines[0]
+    assert json.loads((out / "run_info.json").read_text())["warnings"] == lines
+
+
 # --------------------------------------------------------------------------------------------- refusals
 
 
