@@ -33,11 +33,19 @@ def pytest_configure(config):
         NETNS_NOTE = enter_private_network()
 
 
-def pytest_report_header(config):
+def _network_line() -> str:
     if NETNS_NOTE is None:
         return "network: a private namespace holding only lo (nothing a test starts can be reached from outside)"
     return (f"WARNING network: the host's ({NETNS_NOTE}): the training runs' rendezvous stores (torch TCPStore) listen "
             "on every interface while they run")
+
+
+def pytest_report_header(config):
+    return _network_line()
+
+
+def pytest_terminal_summary(terminalreporter):  # also under -q, where the header is not shown
+    terminalreporter.write_line(_network_line())
 
 
 # ---------------------------------------------------------------------------------------------------------

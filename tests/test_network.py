@@ -10,7 +10,7 @@ import pytest
 
 
 @pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0 or os.environ.get("FPO_TEST_NETNS") == "0",
-                    reason="the private namespace needs root on Linux; elsewhere the header names the fallback")
+                    reason="the private namespace needs root on Linux; elsewhere the run's last lines name the fallback")
 def test_a_server_without_a_bind_option_is_reachable_from_nowhere_else():
     """torch's TCPStore (the rendezvous of every DeepSpeed/torchrun run here) listens on every interface; read from
     outside with ``ss``, its socket is there — and its namespace has no interface but ``lo``."""
