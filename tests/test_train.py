@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -100,8 +101,10 @@ def cache(tiny, tmp_path_factory):
             "root": root, "tiny": tiny}
 
 
-def train(cache, out: Path, *extra: str, nproc: int = 2, launcher: str = "torchrun", timeout: int = 420):
-    """Run launchers/train.py under a real launcher in its own process group; return (rc, output)."""
+def train(cache, out: Path, *extra: str, nproc: int = 2, launcher: str = "torchrun", timeout: int = 420,
+          prefix: tuple[str, ...] = ()):
+    """Run launchers/train.py under a real launcher in its own process group; return (rc, output).  ``prefix``: a
+    command the one-process run is started under (strace)."""
     args = ["--cache", cache["store"], "--deepspeed", cache["ds"], "--output_dir", str(out),
             "--micro_batch_size", "2", "--optim.lr", str(LR), "--optim.warmup_steps", "0", "--seed", "3",
             "--loss.beta", str(BETA), "--loss.alpha", str(ALPHA), "--loss.k", str(K), "--log_samples",
@@ -111,7 +114,7 @@ def train(cache, out: Path, *extra: str, nproc: int = 2, launcher: str = "torchr
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port,
                str(ROOT / "launchers" / "train.py"), *args]
     elif nproc == 1:
-        cmd = [sys.executable, str(ROOT / "launchers" / "train.py"), *args]
+        cmd = [*prefix, sys.executable, str(ROOT / "launchers" / "train.py"), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port,
                "--log-dir", str(out.parent / f"{out.name}-torchelastic"),  # not a new /tmp/torchelastic_* per run
@@ -355,6 +358,30 @@ def test_a_dominant_feature_term_is_warned_about(cache, tmp_path):
     assert f > 10 * margin
     assert f"is {f:.4g} and the mean |margin term| is {margin:.4g}" in lines[0] and "α 1e+06, β 0.5" in lines[0]
     assert json.loads((out / "run_info.json").read_text())["warnings"] == lines
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to watch the system calls from outside")
+def test_every_checkpoint_file_is_fsynced_before_latest_names_it(cache, tmp_path):
+    """The trainer's own save path, watched from outside (strace of the training process): before each rename that
+    moves ``latest``, every file of the checkpoint it names (DeepSpeed's model and optimizer states, the RNG state,
+    fpo_state.json) has been fsynced; with ``--keep_last 1`` only the last checkpoint is left."""
+    out, trace = tmp_path / "durable", tmp_path / "trace.txt"
+    rc, log = train(cache, out, "--max_steps", "2", "--save_every", "1", "--keep_last", "1", "--export", "false",
+                    nproc=1, timeout=300, prefix=("strace", "-f", "-y", "--seccomp-bpf", "-o", str(trace), "-e",
+                                                  "trace=fsync,fdatasync,rename,renameat,renameat2"))
+    assert rc == 0, log[-6000:]
+    calls = [ln for ln in trace.read_text().splitlines() if "fsync(" in ln or "rename" in ln]
+    root = out / "checkpoints"
+    moves = [i for i, ln in enumerate(calls) if "rename" in ln and f"{root}/latest.tmp" in ln and "= 0" in ln]
+    assert len(moves) == 2, calls[-20:]  # step_1, step_2
+    for tag, move in zip(("step_1", "step_2"), moves):
+        synced = {m.removesuffix(".tmp") for ln in calls[:move]  # fpo_state.json: fsynced as .tmp, then renamed
+                  for m in re.findall(rf"fsync\(\d+<({re.escape(str(root / tag))}/[^>]+)>", ln)}
+        if tag == "step_2":  # the one kept: all of its files on disk now
+            files = {str(p) for p in (root / tag).rglob("*") if p.is_file()}
+            assert files and files <= synced, sorted(files - synced)
+        assert any("rng_rank0.pt" in f for f in synced) and any("model_states" in f for f in synced), sorted(synced)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_2"] and (root / "latest").read_text() == "step_2"
 
 
 # --------------------------------------------------------------------------------------------- refusals
