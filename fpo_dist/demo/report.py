@@ -1,8 +1,10 @@
-"""The demo's report: training statistics, curves, the metrics table (one seed, or mean and 95 % CI over seeds),
-paired differences between methods, and the latents that drift.
+"""The demo's report: training statistics, curves, the metrics table (one seed, or the mean and 95 % t-interval over
+seeds), paired differences between methods (Holm-adjusted), and the latents that drift.
 
 Evaluation directories hold what ``fpo_dist.evaluate`` writes (``metrics.json``, ``units.json``,
 ``policy_outputs.json``, ``drift.json``); the statistics are :mod:`fpo_dist.demo.stats`.
+
+    python -m fpo_dist.demo.report DIR   # re-derive DIR's statistics from DIR/results.json (no training)
 """
 
 from __future__ import annotations
@@ -192,54 +194,70 @@ def drift_section(eval_dirs: Mapping[str, Path], out: Path, baseline: str = "fpo
 # --------------------------------------------------------------------------------------------- several seeds
 
 
-def metric_units(eval_dir: Path) -> tuple[dict, int]:
-    """Per metric, one seed's ``(num[1, P], den[1, P])`` over held-out prompts (:mod:`fpo_dist.demo.stats`),
-    from ``units.json`` and the generations (rule-follow is the task's judge on each sample); and ``P``."""
-    from fpo_dist.demo.stats import per_prompt
-
+def metric_values(eval_dir: Path) -> dict[str, float]:
+    """One seed's value of each metric over all held-out prompts, from ``units.json`` and the generations (rule-follow
+    is the task's judge on each sample): the mean over pairs or samples, and for entropy the sum over samples over
+    the number of tokens (per token) — exactly the single-seed numbers."""
     units = json.loads((eval_dir / "units.json").read_text())
     pairs, gens = units["pairs"], units["generations"]
-    n_prompts = max(max(pairs["prompt"]), max(gens["prompt"])) + 1
     outputs = json.loads((eval_dir / "policy_outputs.json").read_text())
-    follow = [float(task.judge(o["instruction"], o["output"])) for o in outputs]
-    m = {key: per_prompt(pairs[key], pairs["prompt"], n_prompts)
-         for key in ("accuracy_ln", "reward_accuracy_ln", "feature_mse") if key in pairs}
-    m["win_rate"] = per_prompt(gens["verdict"], gens["prompt"], n_prompts)
-    m["rule_follow"] = per_prompt(follow, gens["prompt"], n_prompts)
-    m["entropy"] = per_prompt(gens["entropy_sum"], gens["prompt"], n_prompts, gens["n_tokens"])
-    return m, n_prompts
+    m = {key: statistics.fmean(pairs[key]) for key in ("accuracy_ln", "reward_accuracy_ln", "feature_mse")
+         if key in pairs}
+    m["win_rate"] = statistics.fmean(gens["verdict"])
+    m["rule_follow"] = statistics.fmean(float(task.judge(o["instruction"], o["output"])) for o in outputs)
+    m["entropy"] = sum(gens["entropy_sum"]) / sum(gens["n_tokens"])
+    return m
 
 
-def seed_statistics(eval_dirs: Mapping[str, Sequence[Path]], resamples: int = 2000) -> dict:
-    """Intervals per method and metric, and paired differences between every two trained methods.
+def seed_statistics(eval_dirs: Mapping[str, Sequence[Path]]) -> dict:
+    """Intervals per method and metric, and paired differences between every two trained methods
+    (:func:`fpo_dist.demo.stats.statistics`; the family: :data:`DIFFERENCES` × all pairs).
 
     ``eval_dirs[method]``: one evaluation directory per training seed, seed order (the reference: one)."""
-    from fpo_dist.demo.stats import Bootstrap, seed_values, stack_seeds
-
-    units = {name: [metric_units(d) for d in dirs] for name, dirs in eval_dirs.items()}
-    n_prompts = {p for per in units.values() for _, p in per}
-    if len(n_prompts) != 1:
-        raise ValueError(f"the evaluations cover different numbers of held-out prompts: {sorted(n_prompts)}")
-    n_seeds = max(len(d) for d in eval_dirs.values())
-    boot = Bootstrap(n_seeds, n_prompts.pop(), resamples)
-    metrics = {name: {key: stack_seeds([u[key] for u, _ in per]) for key in per[0][0]} for name, per in units.items()}
-    out = {"method": boot.describe(), "seeds": n_seeds, "intervals": {}, "per_seed": {}, "differences": {}}
-    for name, ms in metrics.items():
-        out["intervals"][name] = {k: boot.interval(v).as_dict() for k, v in ms.items()}
-        out["per_seed"][name] = {k: seed_values(v).tolist() for k, v in ms.items()}
-    trained = [n for n in metrics if n != "reference"]
-    for a, b in combinations(trained, 2):
-        out["differences"][f"{a} − {b}"] = {k: boot.difference(metrics[a][k], metrics[b][k]).as_dict()
-                                            for k in DIFFERENCES if k in metrics[a] and k in metrics[b]}
-    return out
+    per_seed = {}
+    for name, dirs in eval_dirs.items():
+        values = [metric_values(d) for d in dirs]
+        per_seed[name] = {k: [v[k] for v in values] for k in values[0]}
+    return statistics_of(per_seed)
 
 
-def _cell(iv: Mapping[str, float] | None, spec: str) -> str:
+def statistics_of(per_seed: Mapping[str, Mapping[str, Sequence[float]]]) -> dict:
+    """The demo report's statistics from per-seed values: every two trained methods (not the reference) paired."""
+    from fpo_dist.demo.stats import statistics as stats_of
+
+    trained = [n for n in per_seed if n != "reference"]
+    return stats_of(per_seed, list(combinations(trained, 2)), DIFFERENCES)
+
+
+def _cell(iv: Mapping | None, spec: str) -> str:
+    """``mean [lo, hi]``; the mean alone where there is no interval (one value) or it has no width."""
     if iv is None:
         return "—"
-    if iv["lo"] == iv["hi"] == iv["mean"]:
+    if iv["lo"] is None or iv["lo"] == iv["hi"] == iv["mean"]:
         return f"{iv['mean']:{spec}}"
     return f"{iv['mean']:{spec}} [{iv['lo']:{spec}}, {iv['hi']:{spec}}]"
+
+
+def _p(p: float) -> str:
+    return "<0.0001" if p < 0.0001 else f"{p:.4f}"
+
+
+def difference_rows(ci: Mapping, specs: Mapping[str, str], titles: Mapping[str, str]) -> list[str]:
+    """One row per (pair, metric) of ``ci["differences"]``: mean [95 % t-interval], p, Holm-adjusted p, sign-test p;
+    **bold** where separated (Holm-adjusted p < alpha)."""
+    lines = [f"Paired differences: seed i of one minus seed i of the other, mean [95 % t-interval over "
+             f"{ci['seeds']} seeds]; *p*: two-sided paired t-test; *Holm p*: adjusted over the family of all "
+             f"{ci['family']} differences below; *sign p*: exact sign test (at {ci['seeds']} seeds never below "
+             f"{2 / 2 ** ci['seeds']:.4g}). **bold**: separated (Holm p < {ci['alpha']:g}); every other difference "
+             "is not separated.", "",
+             "| difference | metric | mean [95 % t-interval] | p | Holm p | sign p |", "|---|---|---|---|---|---|"]
+    for pair, ivs in ci["differences"].items():
+        for k, d in ivs.items():
+            cells = [_cell(d, "+" + specs[k]), _p(d["p"]), _p(d["p_holm"]), _p(d["p_sign"])]
+            if d["separated"]:
+                cells[0], cells[2] = f"**{cells[0]}**", f"**{cells[2]}**"
+            lines.append(f"| {pair} | {titles[k]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def multi_seed_tables(ci: Mapping, stats: Mapping[str, Sequence[dict]]) -> list[str]:
@@ -251,18 +269,7 @@ def multi_seed_tables(ci: Mapping, stats: Mapping[str, Sequence[dict]]) -> list[
         step = f"{statistics.mean(x['median_step_s'] for x in s):.3f}" if s else "—"
         mem = f"{max(x['peak_memory_mb'] for x in s):.0f}" if s else "—"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {step} | {mem} |")
-    titles = {k: t for k, t, _ in METRICS}
-    specs = {k: s for k, _, s in METRICS}
-    lines += ["", "Paired differences (mean [95 % CI]); **bold**: the interval excludes 0.", "",
-              "| difference | " + " | ".join(titles[k] for k in DIFFERENCES) + " |", "|---" * (len(DIFFERENCES) + 1) + "|"]
-    for pair, ivs in ci["differences"].items():
-        cells = []
-        for k in DIFFERENCES:
-            iv = ivs.get(k)
-            text = _cell(iv, "+" + specs[k])
-            cells.append(f"**{text}**" if iv and not iv["lo"] <= 0 <= iv["hi"] else text)
-        lines.append(f"| {pair} | " + " | ".join(cells) + " |")
-    return lines
+    return lines + ["", *difference_rows(ci, {k: s for k, _, s in METRICS}, {k: t for k, t, _ in METRICS})]
 
 
 def plot_intervals(ci: Mapping, out: Path, keys: Sequence[str] = ("win_rate", "rule_follow")) -> Path:
@@ -270,11 +277,9 @@ def plot_intervals(ci: Mapping, out: Path, keys: Sequence[str] = ("win_rate", "r
     names = list(ci["intervals"])
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        ivs = [ci["intervals"][n][key] for n in names]
-        ax.errorbar(range(len(names)), [i["mean"] for i in ivs],
-                    yerr=[[i["mean"] - i["lo"] for i in ivs], [i["hi"] - i["mean"] for i in ivs]], fmt="o", capsize=4)
+        _errorbars(ax, [ci["intervals"][n][key] for n in names])
         ax.set_xticks(range(len(names)), names)
-        ax.set_title(f"{key.replace('_', ' ')} (mean, 95 % CI)")
+        ax.set_title(f"{key.replace('_', ' ')} (mean, 95 % t-interval)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path = out / "plots" / "intervals.png"
@@ -284,17 +289,28 @@ def plot_intervals(ci: Mapping, out: Path, keys: Sequence[str] = ("win_rate", "r
     return path
 
 
+def _errorbars(ax, ivs: Sequence[Mapping]) -> None:
+    """Means with their intervals; a value without one (``lo`` None) as a bare point."""
+    lo = [i["mean"] if i["lo"] is None else i["lo"] for i in ivs]
+    hi = [i["mean"] if i["hi"] is None else i["hi"] for i in ivs]
+    ax.errorbar(range(len(ivs)), [i["mean"] for i in ivs],
+                yerr=[[i["mean"] - x for i, x in zip(ivs, lo)], [x - i["mean"] for i, x in zip(ivs, hi)]],
+                fmt="o", capsize=3)
+
+
+def statistics_section(ci: Mapping, stats: Mapping[str, Sequence[dict]]) -> list[str]:
+    """From "Each cell: …" to the end of the differences table."""
+    return [f"Each cell: the mean over the {ci['seeds']} training seeds [95 % t-interval]. Intervals: "
+            f"{ci['method']}. A seed's value is the metric over all held-out prompts (pair metrics: over the pairs; "
+            "generation metrics: over the samples; entropy: over the tokens). The reference is one model (no "
+            "training seed): its values have no interval. Step time: mean over seeds of each run's median; memory: "
+            "the largest peak.", "", *multi_seed_tables(ci, stats)]
+
+
 def write_multi_seed_report(ci: Mapping, stats: Mapping[str, Sequence[dict]], out: Path,
                             timings: Mapping[str, float], steps: int, drift_dirs: Mapping[str, Path],
                             overlaps: Mapping[str, Sequence[float]]) -> Path:
-    lines = ["# fpo-dist demo report", "", _intro(steps, ci["seeds"]), "",
-             f"Each cell: the mean over the {ci['seeds']} training seeds [95 % CI]. Intervals: {ci['method']}; the "
-             "metric is recomputed on each resample as the mean over the drawn seeds of each seed's value on the drawn "
-             "prompts (pair metrics: mean over the drawn prompts' pairs; generation metrics: over their samples; "
-             "entropy: over their tokens). The reference has no training seed: its interval is over prompts only. "
-             "Differences pair seed i of one method with seed i of the other (same data order) and use the same "
-             "draws. Step time: mean over seeds of each run's median; memory: the largest peak.", ""]
-    lines += multi_seed_tables(ci, stats)
+    lines = ["# fpo-dist demo report", "", _intro(steps, ci["seeds"]), "", *statistics_section(ci, stats)]
     lines += ["", *NOTES,
               "- Per seed: `eval/<method>/seed_<i>/` (generations in AlpacaEval format, units.json, drift.json); "
               "training curves of seed 0: `plots/*.png`; intervals: `plots/intervals.png`; all numbers: "
@@ -304,3 +320,45 @@ def write_multi_seed_report(ci: Mapping, stats: Mapping[str, Sequence[dict]], ou
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+# --------------------------------------------------------------------------------------------- re-derive
+
+
+def rederive(out: Path) -> Path:
+    """Recompute a multi-seed report's statistics from its ``results.json`` (``statistics.per_seed``, the per-run
+    step time and memory in ``train``) without training: rewrites ``results.json``'s ``statistics``, the statistics
+    section of ``report.md`` (from "Each cell:" to the notes; the rest — intro, notes, drift — is kept as it is) and
+    ``plots/intervals.png``."""
+    summary = json.loads((out / "results.json").read_text())
+    ci = statistics_of(summary["statistics"]["per_seed"])
+    seeds = range(ci["seeds"])
+    stats = {name: [summary["train"][f"{name}/seed_{s}"] for s in seeds]
+             for name in ci["per_seed"] if f"{name}/seed_0" in summary["train"]}
+    lines = (out / "report.md").read_text().split("\n")
+    try:
+        start = next(i for i, x in enumerate(lines) if x.startswith("Each cell:"))
+        end = next(i for i, x in enumerate(lines) if i > start and x == NOTES[0])
+    except StopIteration:
+        raise ValueError(f"{out / 'report.md'} has no statistics section (\"Each cell:\" … the notes)") from None
+    lines[start:end] = [*statistics_section(ci, stats), ""]
+    (out / "report.md").write_text("\n".join(lines))
+    summary["statistics"] = ci
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    plot_intervals(ci, out)
+    return out / "report.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m fpo_dist.demo.report",
+                                description="Re-derive a multi-seed demo report's statistics from its results.json "
+                                            "(per-seed values), without training.")
+    p.add_argument("out", help="the report's directory (results.json, report.md), e.g. docs/results/demo-seeds")
+    print(rederive(Path(p.parse_args(argv).out)).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -21,8 +21,8 @@ store of the training runs (DeepSpeed's ``TCPStore``) listens on every interface
 namespace can be made, or with ``FPO_DEMO_NETNS=0``, it runs on the host's network and says what that exposes.
 
 With ``--seeds N`` (N > 1) every method trains with training seeds 0..N-1 (the seed sets the data order; data,
-reference and cache stay fixed) and the report gives each metric as the mean over seeds with a 95 % bootstrap
-interval over seeds and held-out prompts, and paired differences between methods (``fpo_dist.demo.stats``).
+reference and cache stay fixed) and the report gives each metric as the mean over seeds with a 95 % t-interval
+over seeds, and paired differences between methods, Holm-adjusted (``fpo_dist.demo.stats``).
 """
 
 from __future__ import annotations
@@ -308,8 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--losses", default=",".join(LOSSES))
     p.add_argument("--steps", type=int, default=RECIPE.steps)
     p.add_argument("--seeds", type=int, default=1, help="training seeds per method (0..N-1); N > 1 reports mean "
-                   "and 95 %% CI over seeds and held-out prompts")
-    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (with --seeds > 1)")
+                   "and 95 %% t-interval over seeds")
     a = p.parse_args(argv)
     if a.seeds < 1:
         p.error("--seeds must be at least 1")
@@ -377,7 +376,7 @@ def _multi_seed_report(results: dict, stats: dict, out: Path, timings: dict, a, 
     seeds = range(a.seeds)
     dirs = {"reference": [out / "eval" / "reference"],
             **{loss: [out / "eval" / run_tag(loss, s, a.seeds) for s in seeds] for loss in losses}}
-    ci = report.seed_statistics(dirs, a.resamples)
+    ci = report.seed_statistics(dirs)
     report.plot_intervals(ci, out)
     overlaps = {}
     if "fpo" in losses:  # each seed's top set against FPO's of the same seed

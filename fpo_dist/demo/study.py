@@ -2,6 +2,7 @@
 
     python -m fpo_dist.demo.study [--seeds 5] [--arms fpo,fpo-alpha0,...] [--steps 150] [--parallel 2]
                                   [--out study_out] [--report-dir docs/results/study]
+    python -m fpo_dist.demo.study --rederive [--report-dir docs/results/study]   # statistics only, no training
 
 Arms (:data:`ARMS`): FPO with the demo recipe; FPO with α = 0 (length-normalised DPO with the offline reference:
 the SAE term removed); top-k from the policy only (the authors' code) instead of the union; no stop-gradient on
@@ -16,9 +17,11 @@ ZeRO, the demo's global batch of 8 pairs) and evaluates the policy; ``--parallel
 A job whose ``result.json`` exists is not rerun (an interrupted study resumes).  Step times are therefore those
 of a single CPU process with another job beside it: comparable between arms, not with the demo's 2-rank ZeRO-3.
 
-Output (``--report-dir``): ``study.md`` (mean and 95 % CI per arm of the judge win rate, rule-follow rate, feature
-MSE vs the reference, entropy and median step time; paired differences against FPO), ``study.json`` and
-``study.png``.  Intervals: ``fpo_dist.demo.stats`` (two-way bootstrap over training seeds and held-out prompts).
+Output (``--report-dir``): ``study.md`` (mean and 95 % t-interval over seeds per arm of the judge win rate,
+rule-follow rate, feature MSE vs the reference, entropy and median step time; paired differences against FPO with
+paired t-test p-values, Holm-adjusted over all of them), ``study.json`` (with every per-seed value) and ``study.png``.
+Statistics: ``fpo_dist.demo.stats``.  ``--rederive`` recomputes them from ``study.json``'s per-seed values and
+rewrites the three files, without training.
 """
 
 from __future__ import annotations
@@ -173,50 +176,46 @@ def run_study(arms: list[Arm], seeds: int, steps: int, parallel: int, out: Path)
 # --------------------------------------------------------------------------------------------- report
 
 
-def study_statistics(dirs: dict[str, list[Path]], resamples: int = 2000, baseline: str = "fpo") -> dict:
-    """Per arm and metric: mean and 95 % CI (two-way bootstrap), and paired differences against ``baseline``."""
-    import numpy as np
-
-    from fpo_dist.demo.stats import Bootstrap, per_prompt, seed_values, stack_seeds
-
-    units = {arm: [report.metric_units(d) for d in ds] for arm, ds in dirs.items()}
-    n_prompts = {p for per in units.values() for _, p in per}.pop()
-    n_seeds = max(len(d) for d in dirs.values())
-    boot = Bootstrap(n_seeds, n_prompts, resamples)
-    steps_boot = Bootstrap(n_seeds, 1, resamples)  # step time: one value per run, resampled over seeds only
-    out = {"method": boot.describe() + "; step time: the per-run median step time, resampled over seeds",
-           "seeds": n_seeds, "intervals": {}, "per_seed": {}, "differences": {}}
-    metrics = {}
-    for arm, per in units.items():
-        ms = {k: stack_seeds([u[k] for u, _ in per]) for k, _, _ in STUDY_METRICS if k != "step_s"}
-        step = [json.loads((d / "result.json").read_text())["step_s"] for d in dirs[arm]]
-        ms["step_s"] = stack_seeds([per_prompt([s], [0], 1) for s in step])
-        metrics[arm] = ms
-        out["intervals"][arm] = {k: (steps_boot if k == "step_s" else boot).interval(v).as_dict() for k, v in ms.items()}
-        out["per_seed"][arm] = {k: np.round(seed_values(v), 6).tolist() for k, v in ms.items()}
-    if baseline in metrics:
-        for arm in metrics:
-            if arm != baseline:
-                out["differences"][f"{arm} − {baseline}"] = {
-                    k: (steps_boot if k == "step_s" else boot).difference(metrics[arm][k], metrics[baseline][k]).as_dict()
-                    for k in metrics[arm]}
-    return out
+def study_statistics(dirs: dict[str, list[Path]], baseline: str = "fpo") -> dict:
+    """Per arm and metric the per-seed values (the evaluation's metrics; the run's median step time), then
+    :func:`statistics_of`."""
+    per_seed = {}
+    for arm, ds in dirs.items():
+        values = [report.metric_values(d) for d in ds]
+        per_seed[arm] = {k: [v[k] for v in values] for k, _, _ in STUDY_METRICS if k != "step_s"}
+        per_seed[arm]["step_s"] = [json.loads((d / "result.json").read_text())["step_s"] for d in ds]
+    return statistics_of(per_seed, baseline)
 
 
-def write_study_report(ci: dict, arms: list[Arm], steps: int, report_dir: Path, wall_s: float) -> Path:
+def statistics_of(per_seed: dict, baseline: str = "fpo") -> dict:
+    """Mean and 95 % t-interval per arm and metric, and every arm's paired differences against ``baseline`` (the
+    family: :data:`STUDY_METRICS` × the arms other than ``baseline``; :func:`fpo_dist.demo.stats.statistics`)."""
+    from fpo_dist.demo.stats import statistics
+
+    pairs = [(arm, baseline) for arm in per_seed if arm != baseline] if baseline in per_seed else []
+    ci = statistics(per_seed, pairs, [k for k, _, _ in STUDY_METRICS])
+    ci["method"] += "; step time: each run's median step time, one value per seed"
+    return ci
+
+
+def write_study_report(ci: dict, arms: list[Arm], steps: int, report_dir: Path, wall_s: float,
+                       note: str = "") -> Path:
+    """``study.json``, ``study.png`` and ``study.md``; ``note`` (if any) is printed under the first paragraph and kept
+    in the JSON."""
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "study.json").write_text(json.dumps(
         {**ci, "arms": {a.name: {"loss": a.loss, "params": a.params, "what": a.what} for a in arms},
-         "steps": steps, "wall_s": wall_s}, indent=1))
+         "steps": steps, "wall_s": wall_s, **({"note": note} if note else {})}, indent=1))
     plot_study(ci, report_dir / "study.png")
     lines = [
         "# FPO ablation study on the demo task",
         "",
         f"`python -m fpo_dist.demo.study` ({ci['seeds']} training seeds per arm, {steps} steps each, global batch "
         f"{RECIPE.batch_pairs} pairs, one process per run; wall time {wall_s / 60:.0f} min). Each cell: mean over "
-        f"seeds [95 % CI]; {ci['method']}. Paired differences pair seed i of each arm with seed i of fpo (same data "
-        "order) under the same draws; **bold**: the interval excludes 0.",
+        f"seeds [95 % t-interval]; {ci['method']}. Differences pair seed i of each arm with seed i of fpo (same data "
+        "order).",
         "",
+        *([note, ""] if note else []),
         "| arm | what | " + " | ".join(t for _, t, _ in STUDY_METRICS) + " |",
         "|---|---|" + "---|" * len(STUDY_METRICS),
     ]
@@ -224,19 +223,21 @@ def write_study_report(ci: dict, arms: list[Arm], steps: int, report_dir: Path, 
         ivs = ci["intervals"][arm.name]
         lines.append(f"| {arm.name} | {arm.what} | " + " | ".join(
             report._cell(ivs[k], spec) for k, _, spec in STUDY_METRICS) + " |")
-    lines += ["", "| difference | " + " | ".join(t for _, t, _ in STUDY_METRICS) + " |",
-              "|---|" + "---|" * len(STUDY_METRICS)]
-    for pair, ivs in ci["differences"].items():
-        cells = []
-        for k, _, spec in STUDY_METRICS:
-            iv, text = ivs[k], report._cell(ivs[k], "+" + spec)
-            cells.append(f"**{text}**" if not iv["lo"] <= 0 <= iv["hi"] else text)
-        lines.append(f"| {pair} | " + " | ".join(cells) + " |")
-    lines += ["", "Plot: `study.png` (win rate, rule-follow and feature MSE per arm, mean and 95 % CI). Per-seed "
-              "values: `study.json`.", ""]
+    lines += ["", *report.difference_rows(ci, {k: s for k, _, s in STUDY_METRICS}, {k: t for k, t, _ in STUDY_METRICS}),
+              "", "Plot: `study.png` (win rate, rule-follow and feature MSE per arm, mean and 95 % t-interval). "
+              "Per-seed values: `study.json`.", ""]
     path = report_dir / "study.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def rederive(report_dir: Path) -> Path:
+    """Rewrite ``study.md``, ``study.json`` and ``study.png`` from ``study.json``'s per-seed values (no training)."""
+    old = json.loads((report_dir / "study.json").read_text())
+    arms = [Arm(name, a["loss"], a["what"], a["params"]) for name, a in old["arms"].items()]
+    note = ("Statistics re-derived by `python -m fpo_dist.demo.study --rederive` from the per-seed values stored in "
+            "`study.json`; the runs were not repeated.")
+    return write_study_report(statistics_of(old["per_seed"]), arms, old["steps"], report_dir, old["wall_s"], note)
 
 
 def plot_study(ci: dict, path: Path) -> Path:
@@ -245,13 +246,11 @@ def plot_study(ci: dict, path: Path) -> Path:
     keys = [("win_rate", "judge win rate vs ref"), ("rule_follow", "rule-follow"), ("feature_mse", "feature MSE vs ref")]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4.2), squeeze=False)
     for ax, (key, title) in zip(axes[0], keys):
-        ivs = [ci["intervals"][n][key] for n in names]
-        ax.errorbar(range(len(names)), [i["mean"] for i in ivs],
-                    yerr=[[i["mean"] - i["lo"] for i in ivs], [i["hi"] - i["mean"] for i in ivs]], fmt="o", capsize=3)
+        report._errorbars(ax, [ci["intervals"][n][key] for n in names])
         if "fpo" in ci["intervals"]:
             ax.axhline(ci["intervals"]["fpo"][key]["mean"], color="C0", lw=0.6, ls="--")
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
-        ax.set_title(f"{title} (mean, 95 % CI)", fontsize=10)
+        ax.set_title(f"{title} (mean, 95 % t-interval)", fontsize=10)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -266,13 +265,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", default=",".join(a.name for a in ARMS), help=f"of {[a.name for a in ARMS]}")
     p.add_argument("--steps", type=int, default=RECIPE.steps)
     p.add_argument("--parallel", type=int, default=2, help="jobs at a time (one CPU core each)")
-    p.add_argument("--resamples", type=int, default=2000)
+    p.add_argument("--rederive", action="store_true", help="only recompute the statistics of --report-dir's "
+                   "study.json from its per-seed values and rewrite the report (no training)")
     p.add_argument("--out", default=str(ROOT / "study_out"), help="work directory (kept: a rerun resumes)")
     p.add_argument("--report-dir", default=str(ROOT / "docs" / "results" / "study"))
     p.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job file in this process
     a = p.parse_args(argv)
     if a.job:
         return run_job(Path(a.job))
+    if a.rederive:
+        ignored = [f"--{k}" for k in ("seeds", "arms", "steps", "parallel", "out") if getattr(a, k) != p.get_default(k)]
+        if ignored:
+            p.error(f"--rederive trains nothing: drop {', '.join(ignored)}")
+        print(rederive(Path(a.report_dir)).read_text())
+        return 0
     unknown = [x for x in a.arms.split(",") if x and x not in ARM_BY_NAME]
     if unknown or a.seeds < 1:
         p.error(f"unknown arm(s) {unknown}; known: {list(ARM_BY_NAME)}" if unknown else "--seeds must be >= 1")
@@ -285,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.time()
     dirs = run_study(arms, a.seeds, a.steps, a.parallel, out)
-    ci = study_statistics(dirs, a.resamples)
+    ci = study_statistics(dirs)
     path = write_study_report(ci, arms, a.steps, Path(a.report_dir), time.time() - t0)
     print()
     print(path.read_text())
