@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fpo-installed-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo study bench bench-realshape lint clean
+.PHONY: install test test-fast demo study bench bench-realshape real-sae feature-scale lint clean
 
 install: $(STAMP)
 
@@ -53,3 +53,13 @@ bench: install
 # base CPU preset in one run → bench/results/cpu.{json,md}
 bench-realshape: install
 	OMP_NUM_THREADS=1 $(PY) -m bench.run --preset cpu,realshape $(BENCH_ARGS)
+
+# the real SAE (issue 21): a JumpReLU SAE (4,096 latents) on Gemma 3 270M's block 9, trained with sae-lens's own
+# trainer on the docstrings of installed packages (~40 min on 2 cores) → docs/results/real-sae/ (sae/, quality.json)
+real-sae: install
+	$(PY) -m fpo_dist.sae_train --out docs/results/real-sae $(REAL_SAE_ARGS)
+
+# the feature term's scale: FPO at the paper's settings for 50 steps with the real SAE and a calibrated random one
+# (~30 min on 2 cores) → docs/results/feature-scale/ (scale.md, scale.json)
+feature-scale: install
+	$(PY) -m bench.feature_scale --out docs/results/feature-scale $(FEATURE_SCALE_ARGS)
