@@ -1,9 +1,9 @@
-"""Gemma 3 270M (real weights) with a Gemma-Scope-shaped SAE (d_in 640, d_sae 16,384, JumpReLU calibrated to
-L0 ≈ 50–100 per token at block 9), end to end, in fp32 and in bf16: the Ray cache job → FPO under ZeRO-3 on 2 CPU
+"""Gemma 3 270M (real weights) with the real SAE (``docs/results/real-sae``: a JumpReLU SAE 640×4,096 on block 9
+trained with sae-lens's trainer, ``make real-sae``), end to end, in fp32 and in bf16: the Ray cache job → FPO under ZeRO-3 on 2 CPU
 ranks (every large parameter partitioned; bf16 is DeepSpeed's bf16 mode, the path every GPU run takes) → HF
 export → transformers reloads the export and generates.
 
-Sized for CI (2 cores): 4 short pairs, 1 pair per rank, 2 steps; one calibrated SAE and both caches (fp32, bf16;
+Sized for CI (2 cores): 4 short pairs, 1 pair per rank, 2 steps; both caches (fp32, bf16;
 one Ray session) are built once for the module; the runs write no optimizer checkpoint (``--save_final false``:
 ~3 GB at this size), step torch's fused AdamW (``--optim.fused``: the default per-tensor loop spends 14-23 s creating
 each rank's optimizer state here, bench/optimizer.py) and only the bf16 run exports (the fp32 run proves the rest
@@ -30,14 +30,7 @@ ROWS = [
     {"prompt": "The sky on a clear day is", "chosen": " blue.", "rejected": " made of green cheese."},
     {"prompt": "Water boils at sea level at", "chosen": " 100 degrees Celsius.", "rejected": " midnight."},
 ]
-CALIBRATION = [
-    "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.",
-    "In 1905 Albert Einstein published four papers that changed physics, including special relativity.",
-    "To make bread, mix flour, water, salt and yeast, knead the dough and let it rise for an hour.",
-    "The stock market fell sharply on Monday after the central bank raised interest rates again.",
-    "She opened the old wooden door and found a garden full of roses, tulips and tall sunflowers.",
-    "Photosynthesis converts light energy into chemical energy stored in glucose molecules.",
-]
+REAL_SAE = os.path.join(os.path.dirname(__file__), "..", "docs", "results", "real-sae", "sae")
 
 
 def _pairs(tok):
@@ -169,26 +162,21 @@ def _every_loss_both_layouts(model, tok, sae, cached) -> dict:
 
 @pytest.fixture(scope="module")
 def realshape(gemma_hf_dir, tmp_path_factory):
-    """The calibrated SAE, the data file, a ZeRO-3 config (the project's template), and the cache worker's
-    reference pass on ROWS both ways (computed here, while the model is loaded)."""
+    """The real SAE, the data file, a ZeRO-3 config (the project's template), and the cache worker's reference pass
+    on ROWS both ways (computed here, while the model is loaded)."""
     from fpo_dist.models import ModelSpec, load_causal_lm, load_tokenizer
-    from fpo_dist.testing import calibrate_jumprelu_sae
+    from fpo_dist.sae import load_sae
 
     root = tmp_path_factory.mktemp("realshape")
     spec = ModelSpec(str(gemma_hf_dir), dtype="float32")
     model, tok = load_causal_lm(spec), load_tokenizer(spec)
-    # ~1,000 tokens: the six sentences in eight orders (other contexts, other activations)
-    texts = [" ".join(CALIBRATION[(i + j) % 6] for j in range(6)) if i < 6 else " ".join(reversed(CALIBRATION[i - 6:] + CALIBRATION[:i - 6])) for i in range(8)]
-    enc = tok(texts, return_tensors="pt", padding=True)
-    sae, l0 = calibrate_jumprelu_sae(model, enc.input_ids, enc.attention_mask, LAYER, d_sae=16384, target_l0=85,
-                                     out_dir=root / "sae")
-    assert 50 <= l0 <= 100, l0
+    sae = load_sae(REAL_SAE)
     both_ways = _reference_pass_both_ways(model, tok, sae)
     layouts = _every_loss_both_layouts(model, tok, sae, both_ways["packed"])
     del model, sae
     data = root / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in ROWS))
-    return {"root": root, "model": str(gemma_hf_dir), "sae": str(root / "sae"), "data": str(data),
+    return {"root": root, "model": str(gemma_hf_dir), "sae": REAL_SAE, "data": str(data),
             "ds": str(os.path.join(os.path.dirname(__file__), "..", "ds_configs", "zero3.json")),
             "both_ways": both_ways, "layouts": layouts}
 
@@ -220,7 +208,7 @@ def caches(realshape) -> dict[str, str]:
 
 def test_gemma3_cache_selected_equals_materialized(realshape):
     """The cache worker's reference pass with the output layer at selected positions ≡ full logits, on Gemma 3
-    270M (262k vocabulary, tied head) and the calibrated 16k SAE: log-prob sums within fp32 tolerance, the same
+    270M (262k vocabulary, tied head) and the real 4k SAE: log-prob sums within fp32 tolerance, the same
     token counts and pooled codes (the same block output feeds both)."""
     sel, mat = realshape["both_ways"]["selected"], realshape["both_ways"]["materialized"]
     assert sel.n_tokens == mat.n_tokens
