@@ -116,7 +116,7 @@ def _prepare(out: Path) -> tuple[dict, Path, dict]:
                                       n_heldout=RECIPE.n_heldout_pairs)
     store = out / "cache"
     if not _cache_complete(store):
-        store = build_cache(data, out, manifest)
+        store, _ = build_cache(data, out, manifest)  # (train store, held-out store): the study trains on the first
     else:
         say(f"reusing the complete cache {store}")
     return data, store, manifest
