@@ -36,11 +36,8 @@ PROMPT, RESPONSE = 24, 24
 PAPER = {"beta": 0.1, "alpha": 0.5, "k": 50, "lr": 5e-7, "warmup_fraction": 0.1, "pairs_per_step": 4}
 
 
-def make_pairs(tokenizer, n: int, seed: int = 0) -> list[tuple[list[int], list[int], list[int]]]:
-    """``n`` (prompt, chosen, rejected) token lists from held-out documents of the SAE corpus."""
-    from fpo_dist.sae_train import docstring_corpus, is_held_out
-
-    docs = [d for d in docstring_corpus() if is_held_out(d)]
+def make_pairs(tokenizer, docs: list[str], n: int, seed: int = 0) -> list[tuple[list[int], list[int], list[int]]]:
+    """``n`` (prompt, chosen, rejected) token lists from ``docs`` (the held-out documents of the SAE corpus)."""
     rng = np.random.default_rng(seed)
     ids = [tokenizer(d, add_special_tokens=False).input_ids for d in docs]
     ids = [x for x in ids if len(x) >= PROMPT + 2 * RESPONSE]
@@ -185,9 +182,10 @@ def main(argv=None) -> int:
     quality = json.loads((args.sae.parent / "quality.json").read_text())
     spec = ModelSpec(str(model_dir), dtype="float32")
     tok = load_tokenizer(spec)
-    pairs = make_pairs(tok, args.steps * PAPER["pairs_per_step"])
+    held_out = [d for d in docstring_corpus() if is_held_out(d)]  # parsed once (~40 s)
+    pairs = make_pairs(tok, held_out, args.steps * PAPER["pairs_per_step"])
     # the random SAE: same width, thresholds calibrated to the real SAE's held-out L0 on ~8k held-out tokens
-    calib = torch.from_numpy(token_rows(tok, [d for d in docstring_corpus() if is_held_out(d)], 128, 64, seed=1))
+    calib = torch.from_numpy(token_rows(tok, held_out, 128, 64, seed=1))
     model = load_causal_lm(spec)
     rand, rand_l0 = calibrate_jumprelu_sae(model, calib, torch.ones_like(calib), layer, d_sae=real.cfg.d_sae,
                                            target_l0=quality["quality"]["l0"])
