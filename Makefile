@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fpo-installed-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo study bench bench-realshape real-sae feature-scale lint clean
+.PHONY: install test test-fast demo study study-real bench bench-realshape real-sae feature-scale lint clean
 
 install: $(STAMP)
 
@@ -26,10 +26,15 @@ $(STAMP): pyproject.toml
 demo: install
 	$(PY) -m fpo_dist.demo $(DEMO_ARGS)
 
-# FPO's parts ablated on the demo task (10 arms x 5 training seeds, 2 jobs at a time; sized for <= 30 min on 2
-# idle cores) → docs/results/study/ (study.md, study.json, study.png); a rerun resumes from study_out/
+# FPO's parts ablated on the demo task (10 arms x 10 training seeds, 2 jobs at a time; ~25 min on 2 idle cores) → docs/results/study/ (study.md, study.json, study.png); a rerun resumes from study_out/
 study: install
 	OMP_NUM_THREADS=1 $(PY) -m fpo_dist.demo.study $(STUDY_ARGS)
+
+# FPO, DPO, SimPO, TDPO2 and FPO with α = 0 on Gemma 3 270M with the real SAE (docs/results/real-sae), on the
+# count task, pairs from the model's own samples (5 arms x 5 training seeds, 2 jobs at a time; ~1 h on 2 idle
+# cores) → docs/results/study-real/ (study.md, study.json, study.png); a rerun resumes from study_real_out/
+study-real: install
+	OMP_NUM_THREADS=1 $(PY) -m fpo_dist.demo.real_study $(STUDY_REAL_ARGS)
 
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)

@@ -8,7 +8,8 @@ Metrics (all returned as one flat ``dict`` of numbers by :func:`evaluate`):
   ``β(logπθ(y) − logπref(y))`` (summed log-probs) ranks chosen above rejected, and ``reward_accuracy_ln`` — the
   same with length-normalised log-probs (FPO's reward).  A policy equal to its reference has reward accuracy 0.
 - Generations: seeded samples for the held-out prompts (temperature / top-p, batched, ``max_new_tokens``), in
-  AlpacaEval format (a JSON list of ``{instruction, output, generator}``) for external judging.  Every
+  AlpacaEval format (a JSON list of ``{instruction, output, generator}``) for external judging; with
+  ``stop_at_newline`` a sample ends at its first line break (one-line answers from a base model).  Every
   (prompt, sample) has its own random generator, so the policy and the reference draw with the same seeds and a
   sample does not depend on how prompts are batched (up to float noise).
 - ``win_rate``: a pluggable pairwise judge ``judge(instruction, policy_output, reference_output) -> float``
@@ -23,11 +24,15 @@ Metrics (all returned as one flat ``dict`` of numbers by :func:`evaluate`):
 - The latents that drift (files, not numbers in the dict): the SAE latents whose mean pooled activation over the
   held-out responses moved most from the reference's — id, reference mean, policy mean, change — in
   ``drift.json`` / ``drift.png`` (:mod:`fpo_dist.drift`).
+- ``kl_ref`` (with ``kl=True`` / ``--kl``): the KL to the reference on the held-out responses, per response token:
+  ``Σ_t KL(π_ref(·|x, y<t) ‖ π_θ(·|x, y<t)) / Σ tokens`` over every chosen and rejected response — TDPO's sequential
+  KL, exact over the vocabulary (the selected head's chunked pass, no ``[positions × vocab]`` tensor).  0 for a
+  policy equal to its reference.
 - ``units.json``: the values behind the means, per held-out pair and per generated sample, each with its prompt
   index, for confidence intervals that resample prompts (``fpo_dist.demo.stats``).
 
 CLI: ``python -m fpo_dist.evaluate --policy DIR --reference DIR --data heldout.jsonl [--sae DIR --layer L]
-[--judge module:function] --out DIR``.
+[--judge module:function] [--kl] --out DIR``.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class GenerationConfig:
     seed: int = 0
     batch_size: int = 8
     samples_per_prompt: int = 1  # AlpacaEval proper wants 1; more gives a less noisy win rate
+    stop_at_newline: bool = False  # end a sample at its first line break (one-line answers from a base model)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0 or self.batch_size <= 0 or self.samples_per_prompt <= 0:
@@ -127,15 +133,19 @@ def score_pairs(
     sae=None,
     layer: int | None = None,
     batch_size: int = 8,
+    kl: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Per-pair ``[N, 2]`` (column 0 chosen, 1 rejected) ``policy_logps``, ``n_tokens`` and, when given a
     reference, ``reference_logps``; with an SAE (needs the reference) ``feature_mse`` per response, and
     ``policy_code_mean`` / ``reference_code_mean`` ``[d_sae]``: each latent's pooled activation averaged over all
-    ``2N`` responses (the input of :mod:`fpo_dist.drift`)."""
+    ``2N`` responses (the input of :mod:`fpo_dist.drift`); with ``kl`` (needs the reference) ``kl_sum``: per
+    response, :func:`reference_kl`."""
     from fpo_dist.models import build_batch
 
     if sae is not None and (reference is None or layer is None):
         raise ValueError("feature drift needs the reference model and the SAE's hook layer")
+    if kl and reference is None:
+        raise ValueError("the KL to the reference needs the reference model")
     cols: dict[str, list[torch.Tensor]] = {"policy_logps": [], "n_tokens": []}
     code_sums: dict[str, torch.Tensor] = {}
     for start in range(0, len(pairs), batch_size):
@@ -146,6 +156,8 @@ def score_pairs(
         if reference is not None:
             ref_logps, _, ref_codes = response_stats(reference, batch, layer, sae)
             cols.setdefault("reference_logps", []).append(ref_logps)
+            if kl:
+                cols.setdefault("kl_sum", []).append(reference_kl(policy, reference, batch).float().cpu())
             if sae is not None:
                 cols.setdefault("feature_mse", []).append((pol_codes - ref_codes).square().mean(-1))
                 for name, codes in (("policy_code_mean", pol_codes), ("reference_code_mean", ref_codes)):
@@ -154,6 +166,23 @@ def score_pairs(
     out = {k: torch.cat([v.view(2, -1).T for v in vs]) for k, vs in cols.items()}
     out.update({k: v / (2 * len(pairs)) for k, v in code_sums.items()})
     return out
+
+
+@torch.no_grad()
+def reference_kl(policy, reference, batch) -> torch.Tensor:
+    """Per sequence of a ``PairBatch`` ``[2B]``: ``Σ_t KL(π_ref(·|x, y<t) ‖ π_θ(·|x, y<t))`` over its response
+    positions (TDPO's sequential KL), exact over the vocabulary: the selected head's chunked pass
+    (:func:`fpo_dist.lm_head.selected_forward` with the reference's hidden states), no ``[positions × vocab]``
+    tensor."""
+    from fpo_dist.lm_head import ref_head, row_sums, selected_forward
+
+    device = next(policy.parameters()).device
+    batch = batch.to(device)
+    pm = batch.prediction_mask
+    args = (batch.input_ids, batch.attention_mask, pm)
+    ref = selected_forward(reference, *args, position_ids=batch.position_ids)
+    pol = selected_forward(policy, *args, position_ids=batch.position_ids, ref=ref_head(reference, ref.hidden))
+    return row_sums(pol.kl.double(), batch.sequence_ids[pm], batch.n_sequences)
 
 
 def preference_metrics(scores: dict[str, torch.Tensor], beta: float = 0.1) -> dict[str, float]:
@@ -178,6 +207,8 @@ def preference_metrics(scores: dict[str, torch.Tensor], beta: float = 0.1) -> di
         out["feature_mse"] = mse.mean().item()
         out["feature_mse_chosen"] = mse[:, 0].mean().item()
         out["feature_mse_rejected"] = mse[:, 1].mean().item()
+    if "kl_sum" in scores:  # per response token, over all held-out responses
+        out["kl_ref"] = (scores["kl_sum"].double().sum() / scores["n_tokens"].double().sum()).item()
     return out
 
 
@@ -198,6 +229,9 @@ def pair_units(scores: dict[str, torch.Tensor], prompt_of_pair: Sequence[int], b
         out["reward_accuracy_ln"] = (reward_ln[:, 0] > reward_ln[:, 1]).double().tolist()
     if "feature_mse" in scores:
         out["feature_mse"] = scores["feature_mse"].double().mean(1).tolist()
+    if "kl_sum" in scores:
+        out["kl_sum"] = scores["kl_sum"].double().sum(1).tolist()
+        out["n_tokens"] = scores["n_tokens"].double().sum(1).tolist()
     return out
 
 
@@ -264,6 +298,12 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def newline_token_ids(tokenizer) -> list[int]:
+    """Every token id whose text contains a line break (``GenerationConfig.stop_at_newline``)."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return [i for i, t in enumerate(texts) if "\n" in t]
+
+
 @dataclass
 class Generations:
     """Samples ``outputs[i][j]`` (prompt ``i``, sample ``j``), the mean per-token entropy over all of them, and per
@@ -298,6 +338,9 @@ def generate_samples(
     stop = stop_token_ids(model, tokenizer)
     pad_id = pad_token_id(tokenizer)
     pad_id = stop[0] if pad_id is None else pad_id
+    eos = set(stop)
+    if cfg.stop_at_newline:
+        stop = sorted(eos | set(newline_token_ids(tokenizer)))
     jobs = [(i, j) for i in range(len(prompts)) for j in range(cfg.samples_per_prompt)]
     encoded = [encode_prompt(tokenizer, prompts[i], chat) for i in range(len(prompts))]
     outputs: list[list[str]] = [[""] * cfg.samples_per_prompt for _ in prompts]
@@ -328,7 +371,9 @@ def generate_samples(
         for row, (i, j) in enumerate(chunk):
             new = out[row, width:].tolist()
             cut = next((t for t, tok in enumerate(new) if tok in stop), len(new))
-            outputs[i][j] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+            keep = new[: cut + (cut < len(new) and new[cut] not in eos)]  # a line-break token may carry text
+            text = tokenizer.decode(keep, skip_special_tokens=True)
+            outputs[i][j] = (text.split("\n")[0] if cfg.stop_at_newline else text).strip()
             row_entropy[i][j], row_tokens[i][j] = sampler.row_entropy[row].item(), int(sampler.row_tokens[row])
     return Generations(outputs, entropy_sum / max(n_tokens, 1), row_entropy, row_tokens)
 
@@ -417,6 +462,8 @@ def evaluate(
     dtype: str = "float32",
     batch_size: int = 8,
     drift_top: int = 20,
+    kl: bool = False,
+    reference_samples: str | os.PathLike | None = None,
 ) -> dict[str, float]:
     """All metrics for one policy (see the module docstring); ``generation=None`` skips sampling.
 
@@ -424,6 +471,9 @@ def evaluate(
     With ``out_dir``: ``policy_outputs.json`` / ``reference_outputs.json`` (AlpacaEval), ``metrics.json``,
     ``units.json`` (the per-pair and per-sample values behind the metrics, with their prompt index) and, with an
     SAE, ``drift.json`` / ``drift.png`` (the ``drift_top`` latents that moved most: :mod:`fpo_dist.drift`).
+    ``kl``: also ``kl_ref``, the KL to the reference per response token (:func:`reference_kl`).
+    ``reference_samples``: a JSON file that keeps the reference's generations for these prompts and settings, so
+    that evaluating many policies against one reference samples it once (rewritten when they differ).
     """
     from fpo_dist.models import ModelSpec, load_causal_lm, load_tokenizer, pad_token_id
     from fpo_dist.sae import load_sae
@@ -434,12 +484,12 @@ def evaluate(
     sae = load_sae(sae_source, sae_id, device=device) if sae_source else None
     pairs, prompts, prompt_of_pair = load_heldout_units(data, tokenizer)
     pad_id = pad_token_id(tokenizer)
-    scores = score_pairs(policy, pairs, pad_id, reference, sae, sae_layer, batch_size)
+    scores = score_pairs(policy, pairs, pad_id, reference, sae, sae_layer, batch_size, kl=kl and reference is not None)
     metrics = preference_metrics(scores, beta)
     units = {"pairs": pair_units(scores, prompt_of_pair, beta)}
     if generation is not None:
         gen_metrics, units["generations"] = _generation_metrics(
-            policy, reference, tokenizer, prompts, data, generation, judge, out_dir
+            policy, reference, tokenizer, prompts, data, generation, judge, out_dir, reference_samples
         )
         metrics.update(gen_metrics)
     if out_dir is not None:
@@ -461,7 +511,8 @@ def _write_drift(scores, sae, sae_source, sae_id, sae_layer, top, out_dir) -> No
     drift.plot_drift(rows, Path(out_dir, "drift.png"), f"top {len(rows)} drifting SAE latents")
 
 
-def _generation_metrics(policy, reference, tokenizer, prompts, data, cfg, judge, out_dir) -> tuple[dict, dict]:
+def _generation_metrics(policy, reference, tokenizer, prompts, data, cfg, judge, out_dir, reference_samples=None
+                        ) -> tuple[dict, dict]:
     """The generation metrics and their per-sample units (flat, sample ``j`` of prompt ``i`` at ``i·k + j``)."""
     chat = uses_chat_template(tokenizer, data)
     k = cfg.samples_per_prompt
@@ -475,7 +526,7 @@ def _generation_metrics(policy, reference, tokenizer, prompts, data, cfg, judge,
     if out_dir is not None:
         write_alpaca_eval(Path(out_dir, "policy_outputs.json"), instructions, pol_flat, "policy")
     if reference is not None and (judge is not None or out_dir is not None):
-        ref_out, ref_entropy = generate(reference, tokenizer, prompts, cfg, chat)
+        ref_out, ref_entropy = _reference_generations(reference, tokenizer, prompts, cfg, chat, reference_samples)
         ref_flat = [o for per_prompt in ref_out for o in per_prompt]
         out["reference_entropy"] = ref_entropy
         if out_dir is not None:
@@ -484,6 +535,23 @@ def _generation_metrics(policy, reference, tokenizer, prompts, data, cfg, judge,
             units["verdict"] = judge_verdicts(instructions, pol_flat, ref_flat, judge)
             out.update(tally(units["verdict"]))
     return out, units
+
+
+def _reference_generations(reference, tokenizer, prompts, cfg: GenerationConfig, chat: bool, path):
+    """:func:`generate` of the reference, kept in ``path`` (JSON: a key of the reference, prompts and settings, the
+    outputs and the entropy) and read back from it while the key matches."""
+    key = hashlib.sha256(json.dumps([getattr(reference.config, "_name_or_path", ""), [list(p) for p in prompts],
+                                     cfg.__dict__, chat], sort_keys=True, default=str).encode()).hexdigest()
+    if path is not None and Path(path).exists():
+        kept = json.loads(Path(path).read_text())
+        if kept.get("key") == key:
+            return kept["outputs"], kept["entropy"]
+    outputs, entropy = generate(reference, tokenizer, prompts, cfg, chat)
+    if path is not None:  # written whole, then renamed: a concurrent reader sees the old file or the new one
+        tmp = Path(f"{path}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "outputs": outputs, "entropy": entropy}))
+        os.replace(tmp, path)
+    return outputs, entropy
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -504,6 +572,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--samples-per-prompt", type=int, default=1)
+    p.add_argument("--stop-at-newline", action="store_true", help="end each sample at its first line break")
+    p.add_argument("--kl", action="store_true", help="also kl_ref: KL(reference ‖ policy) per response token on the "
+                   "held-out responses (needs --reference)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
@@ -512,14 +583,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     a = p.parse_args(argv)
     if a.sae and a.layer is None:
         p.error("--sae needs --layer")
+    if a.kl and not a.reference:
+        p.error("--kl needs --reference")
     data = DataConfig(source=a.data, split=a.split, max_length=a.max_length, max_prompt_length=a.max_prompt_length)
     data.validate()
     gen = None if a.no_generate else GenerationConfig(
-        a.max_new_tokens, a.temperature, a.top_p, a.seed, a.batch_size, a.samples_per_prompt
+        a.max_new_tokens, a.temperature, a.top_p, a.seed, a.batch_size, a.samples_per_prompt, a.stop_at_newline
     )
     metrics = evaluate(
         a.policy, data, a.reference, a.sae, a.layer, a.sae_id, load_judge(a.judge) if a.judge else None, gen,
-        a.beta, a.out, a.device, batch_size=a.batch_size, drift_top=a.drift_top,
+        a.beta, a.out, a.device, batch_size=a.batch_size, drift_top=a.drift_top, kl=a.kl,
     )
     json.dump(metrics, sys.stdout, indent=2)
     print()

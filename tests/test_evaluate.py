@@ -240,3 +240,72 @@ def test_generate_samples_per_sample_entropy(loaded):
     flat_n = [x for per in g.n_tokens for x in per]
     assert all(1 <= n <= 6 for n in flat_n) and all(s > 0 for s in flat_sums)
     assert sum(flat_sums) / sum(flat_n) == pytest.approx(entropy, rel=1e-6)
+
+
+def test_reference_kl_matches_full_logits(loaded, heldout, tiny):
+    """KL(π_ref ‖ π_θ) summed over each response's positions (the selected head's chunked pass) against a plain
+    fp64 computation over full logits; 0 for a policy equal to its reference."""
+    import copy
+
+    model, tok, _ = loaded
+    policy = copy.deepcopy(model)
+    with torch.no_grad():
+        policy.model.norm.weight.mul_(3.0)  # sharper next-token distributions everywhere
+    pairs, _ = load_heldout(heldout, tok)
+
+    def direct(prompt_ids, response_ids) -> float:
+        ids = torch.tensor([list(prompt_ids) + list(response_ids)])
+        with torch.no_grad():
+            lp_ref = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+            lp_pol = torch.log_softmax(policy(input_ids=ids).logits[0].double(), -1)
+        pos = slice(len(prompt_ids) - 1, ids.shape[1] - 1)  # the positions that predict a response token
+        return (lp_ref[pos].exp() * (lp_ref[pos] - lp_pol[pos])).sum().item()
+
+    scores = score_pairs(policy, pairs, tok.pad_token_id, reference=model, batch_size=2, kl=True)
+    expected = torch.tensor([[direct(p.prompt_ids, r) for r in (p.chosen_ids, p.rejected_ids)] for p in pairs],
+                            dtype=torch.float64)
+    assert expected.min() > 1e-3  # the perturbation moves every response's distribution
+    torch.testing.assert_close(scores["kl_sum"].double(), expected, rtol=1e-3, atol=1e-6)
+    m = preference_metrics(scores)
+    assert m["kl_ref"] == pytest.approx((expected.sum() / scores["n_tokens"].sum()).item(), rel=1e-3)
+    same = score_pairs(model, pairs, tok.pad_token_id, reference=model, batch_size=3, kl=True)
+    assert same["kl_sum"].abs().max() < 1e-5 * expected.abs().max()
+    with pytest.raises(ValueError, match="needs the reference model"):
+        score_pairs(policy, pairs, tok.pad_token_id, kl=True)
+
+
+def test_stop_at_newline_keeps_each_sample_up_to_its_first_line_break(loaded):
+    """Same seeds, so a sample that stops at its first line break is the unstopped sample's first line."""
+    from fpo_dist.evaluate import newline_token_ids
+
+    model, tok, _ = loaded
+    ids = newline_token_ids(tok)
+    assert ids and all("\n" in tok.decode([i]) for i in ids)
+    assert not any("\n" in tok.decode([i]) for i in set(range(len(tok))) - set(ids))
+    prompts = [[{"role": "user", "content": c}] for c in ("Say hello.", "Name three fruits.", "Hi")]
+    cfg = GenerationConfig(max_new_tokens=24, temperature=1.5, seed=5, batch_size=4, samples_per_prompt=4)
+    plain, _ = generate(model, tok, prompts, cfg, chat=True)
+    stopped, _ = generate(model, tok, prompts, GenerationConfig(**{**cfg.__dict__, "stop_at_newline": True}),
+                          chat=True)
+    flat_plain, flat_stopped = [o for per in plain for o in per], [o for per in stopped for o in per]
+    assert any("\n" in o for o in flat_plain)  # the case this tests occurs
+    # (or empty: a sample whose first token is a line break, which the unstopped output's strip() hides)
+    assert all(s in (p.split("\n")[0].strip(), "") for s, p in zip(flat_stopped, flat_plain))
+    assert sum(s == p.split("\n")[0].strip() != "" for s, p in zip(flat_stopped, flat_plain)) >= len(flat_plain) // 2
+
+
+def test_reference_samples_are_kept_and_reused_only_for_the_same_settings(tiny, heldout, tmp_path):
+    kept = tmp_path / "reference_samples.json"
+    gen = GenerationConfig(max_new_tokens=4, batch_size=4, seed=2)
+
+    def run(generation, out):
+        evaluate(str(tiny.model_dir), heldout, reference_dir=str(tiny.model_dir), judge=lambda *a: 0.5,
+                 generation=generation, out_dir=tmp_path / out, reference_samples=kept)
+        return [r["output"] for r in json.loads((tmp_path / out / "reference_outputs.json").read_text())]
+
+    first = run(gen, "a")
+    assert json.loads(kept.read_text())["outputs"] == [[o] for o in first]
+    marked = {**json.loads(kept.read_text()), "outputs": [["kept"]] * len(first)}
+    kept.write_text(json.dumps(marked))
+    assert run(gen, "b") == ["kept"] * len(first)  # same prompts and settings: read back, not sampled again
+    assert run(GenerationConfig(**{**gen.__dict__, "seed": 3}), "c") != ["kept"] * len(first)  # other settings

@@ -1,6 +1,6 @@
 """FPO's parts ablated on the demo task: ``make study`` / ``python -m fpo_dist.demo.study``.
 
-    python -m fpo_dist.demo.study [--seeds 5] [--arms fpo,fpo-alpha0,...] [--steps 150] [--parallel 2]
+    python -m fpo_dist.demo.study [--seeds 10] [--arms fpo,fpo-alpha0,...] [--steps 150] [--parallel 2]
                                   [--out study_out] [--report-dir docs/results/study]
     python -m fpo_dist.demo.study --rederive [--report-dir docs/results/study]   # statistics only, no training
 
@@ -133,29 +133,36 @@ def _cache_complete(store: Path) -> bool:
         return False
 
 
-def _job_cmd(job_file: Path) -> list[str]:
-    return [sys.executable, "-m", "fpo_dist.demo.study", "--job", str(job_file)]
-
-
 def run_study(arms: list[Arm], seeds: int, steps: int, parallel: int, out: Path) -> dict[str, list[Path]]:
     """Every (arm, seed) job; returns each arm's evaluation directories in seed order."""
+    data, store, manifest = _prepare(out)
+    return run_jobs(arms, seeds, parallel, out, "fpo_dist.demo.study", lambda arm, seed, run_dir: {
+        "heldout": str(data["heldout"]), "manifest": manifest,
+        "argv": arm_train_args(arm, store, run_dir, steps, seed)})
+
+
+def _job_cmd(job_file: Path, module: str = "fpo_dist.demo.study") -> list[str]:
+    return [sys.executable, "-m", module, "--job", str(job_file)]
+
+
+def run_jobs(arms: list[Arm], seeds: int, parallel: int, out: Path, module: str, spec) -> dict[str, list[Path]]:
+    """Every (arm, seed) as one ``python -m <module> --job FILE`` process, ``parallel`` at a time; the job file holds
+    ``{arm, seed, run_dir, eval_dir}`` and ``spec(arm, seed, run_dir)``.  A job whose ``result.json`` exists is not
+    rerun.  Returns each arm's evaluation directories in seed order."""
     from fpo_dist.demo.run import _run
 
-    data, store, manifest = _prepare(out)
     jobs, dirs = [], {a.name: [] for a in arms}
     for seed in range(seeds):
         for arm in arms:
             tag = f"{arm.name}/seed_{seed}"
-            eval_dir = out / "eval" / tag
+            eval_dir, run_dir = out / "eval" / tag, out / "runs" / tag
             dirs[arm.name].append(eval_dir)
             if (eval_dir / "result.json").exists():
                 continue
             job_file = out / "jobs" / f"{arm.name}_seed_{seed}.json"
             job_file.parent.mkdir(parents=True, exist_ok=True)
-            job_file.write_text(json.dumps({
-                "arm": arm.name, "seed": seed, "run_dir": str(out / "runs" / tag), "eval_dir": str(eval_dir),
-                "heldout": str(data["heldout"]), "manifest": manifest,
-                "argv": arm_train_args(arm, store, out / "runs" / tag, steps, seed)}, indent=1))
+            job_file.write_text(json.dumps({"arm": arm.name, "seed": seed, "run_dir": str(run_dir),
+                                            "eval_dir": str(eval_dir), **spec(arm, seed, run_dir)}, indent=1))
             jobs.append((tag, job_file))
     say(f"{len(jobs)} job(s) to run ({len(arms)} arms × {seeds} seeds, {parallel} at a time)")
     done = [0]
@@ -163,7 +170,7 @@ def run_study(arms: list[Arm], seeds: int, steps: int, parallel: int, out: Path)
     def one(item) -> None:
         tag, job_file = item
         t0 = time.time()
-        _run(_job_cmd(job_file), out / "logs" / f"{tag.replace('/', '_')}.log", f"job {tag}")
+        _run(_job_cmd(job_file, module), out / "logs" / f"{tag.replace('/', '_')}.log", f"job {tag}")
         done[0] += 1
         say(f"job {tag} done in {time.time() - t0:.0f} s ({done[0]}/{len(jobs)})")
 
@@ -176,54 +183,59 @@ def run_study(arms: list[Arm], seeds: int, steps: int, parallel: int, out: Path)
 # --------------------------------------------------------------------------------------------- report
 
 
-def study_statistics(dirs: dict[str, list[Path]], baseline: str = "fpo") -> dict:
-    """Per arm and metric the per-seed values (the evaluation's metrics; the run's median step time), then
-    :func:`statistics_of`."""
+def study_statistics(dirs: dict[str, list[Path]], baseline: str = "fpo", metrics=STUDY_METRICS,
+                     from_result: tuple[str, ...] = ("step_s",)) -> dict:
+    """Per arm and metric the per-seed values (the evaluation's metrics; ``from_result``'s keys, e.g. the run's
+    median step time, from each job's ``result.json``), then :func:`statistics_of`."""
     per_seed = {}
     for arm, ds in dirs.items():
-        values = [report.metric_values(d) for d in ds]
-        per_seed[arm] = {k: [v[k] for v in values] for k, _, _ in STUDY_METRICS if k != "step_s"}
-        per_seed[arm]["step_s"] = [json.loads((d / "result.json").read_text())["step_s"] for d in ds]
-    return statistics_of(per_seed, baseline)
+        results = [json.loads((d / "result.json").read_text()) for d in ds]
+        per_seed[arm] = {k: [r[k] for r in results] for k in from_result}
+        if any(k not in from_result for k, _, _ in metrics):
+            values = [report.metric_values(d) for d in ds]
+            per_seed[arm].update({k: [v[k] for v in values] for k, _, _ in metrics if k not in from_result})
+    return statistics_of(per_seed, baseline, metrics)
 
 
-def statistics_of(per_seed: dict, baseline: str = "fpo") -> dict:
+def statistics_of(per_seed: dict, baseline: str = "fpo", metrics=STUDY_METRICS) -> dict:
     """Mean and 95 % t-interval per arm and metric, and every arm's paired differences against ``baseline`` (the
-    family: :data:`STUDY_METRICS` × the arms other than ``baseline``; :func:`fpo_dist.demo.stats.statistics`)."""
+    family: ``metrics`` × the arms other than ``baseline``; :func:`fpo_dist.demo.stats.statistics`)."""
     from fpo_dist.demo.stats import statistics
 
     pairs = [(arm, baseline) for arm in per_seed if arm != baseline] if baseline in per_seed else []
-    ci = statistics(per_seed, pairs, [k for k, _, _ in STUDY_METRICS])
+    ci = statistics(per_seed, pairs, [k for k, _, _ in metrics])
     ci["method"] += "; step time: each run's median step time, one value per seed"
     return ci
 
 
 def write_study_report(ci: dict, arms: list[Arm], steps: int, report_dir: Path, wall_s: float,
-                       note: str = "") -> Path:
+                       note: str = "", *, metrics=STUDY_METRICS, title: str = "FPO ablation study on the demo task",
+                       command: str = "python -m fpo_dist.demo.study", batch_pairs: int = RECIPE.batch_pairs,
+                       extra: dict | None = None) -> Path:
     """``study.json``, ``study.png`` and ``study.md``; ``note`` (if any) is printed under the first paragraph and kept
-    in the JSON."""
+    in the JSON; ``extra`` is kept in the JSON."""
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "study.json").write_text(json.dumps(
         {**ci, "arms": {a.name: {"loss": a.loss, "params": a.params, "what": a.what} for a in arms},
-         "steps": steps, "wall_s": wall_s, **({"note": note} if note else {})}, indent=1))
+         "steps": steps, "wall_s": wall_s, **({"note": note} if note else {}), **(extra or {})}, indent=1))
     plot_study(ci, report_dir / "study.png")
     lines = [
-        "# FPO ablation study on the demo task",
+        f"# {title}",
         "",
-        f"`python -m fpo_dist.demo.study` ({ci['seeds']} training seeds per arm, {steps} steps each, global batch "
-        f"{RECIPE.batch_pairs} pairs, one process per run; wall time {wall_s / 60:.0f} min). Each cell: mean over "
+        f"`{command}` ({ci['seeds']} training seeds per arm, {steps} steps each, global batch "
+        f"{batch_pairs} pairs, one process per run; wall time {wall_s / 60:.0f} min). Each cell: mean over "
         f"seeds [95 % t-interval]; {ci['method']}. Differences pair seed i of each arm with seed i of fpo (same data "
         "order).",
         "",
         *([note, ""] if note else []),
-        "| arm | what | " + " | ".join(t for _, t, _ in STUDY_METRICS) + " |",
-        "|---|---|" + "---|" * len(STUDY_METRICS),
+        "| arm | what | " + " | ".join(t for _, t, _ in metrics) + " |",
+        "|---|---|" + "---|" * len(metrics),
     ]
     for arm in arms:
         ivs = ci["intervals"][arm.name]
         lines.append(f"| {arm.name} | {arm.what} | " + " | ".join(
-            report._cell(ivs[k], spec) for k, _, spec in STUDY_METRICS) + " |")
-    lines += ["", *report.difference_rows(ci, {k: s for k, _, s in STUDY_METRICS}, {k: t for k, t, _ in STUDY_METRICS}),
+            report._cell(ivs[k], spec) for k, _, spec in metrics) + " |")
+    lines += ["", *report.difference_rows(ci, {k: s for k, _, s in metrics}, {k: t for k, t, _ in metrics}),
               "", "Plot: `study.png` (win rate, rule-follow and feature MSE per arm, mean and 95 % t-interval). "
               "Per-seed values: `study.json`.", ""]
     path = report_dir / "study.md"
@@ -233,11 +245,18 @@ def write_study_report(ci: dict, arms: list[Arm], steps: int, report_dir: Path, 
 
 def rederive(report_dir: Path) -> Path:
     """Rewrite ``study.md``, ``study.json`` and ``study.png`` from ``study.json``'s per-seed values (no training)."""
+    return rederive_report(report_dir, STUDY_METRICS, lambda ci, arms, old, note: write_study_report(
+        ci, arms, old["steps"], report_dir, old["wall_s"], note))
+
+
+def rederive_report(report_dir: Path, metrics, write) -> Path:
+    """The statistics of ``report_dir/study.json``'s per-seed values recomputed and handed to
+    ``write(ci, arms, old json, note)``, which rewrites the report."""
     old = json.loads((report_dir / "study.json").read_text())
     arms = [Arm(name, a["loss"], a["what"], a["params"]) for name, a in old["arms"].items()]
-    note = ("Statistics re-derived by `python -m fpo_dist.demo.study --rederive` from the per-seed values stored in "
-            "`study.json`; the runs were not repeated.")
-    return write_study_report(statistics_of(old["per_seed"]), arms, old["steps"], report_dir, old["wall_s"], note)
+    note = ("Statistics re-derived by `--rederive` from the per-seed values stored in `study.json`; the runs were "
+            "not repeated.")
+    return write(statistics_of(old["per_seed"], metrics=metrics), arms, old, note)
 
 
 def plot_study(ci: dict, path: Path) -> Path:
@@ -259,9 +278,23 @@ def plot_study(ci: dict, path: Path) -> Path:
     return path
 
 
+def arms_and_workdir(p: argparse.ArgumentParser, a: argparse.Namespace, known: dict[str, Arm]) -> tuple[list[Arm], Path]:
+    """``--arms`` and ``--seeds`` checked (``p.error`` otherwise), and ``--out`` made a study work directory (marked;
+    refused when it exists, is not empty and is not one)."""
+    unknown = [x for x in a.arms.split(",") if x and x not in known]
+    if unknown or a.seeds < 1:
+        p.error(f"unknown arm(s) {unknown}; known: {list(known)}" if unknown else "--seeds must be >= 1")
+    out = Path(a.out).resolve()
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise SystemExit(f"--out {out} exists, is not empty and is not a study directory; choose another")
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(f"written by {p.prog}; reused (resumed) by the next run\n")
+    return [known[x] for x in a.arms.split(",") if x], out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fpo_dist.demo.study", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--seeds", type=int, help="training seeds per arm (default 10)")
     p.add_argument("--arms", default=",".join(a.name for a in ARMS), help=f"of {[a.name for a in ARMS]}")
     p.add_argument("--steps", type=int, default=RECIPE.steps)
     p.add_argument("--parallel", type=int, default=2, help="jobs at a time (one CPU core each)")
@@ -279,15 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--rederive trains nothing: drop {', '.join(ignored)}")
         print(rederive(Path(a.report_dir)).read_text())
         return 0
-    unknown = [x for x in a.arms.split(",") if x and x not in ARM_BY_NAME]
-    if unknown or a.seeds < 1:
-        p.error(f"unknown arm(s) {unknown}; known: {list(ARM_BY_NAME)}" if unknown else "--seeds must be >= 1")
-    arms = [ARM_BY_NAME[x] for x in a.arms.split(",") if x]
-    out = Path(a.out).resolve()
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
-        raise SystemExit(f"--out {out} exists, is not empty and is not a study directory; choose another")
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by python -m fpo_dist.demo.study; reused (resumed) by the next run\n")
+    a.seeds = 10 if a.seeds is None else a.seeds
+    arms, out = arms_and_workdir(p, a, ARM_BY_NAME)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.time()
     dirs = run_study(arms, a.seeds, a.steps, a.parallel, out)
