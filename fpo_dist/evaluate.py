@@ -484,7 +484,7 @@ def evaluate(
     sae = load_sae(sae_source, sae_id, device=device) if sae_source else None
     pairs, prompts, prompt_of_pair = load_heldout_units(data, tokenizer)
     pad_id = pad_token_id(tokenizer)
-    scores = score_pairs(policy, pairs, pad_id, reference, sae, sae_layer, batch_size, kl=kl and reference is not None)
+    scores = score_pairs(policy, pairs, pad_id, reference, sae, sae_layer, batch_size, kl=kl)
     metrics = preference_metrics(scores, beta)
     units = {"pairs": pair_units(scores, prompt_of_pair, beta)}
     if generation is not None:
