@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fpo-installed-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo study study-real bench bench-realshape real-sae feature-scale lint clean
+.PHONY: install test test-fast demo study study-real bench bench-realshape real-sae feature-scale gpu-kit gpu-kit-rehearsal lint clean
 
 install: $(STAMP)
 
@@ -54,8 +54,8 @@ lint: install
 bench: install
 	OMP_NUM_THREADS=1 $(PY) -m bench.run $(BENCH_ARGS)
 
-# the real shape (Gemma 3 270M + calibrated 16k SAE, UltraFeedback-like lengths; ~10 min on 2 cores) and the
-# base CPU preset in one run → bench/results/cpu.{json,md}
+# the real shape (Gemma 3 270M + the real 4k SAE of `make real-sae`, a calibrated random 16k SAE as a contrast run,
+# UltraFeedback-like lengths; ~15 min on 2 cores) and the base CPU preset in one run → bench/results/cpu.{json,md}
 bench-realshape: install
 	OMP_NUM_THREADS=1 $(PY) -m bench.run --preset cpu,realshape $(BENCH_ARGS)
 
@@ -68,3 +68,13 @@ real-sae: install
 # (~30 min on 2 cores) → docs/results/feature-scale/ (scale.md, scale.json)
 feature-scale: install
 	$(PY) -m bench.feature_scale --out docs/results/feature-scale $(FEATURE_SCALE_ARGS)
+
+# the GPU kit (issue 22): what the lent GPU machine's image lacks (DeepSpeed, Ray, Zarr, sae-lens, datasets and their
+# requirements) as cp312 wheels installed into one tree, pruned and xz-packed → .gpu-kit/ (~32 MiB, ~3 min); a
+# device run carries it (`carry: [".gpu-kit"]`) and bench/gpu.sh unpacks it there
+gpu-kit: install
+	$(PY) -m bench.gpu_kit build $(GPU_KIT_ARGS)
+
+# the kit rehearsed here (~8 min): an emulated image (its packages only), the kit for this Python, the quick bench
+gpu-kit-rehearsal: install
+	bash bench/kit_rehearsal.sh

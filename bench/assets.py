@@ -20,6 +20,8 @@ import torch
 
 from bench.presets import Sizes
 
+REAL_SAE = Path(__file__).resolve().parents[1] / "docs" / "results" / "real-sae"  # make real-sae
+
 
 @dataclass(frozen=True)
 class Assets:
@@ -29,9 +31,13 @@ class Assets:
     hook_layer: int
     n_params: int
     sae_params: int
-    calibrated_l0: float  # measured mean per-token L0 of the calibrated SAE
+    calibrated_l0: float  # measured mean per-token L0 of the SAE (the real SAE's: from its quality record)
     model: dict | None = None  # the real-shape presets: what the model is (name, blocks, d_model, vocab, ...)
     lengths: dict | None = None  # the real-shape presets: token lengths of the benchmarked rows (length_stats)
+    sae_kind: str = "calibrated"  # "calibrated" (random JumpReLU, thresholds fitted) or "real" (make real-sae)
+    contrast_sae_dir: Path | None = None  # the real-shape presets with a real SAE: the calibrated random contrast
+    contrast_d_sae: int = 0
+    contrast_l0: float | None = None
 
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
@@ -215,14 +221,17 @@ def length_stats(pairs) -> dict:
 
 
 def build_realshape_assets(root: Path, sizes: Sizes, device: str, log=print) -> Assets:
-    """Gemma 3 270M (its HF directory, used in place), the calibrated SAE and the rows (``sizes.rows`` benchmarked
-    + ``sizes.calibration_rows`` the SAE thresholds are fitted on)."""
+    """Gemma 3 270M (its HF directory, used in place), the SAE (the real one of ``make real-sae`` where
+    ``sizes.sae == "real"``, with a calibrated random contrast of ``sizes.contrast_d_sae``; else the calibrated one)
+    and the rows (``sizes.rows`` benchmarked + ``sizes.calibration_rows`` the random SAE's thresholds are fitted on)."""
     from fpo_dist.models import ModelSpec, load_causal_lm, load_tokenizer
     from fpo_dist.testing import calibrate_jumprelu_sae
 
     root.mkdir(parents=True, exist_ok=True)
     model_dir = gemma_hf_dir(log)
-    sae_dir, data, calib = root / "sae", root / "pairs.jsonl", root / "calibration.jsonl"
+    data, calib = root / "pairs.jsonl", root / "calibration.jsonl"
+    real = sizes.sae == "real"
+    calibrated_width = sizes.contrast_d_sae if real else sizes.d_sae
     spec = ModelSpec(str(model_dir), dtype=sizes.dtype)
     tok = load_tokenizer(spec)
     write_realshape_rows(data, tok, sizes, sizes.rows, seed=0)
@@ -233,18 +242,31 @@ def build_realshape_assets(root: Path, sizes: Sizes, device: str, log=print) -> 
     from fpo_dist.models import build_batch
 
     batch = build_batch(cal_pairs, pad_id)  # rows: prompt + chosen, then prompt + rejected
-    sae, l0 = calibrate_jumprelu_sae(model, batch.input_ids.to(device), batch.attention_mask.to(device),
-                                     sizes.hook_layer, d_sae=sizes.d_sae, target_l0=sizes.target_l0,
-                                     out_dir=sae_dir)
+    calibrated, cal_l0, cal_dir = None, None, root / "sae-calibrated"
+    if calibrated_width:
+        calibrated, cal_l0 = calibrate_jumprelu_sae(model, batch.input_ids.to(device), batch.attention_mask.to(device),
+                                                    sizes.hook_layer, d_sae=calibrated_width,
+                                                    target_l0=sizes.target_l0, out_dir=cal_dir)
     del model
+    if real:  # the benchmarked SAE is the trained one; the calibrated random one (if any) is the contrast
+        from fpo_dist.sae import load_sae
+
+        sae_dir, l0 = real_sae(sizes)
+        sae = load_sae(str(sae_dir))
+        contrast = {"contrast_sae_dir": cal_dir if calibrated is not None else None,
+                    "contrast_d_sae": calibrated_width, "contrast_l0": cal_l0}
+    else:
+        sae_dir, sae, l0, contrast = cal_dir, calibrated, cal_l0, {}
     sae_params = sum(p.numel() for p in sae.parameters())
     from transformers import AutoConfig
 
     mc = AutoConfig.from_pretrained(model_dir)
     mc = getattr(mc, "text_config", mc)
     log(f"assets: Gemma 3 270M {n_params / 1e6:.1f}M params ({mc.num_hidden_layers} blocks, d {mc.hidden_size}, "
-        f"vocab {mc.vocab_size}), JumpReLU SAE {mc.hidden_size}x{sizes.d_sae} on block {sizes.hook_layer} "
-        f"(per-token L0 {l0:.1f} on {int(batch.attention_mask.sum())} calibration tokens), {sizes.rows} rows")
+        f"vocab {mc.vocab_size}), {sizes.sae} JumpReLU SAE {mc.hidden_size}x{sizes.d_sae} on block {sizes.hook_layer} "
+        f"(per-token L0 {l0:.1f}), {sizes.rows} rows"
+        + (f"; contrast: calibrated random SAE {mc.hidden_size}x{calibrated_width} (per-token L0 "
+           f"{cal_l0:.1f} on {int(batch.attention_mask.sum())} calibration tokens)" if real and cal_l0 else ""))
     pairs, _ = tokenized_pairs(model_dir, data, sizes, sizes.rows)
     lengths = length_stats(pairs)
     log("assets: lengths (tokens, median [min-max]): prompt {p[median]:.0f} [{p[min]}-{p[max]}], response "
@@ -253,4 +275,16 @@ def build_realshape_assets(root: Path, sizes: Sizes, device: str, log=print) -> 
             "d_model": mc.hidden_size, "vocab": mc.vocab_size, "tied_head": bool(getattr(mc, "tie_word_embeddings", True)),
             "final_logit_softcapping": getattr(mc, "final_logit_softcapping", None),
             "sliding_window": getattr(mc, "sliding_window", None), "calibration_tokens": int(batch.attention_mask.sum())}
-    return Assets(model_dir, sae_dir, data, sizes.hook_layer, n_params, sae_params, l0, model=info, lengths=lengths)
+    return Assets(model_dir, sae_dir, data, sizes.hook_layer, n_params, sae_params, l0, model=info, lengths=lengths,
+                  sae_kind=sizes.sae, **contrast)
+
+
+def real_sae(sizes: Sizes) -> tuple[Path, float]:
+    """The SAE ``make real-sae`` trains (its directory, its per-token L0 on held-out text), checked against the
+    preset: its block and width must be the preset's."""
+    record = json.loads((REAL_SAE / "quality.json").read_text())
+    layer, width = record["config"]["layer"], record["sae"]["d_sae"]
+    if (layer, width) != (sizes.hook_layer, sizes.d_sae):
+        raise ValueError(f"{REAL_SAE / 'quality.json'}: the real SAE is {width} wide on block {layer}; preset "
+                         f"{sizes.name} says d_sae {sizes.d_sae}, hook_layer {sizes.hook_layer}")
+    return REAL_SAE / "sae", float(record["quality"]["l0"])

