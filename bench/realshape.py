@@ -148,7 +148,8 @@ def shape_text(rs: dict) -> str:
 def sae_text(rs: dict) -> str:
     """What the SAE is: the real one (with the random contrast, if run) or a calibrated random one."""
     s, a = rs["sizes"], rs["assets"]
-    d, cal = (a.get("model") or {}).get("d_model"), a.get("model", {}).get("calibration_tokens")
+    model = a.get("model") or {}
+    d, cal = model.get("d_model"), model.get("calibration_tokens")
 
     def calibrated(width, l0):
         return (f"a random JumpReLU {d}×{width} on block {s['hook_layer']} calibrated with "

@@ -216,6 +216,9 @@ class Trainer:
         self.bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.device.type == "cuda")
         template = eng.load_ds_template(cfg.deepspeed) if cfg.deepspeed else {"zero_optimization": {"stage": 0}}
         self.ds_config = eng.build_ds_config(template, cfg, self.world, _hidden_size(policy_cfg), self.bf16)
+        note = eng.single_rank_zero_note(self.ds_config, self.world)
+        if note:
+            self._print(note)
         self.resume_from = ckpt.resume_target(self.cfg, log=self._print)
         if self.resume_from is not None and self.resume_from[2] != self.world:
             # another data-parallel world: DeepSpeed's universal checkpoint re-partitions optimizer state

@@ -80,3 +80,19 @@ def test_trust_remote_code_never_comes_from_the_store():
     assert policy.trust_remote_code is False and ref.trust_remote_code is False
     policy, _ = resolve_models(train_cfg("--policy.trust_remote_code", "true"), prov)
     assert policy.name_or_path == "org/model"  # an empty policy section still means the cache's model
+
+
+def test_zero_on_one_rank_is_flagged_unless_it_offloads():
+    """ZeRO-3 (or 2) on a world of one rank gets the warning naming the way out; several ranks, stage 0 (no
+    --deepspeed) and an offloading config do not."""
+    from fpo_dist.engine import build_ds_config, single_rank_zero_note
+
+    def ds(name, world):
+        return build_ds_config(template(name), train_cfg(), world, 64, False)
+
+    note = single_rank_zero_note(ds("zero3.json", 1), 1)
+    assert note and "ZeRO stage 3 on a world of one rank" in note and "leave out --deepspeed" in note
+    assert "ZeRO stage 2" in single_rank_zero_note(ds("zero2.json", 1), 1)
+    assert single_rank_zero_note(ds("zero3.json", 2), 2) is None
+    assert single_rank_zero_note(ds("zero3_offload.json", 1), 1) is None
+    assert single_rank_zero_note({"zero_optimization": {"stage": 0}}, 1) is None
