@@ -256,6 +256,25 @@ def _version(name: str) -> str:
         return "-"
 
 
+def probe(log=print) -> None:
+    """What the machine's torch offers for packed attention (issue 22 chooses by it): versions, the device, and the
+    signatures of ``varlen_attn`` (its arguments changed between torch 2.10 and 2.13) and ``flex_attention``."""
+    import inspect
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    log(f"torch {torch.__version__} (cuda {torch.version.cuda}), transformers {_version('transformers')}, device "
+        f"{torch.cuda.get_device_name(0) if cuda else 'cpu'}")
+    for module, name in (("torch.nn.attention.varlen", "varlen_attn"), ("torch.nn.attention.flex_attention",
+                                                                         "flex_attention")):
+        try:
+            fn = getattr(__import__(module, fromlist=[name]), name)
+            log(f"{name}{inspect.signature(fn)}")
+        except (ImportError, AttributeError) as e:
+            log(f"{name}: not available ({e})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_kit", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -266,9 +285,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="the kit + the working tree must fit in this (64 MiB travel with a device run)")
     c = sub.add_parser("check", help="imports and requirements with the kit on the path")
     c.add_argument("--manifest", type=Path, default=KIT / "manifest.json")
+    sub.add_parser("probe", help="torch, transformers, the device, varlen_attn's and flex_attention's signatures")
     a = p.parse_args(argv)
     if a.cmd == "build":
         build(a.out, a.python, a.budget_mib)
+        return 0
+    if a.cmd == "probe":
+        probe()
         return 0
     return check(a.manifest)
 

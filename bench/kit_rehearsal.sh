@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Rehearse the GPU kit here (make gpu-kit-rehearsal, ~8 min): a fresh venv holding only what the GPU machine's image
 # holds of the project's dependency closure (bench/gpu_image.txt; transformers at the image's 5.17.0), the kit built
-# for this Python (3.11 here; the real kit is cp312), then what gpu.sh does there: bench/kit_env.sh unpacks the kit
-# and checks every import, and the quick benchmark runs end to end on the CPU (the Ray cache job, 2-rank ZeRO-3
-# training, the loader). A kit that misses a module fails here, not in the 15 minutes of a lent GPU.
+# for this Python (3.11 here; the real kit is cp312), then what a lent session runs there (bench/gpu_session.sh) on
+# the CPU: bench/kit_env.sh unpacks the kit and checks every import, the quick benchmark end to end (the Ray cache
+# job, ZeRO-3 training, the loader), bench.head_grad and bench.optimizer. A kit that misses a module fails here,
+# not in the 15 minutes of a lent GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${FPO_KIT_EMULATION:-${FPO_TEST_CACHE:-$HOME/.cache/fpo-dist-tests}/kit-emulation}"
@@ -29,8 +30,11 @@ EOF
 [[ -z "$EXTRA" ]] || "$VENV/bin/python" -m pip uninstall -q -y $EXTRA
 echo "kit rehearsal: emulated image at $VENV (removed, not in the image: ${EXTRA:-none})"
 "$PY" -m bench.gpu_kit build --python 3.11 --out .gpu-kit-rehearsal
-PY="$VENV/bin/python" FPO_KIT=.gpu-kit-rehearsal FPO_KIT_DIR="$VENV.kit" bash -c '
-  set -euo pipefail
-  source bench/kit_env.sh
-  "$PY" -m bench.run --quick --device cpu --nproc 2 --out "$FPO_KIT_DIR/bench-out"'
-echo "kit rehearsal: passed"
+# what a lent session runs (bench/gpu_session.sh), on the CPU: the kit, the quick bench, head_grad, the optimizer
+rm -rf "$VENV.session"
+PY="$VENV/bin/python" FPO_KIT=.gpu-kit-rehearsal FPO_KIT_DIR="$VENV.kit" FPO_SESSION_DEVICE=cpu OUT="$VENV.session" \
+  bash bench/gpu_session.sh
+if grep -E ": exit [1-9]|: skipped|FAILED" "$VENV.session/summary.md"; then
+  echo "kit rehearsal: FAILED (above; logs in $VENV.session/session.tar.gz)" >&2; exit 1
+fi
+echo "kit rehearsal: passed ($VENV.session/summary.md)"

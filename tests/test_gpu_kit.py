@@ -70,3 +70,15 @@ def test_the_bootstrap_refuses_without_a_kit_and_changes_nothing_where_everythin
     here = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
                           env={**env, "PY": sys.executable, "FPO_KIT": str(tmp_path / "none")})
     assert here.returncode == 0 and here.stdout.strip() == "PYTHONPATH="
+
+
+def test_the_probe_names_the_attention_entry_points_it_finds():
+    """``gpu_kit probe`` (the lent session's first step) reports torch's version and, per packed-attention entry
+    point, its signature or why it is missing — never an exception."""
+    import torch
+
+    lines: list[str] = []
+    gpu_kit.probe(log=lines.append)
+    assert lines[0].startswith(f"torch {torch.__version__}")
+    assert any(x.startswith("flex_attention(") for x in lines)
+    assert any(x.startswith("varlen_attn") for x in lines)  # its signature, or "varlen_attn: not available (...)"

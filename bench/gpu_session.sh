@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One lent-GPU session's checks as one prepared script (issue 22). Build the kit here first (make gpu-kit), then:
+#   device run: command "bash bench/gpu_session.sh", carry [".gpu-kit"], timeout_s 590
+# In order, each only while time is left (FPO_SESSION_BUDGET_S, default 540 s, counted from the start):
+#   1. the machine: nvidia-smi, torch/transformers versions, varlen_attn's and flex_attention's signatures
+#   2. the kit: bench/kit_env.sh unpacks it and `python -m bench.gpu_kit check` imports what a run needs
+#   3. bench.run --quick on the GPU (~1 min): the Ray cache job, ZeRO-3 training, the loader
+#   4. bench.head_grad and bench.optimizer on the GPU (seconds): the bf16 head's weight gradient, fused AdamW
+#   5. bench.run --preset gpu (~6-8 min on an H200): only if at least 420 s are left
+# Everything lands in $OUT (the device run's output folder; ./gpu_session_out here) as session.tar.gz (all logs,
+# JSON and markdown) and summary.md: a device run brings back at most 8 files. A step that fails is logged and
+# the next one runs. FPO_SESSION_DEVICE=cpu rehearses it here (make gpu-kit-rehearsal's emulated image:
+# PY=... FPO_KIT=.gpu-kit-rehearsal).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu_session_out}"
+DEVICE="${FPO_SESSION_DEVICE:-cuda}"
+BUDGET="${FPO_SESSION_BUDGET_S:-540}"
+PY="${PY:-${PYTHON:-python3}}"
+[[ -x .venv/bin/python && -z "${PYTHON:-}" && "$PY" == python3 ]] && PY=.venv/bin/python
+WORK="$(mktemp -d)"
+mkdir -p "$OUT"
+START=$SECONDS
+left() { echo $((BUDGET - (SECONDS - START))); }
+say() { echo "[gpu_session $((SECONDS - START)) s] $*" | tee -a "$WORK/summary.md"; }
+step() {  # step NAME MIN_SECONDS_LEFT COMMAND...: run COMMAND with what is left as its timeout, log it
+  local name=$1 need=$2; shift 2
+  if (( $(left) < need )); then say "$name: skipped ($(left) s left, needs $need)"; return; fi
+  local t0=$SECONDS
+  timeout $(( $(left) > 10 ? $(left) - 5 : 5 )) "$@" > "$WORK/$name.log" 2>&1
+  say "$name: exit $? in $((SECONDS - t0)) s"
+}
+finish() {
+  tar -czf "$OUT/session.tar.gz" -C "$WORK" . && cp "$WORK/summary.md" "$OUT/summary.md"
+  rm -rf "$WORK"
+}
+trap finish EXIT
+
+say "device $DEVICE, budget $BUDGET s"
+step machine 0 bash -c "nvidia-smi; \"$PY\" -m bench.gpu_kit probe"
+sed -n '1,40p' "$WORK/machine.log" >> "$WORK/summary.md"
+# the kit: sourced here so that every step below runs with it
+if ! source bench/kit_env.sh > "$WORK/kit.log" 2>&1; then
+  say "kit: FAILED (kit.log)"; tail -20 "$WORK/kit.log" >> "$WORK/summary.md"; exit 1
+fi
+say "kit: $(grep -c 'FAILED' "$WORK/kit.log") failures; $(tail -1 "$WORK/kit.log")"
+step quick 60 "$PY" -m bench.run --quick --device "$DEVICE" --out "$WORK/results"
+step head_grad 30 "$PY" -m bench.head_grad --device "$DEVICE" --out "$WORK/results"
+step optimizer 30 "$PY" -m bench.optimizer --device "$DEVICE" --out "$WORK/results"
+if [[ "$DEVICE" == cuda ]]; then
+  step gpu_preset 420 "$PY" -m bench.run --preset gpu --device cuda --out "$WORK/results"
+fi
+for md in "$WORK"/results/*.md; do
+  [[ -f "$md" ]] && { echo; echo "## $(basename "$md")"; grep -E '^\| |\*\*' "$md" | head -40; } >> "$WORK/summary.md"
+done
+say "done"
