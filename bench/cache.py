@@ -1,10 +1,11 @@
 """2. The cache job: throughput against the bare forward (the limit), worker scaling, bytes per response.
 
-- ``reference_pass`` (the worker's computation, its default path: output layer at selected positions, packed rows
-  where this version packs) and a plain no-grad ``model(input_ids, attention_mask)`` (full logits) over the same
-  pairs, in the worker's batch order and batch size, right-padded (the layout a bare transformers forward takes),
-  on the same device and threads, interleaved round by round; tokens are the real (unpadded) tokens the worker
-  counts.
+- ``reference_pass`` (the worker's computation, its default path: output layer at selected positions, shared-
+  prefix rows, the prompt once per pair) and a plain no-grad ``model(input_ids, attention_mask)`` (full logits)
+  over the same pairs, in the worker's batch order and batch size, right-padded (the layout a bare transformers
+  forward takes), on the same device and threads, interleaved round by round; tokens are the real (unpadded)
+  tokens the worker counts (the prompt twice per pair).  ``reference_pass`` on packed rows (the prompt computed
+  twice) runs in the same rounds: the shared / packed time ratio.
 - The real cache job (``run_cache_job``: Ray actors, Zarr store) with 1 and 2 CPU workers of 1 thread each
   (on GPUs: 1 worker per GPU); per-worker tokens/s is what the job reports (tokenize + forward + SAE + write).
 - Bytes per response on disk (``store.info()``) against dense alternatives.
@@ -83,10 +84,12 @@ def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int
     sae = load_sae(str(assets.sae_dir), device=device, dtype="float32")
     pairs, pad_id = tokenized_pairs(assets.model_dir, assets.data, sizes, sizes.bare_rows)
     tokens = sum(len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)  # as the worker
-    kwargs = {"layout": "packed"}
+    kwargs = {"layout": "shared"}
 
-    def ref_pass():  # as the cache job runs it (packed batches, output layer at the selected positions)
-        return worker.reference_pass(worker_model, sae, assets.hook_layer, pairs, pad_id, sizes.cache_batch, **kwargs)
+    def ref_pass(layout=kwargs["layout"]):  # as the cache job runs it (its default layout; output layer at the
+        # selected positions); "packed": the prompt computed twice per pair, the layout sharing replaces
+        return worker.reference_pass(worker_model, sae, assets.hook_layer, pairs, pad_id, sizes.cache_batch,
+                                     layout=layout)
 
     batches = []  # the pairs of each batch reference_pass builds, padded: what a bare forward runs
 
@@ -109,9 +112,11 @@ def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int
 
     bare([(ids[:, :32], att[:, :32]) for ids, att in dev_batches[:1]])  # a short warm-up (the model is warm already)
 
-    t_bare, t_ref, c_bare, c_ref = [], [], [], []  # wall and process CPU seconds per call
+    ref_pass("packed")  # its warm-up
+    t_bare, t_ref, c_bare, c_ref, t_packed = [], [], [], [], []  # wall and process CPU seconds per call
     for _ in range(sizes.bare_rounds):
-        for fn, wall, cpu in ((bare, t_bare, c_bare), (ref_pass, t_ref, c_ref)):
+        for fn, wall, cpu in ((bare, t_bare, c_bare), (ref_pass, t_ref, c_ref),
+                              (lambda: ref_pass("packed"), t_packed, [])):
             sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
             fn()
@@ -150,10 +155,15 @@ def bench_reference_pass(assets: Assets, sizes: Sizes, device: str, threads: int
         "ratio": statistics.median(ratios), "ratios": ratios,
         "bare_cpu_s": c_bare, "reference_pass_cpu_s": c_ref,
         "ratio_cpu": statistics.median(b / r for b, r in zip(c_bare, c_ref)),
+        # the default (shared prefix) / the packed layout, time per pass over the same pairs, round by round
+        "packed_s": t_packed, "ratio_shared_vs_packed": statistics.median(r / p for r, p in zip(t_ref, t_packed)),
+        "computed_tokens": {"shared": sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs),
+                            "packed": tokens},
         "reference_pass_parts_s": parts,
     }
     log(f"cache: bare forward {out['bare_tokens_per_s']:.0f} tok/s, reference_pass "
-        f"{out['reference_pass_tokens_per_s']:.0f} tok/s (ratio {out['ratio']:.3f})")
+        f"{out['reference_pass_tokens_per_s']:.0f} tok/s (ratio {out['ratio']:.3f}); shared / packed time "
+        f"{out['ratio_shared_vs_packed']:.3f}")
     model = sae = None  # free them before the next part (the closures above are done)
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()

@@ -4,9 +4,12 @@
 # In order, each only while time is left (FPO_SESSION_BUDGET_S, default 540 s, counted from the start):
 #   1. the machine: nvidia-smi, torch/transformers versions, varlen_attn's and flex_attention's signatures
 #   2. the kit: bench/kit_env.sh unpacks it and `python -m bench.gpu_kit check` imports what a run needs
-#   3. bench.run --quick on the GPU (~1 min): the Ray cache job, ZeRO-3 training, the loader
-#   4. bench.head_grad and bench.optimizer on the GPU (seconds): the bf16 head's weight gradient, fused AdamW
-#   5. bench.run --preset gpu (~6-8 min on an H200): only if at least 420 s are left
+#   3. the GPU tests (pytest -m gpu: the fused attention kernels ≡ the per-sequence path, forward and gradients)
+#      and bench.attention (sdpa per sequence vs flex vs flash on one layer's packed and shared rows): what picks
+#      attention_kernel on a GPU
+#   4. bench.run --quick on the GPU (~1 min): the Ray cache job, ZeRO-3 training, the loader
+#   5. bench.head_grad and bench.optimizer on the GPU (seconds): the bf16 head's weight gradient, fused AdamW
+#   6. bench.run --preset gpu (~6-8 min on an H200): only if at least 420 s are left
 # Everything lands in $OUT (the device run's output folder; ./gpu_session_out here) as session.tar.gz (all logs,
 # JSON and markdown) and summary.md: a device run brings back at most 8 files. A step that fails is logged and
 # the next one runs. FPO_SESSION_DEVICE=cpu rehearses it here (make gpu-kit-rehearsal's emulated image:
@@ -44,6 +47,9 @@ if ! source bench/kit_env.sh > "$WORK/kit.log" 2>&1; then
   say "kit: FAILED (kit.log)"; tail -20 "$WORK/kit.log" >> "$WORK/summary.md"; exit 1
 fi
 say "kit: $(grep -c 'FAILED' "$WORK/kit.log") failures; $(tail -1 "$WORK/kit.log")"
+step gpu_tests 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_kernels.py
+[[ -f "$WORK/gpu_tests.log" ]] && grep -E "passed|failed|error|skipped|^FAILED" "$WORK/gpu_tests.log" | tail -12 >> "$WORK/summary.md"
+step attention 45 "$PY" -m bench.attention --device "$DEVICE" --rounds 5 --out "$WORK/results"
 step quick 60 "$PY" -m bench.run --quick --device "$DEVICE" --out "$WORK/results"
 step head_grad 30 "$PY" -m bench.head_grad --device "$DEVICE" --out "$WORK/results"
 step optimizer 30 "$PY" -m bench.optimizer --device "$DEVICE" --out "$WORK/results"

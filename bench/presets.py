@@ -102,13 +102,14 @@ PRESETS: dict[str, Sizes] = {
     # Lengths: UltraFeedback's are about prompt median ~150, responses ~250-300 tokens with a long tail; here both
     # are scaled down ~4x to fit the CPU budget (a Gemma step costs ~20-40 s on 2 cores), keeping the several-fold
     # spread of response lengths (10th-90th percentile of a response: ~26-157 tokens) and independent chosen and
-    # rejected lengths.  Steps: 1 warm-up + 2 measured + 1 profiled (the phase split).
+    # rejected lengths.  Steps: 1 warm-up + 4 measured (the per-step ratios give each time ratio a t-interval; 2
+    # measured steps moved the ratios by ±0.1 between runs) + 1 profiled (the phase split); 3 rounds of the cache pass.
     "realshape": Sizes(
         name="realshape", hidden=640, layers=18, heads=4, intermediate=2048, vocab=262144, hook_layer=9,
         d_sae=4096, target_l0=100, dtype="float32",
-        rows=8, max_length=352, max_prompt_length=96, prompt_words=(0, 0), response_words=(0, 0),
-        cache_batch=4, rows_per_shard=4, bare_rows=4, bare_rounds=1,
-        micro_batch=1, warmup_steps=1, measure_steps=2,
+        rows=12, max_length=352, max_prompt_length=96, prompt_words=(0, 0), response_words=(0, 0),
+        cache_batch=4, rows_per_shard=4, bare_rows=4, bare_rounds=3,
+        micro_batch=1, warmup_steps=1, measure_steps=4,
         loader_steps=0, loader_rounds=0, train_timeout_s=480,
         model="gemma3-270m", prompt_tokens=(32, 0.5, 12, 96), response_tokens=(64, 0.7, 12, 256),
         calibration_rows=6, profile_steps=1, train_dtype="float32", cache_workers=(1,),

@@ -6,7 +6,8 @@ real-sae``; a calibrated random 16k one as a contrast run, issue 21) and UltraFe
   transformers forward (full logits, padded batches) over the same rows, 1 thread on CPU; then the real Ray cache
   job (1 worker) builds the store the training runs read;
 - training (real trainer, ZeRO-3, one launch each, same store, batch and seed): ``fpo`` (the defaults: selected
-  logits, packed rows), ``fpo-materialized`` (``--logits materialized --batch_layout padded``: full logits and
+  logits, shared-prefix rows), ``fpo-packed`` (``--batch_layout packed``: the prompt computed once per sequence, the
+  layout sharing replaces), ``fpo-materialized`` (``--logits materialized --batch_layout padded``: full logits and
   padding, what the authors' code and TRL's default do) and ``dpo-online`` (a resident ZeRO-3 reference, on the
   new paths too); then ``fpo-random-sae``: fpo with the calibrated random SAE of Gemma Scope 2's width on a cache
   built with it (the real SAE is 4k wide: what the width costs).
@@ -21,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-LOSSES = ("fpo", "fpo-materialized", "dpo-online")
+LOSSES = ("fpo", "fpo-packed", "fpo-materialized", "dpo-online")
 CONTRAST = "fpo-random-sae"  # fpo with the calibrated random SAE (Gemma Scope 2's width) beside the real one
 
 
@@ -65,7 +66,9 @@ def ratios(rs: dict | None) -> dict:
             "realshape_cache_vs_bare_forward", "realshape_cache_vs_bare_forward_cpu",
             "realshape_cache_job_worker_vs_bare_forward", "realshape_padding_share",
             "realshape_padding_share_materialized", "realshape_time_fpo_random_sae_vs_real",
-            "realshape_mem_fpo_random_sae_vs_real_measured")
+            "realshape_mem_fpo_random_sae_vs_real_measured", "realshape_time_fpo_shared_vs_packed",
+            "realshape_cpu_fpo_shared_vs_packed", "realshape_mem_fpo_shared_vs_packed_measured",
+            "realshape_cache_shared_vs_packed") + tuple(k + "_interval" for k in TIME_PAIRS)
     out = dict.fromkeys(keys)
     if not rs:
         return out
@@ -85,16 +88,44 @@ def ratios(rs: dict | None) -> dict:
         realshape_mem_fpo_vs_dpo_online_measured=r("fpo", "dpo-online", "peak_memory_mb"),
         realshape_time_fpo_random_sae_vs_real=r(CONTRAST, "fpo", "step_time_s"),
         realshape_mem_fpo_random_sae_vs_real_measured=r(CONTRAST, "fpo", "peak_memory_mb"),
+        realshape_time_fpo_shared_vs_packed=r("fpo", "fpo-packed", "step_time_s"),
+        realshape_cpu_fpo_shared_vs_packed=r("fpo", "fpo-packed", "cpu_s_per_step"),
+        realshape_mem_fpo_shared_vs_packed_measured=r("fpo", "fpo-packed", "peak_memory_mb"),
     )
+    for key, (a, b) in TIME_PAIRS.items():
+        out[key + "_interval"] = paired_ratio_interval(t.get(a), t.get(b))
     cache = rs.get("cache")
     if cache:
         out.update(realshape_cache_vs_bare_forward=cache["ratio_reference_pass_vs_bare"],
                    realshape_cache_vs_bare_forward_cpu=cache["compute"].get("ratio_cpu"),
-                   realshape_cache_job_worker_vs_bare_forward=cache["ratio_worker_vs_bare"])
+                   realshape_cache_job_worker_vs_bare_forward=cache["ratio_worker_vs_bare"],
+                   realshape_cache_shared_vs_packed=cache["compute"].get("ratio_shared_vs_packed"))
     for name, key in (("fpo", "realshape_padding_share"), ("fpo-materialized", "realshape_padding_share_materialized")):
         pad = (t.get(name) or {}).get("padding")
         out[key] = pad["share"] if pad else None
     return out
+
+
+# step-time ratio keys and their runs: each also gets ``<key>_interval`` from the per-step ratios (paired by step)
+TIME_PAIRS = {"realshape_time_fpo_vs_materialized": ("fpo", "fpo-materialized"),
+              "realshape_time_fpo_vs_dpo_online": ("fpo", "dpo-online"),
+              "realshape_time_fpo_shared_vs_packed": ("fpo", "fpo-packed")}
+
+
+def paired_ratio_interval(a: dict | None, b: dict | None) -> dict | None:
+    """The 95 % t-interval of the geometric mean of the per-step time ratios ``a / b``, step ``i`` of both runs
+    being on the same pairs (the same store, seed and batch): ``{"mean", "lo", "hi", "n"}`` on the ratio scale
+    (exp of the interval of the log-ratios); None with fewer than 2 steps in common."""
+    import math
+
+    from fpo_dist.demo.stats import t_interval
+
+    ta, tb = (a or {}).get("step_times_s") or [], (b or {}).get("step_times_s") or []
+    logs = [math.log(x / y) for x, y in zip(ta, tb) if x > 0 and y > 0]
+    if len(logs) < 2:
+        return None
+    iv = t_interval(logs)
+    return {"mean": math.exp(iv.mean), "lo": math.exp(iv.lo), "hi": math.exp(iv.hi), "n": iv.n}
 
 
 # (ratio key, what, comparison, threshold, the ratio as measured / in CPU seconds shown next to it)
@@ -108,11 +139,16 @@ TARGETS = (
     ("realshape_cache_vs_bare_forward", "real shape: cache reference_pass / bare transformers forward (full logits, "
      "padded) tokens/s per worker", ">=", 1.15),
     ("realshape_padding_share", "real shape: padding / computed tokens in fpo's training micro-batches", "<=", 0.02),
+    ("realshape_time_fpo_shared_vs_packed", "real shape: fpo with the prompt shared / packed (prompt once per "
+     "sequence), step time", "<=", 0.85),
+    ("realshape_cache_shared_vs_packed", "real shape: cache reference_pass shared / packed, time per pass over the "
+     "same pairs", "<=", 0.85),
 )
 SECOND_VALUE = {"realshape_mem_fpo_vs_materialized": "realshape_mem_fpo_vs_materialized_measured",
                 "realshape_time_fpo_vs_materialized": "realshape_cpu_fpo_vs_materialized",
                 "realshape_time_fpo_vs_dpo_online": "realshape_cpu_fpo_vs_dpo_online",
-                "realshape_cache_vs_bare_forward": "realshape_cache_vs_bare_forward_cpu"}
+                "realshape_cache_vs_bare_forward": "realshape_cache_vs_bare_forward_cpu",
+                "realshape_time_fpo_shared_vs_packed": "realshape_cpu_fpo_shared_vs_packed"}
 
 
 def _f(x, fmt=".3f"):
@@ -184,14 +220,22 @@ def markdown(rs: dict | None, rat: dict, device: str, cores: int | None = None) 
 
     for t in check_targets_of(rat, TARGETS, SECOND_VALUE):
         verdict = "not run" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
-        lines.append(f"| {t['what']} | {_f(t['value'])} | {t['op']} {t['threshold']} | {verdict} | "
+        iv = rat.get(t["key"] + "_interval")
+        value = _f(t["value"])
+        if iv:
+            value += f" [{iv['lo']:.3f}, {iv['hi']:.3f}]"
+            if iv["lo"] <= t["threshold"] <= iv["hi"]:
+                verdict += " (the interval holds the threshold: not separated)"
+        lines.append(f"| {t['what']} | {value} | {t['op']} {t['threshold']} | {verdict} | "
                      f"{_f(t.get('value_cpu_time'))} |")
     lines += ["", f"Memory targets are judged above the post-setup baseline: per rank, the training steps' peak {unit} "
                   f"minus that rank's {unit} after `Trainer.setup` and before the first step (weights, optimizer state, "
                   "resident reference or SAE" + (", and the ~0.5 GB of the process's imports" if device == "cpu" else "")
                   + "), max over ranks; the last column gives the same ratio on the peaks as measured. Time targets "
-                  "are judged on wall-clock step time (median over the measured steps); the last column gives the "
-                  "same ratio in CPU seconds of the ranks.", ""]
+                  "are judged on wall-clock step time (median over the measured steps); in brackets the 95 % "
+                  "t-interval of the geometric mean of the per-step ratios (step i of both runs on the same pairs; "
+                  "valid at the number of steps measured); the last column gives the same ratio in CPU seconds of "
+                  "the ranks.", ""]
     if losses:
         lines += [f"| run | logits | layout | step time (s), median [min] | CPU s/step | peak {unit} (MB/rank) | "
                   f"after setup (MB) | peak − after setup (MB) | padding share | host load (cores) |",
@@ -246,4 +290,10 @@ def markdown(rs: dict | None, rat: dict, device: str, cores: int | None = None) 
                       f"{k} {v:.2f}" for k, v in comp["reference_pass_parts_s"].items()) + " (`_response_logps`: "
                   "the decoder, the output layer at the selected positions and the log-probs; `_pooled_codes`: SAE "
                   "encode + pooling).", ""]
+        if comp.get("ratio_shared_vs_packed") is not None:
+            ct = comp["computed_tokens"]
+            lines[-1:-1] = [f"Prefix sharing in the cache pass: shared / packed time per pass "
+                            f"{comp['ratio_shared_vs_packed']:.3f} (median over the {len(comp['packed_s'])} rounds); "
+                            f"positions computed {ct['shared']} / {ct['packed']} = {ct['shared'] / ct['packed']:.3f} "
+                            "(the prompt once per pair instead of twice)."]
     return lines

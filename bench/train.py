@@ -27,6 +27,8 @@ VARIANTS = {
     # the path the selected-position head and packed rows replace: full [rows, T, vocab] logits, padded rows
     # (what the authors' code and TRL's default do); the layout flag only where this trainer has it
     "fpo-materialized": ("fpo", ["--logits", "materialized", "--batch_layout", "padded"]),
+    # the layout prefix sharing replaces: each pair's prompt computed twice, once per sequence (issue 22)
+    "fpo-packed": ("fpo", ["--batch_layout", "packed"]),
     # no DeepSpeed config: the trainer's own engine without ZeRO partitioning (stage 0; what one process runs
     # without --deepspeed), against ZeRO-3 at the same world size (issue 22: one process is not a cluster)
     "fpo-stage0": ("fpo", ["--deepspeed", ""]),

@@ -146,7 +146,8 @@ class PaddingCount:
             self.padding += int(pad) if pad is not None else int((mb.attention_mask == 0).sum())
             self.computed += int(mb.input_ids.numel())
             self.micro_batches += 1
-            self.layouts.add("packed" if getattr(mb, "position_ids", None) is not None else "padded")
+            self.layouts.add("shared" if getattr(mb, "shared", None) is not None else
+                             "packed" if getattr(mb, "position_ids", None) is not None else "padded")
             return mb
 
         return inner
@@ -168,7 +169,7 @@ def instrument(timer: PhaseTimer, clock: StepClock, padding: PaddingCount | None
     CacheLoader.__next__ = timer.wrap(CacheLoader.__next__, "loader_next")
     if padding is not None:
         CacheLoader.__next__ = padding.wrap(CacheLoader.__next__)
-    for name, phase in (("pooled_policy_codes", "sae_encode_pool"), ("_sequence_sums", "logps"),
+    for name, phase in (("pooled_policy_codes", "sae_encode_pool"), ("predicted_token_logps", "logps"),
                         ("position_kl", "kl")):  # logps/kl: the materialized path (--logits materialized)
         setattr(forward, name, timer.wrap(getattr(forward, name), phase))
     # the selected-position head (the default) computes log-probs inside the policy forward; its KL term (the

@@ -154,9 +154,14 @@ class CacheConfig:
     rows_per_shard: int = 512
     chunk_rows: int = 256  # zarr chunk length; rows_per_shard must be a multiple
     batch_size: int = 8  # pairs per forward (2x sequences)
-    # "packed": the batch's sequences back to back in one row, per-sequence position_ids, no padding;
-    # "padded": one right-padded row per sequence
-    batch_layout: Literal["packed", "padded"] = "packed"
+    # "shared": per pair one [prompt, chosen, rejected] segment group, the prompt computed once (rejected positions
+    # continue from the prompt); "packed": the batch's sequences back to back in one row, per-sequence
+    # position_ids, no padding; "padded": one right-padded row per sequence.  Recorded in the store's provenance.
+    batch_layout: Literal["shared", "packed", "padded"] = "shared"
+    # the shared/packed rows' attention (fpo_dist.attention.KERNELS): "sdpa" one call per sequence (any device);
+    # "flex" one FlexAttention call per layer (CUDA; forward-only on CPU); "flash" one varlen_attn call per layer
+    # (CUDA, bf16/fp16, no soft-cap).  Recorded in the store's provenance.
+    attention_kernel: Literal["sdpa", "flex", "flash"] = "sdpa"
     per_token_logps: bool = False
     per_token_codes: bool = False
     overwrite: bool = False
@@ -246,9 +251,15 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = 1.0
-    # torch's fused Adam/AdamW kernel: one pass over the (flat ZeRO) partition, no temporaries — 15-30x faster
-    # than the default per-tensor loop on CPU (bench/optimizer.py); results differ from it in the last bit
-    fused: bool = False
+    # torch's fused Adam/AdamW kernel: one pass over the (flat ZeRO) partition, no temporaries — 0.031 of the
+    # per-tensor loop's step on CPU (bench/optimizer.py).  null (the default): fused for adam/adamw (TRL's default
+    # too), the per-tensor loop for rmsprop (no fused kernel); false: the per-tensor loop (its results differ from
+    # the fused kernel's in the last bits); true with rmsprop is refused
+    fused: bool | None = None
+
+    def use_fused(self) -> bool:
+        """Whether the optimizer runs torch's fused kernel (``fused``, resolved for the optimizer)."""
+        return self.name != "rmsprop" if self.fused is None else self.fused
 
     def validate(self) -> None:
         check("optim.lr", self.lr, POSITIVE)
@@ -285,9 +296,15 @@ class TrainConfig:
     # "selected": the output layer only where a response token is predicted, chunked (fpo_dist.lm_head);
     # "materialized": full [rows, T, vocab] logits (the path it replaces; for comparisons and benchmarks)
     logits: Literal["selected", "materialized"] = "selected"
-    # "packed": each micro-batch's chosen and rejected sequences back to back in one row (per-sequence
-    # position_ids, block-diagonal attention, no padding); "padded": one right-padded row per sequence
-    batch_layout: Literal["packed", "padded"] = "packed"
+    # "shared": each pair's [prompt, chosen, rejected] as one segment group, the prompt computed once (the
+    # rejected tokens attend to the prompt and themselves, positions continuing from the prompt); "packed": each
+    # micro-batch's chosen and rejected sequences back to back in one row (per-sequence position_ids, block-
+    # diagonal attention, no padding); "padded": one right-padded row per sequence.  Any layout reads any cache.
+    batch_layout: Literal["shared", "packed", "padded"] = "shared"
+    # the shared/packed rows' attention (fpo_dist.attention.KERNELS): "sdpa" one call per sequence (any device);
+    # "flex" one FlexAttention call per layer (CUDA: no FlexAttention backward on CPU); "flash" one varlen_attn call
+    # per layer (CUDA, bf16/fp16, no soft-cap)
+    attention_kernel: Literal["sdpa", "flex", "flash"] = "sdpa"
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
     # a resumable checkpoint (weights + optimizer state: ~12 bytes per parameter) after the last step; false:
     # only save_every's, e.g. a run whose product is the HF export (tests, benchmarks)
@@ -336,6 +353,9 @@ class TrainConfig:
             )
         if self.resume not in (None, "auto") and not Path(self.resume).exists():
             raise ConfigError(f"'resume' must be 'auto' or an existing checkpoint directory, got '{self.resume}'")
+        if self.logits == "materialized" and self.batch_layout == "shared":
+            raise ConfigError("'logits: materialized' (full logits, the path the selected head replaces) runs the "
+                              "packed or padded layout: add --batch_layout packed (or padded)")
         if self.keep_last < 1:
             raise ConfigError("'keep_last' must be at least 1")
         if self.log_every < 1 or self.step0_rows < 1:

@@ -53,61 +53,79 @@ def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:n], x[n:]
 
 
+@dataclass
+class _PerPosition:
+    """One forward's values at the selected positions (``batch.selection``'s order), before the segment sums."""
+
+    logps: torch.Tensor  # [N] the policy's log-prob of each predicted response token
+    ref_logps: torch.Tensor | None = None  # [N] the resident reference's (needs == "reference_model")
+    kl: torch.Tensor | None = None  # [N] KL(reference ‖ policy) over the vocabulary (needs_ref_logits)
+    hidden: torch.Tensor | None = None  # [N, D] block ℓ's output (needs_sae)
+
+
 def forward_quantities(policy, mb, ctx: LossContext) -> Quantities:
-    """Forward ``policy`` on ``mb`` (a :class:`fpo_dist.loader.MicroBatch`, either layout) and gather what
-    ``ctx.spec`` needs.  Per-sequence values are segment sums over the predicting positions."""
-    batch = mb.layout
-    if ctx.logits == "materialized":
-        return _materialized_quantities(policy, batch, mb, ctx)
-    spec = ctx.spec
-    pm = batch.prediction_mask
-    seqs, n = batch.sequence_ids[pm], batch.n_sequences
+    """Forward ``policy`` on ``mb`` (a :class:`fpo_dist.loader.MicroBatch`, any layout) and gather what
+    ``ctx.spec`` needs.  Per-sequence values are segment sums over the selected (predicting) positions; the two
+    ``logits`` paths differ only in how they get the per-position values (:func:`_selected`,
+    :func:`_materialized`)."""
+    batch, spec = mb.layout, ctx.spec
+    sel = batch.selection
+    seqs, n = sel.sequences, batch.n_sequences
+    per = (_materialized if ctx.logits == "materialized" else _selected)(policy, batch, sel, ctx)
     n_tok = torch.bincount(seqs, minlength=n)
-    q: dict[str, Any] = {"n_tokens": _split(n_tok)}
-    ref = None
-    args = (batch.input_ids, batch.attention_mask, pm)
+
+    def sums(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _split(row_sums(values, seqs, n))
+
+    q: dict[str, Any] = {"logps": sums(per.logps), "n_tokens": _split(n_tok)}
+    if per.ref_logps is not None:
+        q["ref_logps"], q["ref_n_tokens"] = sums(per.ref_logps), _split(n_tok)
+    if per.kl is not None:
+        q["kl"] = sums(per.kl)
+    _cached_reference(q, mb, spec)
+    if spec.needs_sae:
+        q["codes"] = _policy_codes(ctx, per.hidden, seqs, n, q)
+    return Quantities(**q)
+
+
+def _selected(policy, batch, sel, ctx: LossContext) -> _PerPosition:
+    """The output layer only at the selected positions (:func:`fpo_dist.lm_head.selected_forward`), the
+    reference's first (no grad) when it is resident, its selected hidden states feeding the TDPO KL."""
+    spec = ctx.spec
+    args = (batch.input_ids, batch.attention_mask, sel)
+    ref_logps = ref = None
     if spec.needs == "reference_model":
         with torch.no_grad():
             r = selected_forward(ctx.reference, *args, position_ids=batch.position_ids)
-        q["ref_logps"], q["ref_n_tokens"] = _split(row_sums(r.logps, seqs, n)), _split(n_tok)
+        ref_logps = r.logps
         if spec.needs_ref_logits:
             ref = ref_head(ctx.reference, r.hidden)
     with _maybe_capture(policy, ctx) as cap:
         out = selected_forward(policy, *args, position_ids=batch.position_ids, ref=ref)
-    q["logps"] = _split(row_sums(out.logps, seqs, n))
-    if ref is not None:
-        q["kl"] = _split(row_sums(out.kl, seqs, n))
-    _cached_reference(q, mb, spec)
-    if spec.needs_sae:
-        q["codes"] = _policy_codes(ctx, cap.output[pm], seqs, n, q)
-    return Quantities(**q)
+    return _PerPosition(out.logps, ref_logps, out.kl if ref is not None else None,
+                        sel.gather(cap.output) if spec.needs_sae else None)
 
 
-def _materialized_quantities(policy, batch, mb, ctx: LossContext) -> Quantities:
-    """The path :func:`forward_quantities` replaces: full ``[R, T, V]`` logits of both models (kept for
-    comparisons and benchmarks: ``logits: materialized``)."""
+def _materialized(policy, batch, sel, ctx: LossContext) -> _PerPosition:
+    """The path :func:`_selected` replaces: full ``[R, T, V]`` logits of both models (kept for comparisons and
+    benchmarks: ``logits: materialized``; the packed and padded layouts, whose selection is a mask)."""
+    if batch.shared is not None:
+        raise ValueError("logits: materialized runs the packed or padded layout, not shared (--batch_layout)")
     spec = ctx.spec
     pm = batch.prediction_mask
-    seqs, n = batch.sequence_ids[pm], batch.n_sequences
     fwd = batch.model_inputs()
     with _maybe_capture(policy, ctx) as cap, expect_packed(batch.position_ids is not None):
         logits = policy(**fwd).logits
-    n_tok = torch.bincount(seqs, minlength=n)
-    q: dict[str, Any] = {"logps": _split(_sequence_sums(logits, batch, seqs)), "n_tokens": _split(n_tok)}
+    per = _PerPosition(predicted_token_logps(logits, batch.input_ids, batch.response_mask))
     if spec.needs == "reference_model":
         with torch.no_grad(), expect_packed(batch.position_ids is not None):
             ref_logits = ctx.reference(**fwd).logits
-        q["ref_logps"], q["ref_n_tokens"] = _split(_sequence_sums(ref_logits, batch, seqs)), _split(n_tok)
+        per.ref_logps = predicted_token_logps(ref_logits, batch.input_ids, batch.response_mask)
         if spec.needs_ref_logits:
-            q["kl"] = _split(row_sums(position_kl(ref_logits, logits)[pm], seqs, n))
-    _cached_reference(q, mb, spec)
+            per.kl = position_kl(ref_logits, logits)[pm]
     if spec.needs_sae:
-        q["codes"] = _policy_codes(ctx, cap.output[pm], seqs, n, q)
-    return Quantities(**q)
-
-
-def _sequence_sums(logits: torch.Tensor, batch, seqs: torch.Tensor) -> torch.Tensor:
-    return row_sums(predicted_token_logps(logits, batch.input_ids, batch.response_mask), seqs, batch.n_sequences)
+        per.hidden = cap.output[pm]
+    return per
 
 
 def _maybe_capture(policy, ctx: LossContext):

@@ -1,9 +1,11 @@
 """Log-probs only where a response token is predicted: the output layer on selected positions, chunk by chunk.
 
 Contract.  For a causal LM ``model`` and rows ``input_ids [R, T]`` with a prediction mask ``pm [R, T]``
-(:func:`fpo_dist.logprobs.prediction_mask`: ``pm[r, s]`` is True iff token ``s + 1`` is a response token),
-:func:`selected_forward` runs the decoder to its final norm, takes the ``N = pm.sum()`` hidden states
-``h = H[pm]`` (row-major order) and returns, per selected position ``i``::
+(:func:`fpo_dist.logprobs.prediction_mask`: ``pm[r, s]`` is True iff token ``s + 1`` is a response token), or
+an explicit :class:`~fpo_dist.logprobs.Selection` of positions and the tokens they predict (a shared-prefix row,
+whose prompt's last position predicts two tokens), :func:`selected_forward` runs the decoder to its final norm,
+takes the ``N`` selected hidden states ``h = H[pm]`` (row-major order; a Selection's order) and returns, per
+selected position ``i``::
 
     z_i      = c · tanh(a · (W h_i + b) / c)        (c: the config's final_logit_softcapping, a: its logit scale;
                                                       without soft-capping z_i = a · (W h_i + b))
@@ -38,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from fpo_dist.attention import expect_packed
+from fpo_dist.logprobs import Selection
 
 # fp32 bytes one chunk of [chunk, vocab] logits may take (Gemma's 262k vocabulary: 64 positions).
 HEAD_CHUNK_BYTES = 64 * 2**20
@@ -136,24 +139,26 @@ def selected_forward(
     model: Any,
     input_ids: Tensor,
     attention_mask: Tensor | None,
-    pmask: Tensor,
+    select: "Tensor | Selection",
     *,
     position_ids: Tensor | None = None,
     ref: RefHead | None = None,
     chunk_size: int | None = None,
     weight_grad: str = "auto",
 ) -> SelectedOutput:
-    """One forward of ``model`` (a transformers causal LM or an engine around one) scoring only ``pmask``'s
-    positions; see the module docstring.  Gradients follow torch's grad mode; ``weight_grad``: how the backward
+    """One forward of ``model`` (a transformers causal LM or an engine around one) scoring only the selected
+    positions — ``select``: a prediction mask ``[R, T]`` (each position predicts the next token of its row) or a
+    :class:`~fpo_dist.logprobs.Selection` (explicit positions and targets: a shared-prefix row); see the module
+    docstring.  Gradients follow torch's grad mode; ``weight_grad``: how the backward
     chunks the output layer's weight gradient (:data:`WEIGHT_GRAD`)."""
     if weight_grad not in WEIGHT_GRAD:
         raise ValueError(f"weight_grad {weight_grad!r}: choose from {', '.join(WEIGHT_GRAD)}")
     inner = unwrap(model)
     layer = output_layer(inner)
     transform = HeadTransform.of(inner)
-    pm = pmask.bool()
-    targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)[pm].long()  # token s+1 for position s
-    rows = pm.nonzero()[:, 0]
+    sel = select if isinstance(select, Selection) else Selection.of_mask(input_ids, select)
+    targets = sel.targets
+    rows = sel.positions // input_ids.shape[1]
     box: dict[str, Any] = {}
 
     def head_forward(h: Tensor):
@@ -167,7 +172,7 @@ def selected_forward(
         kwargs["use_cache"] = False
         kwargs.pop("labels", None)  # peft passes labels=None through
         hidden = backbone(inner)(*args, **kwargs).last_hidden_state
-        h = hidden[pm]
+        h = sel.gather(hidden)
         box["hidden"] = h
         with _instance_forward(layer, head_forward):
             return layer(h)

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fpo_dist.logprobs import Selection
 from fpo_dist.losses import SparseCodes
 from fpo_dist.models import LAYOUTS, PairBatch, build_batch, pairs_from_batch
 from fpo_dist.store import CacheStore, Csr, RowBatch, open_store
@@ -127,11 +128,12 @@ class MicroBatch:
     fields are those of its :class:`~fpo_dist.models.PairBatch`, ``layout`` gives them back as one).
 
     Sequences ``[0, B)`` are ``prompt + chosen``, ``[B, 2B)`` ``prompt + rejected`` (padded: one row each;
-    packed: back to back in one row); the reference data is per pair, column 0 = chosen, 1 = rejected.
+    packed: back to back in one row; shared: ``[prompt, chosen, rejected]`` per pair, back to back in one row);
+    the reference data is per pair, column 0 = chosen, 1 = rejected.
     """
 
-    input_ids: torch.Tensor  # [R, T] int64 (padded: [2B, T]; packed: [1, Σ len])
-    attention_mask: torch.Tensor | None  # [R, T] int64 (padded); None (packed)
+    input_ids: torch.Tensor  # [R, T] int64 (padded: [2B, T]; packed, shared: [1, Σ len])
+    attention_mask: torch.Tensor | None  # [R, T] int64 (padded); None (packed, shared)
     response_mask: torch.Tensor  # [R, T] bool
     ref_logp_sum: torch.Tensor  # [B, 2] float32
     ref_n_tokens: torch.Tensor  # [B, 2] int64
@@ -147,6 +149,7 @@ class MicroBatch:
     position_ids: torch.Tensor | None = None  # [R, T] int64 (packed): each sequence's own positions
     # [R, T] int64: the sequence of each position, -1 on padding; None: the padded layout's (row r = sequence r)
     sequence_ids: torch.Tensor | None = None
+    shared: Selection | None = None  # the shared layout's scored positions (PairBatch.shared)
 
     def __post_init__(self) -> None:
         if self.sequence_ids is None:
@@ -163,7 +166,7 @@ class MicroBatch:
     def layout(self) -> PairBatch:
         """The token fields as a :class:`~fpo_dist.models.PairBatch`."""
         return PairBatch(self.input_ids, self.attention_mask, self.response_mask, self.sequence_ids,
-                         2 * self.n_pairs, self.position_ids)
+                         2 * self.n_pairs, self.position_ids, self.shared)
 
     @property
     def padding_tokens(self) -> int:
@@ -179,6 +182,7 @@ class MicroBatch:
             response_mask=move(self.response_mask),
             sequence_ids=move(self.sequence_ids),
             position_ids=move(self.position_ids),
+            shared=move(self.shared),
             ref_logp_sum=move(self.ref_logp_sum),
             ref_n_tokens=move(self.ref_n_tokens),
             ref_codes_chosen=SparseCodes(*(move(t) for t in _fields(self.ref_codes_chosen))),
@@ -208,6 +212,7 @@ def make_micro_batch(batch: RowBatch, pad_id: int, layout: str = "padded", **pos
         response_mask=pb.response_mask,
         sequence_ids=pb.sequence_ids,
         position_ids=pb.position_ids,
+        shared=pb.shared,
         ref_logp_sum=_tensor(batch.logp_sum.astype(np.float32, copy=False)),
         ref_n_tokens=_tensor(batch.n_tokens.astype(np.int64)),
         ref_codes_chosen=_sparse(batch.chosen_codes),

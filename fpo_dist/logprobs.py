@@ -8,6 +8,7 @@ and SAE pooling.  No fp32 copy of a whole ``[B, T, V]`` logits tensor is held, i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +28,40 @@ def prediction_mask(response_mask: Tensor) -> Tensor:
     predict a response token."""
     mask = response_mask.bool()
     return torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The ``N`` positions a batch scores, as explicit lists: where the hidden state that predicts sits (a flat
+    index into the ``[R, T]`` positions), the token it predicts, and the sequence it counts for.
+
+    From a prediction mask (:meth:`of_mask`: packed and padded rows, where position ``s`` predicts token ``s + 1``)
+    the entries are the mask's positions in row-major order.  A shared-prefix row (``fpo_dist.models.build_batch``,
+    ``shared``) lists the prompt's last position twice — it predicts the first chosen and the first rejected
+    token — which a mask cannot say.  Each sequence's entries are contiguous and in sequence order.
+    """
+
+    positions: Tensor  # [N] int64: flat index (r · T + s) of each predicting position
+    targets: Tensor  # [N] int64: the token id each predicts
+    sequences: Tensor  # [N] int64: the sequence each counts for
+
+    @classmethod
+    def of_mask(cls, input_ids: Tensor, pm: Tensor, sequence_ids: Tensor | None = None) -> "Selection":
+        """The positions of ``pm [R, T]`` (row-major), each predicting the next token of its row."""
+        pm = pm.bool()
+        positions = pm.flatten().nonzero().squeeze(-1)
+        targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)[pm].long()  # token s+1 for position s
+        seqs = sequence_ids[pm] if sequence_ids is not None else torch.zeros_like(positions)
+        return cls(positions, targets, seqs)
+
+    def gather(self, x: Tensor) -> Tensor:
+        """``x [R, T, …]`` at the selected positions: ``[N, …]`` (differentiable; a listed-twice position's
+        gradient is the sum of both entries')."""
+        return x.flatten(0, 1)[self.positions]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Selection":
+        return Selection(*(t.to(device, non_blocking=non_blocking) for t in (self.positions, self.targets,
+                                                                               self.sequences)))
 
 
 def auto_chunk_size(batch: int, vocab: int, budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:

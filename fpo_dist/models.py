@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from fpo_dist.logprobs import Selection
 from fpo_dist.logprobs import prediction_mask as _prediction_mask
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -135,12 +136,13 @@ def load_tokenizer(spec: ModelSpec):
 
 
 def load_causal_lm(spec: ModelSpec, *, requires_grad: bool = False, device: str | torch.device | None = None,
-                   varlen: bool = False):
+                   varlen: bool | str = False):
     """``AutoModelForCausalLM`` for ``spec`` in ``spec.dtype``, in eval mode.
 
     ``requires_grad=False`` freezes every parameter (reference model); the policy passes True.
-    ``varlen=True``: attention through :func:`fpo_dist.attention.varlen_attention` (each sequence of a packed row
-    on its own; what ``batch_layout: packed`` runs).
+    ``varlen``: attention through :mod:`fpo_dist.attention`'s varlen attention (each sequence of a packed or shared
+    row on its own; what ``batch_layout: shared/packed`` runs) — True: its per-sequence ``sdpa`` kernel; a kernel
+    name (:data:`fpo_dist.attention.KERNELS`: ``sdpa``, ``flex``, ``flash``): that one.
     ``device=None`` leaves placement to the caller (under ZeRO-3 DeepSpeed places the partitions: create
     ``HfDeepSpeedConfig`` before calling this).
     A model with an attention-logit soft-cap (Gemma 2) runs its padded forwards and generation through
@@ -157,7 +159,7 @@ def load_causal_lm(spec: ModelSpec, *, requires_grad: bool = False, device: str 
     if varlen:
         from fpo_dist.attention import enable_varlen
 
-        enable_varlen(model)
+        enable_varlen(model, "sdpa" if varlen is True else varlen)
     model.eval()
     model.requires_grad_(requires_grad)
     return model
@@ -288,31 +290,39 @@ def forward_with_hook(
 # ---------------------------------------------------------------------------------------------------------
 
 
-LAYOUTS = ("packed", "padded")
+# "shared": each pair as one [prompt, chosen, rejected] segment group (the prompt computed once); "packed": its
+# two sequences back to back; "padded": one right-padded row per sequence.
+LAYOUTS = ("shared", "packed", "padded")
 
 
 @dataclass(frozen=True)
 class PairBatch:
     """``B`` preference pairs as ``2B`` sequences: sequences ``[0, B)`` are ``prompt + chosen``, ``[B, 2B)`` are
-    ``prompt + rejected`` of the same pairs, in one of two layouts (:func:`build_batch`):
+    ``prompt + rejected`` of the same pairs, in one of three layouts (:func:`build_batch`):
 
     - ``padded``: one right-padded row per sequence (``[2B, T]``, T = the longest), with an ``attention_mask``;
     - ``packed``: all ``2B`` sequences back to back in ONE row (``[1, Σ len]``), no padding, ``attention_mask``
-      None and ``position_ids`` restarting at 0 for each sequence, from which transformers builds the
-      block-diagonal causal mask (sdpa/eager; flash-attention's varlen path on GPU).
+      None and ``position_ids`` restarting at 0 for each sequence;
+    - ``shared``: ONE row of ``[prompt, chosen, rejected]`` per pair, back to back: the prompt once, positions
+      ``0 … P+C−1`` over prompt and chosen, ``P … P+R−1`` over rejected, so the rejected tokens continue from the
+      prompt.  :func:`fpo_dist.attention.varlen_attention` reads the layout from the positions: a segment whose
+      positions start at ``k > 0`` attends to the first ``k`` tokens of the last segment that started at 0 (the
+      prompt) and to itself, causally — each sequence's attention is that of the sequence run alone.
 
     ``response_mask[r, t]`` is True iff ``input_ids[r, t]`` is a response token; ``sequence_ids[r, t]`` is the
-    sequence that position belongs to (−1 on padding).  The hidden state and the logits that PREDICT a response
-    token sit one position earlier: ``prediction_mask`` (the same in both layouts, since every sequence starts
-    with a non-empty prompt).  Everything per sequence is a segment sum over ``sequence_ids[prediction_mask]``.
+    sequence that position belongs to (−1 on padding; a shared prompt counts as its chosen sequence's).  The
+    hidden state and the logits that PREDICT a response token sit one position earlier (``prediction_mask``;
+    shared: the prompt's last position predicts both first response tokens).  :attr:`selection` lists them — the
+    positions, the tokens they predict and their sequences — and everything per sequence is a segment sum over it.
     """
 
     input_ids: torch.Tensor  # [R, T] int64, pad_id after the end (padded)
-    attention_mask: torch.Tensor | None  # [R, T] int64, 1 on real tokens (padded); None (packed)
+    attention_mask: torch.Tensor | None  # [R, T] int64, 1 on real tokens (padded); None (packed, shared)
     response_mask: torch.Tensor  # [R, T] bool
     sequence_ids: torch.Tensor  # [R, T] int64 in [0, 2B), −1 on padding
     n_sequences: int  # 2B
-    position_ids: torch.Tensor | None = None  # [R, T] int64 (packed): each sequence's own positions 0, 1, …
+    position_ids: torch.Tensor | None = None  # [R, T] int64 (packed, shared): each segment's positions
+    shared: Selection | None = None  # the explicit selection of a shared-prefix row (None: from prediction_mask)
 
     @property
     def n_pairs(self) -> int:
@@ -320,15 +330,26 @@ class PairBatch:
 
     @property
     def prediction_mask(self) -> torch.Tensor:
-        """[R, T] bool: True at positions ``t`` whose next token ``t + 1`` is a response token.
+        """[R, T] bool: True at positions ``t`` whose next token ``t + 1`` is a response token (shared: True at
+        every predicting position, the prompt's last once).
 
         These are the positions whose logits give ``log π(y_t | ·)`` and whose hidden states are pooled.
         """
+        if self.shared is not None:
+            return torch.zeros(self.input_ids.numel(), dtype=torch.bool, device=self.input_ids.device).index_fill(
+                0, self.shared.positions, True).view_as(self.input_ids)
         return _prediction_mask(self.response_mask)
 
     @property
+    def selection(self) -> Selection:
+        """The scored positions, their targets and sequences (chosen sequences' first, each contiguous)."""
+        if self.shared is not None:
+            return self.shared
+        return Selection.of_mask(self.input_ids, self.prediction_mask, self.sequence_ids)
+
+    @property
     def padding_tokens(self) -> int:
-        """Positions computed for no sequence (0 when packed)."""
+        """Positions computed for no sequence (0 when packed or shared)."""
         return int((self.sequence_ids < 0).sum())
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
@@ -342,8 +363,9 @@ class PairBatch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PairBatch":
         from dataclasses import fields, replace
 
-        return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-                                for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
+        moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)
+                 if isinstance(getattr(self, f.name), (torch.Tensor, Selection))}
+        return replace(self, **moved)
 
 
 def pairs_from_batch(batch) -> list[TokenizedPair]:
@@ -357,7 +379,7 @@ def pairs_from_batch(batch) -> list[TokenizedPair]:
 
 
 def build_batch(pairs: Sequence[TokenizedPair], pad_id: int, layout: str = "padded") -> PairBatch:
-    """Lay out ``pairs`` as a :class:`PairBatch` (chosen sequences first) in ``layout`` (``padded``/``packed``)."""
+    """Lay out ``pairs`` as a :class:`PairBatch` (chosen sequences first) in ``layout`` (:data:`LAYOUTS`)."""
     if not pairs:
         raise ValueError("build_batch needs at least one pair")
     if layout not in LAYOUTS:
@@ -368,6 +390,8 @@ def build_batch(pairs: Sequence[TokenizedPair], pad_id: int, layout: str = "padd
                 # An empty prompt would leave the first response token without a predicting position (and, packed,
                 # would let the previous sequence's last position predict it).
                 raise ValueError(f"pair for source row {p.index} has an empty {name}")
+    if layout == "shared":
+        return _shared_batch(pairs)
     seqs = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     lengths = [len(prompt) + len(resp) for prompt, resp in seqs]
     packed = layout == "packed"
@@ -388,3 +412,27 @@ def build_batch(pairs: Sequence[TokenizedPair], pad_id: int, layout: str = "padd
         offset += n
     attention_mask = None if packed else (sequence_ids >= 0).long()
     return PairBatch(input_ids, attention_mask, response_mask, sequence_ids, len(seqs), position_ids)
+
+
+def _shared_batch(pairs: Sequence[TokenizedPair]) -> PairBatch:
+    """The ``shared`` layout: per pair ``[prompt P, chosen C, rejected R]`` at positions ``0…P+C−1, P…P+R−1``."""
+    B = len(pairs)
+    ids, pos, resp, seq = [], [], [], []
+    sel: list[list[tuple[list[int], list[int]]]] = [[], []]  # [chosen, rejected] → per pair (positions, targets)
+    offset = 0
+    for i, p in enumerate(pairs):
+        P, C, R = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        ids += [*p.prompt_ids, *p.chosen_ids, *p.rejected_ids]
+        pos += [*range(P + C), *range(P, P + R)]
+        resp += [False] * P + [True] * (C + R)
+        seq += [i] * (P + C) + [B + i] * R
+        last = offset + P - 1  # the prompt's last position predicts both first response tokens
+        sel[0].append(([last, *range(offset + P, offset + P + C - 1)], list(p.chosen_ids)))
+        sel[1].append(([last, *range(offset + P + C, offset + P + C + R - 1)], list(p.rejected_ids)))
+        offset += P + C + R
+    entries = sel[0] + sel[1]
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    selection = Selection(as_long([x for e in entries for x in e[0]]), as_long([y for e in entries for y in e[1]]),
+                          as_long([j for j, e in enumerate(entries) for _ in e[0]]))
+    row = lambda xs, dtype=torch.long: torch.tensor(xs, dtype=dtype)[None]  # noqa: E731
+    return PairBatch(row(ids), None, row(resp, torch.bool), row(seq), 2 * B, row(pos), selection)

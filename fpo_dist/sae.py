@@ -106,12 +106,24 @@ def pool_sequences(codes: Tensor, sequences: Tensor, n: int) -> Tensor:
     """``c̄[s] = Σ_{i: sequences[i] = s} codes[i] / max(|{i: sequences[i] = s}|, 1)`` in fp32 ``[n, F]``.
 
     ``codes [N, F]`` are the codes of the selected positions only (the hidden states at
-    ``PairBatch.prediction_mask``, in either layout), ``sequences [N]`` the sequence of each
-    (``PairBatch.sequence_ids[prediction_mask]``).  Padded and prompt positions are never encoded, so garbage
+    ``PairBatch.selection.positions``, in any layout), ``sequences [N]`` the sequence of each
+    (``PairBatch.selection.sequences``).  Padded and prompt positions are never encoded, so garbage
     there (even non-finite) cannot leak in.  Equal to :func:`pool_mean` on the padded layout.
     """
-    summed = torch.zeros(n, codes.shape[-1], dtype=torch.float32, device=codes.device)
-    summed = summed.index_add(0, sequences, codes.float())
+    return mean_of_sums(sum_sequences(codes, sequences, n), sequences, n)
+
+
+def sum_sequences(codes: Tensor, sequences: Tensor, n: int, into: Tensor | None = None) -> Tensor:
+    """``Σ_{i: sequences[i] = s} codes[i]`` in fp32 ``[n, F]``, added to ``into`` when given: summing the selected
+    positions block by block into one ``into`` adds them in the same order as one call (the cache's blocked SAE
+    encode and the training forward pool identically)."""
+    if into is None:
+        into = torch.zeros(n, codes.shape[-1], dtype=torch.float32, device=codes.device)
+    return into.index_add(0, sequences, codes.float())
+
+
+def mean_of_sums(summed: Tensor, sequences: Tensor, n: int) -> Tensor:
+    """:func:`sum_sequences`' sums divided by each sequence's count of positions (at least 1)."""
     counts = torch.bincount(sequences, minlength=n)[:n].clamp(min=1)
     return summed / counts[:, None].to(summed.dtype)
 

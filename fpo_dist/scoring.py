@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fpo_dist.attention import expect_packed
 from fpo_dist.lm_head import row_sums, selected_forward, unwrap
-from fpo_dist.logprobs import predicted_token_logps
+from fpo_dist.logprobs import Selection, predicted_token_logps
 from fpo_dist.models import PairBatch, capture_block_output
 
 # SAE codes are computed in blocks of positions so that [positions, d_sae] fp32 stays under this many bytes.
@@ -53,15 +53,15 @@ def score_batch(model, batch: PairBatch, sae=None, layer: int | None = None, *, 
     """
     if logits not in ("selected", "materialized"):
         raise ValueError(f"logits must be 'selected' or 'materialized', got {logits!r}")
-    pm = batch.prediction_mask
-    seqs = batch.sequence_ids[pm]
+    sel = batch.selection
+    seqs = sel.sequences
     n = batch.n_sequences
     capture = capture_block_output(unwrap(model), layer) if sae is not None else contextlib.nullcontext()
     with capture as cap:
-        logps = _response_logps(model, batch, pm, logits)
+        logps = _response_logps(model, batch, sel, logits)
     out = Scored(row_sums(logps, seqs, n), torch.bincount(seqs, minlength=n), logps, seqs)
     if sae is not None:
-        out.pooled, out.token_codes = _pooled_codes(sae, cap.output[pm], seqs, n, token_codes)
+        out.pooled, out.token_codes = _pooled_codes(sae, sel.gather(cap.output), seqs, n, token_codes)
     return out
 
 
@@ -71,10 +71,12 @@ def nonzeros(vec: Tensor) -> tuple[np.ndarray, np.ndarray]:
     return nz.to(torch.int32).cpu().numpy(), vec[nz].float().cpu().numpy()
 
 
-def _response_logps(model, batch: PairBatch, pm: Tensor, logits: str) -> Tensor:
-    """``logps [N]`` at the positions ``pm`` (row-major): the log-prob of the token each predicts."""
+def _response_logps(model, batch: PairBatch, sel: Selection, logits: str) -> Tensor:
+    """``logps [N]`` at the selected positions (in ``sel``'s order): the log-prob of the token each predicts."""
     if logits == "selected":
-        return selected_forward(model, batch.input_ids, batch.attention_mask, pm, position_ids=batch.position_ids).logps
+        return selected_forward(model, batch.input_ids, batch.attention_mask, sel, position_ids=batch.position_ids).logps
+    if batch.shared is not None:
+        raise ValueError("logits: materialized runs the packed or padded layout, not shared")
     with expect_packed(batch.position_ids is not None):
         full = model(**batch.model_inputs()).logits
     return predicted_token_logps(full, batch.input_ids, batch.response_mask)
@@ -83,7 +85,7 @@ def _response_logps(model, batch: PairBatch, pm: Tensor, logits: str) -> Tensor:
 def _pooled_codes(sae, hidden: Tensor, seqs: Tensor, n: int, per_token: bool):
     """Mean-pooled SAE codes ``[n, d_sae]`` of the selected hidden states ``[N, D]``, encoded in blocks; with
     ``per_token``, each sequence's per-position sparse codes as ``(nnz per token, indices, values)``."""
-    from fpo_dist.sae import encode_full
+    from fpo_dist.sae import encode_full, mean_of_sums, sum_sequences
 
     d_sae = sae.cfg.d_sae
     block = max(1, SAE_BLOCK_BYTES // (d_sae * 4))
@@ -91,13 +93,13 @@ def _pooled_codes(sae, hidden: Tensor, seqs: Tensor, n: int, per_token: bool):
     nnz, idx, val = [], [], []
     for a in range(0, hidden.shape[0], block):
         codes = encode_full(sae, hidden[a : a + block]).float()
-        summed.index_add_(0, seqs[a : a + block], codes)
+        summed = sum_sequences(codes, seqs[a : a + block], n, summed)
         if per_token:
             nz = codes.nonzero()
             nnz.append((codes != 0).sum(-1).to(torch.int32).cpu())
             idx.append(nz[:, 1].to(torch.int32).cpu())
             val.append(codes[nz[:, 0], nz[:, 1]].cpu())
-    pooled = summed / torch.bincount(seqs, minlength=n).clamp(min=1)[:, None].float()
+    pooled = mean_of_sums(summed, seqs, n)
     return pooled, (_split_per_sequence(seqs.cpu(), nnz, idx, val, n) if per_token else None)
 
 

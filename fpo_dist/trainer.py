@@ -65,7 +65,7 @@ def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.RMSprop(params, lr=o.lr, eps=o.eps, weight_decay=o.weight_decay)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
     return cls(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-               **({"fused": True} if o.fused else {}))
+               **({"fused": True} if o.use_fused() else {}))
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -243,7 +243,7 @@ class Trainer:
         dtype = "bfloat16" if self.bf16 else "float32"
         self._zero_ctx = eng.zero3_init_context(self.ds_config)  # keep alive: partitioned loading
         lora = cfg.policy.lora
-        varlen = cfg.batch_layout == "packed"
+        varlen = cfg.batch_layout != "padded" and cfg.attention_kernel
         policy = load_causal_lm(model_spec(policy_cfg, dtype), requires_grad=not lora.rank, varlen=varlen)
         if lora.rank:
             from fpo_dist.lora import apply_lora

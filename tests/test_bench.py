@@ -161,14 +161,16 @@ def test_realshape_ratios_targets_and_markdown():
 
     losses = {
         "fpo": _fake_run(10.0, 4000.0, 3000.0, 20.0, {"padding_tokens": 0, "computed_tokens": 700, "share": 0.0,
-                                                      "micro_batches": 8, "layouts": ["packed"]}),
+                                                      "micro_batches": 8, "layouts": ["shared"]}, layout="shared"),
+        "fpo-packed": _fake_run(12.0, 4100.0, 3000.0, 23.0),  # the prompt computed once per sequence
         "fpo-materialized": _fake_run(20.0, 6000.0, 3000.0, 40.0, logits="materialized", layout="padded"),
         "dpo-online": _fake_run(12.5, 5000.0, 3500.0, 25.0),
         "fpo-random-sae": _fake_run(11.0, 4200.0, 3100.0, 22.0),  # the calibrated 16k contrast
     }
     compute = {"ratio": 1.5, "ratio_cpu": 1.4, "reference_pass_kwargs": {"layout": "packed"}, "pairs": 8, "tokens": 100,
                "padded_tokens": 120, "batches": 2, "batch_pairs": 4, "threads": 1, "bare_s": [2.0],
-               "reference_pass_tokens_per_s": 75.0, "bare_tokens_per_s": 50.0, "reference_pass_parts_s": {"total": 1.0}}
+               "reference_pass_tokens_per_s": 75.0, "bare_tokens_per_s": 50.0, "reference_pass_parts_s": {"total": 1.0},
+               "ratio_shared_vs_packed": 0.9, "packed_s": [2.2], "computed_tokens": {"shared": 80, "packed": 100}}
     rs = {"sizes": PRESETS["realshape"].to_dict(), "batch_layout_available": True,
           "assets": {"n_params": 268e6, "calibrated_l0": 64.2, "model": {"blocks": 18, "d_model": 640, "vocab": 262144},
                      "lengths": {}, "sae_kind": "real", "contrast_d_sae": 16384, "contrast_l0": 70.0},
@@ -184,11 +186,14 @@ def test_realshape_ratios_targets_and_markdown():
     assert rat["realshape_cache_vs_bare_forward"] == 1.5 and rat["realshape_padding_share"] == 0.0
     assert rat["realshape_time_fpo_random_sae_vs_real"] == 1.1
     assert rat["realshape_mem_fpo_random_sae_vs_real_measured"] == 4200 / 4000
+    assert rat["realshape_time_fpo_shared_vs_packed"] == 10 / 12 and rat["realshape_cpu_fpo_shared_vs_packed"] == 20 / 23
+    assert rat["realshape_cache_shared_vs_packed"] == 0.9
     targets = {t["key"]: t for t in report.check_targets(rat)}
     assert {k: targets[k]["met"] for k in targets if k.startswith("realshape_")} == {
         "realshape_mem_fpo_vs_materialized": True, "realshape_time_fpo_vs_materialized": True,
         "realshape_time_fpo_vs_dpo_online": False, "realshape_cache_vs_bare_forward": True,
-        "realshape_padding_share": True}
+        "realshape_padding_share": True, "realshape_time_fpo_shared_vs_packed": True,
+        "realshape_cache_shared_vs_packed": False}
     assert targets["time_fpo_dpo_online"]["met"] is None  # the base preset did not run
 
     previous = {"sizes": {"name": "cpu"}, "command": "python -m bench.run", "train": {"x": 1}, "realshape": {"old": 1}}
@@ -207,6 +212,8 @@ def test_realshape_ratios_targets_and_markdown():
     assert "`make real-sae` trains" in md and "random JumpReLU 640×16384" in md and "L0 of 70" in md
     assert "`fpo-random-sae` / `fpo` (random 16384-wide SAE / the real 4096-wide one): step time 1.100" in md
     assert "| fpo-materialized | materialized | padded | 20.00 [20.00] |" in md
+    assert "| fpo-packed | selected | packed | 12.00 [12.00] |" in md
+    assert "shared / packed time per pass 0.900 (median over the 1 rounds); positions computed 80 / 100 = 0.800" in md
     assert "above the post-setup baseline" in md and "0.333 | <= 0.6 | **met** | 0.667 |" in md
 
 
@@ -221,3 +228,21 @@ def test_optimizer_bench_writes_its_ratio(tmp_path):
     assert saved["ratios"]["optimizer_fused_vs_per_tensor"] == pytest.approx(
         result["runs"]["fused"]["step_s"] / result["runs"]["per_tensor"]["step_s"])
     assert "optimizer_fused_vs_per_tensor" in (tmp_path / "optimizer-cpu.md").read_text()
+
+
+def test_realshape_time_ratio_interval_pairs_steps():
+    """Per-step time ratios are paired by step (same pairs in both runs); the interval is the t-interval of their
+    log's mean, on the ratio scale; fewer than 2 steps: none."""
+    import math
+
+    from bench.realshape import paired_ratio_interval
+
+    same = paired_ratio_interval({"step_times_s": [10.0, 11.0, 12.0]}, {"step_times_s": [20.0, 22.0, 24.0]})
+    assert same["n"] == 3 and math.isclose(same["mean"], 0.5) and math.isclose(same["lo"], 0.5)
+    spread = paired_ratio_interval({"step_times_s": [8.0, 9.0, 10.0, 12.0]}, {"step_times_s": [10.0, 10.0, 10.0, 10.0]})
+    assert spread["lo"] < spread["mean"] < spread["hi"] and spread["lo"] < 0.8 and spread["hi"] > 0.95
+    # paired by step: a slow batch slows both runs and leaves the ratio alone
+    paired = paired_ratio_interval({"step_times_s": [5.0, 50.0]}, {"step_times_s": [10.0, 100.0]})
+    assert math.isclose(paired["lo"], 0.5) and math.isclose(paired["hi"], 0.5)
+    assert paired_ratio_interval({"step_times_s": [1.0]}, {"step_times_s": [2.0]}) is None
+    assert paired_ratio_interval(None, {"step_times_s": [1.0, 2.0]}) is None

@@ -182,6 +182,20 @@ def test_fused_optimizer_equals_the_per_tensor_loop(name):
     torch.testing.assert_close(weights[True], weights[False], rtol=0, atol=1e-6)
 
 
+def test_fused_is_the_default_where_torch_has_it():
+    """``optim.fused`` unset: the fused kernel for adam/adamw (the default, as in TRL), the per-tensor loop for
+    rmsprop (which has none); ``false`` keeps the per-tensor loop."""
+    import torch
+
+    from fpo_dist.trainer import build_optimizer
+
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    for name, args, fused in (("adamw", [], True), ("adam", [], True), ("rmsprop", [], None),
+                              ("adamw", ["--optim.fused", "false"], None)):
+        cfg = load_config(TrainConfig, None, ["--cache", "/tmp/store", "--optim.name", name, *args])
+        assert build_optimizer(p, cfg).defaults.get("fused") is fused, (name, args)
+
+
 def test_fused_rmsprop_is_refused():
     with pytest.raises(ConfigError, match="optim.fused.*adam and adamw only"):
         load_config(TrainConfig, None, ["--cache", "/tmp/store", "--optim.name", "rmsprop", "--optim.fused", "true"])

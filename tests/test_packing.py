@@ -132,7 +132,7 @@ def _micro_batch(batch, ref_logps: torch.Tensor, ref_codes: torch.Tensor) -> Mic
     n = batch.n_pairs
     return MicroBatch(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, response_mask=batch.response_mask,
-        sequence_ids=batch.sequence_ids, position_ids=batch.position_ids,
+        sequence_ids=batch.sequence_ids, position_ids=batch.position_ids, shared=batch.shared,
         ref_logp_sum=torch.stack([ref_logps[:n], ref_logps[n:]], 1).float(),
         ref_n_tokens=torch.zeros(n, 2, dtype=torch.long),  # replaced below
         ref_codes_chosen=SparseCodes.from_dense(ref_codes[:n]), ref_codes_rejected=SparseCodes.from_dense(ref_codes[n:]),
@@ -158,7 +158,7 @@ def loss_setup():
     ref = score_batch(reference, build_batch(pairs, 0, "padded"), sae, 1)
     n = len(pairs)
     mbs = {}
-    for layout in ("packed", "padded"):
+    for layout in ("shared", "packed", "padded"):
         mb = _micro_batch(build_batch(pairs, 0, layout), ref.logp_sum, ref.pooled)
         mbs[layout] = replace(mb, ref_n_tokens=torch.stack([ref.n_tokens[:n], ref.n_tokens[n:]], 1))
     return models, sae, mbs
@@ -195,10 +195,11 @@ def test_every_loss_packed_equals_padded(loss_setup, name, attn):
     assert any(float(g.abs().max()) > 0 for g in want[2])
 
 
+@pytest.mark.parametrize("layout", ["packed", "shared"])
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
-def test_reference_pass_packed_equals_padded(kind):
-    """The cache worker's values (sums, counts, pooled codes, per-token log-probs and codes): packed (varlen, as
-    the cache job runs it) ≡ padded (transformers' sdpa)."""
+def test_reference_pass_packed_equals_padded(kind, layout):
+    """The cache worker's values (sums, counts, pooled codes, per-token log-probs and codes): packed and shared
+    (varlen; shared is what the cache job runs by default) ≡ padded (transformers' sdpa)."""
     from fpo_dist.cache.worker import reference_pass
 
     model = _model(kind, "varlen", dtype=torch.float32)
@@ -206,10 +207,10 @@ def test_reference_pass_packed_equals_padded(kind):
     sae = build_sae(d_in=hidden, d_sae=96, hook_layer=1, threshold=0.1)
     pairs = _pairs(5, seed=3)
     padded_model = _model(kind, "sdpa", dtype=torch.float32)
-    out = {layout: reference_pass(m, sae, 1, pairs, pad_id=0, batch_size=3, per_token_logps=True,
-                                  per_token_codes=True, layout=layout)
-           for layout, m in (("packed", model), ("padded", padded_model))}
-    a, b = out["packed"], out["padded"]
+    out = {lay: reference_pass(m, sae, 1, pairs, pad_id=0, batch_size=3, per_token_logps=True,
+                               per_token_codes=True, layout=lay)
+           for lay, m in ((layout, model), ("padded", padded_model))}
+    a, b = out[layout], out["padded"]
     assert a.n_tokens == b.n_tokens
     torch.testing.assert_close(torch.tensor(a.logp_sum), torch.tensor(b.logp_sum), rtol=1e-5, atol=1e-5)
     nnz = 0

@@ -65,8 +65,9 @@ def _reference_pass_both_ways(model, tok, sae) -> dict:
     _attention(model, "sdpa")
     out = {mode: reference_pass(model, sae, LAYER, pairs, tok.pad_token_id, batch_size=4, logits=mode, layout="padded")
            for mode in ("selected", "materialized")}
-    out["packed"] = reference_pass(_attention(model, "varlen"), sae, LAYER, pairs, tok.pad_token_id, batch_size=4,
-                                   layout="packed")
+    for layout in ("packed", "shared"):
+        out[layout] = reference_pass(_attention(model, "varlen"), sae, LAYER, pairs, tok.pad_token_id, batch_size=4,
+                                     layout=layout)
     with torch.no_grad():  # the scale of the log-prob comparisons: the largest |logit| at a predicting position
         out["max_logit"] = max(float(model(input_ids=torch.tensor([p.prompt_ids + r]), use_cache=False)
                                      .logits[0, len(p.prompt_ids) - 1 : -1].abs().max())
@@ -112,8 +113,8 @@ _CONTINUOUS = ("loss", "rewards_chosen", "rewards_rejected", "margin", "reward_m
 
 
 def _every_loss_both_layouts(model, tok, sae, cached) -> dict:
-    """For every registered loss, on 2 of ROWS: loss, metrics and gradients with the packed layout (varlen) and the
-    padded one (sdpa), kept as summaries (the gradients of 9 blocks would hold GBs).  Gradients w.r.t. the blocks
+    """For every registered loss, on 2 of ROWS: loss, metrics and gradients with the packed and shared layouts
+    (varlen) and the padded one (sdpa), kept as summaries (the gradients of 9 blocks would hold GBs).  Gradients w.r.t. the blocks
     from LAYER on and the final norm: the 262k-row embedding/head is frozen here, so the backward stays cheap; it
     still runs through the selected-position head, the SAE hook and 9 blocks."""
     from dataclasses import replace
@@ -143,17 +144,18 @@ def _every_loss_both_layouts(model, tok, sae, cached) -> dict:
     out = {}
     for name, spec in LOSSES.items():
         runs = {}
-        for layout, impl in (("packed", "varlen"), ("padded", "sdpa")):
+        for layout, impl in (("packed", "varlen"), ("shared", "varlen"), ("padded", "sdpa")):
             mb = replace(_micro_batch(build_batch(pairs, tok.pad_token_id, layout), ref_logps, dense), ref_n_tokens=ntok)
             ctx = LossContext(spec, {**spec.hyper_parameters, **({"k": 16} if name == "fpo" else {})}, sae=sae,
                               layer=LAYER, reference=_attention(model, impl))
             loss, metrics = ctx(model, mb)
             runs[layout] = (float(loss.detach()), {k: float(v) for k, v in metrics.items() if k in _CONTINUOUS},
                             torch.autograd.grad(loss, params))
-        (l_pk, m_pk, g_pk), (l_pd, m_pd, g_pd) = runs["packed"], runs["padded"]
-        out[name] = {"loss": (l_pk, l_pd), "metrics": (m_pk, m_pd),
-                     "grad_scale": max(float(g.abs().max()) for g in g_pd),
-                     "grad_diff": max(float((a - b).abs().max()) for a, b in zip(g_pk, g_pd))}
+        l_pd, m_pd, g_pd = runs["padded"]
+        out[name] = {layout: {"loss": (runs[layout][0], l_pd), "metrics": (runs[layout][1], m_pd),
+                              "grad_scale": max(float(g.abs().max()) for g in g_pd),
+                              "grad_diff": max(float((a - b).abs().max()) for a, b in zip(runs[layout][2], g_pd))}
+                     for layout in ("packed", "shared")}
         del runs
     for p in model.parameters():
         p.requires_grad_(False)
@@ -225,26 +227,29 @@ def test_gemma3_cache_selected_equals_materialized(realshape):
             torch.testing.assert_close(torch.as_tensor(va), torch.as_tensor(vb), rtol=1e-6, atol=1e-7)
 
 
-def test_gemma3_cache_packed_equals_padded(realshape):
-    """The cache worker on the packed layout (what the cache job runs; Gemma 3's sliding-window and global layers
-    get their mask from the packed position_ids) ≡ the padded layout."""
-    pk, pd = realshape["both_ways"]["packed"], realshape["both_ways"]["selected"]
+@pytest.mark.parametrize("layout", ["packed", "shared"])
+def test_gemma3_cache_packed_equals_padded(realshape, layout):
+    """The cache worker on the packed and the shared layout (the cache job's default; Gemma 3's sliding-window and
+    global layers get their mask from the position_ids, the rejected tokens' windows reaching into the one shared
+    prompt) ≡ the padded layout."""
+    pk, pd = realshape["both_ways"][layout], realshape["both_ways"]["selected"]
     assert pk.n_tokens == pd.n_tokens
     # other attention kernels and shapes through all 18 blocks and the head → depth 19: bound 8·19·eps·2·max|logit|
     # ≈ 9·10⁻⁴ per token (measured sums within 1.7·10⁻⁵ on a Xeon with AMX); one token attending to the other
     # sequence of its pack moves its log-prob by ≫ 10⁻²
     _assert_logps_close(pk.logp_sum, pd.logp_sum, pk.n_tokens, realshape["both_ways"]["max_logit"], 19,
-                        "packed vs padded log-prob sums")
+                        f"{layout} vs padded log-prob sums")
     # blocks 0-9 and the SAE encoder → depth 11, per vector 1.0·10⁻⁵ of its largest entry (~100-320: ≤ 3·10⁻³;
     # measured ≤ 1.8·10⁻⁴), threshold flips aside
-    _assert_codes_close(pk.pooled, pd.pooled, LAYER + 2, "packed vs padded pooled codes")
+    _assert_codes_close(pk.pooled, pd.pooled, LAYER + 2, f"{layout} vs padded pooled codes")
 
 
+@pytest.mark.parametrize("layout", ["packed", "shared"])
 @pytest.mark.parametrize("name", ["fpo", "dpo", "simpo", "dpo-online", "tdpo1", "tdpo2"])
-def test_gemma3_every_loss_packed_equals_padded(realshape, name):
+def test_gemma3_every_loss_packed_equals_padded(realshape, name, layout):
     """Loss, continuous metrics and gradients (blocks 9-17 and the final norm) of every loss on Gemma 3 270M:
-    packed (varlen attention) ≡ padded (transformers' sdpa), fp32."""
-    r = realshape["layouts"][name]
+    packed and shared (varlen attention) ≡ padded (transformers' sdpa), fp32."""
+    r = realshape["layouts"][name][layout]
     # Losses and metrics are scale-free values of order 10⁻⁶-30 computed from the log-probs and codes above: rel/abs
     # 10⁻⁴ / 10⁻³ (measured ≤ 2·10⁻⁵ relative on a Xeon with AMX).  Gradients: ≤ 10⁻³ of the largest entry, relative
     # to the magnitude but wider than rounding_tolerance's rule (8·29·eps ≈ 3·10⁻⁵ for 18 blocks forward, head and 9

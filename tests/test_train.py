@@ -169,7 +169,7 @@ def test_fpo_two_rank_zero3_run(run_a, tiny):
                 "topk_overlap", "margin"):
         assert key in m[0], key
     assert m[0]["peak_memory_mb"] > 0
-    assert all(r["padding_share"] == 0 for r in m)  # packed micro-batches (the default)
+    assert all(r["padding_share"] == 0 for r in m)  # shared-prefix micro-batches (the default): no padding
     assert "step-0 check: rows" in log
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -282,8 +282,8 @@ def test_resume_on_other_world_sizes_sees_every_sample_once_per_epoch(run_a, cac
 
 
 def test_dpo_cached_equals_dpo_online(cache):
-    """Cached ≡ online reference, and padded ≡ packed: the cached run pads its micro-batches, the online one packs
-    them (the default), against a cache built packed."""
+    """Cached ≡ online reference, and padded ≡ shared: the cached run pads its micro-batches, the online one shares
+    each pair's prompt (the default), against a cache built with the default layout."""
     out_c, out_o = cache["root"] / "dpo", cache["root"] / "dpo_online"
     common = ("--max_steps", "3", "--loss.alpha", "0.5", "--loss.k", "50", "--export", "false")
     rc, log = train(cache, out_c, "--loss.name", "dpo", "--batch_layout", "padded", *common)
@@ -303,12 +303,13 @@ def test_dpo_cached_equals_dpo_online(cache):
 
 def test_tdpo2_selected_head_equals_materialized_under_zero3(cache):
     """TDPO2 (policy + frozen ZeRO-3 reference, sequential KL over the vocabulary) on 2 ranks, every parameter
-    partitioned: the output layer at selected positions (the reference head gathered explicitly) gives the
-    losses and gradient norms of the materialized full-logits path."""
+    partitioned: the output layer at selected positions on shared-prefix rows (the defaults; the reference head
+    gathered explicitly) gives the losses and gradient norms of the materialized full-logits path on packed rows."""
     runs = {}
-    for mode in ("selected", "materialized"):
+    for mode, layout in (("selected", "shared"), ("materialized", "packed")):
         out = cache["root"] / f"tdpo2-{mode}"
-        rc, log = train(cache, out, "--loss.name", "tdpo2", "--logits", mode, "--max_steps", "2", "--export", "false")
+        rc, log = train(cache, out, "--loss.name", "tdpo2", "--logits", mode, "--batch_layout", layout, "--max_steps",
+                        "2", "--export", "false")
         assert rc == 0, log[-6000:]
         runs[mode] = metrics(out)
     for a, b in zip(runs["selected"], runs["materialized"]):

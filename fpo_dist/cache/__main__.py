@@ -133,7 +133,7 @@ def _recompute(store, n: int, device: str, trust_remote_code: bool):
     dev = resolve_device(device)
     tok = load_tokenizer(tokenizer_spec(mcfg))
     layout = prov.get("batch_layout", "padded")  # stores from before packing: padded
-    model = load_causal_lm(model_spec(mcfg), device=dev, varlen=layout == "packed")
+    model = load_causal_lm(model_spec(mcfg), device=dev, varlen=layout != "padded" and prov.get("attention_kernel", "sdpa"))
     sae = load_sae(prov["sae"]["source"], prov["sae"]["sae_id"], device=dev)
     ok_rows = store.ok_rows()
     rows = sorted(np.random.default_rng(0).choice(ok_rows, size=min(n, len(ok_rows)), replace=False).tolist())

@@ -70,6 +70,7 @@ def build_provenance(cfg: CacheConfig, source, tokenizer) -> dict:
         "data": data,
         "batch_size": cfg.batch_size,
         "batch_layout": cfg.batch_layout,
+        "attention_kernel": cfg.attention_kernel,
     }
 
 

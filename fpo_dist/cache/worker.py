@@ -120,7 +120,7 @@ class CacheWorker:
         self.tokenizer = load_tokenizer(tokenizer_spec(cfg.model))
         self.pairs = PairTokenizer(self.tokenizer, cfg.data)
         self.source = load_source(cfg.data)
-        self.model = load_causal_lm(model_spec(cfg.model), device=self.device, varlen=cfg.batch_layout == "packed")
+        self.model = load_causal_lm(model_spec(cfg.model), device=self.device, varlen=cfg.batch_layout != "padded" and cfg.attention_kernel)
         self.sae = load_sae(cfg.sae.source, cfg.sae.sae_id, device=self.device, dtype="float32")
         self.pad_id = pad_token_id(self.tokenizer)
 
