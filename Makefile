@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fpo-installed-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo study study-real bench bench-realshape real-sae feature-scale gpu-kit gpu-kit-rehearsal lint clean
+.PHONY: install test test-fast demo study study-real bench bench-realshape bench-peer real-sae feature-scale gpu-kit gpu-kit-rehearsal lint clean
 
 install: $(STAMP)
 
@@ -58,6 +58,12 @@ bench: install
 # UltraFeedback-like lengths; ~15 min on 2 cores) and the base CPU preset in one run → bench/results/cpu.{json,md}
 bench-realshape: install
 	OMP_NUM_THREADS=1 $(PY) -m bench.run --preset cpu,realshape $(BENCH_ARGS)
+
+# the peer bench (issue 22): TRL 1.16's DPOTrainer (dev extra) beside fpo-dist's DPO and FPO on the same cached token
+# ids, order and batch, 1 process and 2 ranks under ZeRO-3, Gemma 3 270M (~10 min) → bench/results/peer-cpu.{json,md},
+# its ratios merged into bench/results/cpu.json
+bench-peer: install
+	$(PY) -m bench.peer --preset realshape $(PEER_ARGS)
 
 # the real SAE (issue 21): a JumpReLU SAE (4,096 latents) on Gemma 3 270M's block 9, trained with sae-lens's own
 # trainer on the docstrings of installed packages (~40 min on 2 cores) → docs/results/real-sae/ (sae/, quality.json)

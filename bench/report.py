@@ -188,6 +188,7 @@ def ratios(results: dict) -> dict:
         "loader_overhead": loader["overhead"] if loader else None,
         "loader_overhead_cpu": loader.get("overhead_cpu") if loader else None,
         **realshape.ratios(results.get("realshape")),
+        **((results.get("peer") or {}).get("ratios") or {}),  # bench/peer.py's, merged in by it (peer_*)
     }
 
 
@@ -224,8 +225,12 @@ def check_targets_of(rat: dict, targets, second: dict) -> list[dict]:
 
 
 def check_targets(rat: dict) -> list[dict]:
-    """The base preset's targets, then the real shape's (``realshape_*``; None until a realshape run)."""
-    return check_targets_of(rat, TARGETS, CPU_TIME_KEY) + check_targets_of(rat, realshape.TARGETS, realshape.SECOND_VALUE)
+    """The base preset's targets, then the real shape's (``realshape_*``; None until a realshape run) and the peer
+    bench's (``peer_*``, bench/peer.py)."""
+    from bench import peer
+
+    return (check_targets_of(rat, TARGETS, CPU_TIME_KEY) + check_targets_of(rat, realshape.TARGETS, realshape.SECOND_VALUE)
+            + check_targets_of(rat, peer.TARGETS, peer.SECOND_VALUE))
 
 
 # --------------------------------------------------------------------------------------------- markdown
@@ -383,6 +388,26 @@ def _mem_finding(results: dict, a: str, b: str) -> list[str]:
     return lines
 
 
+def _peer_markdown(results: dict) -> list[str]:
+    """The peer bench's targets (TRL's DPOTrainer beside ours), when ``python -m bench.peer`` merged them in."""
+    p = results.get("peer")
+    if not p:
+        return []
+    lines = ["## Peer: TRL's DPOTrainer on the same tokens", "",
+             f"`{p['command']}` on {p['date_utc']}, code {(p.get('commit') or '?')[:12]}, {p.get('cpu_model', '')}; "
+             "details, loss sequences and runs: [peer-cpu.md](peer-cpu.md).", "",
+             "| target | measured | threshold | | CPU seconds / peaks as measured |", "|---|---:|---:|---|---:|"]
+    for t in (t for t in results["targets"] if t["key"].startswith("peer_")):
+        verdict = "not run" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
+        lines.append(f"| {t['what']} | {_f(t['value'])} | {t['op']} {t['threshold']} | {verdict} | "
+                     f"{_f(t['value_cpu_time'])} |")
+    checks = p.get("checks") or {}
+    lines += ["", "Loss sequences, TRL vs fpo-dist DPO (max |Δ loss| over the steps): " + ", ".join(
+        f"{tag} {_f(c.get('loss_max_abs_diff'), '.2e')} ({'check passed' if c.get('ok') else 'CHECK FAILED'})"
+        for tag, c in checks.items()) + ".", ""]
+    return lines
+
+
 def markdown(results: dict) -> str:
     m, sizes, rat = results["machine"], results.get("sizes"), results["ratios"]
     rs = results.get("realshape")
@@ -412,6 +437,7 @@ def markdown(results: dict) -> str:
                   + f", {r['wall_s']:.0f} s; other processes kept {r['host_load']['others_cores']:.2f} cores busy on "
                   "average during it.", ""]
     lines += realshape.markdown(rs, rat, m["device"], m.get("cpu_cores"))
+    lines += _peer_markdown(results)
     if not sizes:
         return "\n".join(lines).rstrip() + "\n"
     a = results.get("assets")
@@ -427,7 +453,7 @@ def markdown(results: dict) -> str:
     lines += ["## Targets", "",
               "| target | measured | threshold | | in CPU seconds |" if cpu_col else "| target | measured | threshold | |",
               "|---|---:|---:|---|---|" if cpu_col else "|---|---:|---:|---|"]
-    for t in (t for t in results["targets"] if not t["key"].startswith("realshape_")):
+    for t in (t for t in results["targets"] if not t["key"].startswith(("realshape_", "peer_"))):
         fmt = _pct if t["key"] == "loader_overhead" else _f
         thr = _pct(t["threshold"]) if t["key"] == "loader_overhead" else f"{t['threshold']:.2f}"
         verdict = "not run" if t["met"] is None else ("**met**" if t["met"] else "**missed**")

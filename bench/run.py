@@ -106,12 +106,15 @@ def _previous(path: Path) -> dict:
 
 def merge_previous(results: dict, previous: dict, ran_base: bool, ran_realshape: bool) -> dict:
     """Keep what this run did not measure from the previous results file: the base parts (when only realshape
-    ran; the markdown's header then describes them, and the real-shape part says it ran separately) or the
-    real-shape part (when only the base preset ran; it carries its own command, date and commit)."""
+    ran; the markdown's header then describes them, and the real-shape part says it ran separately), the
+    real-shape part (when only the base preset ran; it carries its own command, date and commit) and the peer
+    bench's (``python -m bench.peer`` writes it)."""
     if not ran_base and previous.get("sizes"):
         results.update({k: previous.get(k) for k in BASE_KEYS})
     if not ran_realshape and previous.get("realshape"):
         results["realshape"] = previous["realshape"]
+    if previous.get("peer"):  # bench/peer.py's part: it merges itself in, a bench.run keeps it
+        results["peer"] = previous["peer"]
     return results
 
 

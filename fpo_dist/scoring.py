@@ -1,6 +1,6 @@
 """The reference side of a batch, without gradients: what the cache stores and the step-0 check recomputes.
 
-:func:`score_batch` runs a (frozen) model once over a :class:`fpo_dist.models.PairBatch` in either layout and
+:func:`score_batch` runs a (frozen) model once over a :class:`fpo_dist.models.PairBatch` in any layout and
 returns, per sequence, the summed log-probs of its response tokens and their count, and — given an SAE and its
 layer — the mean over the same predicting positions of the SAE codes of block ℓ's residual output.  The cache
 worker (:func:`fpo_dist.cache.worker.reference_pass`) and the trainer's step-0 check both call it, so the two
