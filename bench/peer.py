@@ -36,7 +36,6 @@ import shlex
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -128,7 +127,7 @@ def launch(args: list[str], nproc: int, root: Path, name: str, timeout: int) -> 
     """``python -m torch.distributed.run --nproc_per_node nproc ... args`` in its own session; everything it started
     is killed by process group afterwards (torchrun's ranks run in sessions of their own).  Raises with the log's
     tail on failure; returns the launch's wall seconds."""
-    from bench.train import _children
+    from bench.train import run_in_group
 
     root.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -141,19 +140,7 @@ def launch(args: list[str], nproc: int, root: Path, name: str, timeout: int) -> 
     env.pop("MASTER_PORT", None)
     log_path = root / f"launch_{name}.log"
     t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            rc = None
-        finally:
-            for pid in [proc.pid, *_children(proc.pid)]:
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            proc.wait()
+    rc = run_in_group(cmd, env, log_path, timeout)
     if rc != 0:
         raise RuntimeError(f"{name} {'timed out' if rc is None else f'failed (exit {rc})'}:\n"
                            f"{log_path.read_text()[-5000:]}")

@@ -45,6 +45,27 @@ def has_batch_layout() -> bool:
     return any(f.name == "batch_layout" for f in dataclasses.fields(TrainConfig))
 
 
+def run_in_group(cmd: list[str], env: dict, log_path: Path, timeout: float) -> int | None:
+    """Run ``cmd`` (from the repository root) in a session of its own, its output to ``log_path``: the exit code,
+    None when it ran past ``timeout`` seconds.  Afterwards nothing of it may outlive it: its group and those of its
+    descendants are killed (torchrun starts its ranks in sessions of their own; killing torchrun alone would orphan
+    them)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            for pid in [proc.pid, *_children(proc.pid)]:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            proc.wait()
+    return rc
+
+
 def variant_flags(loss: str) -> list[str]:
     flags = list(VARIANTS.get(loss, (loss, []))[1])
     if "--batch_layout" in flags and not has_batch_layout():
@@ -98,21 +119,7 @@ def launch(loss: str, store: str, root: Path, sizes, nproc: int, device: str) ->
     else:
         env.setdefault("OMP_NUM_THREADS", "4")
     log_path = root / f"launch_{loss}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=sizes.train_timeout_s)
-        except subprocess.TimeoutExpired:
-            rc = None
-        finally:
-            # nothing of the run may outlive it: torchrun's group, and its ranks, which torchrun starts in
-            # sessions of their own (a SIGKILL of torchrun alone would orphan them)
-            for pid in [proc.pid, *_children(proc.pid)]:
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            proc.wait()
+    rc = run_in_group(cmd, env, log_path, sizes.train_timeout_s)
     if rc != 0:
         tail = log_path.read_text()[-5000:]
         raise RuntimeError(f"training {loss} {'timed out' if rc is None else f'failed (exit {rc})'}:\n{tail}")

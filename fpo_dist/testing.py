@@ -180,6 +180,14 @@ def build_tiny_artifacts(root: str | os.PathLike, hook_layer: int = 1, num_layer
     return TinyArtifacts(model_dir=model_dir, sae_dir=sae_dir, hook_layer=hook_layer)
 
 
+def toy_pairs(n: int, topics: int = 7) -> list[dict]:
+    """``n`` preference rows ``{"prompt", "chosen", "rejected"}`` for the tiny model's tests: short prompts over
+    ``topics`` topics, chosen and rejected responses of a few uneven lengths."""
+    return [{"prompt": f"Question {i}: what about topic {i % topics}?",
+             "chosen": f"A helpful answer number {i}." + " Indeed." * (i % 3),
+             "rejected": f"Nope {i}." + " Whatever" * (i % 4)} for i in range(n)]
+
+
 def build_gemma3(
     out_dir: str | os.PathLike | None = None,
     vocab_size: int = 512,

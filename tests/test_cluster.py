@@ -62,9 +62,9 @@ TRAIN_JOB = {"FPO_TRAIN_CONFIG": "{work}/train.yaml", "FPO_DS_CONFIG": "{work}/z
 
 def write_job_files(work: Path, tiny) -> None:
     """The tiny preference data, the cache and training configs, and ZeRO-3 with every parameter partitioned."""
-    rows = [{"prompt": f"Question {i}: what about topic {i % 7}?",
-             "chosen": f"A helpful answer number {i}." + " Indeed." * (i % 3),
-             "rejected": f"Nope {i}." + " Whatever" * (i % 4)} for i in range(N_ROWS)]
+    from fpo_dist.testing import toy_pairs
+
+    rows = toy_pairs(N_ROWS)
     (work / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (work / "many.jsonl").write_text("\n".join(json.dumps(rows[i % N_ROWS]) for i in range(8000)) + "\n")
     (work / "cache.yaml").write_text(json.dumps({  # YAML is a superset of JSON

@@ -185,14 +185,19 @@ def test_every_loss_packed_equals_padded(loss_setup, name, attn):
     want = _run(*models["sdpa"], sae, mbs["padded"], name)
     for logits in ("selected", "materialized"):
         got = _run(*models[attn], sae, mbs["packed"], name, logits)
-        torch.testing.assert_close(got[0], want[0], rtol=1e-9, atol=1e-10)
-        assert set(got[1]) == set(want[1])
-        for key in want[1]:
-            torch.testing.assert_close(torch.as_tensor(got[1][key]).double(), torch.as_tensor(want[1][key]).double(),
-                                       rtol=1e-6, atol=1e-8, msg=key)
+        assert_same_loss_and_metrics(got, want)
         for g, w in zip(got[2], want[2]):
             torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
     assert any(float(g.abs().max()) > 0 for g in want[2])
+
+
+def assert_same_loss_and_metrics(got, want) -> None:
+    """``_run``'s loss (to fp64 rounding) and every metric (to 1e-6 relative) agree between two layouts."""
+    torch.testing.assert_close(got[0], want[0], rtol=1e-9, atol=1e-10)
+    assert set(got[1]) == set(want[1])
+    for key in want[1]:
+        torch.testing.assert_close(torch.as_tensor(got[1][key]).double(), torch.as_tensor(want[1][key]).double(),
+                                   rtol=1e-6, atol=1e-8, msg=key)
 
 
 @pytest.mark.parametrize("layout", ["packed", "shared"])

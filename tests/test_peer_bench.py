@@ -115,13 +115,11 @@ def store(tmp_path_factory):
     from fpo_dist.cache import driver
     from fpo_dist.cache.worker import CacheWorker
     from fpo_dist.config import CacheConfig, load_config
-    from fpo_dist.testing import build_tiny_artifacts
+    from fpo_dist.testing import build_tiny_artifacts, toy_pairs
 
     root = tmp_path_factory.mktemp("peer")
     tiny = build_tiny_artifacts(root / "tiny")
-    rows = [{"prompt": f"Question {i}: what about topic {i % 5}?",
-             "chosen": f"A helpful answer number {i}." + " Indeed." * (i % 3),
-             "rejected": f"Nope {i}." + " Whatever" * (i % 4)} for i in range(N_ROWS)]
+    rows = toy_pairs(N_ROWS, topics=5)
     data = root / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
     cfg = load_config(CacheConfig, None, [

@@ -65,11 +65,10 @@ def cache(tiny, tmp_path_factory):
 
     from fpo_dist.cache.driver import run_cache_job
     from fpo_dist.config import CacheConfig, load_config
+    from fpo_dist.testing import toy_pairs
 
     root = tmp_path_factory.mktemp("train")
-    rows = [{"prompt": f"Question {i}: what about topic {i % 7}?",
-             "chosen": f"A helpful answer number {i}." + " Indeed." * (i % 3),
-             "rejected": f"Nope {i}." + " Whatever" * (i % 4)} for i in range(N_ROWS)]
+    rows = toy_pairs(N_ROWS)
     data = root / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
     cfg = load_config(CacheConfig, None, [
