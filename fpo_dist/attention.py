@@ -175,8 +175,8 @@ def varlen_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
             q, k, v = query[b : b + 1, :, a:e], key[b : b + 1, :, a:e], value[b : b + 1, :, a:e]
             if shared:  # behind the first ``shared`` tokens of the segment at ``root`` (the prompt): the sequence
                 # ``prompt + this segment`` as one causal call, its last ``e − a`` rows kept — the call the packed
-                # layout makes for it (sdpa's fused causal kernel; a lower-right mask over the prompt's keys alone
-                # would need an explicit mask, several times slower on CPU: bench/results/attention-cpu.md)
+                # layout makes for it, on sdpa's causal kernels; the segment's queries alone against the prompt's
+                # keys would need an explicit lower-right boolean mask, which rules those kernels out
                 pre = slice(root, root + shared)
                 q = torch.cat([query[b : b + 1, :, pre], q], dim=2)
                 k = torch.cat([key[b : b + 1, :, pre], k], dim=2)
