@@ -128,7 +128,8 @@ def sequence_spans(position_ids: Tensor | None, mask: Tensor | None, batch: int,
     for row in position_ids.expand(batch, -1):
         cut = torch.cat([torch.zeros(1, dtype=torch.long, device=row.device),
                          torch.nonzero(row[1:] != row[:-1] + 1).squeeze(-1) + 1])
-        starts, first = cut.tolist(), row[cut].tolist()
+        both = torch.stack([cut, row[cut]]).tolist()  # one device sync per row: starts and their first positions
+        starts, first = both[0], both[1]
         ends = starts[1:] + [length]
         segments, root = [], None
         for a, e, k in zip(starts, ends, first):

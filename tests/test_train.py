@@ -300,6 +300,15 @@ def test_dpo_cached_equals_dpo_online(cache):
     assert info["reference_model_resident"] is True and len(info["resident_models"]) == 2
 
 
+def test_the_store_records_its_layout_and_kernel(cache):
+    """The cache job writes the batch layout and attention kernel it ran with into the store's provenance (the
+    defaults here: shared rows, sdpa); the runs in this file read that store padded, packed and shared."""
+    from fpo_dist.store import open_store
+
+    prov = open_store(cache["store"]).provenance
+    assert (prov["batch_layout"], prov["attention_kernel"]) == ("shared", "sdpa")
+
+
 def test_tdpo2_selected_head_equals_materialized_under_zero3(cache):
     """TDPO2 (policy + frozen ZeRO-3 reference, sequential KL over the vocabulary) on 2 ranks, every parameter
     partitioned: the output layer at selected positions on shared-prefix rows (the defaults; the reference head
