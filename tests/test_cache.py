@@ -242,12 +242,41 @@ def _yaml(cfg: CacheConfig, path: Path) -> Path:
     return path
 
 
+# The cache CLI (``fpo_dist.cache.__main__.main``, as ``python -m fpo_dist.cache`` runs it) with one change: its actor
+# commits its first shard and then holds the next one until the file ``release`` exists (never, for a test that kills
+# the job).  The tests below need the job mid-run at a given moment; without the hold, a fast machine finishes the
+# tiny job between two polls (seen in CI: 6/6 shards committed).  The class is defined in ``__main__``, so Ray ships
+# it to the worker by value.
+_HELD_CLI = """
+import os, sys, time
+import fpo_dist.cache.driver as driver
+from fpo_dist.cache.__main__ import main
+
+release = sys.argv.pop(1)
+
+class HeldCacheWorker(driver.CacheWorker):
+    def process(self, s):
+        while getattr(self, "_held_after_one", False) and not os.path.exists(release):
+            time.sleep(0.1)
+        self._held_after_one = True
+        return super().process(s)
+
+driver.CacheWorker = HeldCacheWorker
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def held_cli(cfg_file: Path, release: Path | None = None) -> list[str]:
+    release = release or cfg_file.with_name("never-released")
+    return [sys.executable, "-c", _HELD_CLI, str(release), "--config", str(cfg_file)]
+
+
 def test_killed_driver_rerun_completes_only_missing_shards(one_worker_store, tiny, dataset, ray_session, tmp_path):
     out = tmp_path / "killed"
     cfg = cache_config(tiny, dataset, out, workers=1, per_token_logps="true")
     cfg_file = _yaml(cfg, tmp_path / "cache.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "fpo_dist.cache", "--config", str(cfg_file)], cwd=ROOT, env=env,
+    proc = subprocess.Popen(held_cli(cfg_file), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     committed = 0
     try:
@@ -265,7 +294,7 @@ def test_killed_driver_rerun_completes_only_missing_shards(one_worker_store, tin
         _kill_session(proc)  # the driver and its local Ray instance: the whole process group
     n_shards = open_store(str(out)).plan.n_shards
     before = len(open_store(str(out)).committed_shards())
-    assert 1 <= before < n_shards, f"the driver was to be killed mid-run ({before}/{n_shards} committed)"
+    assert before == 1 < n_shards, f"the driver was to be killed mid-run, after its first shard ({before}/{n_shards} committed)"
     from fpo_dist.store.lease import LEASE_KEY
 
     lease = json.loads((out / LEASE_KEY).read_text())  # the killed driver's lease is left behind ...
@@ -297,7 +326,7 @@ def test_sigkilled_driver_leaves_no_ray_process_behind(tiny, dataset, tmp_path):
     out = tmp_path / "orphans"
     cfg_file = _yaml(cache_config(tiny, dataset, out, workers=1), tmp_path / "cache.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "fpo_dist.cache", "--config", str(cfg_file)], cwd=ROOT, env=env,
+    proc = subprocess.Popen(held_cli(cfg_file), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 240
@@ -402,7 +431,8 @@ def test_second_job_on_the_same_store_refuses_up_front(one_worker_store, tiny, d
     cfg_file = _yaml(cache_config(tiny, dataset, out, workers=1, per_token_logps="true"), tmp_path / "cache.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     cmd = [sys.executable, "-m", "fpo_dist.cache", "--config", str(cfg_file)]
-    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    release = tmp_path / "release"  # the first job holds after its first shard until the second has been refused
+    first = subprocess.Popen(held_cli(cfg_file, release), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
     try:
         deadline = time.time() + 120
@@ -416,6 +446,7 @@ def test_second_job_on_the_same_store_refuses_up_front(one_worker_store, tiny, d
         assert len(err) == 1 and "is being written by another cache job" in err[0], second.stderr
         assert f"pid {first.pid}, started " in err[0] and f"host {socket.gethostname()}" in err[0]
         assert "Ray" not in second.stdout + second.stderr  # refused before any work
+        release.touch()
         output, _ = first.communicate(timeout=400)
         assert first.returncode == 0, output[-3000:]
     finally:
