@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fpo-installed-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo study study-real bench bench-realshape bench-peer real-sae feature-scale gpu-kit gpu-kit-rehearsal lint clean
+.PHONY: install test test-fast demo study study-real bench bench-realshape bench-peer bench-tdpo-offline tdpo-topm-approx tdpo-offline-demo real-sae feature-scale gpu-kit gpu-kit-rehearsal lint clean
 
 install: $(STAMP)
 
@@ -64,6 +64,22 @@ bench-realshape: install
 # its ratios merged into bench/results/cpu.json
 bench-peer: install
 	$(PY) -m bench.peer --preset realshape $(PEER_ARGS)
+
+# offline TDPO (issue 23) at the real shape: tdpo2-offline (the cache's top-128 reference + tail, no reference model)
+# beside tdpo2 (resident ZeRO-3 reference) and fpo, 2 ranks (~15 min) → bench/results/tdpo-offline-cpu.{json,md},
+# its ratios merged into bench/results/cpu.json
+bench-tdpo-offline: install
+	OMP_NUM_THREADS=1 $(PY) -m bench.tdpo_offline $(TDPO_OFFLINE_ARGS)
+
+# how good the top-M reference is on Gemma 3 270M, M in {8, 32, 128, 512}: the sequential KL, the TDPO2 loss and its
+# gradient against the exact computation, and the cache's bytes per token (~15 min) → docs/results/tdpo-offline/approx.*
+tdpo-topm-approx: install
+	OMP_NUM_THREADS=2 $(PY) -m bench.topm_approx $(TOPM_APPROX_ARGS)
+
+# offline TDPO2 (the cache's top-8) against online TDPO2 on the demo task, 10 training seeds (~10 min on 2 cores)
+# → docs/results/tdpo-offline/demo/ (study.md, study.json, study.png); a rerun resumes from tdpo_offline_out/
+tdpo-offline-demo: install
+	OMP_NUM_THREADS=1 $(PY) -m fpo_dist.demo.tdpo_offline $(TDPO_OFFLINE_DEMO_ARGS)
 
 # the real SAE (issue 21): a JumpReLU SAE (4,096 latents) on Gemma 3 270M's block 9, trained with sae-lens's own
 # trainer on the docstrings of installed packages (~40 min on 2 cores) → docs/results/real-sae/ (sae/, quality.json)

@@ -182,9 +182,9 @@ def _array_sizes(path: Path) -> dict:
 
 
 def bench_cache_job(assets: Assets, sizes: Sizes, device: str, workers: list[int], root: Path, retry: bool = True,
-                    log=print) -> dict:
+                    log=print, extra: tuple[str, ...] = ()) -> dict:
     """The real cache job with each worker count in ``workers`` (each measured again if the host was busy);
-    bytes per response of the last store."""
+    bytes per response of the last store.  ``extra``: more cache-job flags (e.g. ``--ref_topm 128``)."""
     from fpo_dist.cache import init_local_ray
     from fpo_dist.cache.driver import run_cache_job
     from fpo_dist.config import CacheConfig, load_config
@@ -205,7 +205,7 @@ def bench_cache_job(assets: Assets, sizes: Sizes, device: str, workers: list[int
             "--data.max_prompt_length", str(sizes.max_prompt_length), "--output", str(out),
             "--workers", str(n), "--cpus_per_worker", "1", "--device", device,
             "--rows_per_shard", str(sizes.rows_per_shard), "--chunk_rows", str(sizes.rows_per_shard),
-            "--batch_size", str(sizes.cache_batch),
+            "--batch_size", str(sizes.cache_batch), *extra,
         ])
         t0 = time.perf_counter()
         summary = run_cache_job(cfg, log=lambda *_: None)

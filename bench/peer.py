@@ -529,21 +529,12 @@ def finish(res: dict) -> dict:
 
 
 def merge_into_bench_results(res: dict, out: Path) -> Path | None:
-    """Put this run's ratios, targets and checks into ``out/cpu.json`` (the bench's results file; ``bench.run``
-    keeps them on its next run) and re-render ``cpu.md``; None where there is no such file yet."""
+    """Put this run's ratios, targets and checks into ``out/cpu.json`` (``bench.report.merge_part``)."""
     from bench import report
 
-    path = out / "cpu.json"
-    if not path.exists():
-        return None
-    results = json.loads(path.read_text())
-    results["peer"] = {"command": res["command"], "date_utc": res["date_utc"], "commit": res.get("commit"),
-                       "cpu_model": res["cpu"]["model"], "checks": res["checks"], "ratios": res["ratios"]}
-    results["ratios"] = report.ratios(results)
-    results["targets"] = report.check_targets(results["ratios"])
-    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    (out / "cpu.md").write_text(report.markdown(results))
-    return path
+    return report.merge_part("peer", {"command": res["command"], "date_utc": res["date_utc"],
+                                      "commit": res.get("commit"), "cpu_model": res["cpu"]["model"],
+                                      "checks": res["checks"], "ratios": res["ratios"]}, out)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -188,8 +189,32 @@ def ratios(results: dict) -> dict:
         "loader_overhead": loader["overhead"] if loader else None,
         "loader_overhead_cpu": loader.get("overhead_cpu") if loader else None,
         **realshape.ratios(results.get("realshape")),
-        **((results.get("peer") or {}).get("ratios") or {}),  # bench/peer.py's, merged in by it (peer_*)
+        # the separately run benches' ratios, merged in by them (merge_part): peer_*, tdpo_offline_*
+        **{k: v for part in MERGED_PARTS for k, v in ((results.get(part) or {}).get("ratios") or {}).items()},
     }
+
+
+# Benches run on their own that merge their ratios into the bench's results file (``merge_part``): part name →
+# (module with TARGETS / SECOND_VALUE, section title, its own results file).  ``bench.run`` keeps them.
+MERGED_PARTS = {"peer": ("bench.peer", "Peer: TRL's DPOTrainer on the same tokens", "peer-cpu.md"),
+                "tdpo_offline": ("bench.tdpo_offline", "Offline TDPO2 (cached top-M reference) vs online TDPO2",
+                                 "tdpo-offline-cpu.md")}
+
+
+def merge_part(part: str, entry: dict, out: Path) -> Path | None:
+    """Put a separately run bench's ``entry`` (``command``, ``date_utc``, ``commit``, ``cpu_model``, ``ratios``, and
+    optionally ``checks``) into ``out/cpu.json`` as ``part`` and re-render ``cpu.md``; None where there is no such
+    file yet."""
+    path = out / "cpu.json"
+    if not path.exists():
+        return None
+    results = json.loads(path.read_text())
+    results[part] = entry
+    results["ratios"] = ratios(results)
+    results["targets"] = check_targets(results["ratios"])
+    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (out / "cpu.md").write_text(markdown(results))
+    return path
 
 
 # (ratio key, what, comparison, threshold).  Judged on wall-clock time (GPU: device memory); on a CPU host the
@@ -225,12 +250,15 @@ def check_targets_of(rat: dict, targets, second: dict) -> list[dict]:
 
 
 def check_targets(rat: dict) -> list[dict]:
-    """The base preset's targets, then the real shape's (``realshape_*``; None until a realshape run) and the peer
-    bench's (``peer_*``, bench/peer.py)."""
-    from bench import peer
+    """The base preset's targets, then the real shape's (``realshape_*``; None until a realshape run) and those of
+    the benches in :data:`MERGED_PARTS` (``peer_*``: bench/peer.py, ``tdpo_offline_*``: bench/tdpo_offline.py)."""
+    import importlib
 
-    return (check_targets_of(rat, TARGETS, CPU_TIME_KEY) + check_targets_of(rat, realshape.TARGETS, realshape.SECOND_VALUE)
-            + check_targets_of(rat, peer.TARGETS, peer.SECOND_VALUE))
+    out = check_targets_of(rat, TARGETS, CPU_TIME_KEY) + check_targets_of(rat, realshape.TARGETS, realshape.SECOND_VALUE)
+    for module, _, _ in MERGED_PARTS.values():
+        m = importlib.import_module(module)
+        out += check_targets_of(rat, m.TARGETS, m.SECOND_VALUE)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- markdown
@@ -388,23 +416,24 @@ def _mem_finding(results: dict, a: str, b: str) -> list[str]:
     return lines
 
 
-def _peer_markdown(results: dict) -> list[str]:
-    """The peer bench's targets (TRL's DPOTrainer beside ours), when ``python -m bench.peer`` merged them in."""
-    p = results.get("peer")
+def _merged_markdown(results: dict, part: str) -> list[str]:
+    """A separately run bench's targets (:data:`MERGED_PARTS`), when it merged them in."""
+    p = results.get(part)
     if not p:
         return []
-    lines = ["## Peer: TRL's DPOTrainer on the same tokens", "",
+    _, title, details = MERGED_PARTS[part]
+    lines = [f"## {title}", "",
              f"`{p['command']}` on {p['date_utc']}, code {(p.get('commit') or '?')[:12]}, {p.get('cpu_model', '')}; "
-             "details, loss sequences and runs: [peer-cpu.md](peer-cpu.md).", "",
+             f"details and runs: [{details}]({details}).", "",
              "| target | measured | threshold | | CPU seconds / peaks as measured |", "|---|---:|---:|---|---:|"]
-    for t in (t for t in results["targets"] if t["key"].startswith("peer_")):
+    for t in (t for t in results["targets"] if t["key"].startswith(part + "_")):
         verdict = "not run" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
         lines.append(f"| {t['what']} | {_f(t['value'])} | {t['op']} {t['threshold']} | {verdict} | "
                      f"{_f(t['value_cpu_time'])} |")
     checks = p.get("checks") or {}
-    lines += ["", "Loss sequences, TRL vs fpo-dist DPO (max |Δ loss| over the steps): " + ", ".join(
+    lines += ["", *(["Loss sequences, TRL vs fpo-dist DPO (max |Δ loss| over the steps): " + ", ".join(
         f"{tag} {_f(c.get('loss_max_abs_diff'), '.2e')} ({'check passed' if c.get('ok') else 'CHECK FAILED'})"
-        for tag, c in checks.items()) + ".", ""]
+        for tag, c in checks.items()) + ".", ""] if checks else [])]
     return lines
 
 
@@ -437,7 +466,8 @@ def markdown(results: dict) -> str:
                   + f", {r['wall_s']:.0f} s; other processes kept {r['host_load']['others_cores']:.2f} cores busy on "
                   "average during it.", ""]
     lines += realshape.markdown(rs, rat, m["device"], m.get("cpu_cores"))
-    lines += _peer_markdown(results)
+    for part in MERGED_PARTS:
+        lines += _merged_markdown(results, part)
     if not sizes:
         return "\n".join(lines).rstrip() + "\n"
     a = results.get("assets")

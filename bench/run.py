@@ -113,8 +113,11 @@ def merge_previous(results: dict, previous: dict, ran_base: bool, ran_realshape:
         results.update({k: previous.get(k) for k in BASE_KEYS})
     if not ran_realshape and previous.get("realshape"):
         results["realshape"] = previous["realshape"]
-    if previous.get("peer"):  # bench/peer.py's part: it merges itself in, a bench.run keeps it
-        results["peer"] = previous["peer"]
+    from bench.report import MERGED_PARTS
+
+    for part in MERGED_PARTS:  # e.g. bench/peer.py's part: it merges itself in, a bench.run keeps it
+        if previous.get(part):
+            results[part] = previous[part]
     return results
 
 

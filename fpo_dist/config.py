@@ -164,6 +164,9 @@ class CacheConfig:
     attention_kernel: Literal["sdpa", "flex", "flash"] = "sdpa"
     per_token_logps: bool = False
     per_token_codes: bool = False
+    # M > 0: per response position, the reference's M most probable next tokens, their log-probs and the log of the
+    # remaining mass (what tdpo1-offline / tdpo2-offline train on; docs/cache-format.md gives the size)
+    ref_topm: int = 0
     overwrite: bool = False
     ray_address: str | None = None  # None: local Ray instance (or RAY_ADDRESS when set); "auto": attach
     max_retries: int = 3  # per shard, when an actor dies
@@ -178,6 +181,9 @@ class CacheConfig:
             raise ConfigError("'sae.layer' is required: the decoder block whose residual output the SAE reads")
         if not self.output:
             raise ConfigError("'output' is required: where the cache store is written (path or fsspec URL)")
+        if isinstance(self.ref_topm, bool) or not isinstance(self.ref_topm, int) or self.ref_topm < 0:
+            raise ConfigError(f"'ref_topm' must be an integer >= 0 (reference tokens kept per response position; "
+                              f"0: none), got {self.ref_topm!r}")
         self.storage_options = self.storage_options or options_from_env({"output": self.output})
         check_storage_options(self.storage_options, {"output": self.output})
         if self.chunk_rows <= 0 or self.rows_per_shard <= 0 or self.rows_per_shard % self.chunk_rows:

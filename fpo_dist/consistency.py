@@ -27,15 +27,20 @@ class CacheComparison:
     max_feature_mse: float  # max over responses of mean_i (c̄_recomputed − c̄_cached)² over all features
     max_rel_feature_mse: float  # the same divided by mean_i c̄_cached² (scale-free)
     n_tokens_equal: bool
+    # offline TDPO: max over response positions of KL(cached top-M + tail ‖ the recomputed distribution, coarsened
+    # alike); 0 when the cache's reference is the model, and never above the largest log-prob difference
+    max_topm_kl: float | None = None
 
     def ok(self, atol_logp: float, rtol_mse: float) -> bool:
         """Log-probs within ``atol_logp`` (per-token average) and features within ``rtol_mse`` (relative)."""
-        return self.n_tokens_equal and self.max_abs_logp_avg <= atol_logp and self.max_rel_feature_mse <= rtol_mse
+        return (self.n_tokens_equal and self.max_abs_logp_avg <= atol_logp and self.max_rel_feature_mse <= rtol_mse
+                and (self.max_topm_kl is None or self.max_topm_kl <= atol_logp))
 
     def describe(self) -> str:
         return (f"rows {self.rows}: max |Δ avg logp| = {self.max_abs_logp_avg:.3g}, max |Δ logp sum| = "
                 f"{self.max_abs_logp_sum:.3g}, max feature MSE = {self.max_feature_mse:.3g} "
-                f"(relative {self.max_rel_feature_mse:.3g}), token counts {'equal' if self.n_tokens_equal else 'DIFFER'}")
+                f"(relative {self.max_rel_feature_mse:.3g}), token counts {'equal' if self.n_tokens_equal else 'DIFFER'}"
+                + (f", max top-M KL = {self.max_topm_kl:.3g}" if self.max_topm_kl is not None else ""))
 
 
 def compare(batch, logp_sum: np.ndarray, n_tokens: np.ndarray, pooled: list[tuple] | None, d_sae: int) -> CacheComparison:

@@ -98,7 +98,7 @@ def local_sums(policy, loss, store, rank: int, world: int, device, pad_id: int,
     policy.train(False)
     try:
         for rows, counts in rank_batches(store.ok_rows(), rank, world, batch_size):
-            mb = make_micro_batch(store.read_rows(rows), pad_id, layout, epoch=0, step_in_epoch=0, micro_step=0,
+            mb = make_micro_batch(store.read_rows(rows, ref_topm=loss.spec.needs_ref_topm), pad_id, layout, epoch=0, step_in_epoch=0, micro_step=0,
                                   sample_offset=0, is_step_end=True).to(device)
             with torch.no_grad():
                 value, metrics = loss(policy, mb)

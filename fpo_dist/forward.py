@@ -11,7 +11,8 @@ computes only what the loss's :class:`~fpo_dist.losses.LossSpec` declares:
 - pooled policy SAE codes at the hook layer (``needs_sae``), through the selected ``W_enc`` columns only when the
   loss names its top-k columns (``feature_columns``);
 - TDPO's sequential KL over the full vocabulary at the same positions (``needs_ref_logits``), from the
-  reference's selected hidden states and its head, chunk by chunk.
+  reference's selected hidden states and its head, chunk by chunk; or offline (``needs_ref_topm``) against the
+  micro-batch's cached top-M reference distributions plus their tail bucket, in the same chunked pass.
 
 The result is a :class:`~fpo_dist.losses.Quantities`; the loss maps it to ``(loss, metrics)``.  Nothing here
 branches on a loss's name.
@@ -27,7 +28,7 @@ import torch
 
 from fpo_dist.attention import expect_packed
 from fpo_dist.lm_head import ref_head, row_sums, selected_forward
-from fpo_dist.logprobs import position_kl, predicted_token_logps
+from fpo_dist.logprobs import position_kl, predicted_token_logps, topm_kl, upcast
 from fpo_dist.losses import LossSpec, PooledCodes, Quantities
 from fpo_dist.models import capture_block_output
 
@@ -71,7 +72,7 @@ def forward_quantities(policy, mb, ctx: LossContext) -> Quantities:
     batch, spec = mb.layout, ctx.spec
     sel = batch.selection
     seqs, n = sel.sequences, batch.n_sequences
-    per = (_materialized if ctx.logits == "materialized" else _selected)(policy, batch, sel, ctx)
+    per = (_materialized if ctx.logits == "materialized" else _selected)(policy, batch, sel, ctx, mb.ref_topm)
     n_tok = torch.bincount(seqs, minlength=n)
 
     def sums(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +89,7 @@ def forward_quantities(policy, mb, ctx: LossContext) -> Quantities:
     return Quantities(**q)
 
 
-def _selected(policy, batch, sel, ctx: LossContext) -> _PerPosition:
+def _selected(policy, batch, sel, ctx: LossContext, topm) -> _PerPosition:
     """The output layer only at the selected positions (:func:`fpo_dist.lm_head.selected_forward`), the
     reference's first (no grad) when it is resident, its selected hidden states feeding the TDPO KL."""
     spec = ctx.spec
@@ -100,13 +101,27 @@ def _selected(policy, batch, sel, ctx: LossContext) -> _PerPosition:
         ref_logps = r.logps
         if spec.needs_ref_logits:
             ref = ref_head(ctx.reference, r.hidden)
+    if spec.needs_ref_topm:
+        ref = _cached_topm(topm, sel)
     with _maybe_capture(policy, ctx) as cap:
         out = selected_forward(policy, *args, position_ids=batch.position_ids, ref=ref)
     return _PerPosition(out.logps, ref_logps, out.kl if ref is not None else None,
                         sel.gather(cap.output) if spec.needs_sae else None)
 
 
-def _materialized(policy, batch, sel, ctx: LossContext) -> _PerPosition:
+def _cached_topm(topm, sel):
+    """The micro-batch's cached top-M reference distributions, one per selected position: both are in sequence
+    order, each response's tokens in order (``Selection``), so they line up when their counts do."""
+    if topm is None:
+        raise ValueError("the loss needs the cache's top-M reference distributions but the micro-batch has none: "
+                         "read it with ref_topm=True (CacheLoader, read_rows)")
+    if len(topm.tail) != len(sel.positions):
+        raise ValueError(f"the micro-batch has cached top-M distributions for {len(topm.tail)} response tokens but "
+                         f"its layout scores {len(sel.positions)}: the cache and the batch disagree")
+    return topm
+
+
+def _materialized(policy, batch, sel, ctx: LossContext, topm) -> _PerPosition:
     """The path :func:`_selected` replaces: full ``[R, T, V]`` logits of both models (kept for comparisons and
     benchmarks: ``logits: materialized``; the packed and padded layouts, whose selection is a mask)."""
     if batch.shared is not None:
@@ -123,6 +138,9 @@ def _materialized(policy, batch, sel, ctx: LossContext) -> _PerPosition:
         per.ref_logps = predicted_token_logps(ref_logits, batch.input_ids, batch.response_mask)
         if spec.needs_ref_logits:
             per.kl = position_kl(ref_logits, logits)[pm]
+    if spec.needs_ref_topm:
+        t = _cached_topm(topm, sel)
+        per.kl = topm_kl(upcast(logits[pm]), t.ids, t.logps, t.tail)[0]  # autograd through the full logits
     if spec.needs_sae:
         per.hidden = cap.output[pm]
     return per

@@ -11,6 +11,12 @@ selected position ``i``::
                                                       without soft-capping z_i = a · (W h_i + b))
     logp_i   = log_softmax(fp32(z_i))[y_i]           (y_i = input_ids at the predicted position)
     kl_i     = KL(softmax(z_i^ref) ‖ softmax(z_i))   (TDPO, when the reference's selected hidden states are given)
+    kl_i     = Σ_j p_ij (log p_ij − log q_ij) + p_i,tail (log p_i,tail − log q_i,tail)
+                                                     (offline TDPO, given the reference's cached top-M tokens
+                                                      ids_ij, their log-probs log p_ij and tail log-mass: the KL of
+                                                      the two distributions coarsened to M tokens + one bucket)
+    top-M    = the model's M most probable tokens, their log-probs and the log of the rest's mass (``topm=M``,
+               no gradient: what the cache job stores for offline TDPO)
 
 exactly the model's own logits at those positions (``W h + b`` in the model's dtype, the soft-cap in the model's
 dtype, the log-softmax in fp32 — what the materialized path ``model(...).logits`` + :mod:`fpo_dist.logprobs`
@@ -40,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from fpo_dist.attention import expect_packed
-from fpo_dist.logprobs import Selection
+from fpo_dist.logprobs import Selection, topm_kl
 
 # fp32 bytes one chunk of [chunk, vocab] logits may take (Gemma's 262k vocabulary: 64 positions).
 HEAD_CHUNK_BYTES = 64 * 2**20
@@ -92,11 +98,25 @@ class RefHead:
 
 
 @dataclass
+class RefTopM:
+    """The reference's side of offline TDPO's KL: per selected position, its M most probable next tokens, their
+    log-probs and the log of every other token's mass (the cache's ``ref_topm`` arrays)."""
+
+    ids: Tensor  # [N, M] int64
+    logps: Tensor  # [N, M]
+    tail: Tensor  # [N] (-inf: no mass outside the M)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "RefTopM":
+        return RefTopM(*(t.to(device, non_blocking=non_blocking) for t in (self.ids, self.logps, self.tail)))
+
+
+@dataclass
 class SelectedOutput:
     logps: Tensor  # [N] fp32 (fp64 for an fp64 model): log-prob of each predicted response token
-    kl: Tensor | None  # [N] per-position KL(ref ‖ model), when a RefHead was given
+    kl: Tensor | None  # [N] per-position KL(ref ‖ model), when a RefHead or a RefTopM was given
     hidden: Tensor  # [N, D] final-normed hidden states at the selected positions
     rows: Tensor  # [N] int64: the row of each selected position
+    topm: RefTopM | None = None  # the model's own top-M (``topm=M``)
 
 
 def output_layer(model: nn.Module) -> nn.Module:
@@ -142,19 +162,24 @@ def selected_forward(
     select: "Tensor | Selection",
     *,
     position_ids: Tensor | None = None,
-    ref: RefHead | None = None,
+    ref: RefHead | RefTopM | None = None,
     chunk_size: int | None = None,
     weight_grad: str = "auto",
+    topm: int = 0,
 ) -> SelectedOutput:
     """One forward of ``model`` (a transformers causal LM or an engine around one) scoring only the selected
     positions — ``select``: a prediction mask ``[R, T]`` (each position predicts the next token of its row) or a
     :class:`~fpo_dist.logprobs.Selection` (explicit positions and targets: a shared-prefix row); see the module
     docstring.  Gradients follow torch's grad mode; ``weight_grad``: how the backward
-    chunks the output layer's weight gradient (:data:`WEIGHT_GRAD`)."""
+    chunks the output layer's weight gradient (:data:`WEIGHT_GRAD`); ``topm=M``: also the model's own top-M
+    next-token distributions (without gradient)."""
     if weight_grad not in WEIGHT_GRAD:
         raise ValueError(f"weight_grad {weight_grad!r}: choose from {', '.join(WEIGHT_GRAD)}")
     inner = unwrap(model)
     layer = output_layer(inner)
+    vocab = layer.weight.shape[0] if layer.weight.ndim == 2 and layer.weight.numel() else None  # None: partitioned
+    if topm and vocab is not None and topm > vocab:
+        raise ValueError(f"top-M with M = {topm} but the model's vocabulary has {vocab} tokens: choose M <= {vocab}")
     transform = HeadTransform.of(inner)
     sel = select if isinstance(select, Selection) else Selection.of_mask(input_ids, select)
     targets = sel.targets
@@ -164,9 +189,15 @@ def selected_forward(
     def head_forward(h: Tensor):
         w, b = layer.weight, getattr(layer, "bias", None)
         chunk = chunk_size or auto_head_chunk(w.shape[0])
-        kl_args = (ref.hidden, ref.weight, ref.bias) if ref is not None else (None, None, None)
+        if isinstance(ref, RefTopM):
+            kl_args, ref_kind = (ref.ids, ref.logps, ref.tail), "topm"
+        elif ref is not None:
+            kl_args, ref_kind = (ref.hidden, ref.weight, ref.bias), "model"
+        else:
+            kl_args, ref_kind = (None, None, None), None
         return _SelectedHead.apply(h, w, b, targets, *kl_args,
-                                   _Cfg(transform, ref.transform if ref else None, chunk, weight_grad))
+                                   _Cfg(transform, getattr(ref, "transform", None), chunk, weight_grad, ref_kind,
+                                        topm))
 
     def model_forward(*args, **kwargs):
         kwargs["use_cache"] = False
@@ -181,8 +212,9 @@ def selected_forward(
     if position_ids is not None:
         call_kwargs["position_ids"] = position_ids
     with _instance_forward(inner, model_forward), expect_packed(position_ids is not None):
-        logps, kl = model(**call_kwargs)
-    return SelectedOutput(logps, kl if ref is not None else None, box["hidden"], rows)
+        logps, kl, top_ids, top_logps, top_tail = model(**call_kwargs)
+    return SelectedOutput(logps, kl if ref is not None else None, box["hidden"], rows,
+                          RefTopM(top_ids, top_logps, top_tail) if topm else None)
 
 
 def row_sums(values: Tensor, rows: Tensor, n_rows: int) -> Tensor:
@@ -216,6 +248,8 @@ class _Cfg:
     ref_transform: HeadTransform | None
     chunk: int
     weight_grad: str = "auto"  # see WEIGHT_GRAD
+    ref_kind: str | None = None  # the KL's reference: None, "model" (RefHead) or "topm" (RefTopM)
+    topm: int = 0  # M > 0: also return the model's own top-M (no gradient)
 
 
 # How the backward pass computes the output layer's weight gradient:
@@ -248,57 +282,75 @@ def _gather_ref(weight: Tensor | None, bias: Tensor | None):
 
 
 class _SelectedHead(torch.autograd.Function):
-    """``(logp [N], kl [N])`` of the selected hidden states; saves only ``h``, the targets and fp32 ``lse``.
+    """``(logp [N], kl [N], top-M ids, log-probs, tail)`` of the selected hidden states; saves only ``h``, the
+    targets, fp32 ``lse`` and one more value per position for the KL (the reference's log-sum-exp, or the model's
+    over the tokens outside the cached top-M).
 
-    Backward per chunk: ``∂/∂z = g_logp · (onehot(y) − q) + g_kl · (q − p)`` (``q`` the model's softmax, ``p`` the
-    reference's), then through the soft-cap to ``x = W h + b``: ``∂h = ∂x W``, ``∂W = ∂xᵀ h``, ``∂b = Σ ∂x``.
+    Backward per chunk: ``∂/∂z = g_logp · (onehot(y) − q) + g_kl · (q · m − p̃)`` (``q`` the model's softmax; ``p̃``
+    the reference's softmax and ``m = 1``, or for a cached top-M ``p̃`` its ``p_j`` at the M ids and
+    ``p_tail · q_v / q_tail`` elsewhere, ``m = Σ_j p_j + p_tail``), then through the soft-cap to ``x = W h + b``:
+    ``∂h = ∂x W``, ``∂W = ∂xᵀ h``, ``∂b = Σ ∂x``.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, ref_h, ref_w, ref_b, cfg: _Cfg):
+    def forward(ctx, h, weight, bias, targets, ref_a, ref_b_, ref_c, cfg: _Cfg):
         n = h.shape[0]
         acc = torch.promote_types(h.dtype, torch.float32)
         logp = torch.empty(n, dtype=acc, device=h.device)
         lse = torch.empty_like(logp)
         kl = torch.zeros_like(logp)
-        ref_lse = torch.empty_like(logp) if ref_h is not None else None  # the reference's, for a by-vocab backward
-        with torch.no_grad(), _gather_ref(ref_w, ref_b):
+        # the reference's log-sum-exp ("model", for a by-vocab backward) or the model's outside the top-M ("topm")
+        ref_stat = torch.empty_like(logp) if cfg.ref_kind else None
+        top_ids = torch.empty(n, cfg.topm, dtype=torch.long, device=h.device)
+        top_logps, top_tail = torch.empty(n, cfg.topm, dtype=acc, device=h.device), torch.empty_like(logp)
+        with torch.no_grad(), _gather_ref(*((ref_b_, ref_c) if cfg.ref_kind == "model" else (None, None))):
             for sl in _chunks(n, cfg.chunk):
                 _, z = _logits(h[sl], weight, bias, cfg.transform)
                 lse[sl] = torch.logsumexp(z, dim=-1)
                 logp[sl] = z.gather(-1, targets[sl, None]).squeeze(-1) - lse[sl]
-                if ref_h is not None:
-                    kl[sl], ref_lse[sl] = _kl(ref_h[sl], ref_w, ref_b, cfg.ref_transform, z - lse[sl, None])
-        ctx.save_for_backward(h, weight, bias, targets, lse, ref_h, ref_w, ref_b, ref_lse)
+                if cfg.ref_kind == "model":
+                    kl[sl], ref_stat[sl] = _kl(ref_a[sl], ref_b_, ref_c, cfg.ref_transform, z - lse[sl, None])
+                elif cfg.ref_kind == "topm":
+                    kl[sl], ref_stat[sl] = topm_kl(z, ref_a[sl], ref_b_[sl], ref_c[sl], lse[sl])
+                if cfg.topm:
+                    top_logps[sl], top_ids[sl] = torch.topk(z, cfg.topm, dim=-1)
+                    top_logps[sl] -= lse[sl, None]
+                    top_tail[sl] = _logsumexp_outside(z, top_ids[sl]) - lse[sl]
+        ctx.save_for_backward(h, weight, bias, targets, lse, ref_a, ref_b_, ref_c, ref_stat)
         ctx.cfg = cfg
-        if ref_h is None:
+        ctx.mark_non_differentiable(top_ids, top_logps, top_tail)
+        if cfg.ref_kind is None:
             ctx.mark_non_differentiable(kl)
-        return logp, kl
+        return logp, kl, top_ids, top_logps, top_tail
 
     @staticmethod
-    def backward(ctx, g_logp, g_kl):
-        h, weight, bias, targets, lse, ref_h, ref_w, ref_b, ref_lse = ctx.saved_tensors
+    def backward(ctx, g_logp, g_kl, *_top):
+        h, weight, bias, targets, lse, ref_a, ref_b_, ref_c, ref_stat = ctx.saved_tensors
         cfg: _Cfg = ctx.cfg
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc = torch.promote_types(weight.dtype, torch.float32)
+        model_ref = (ref_b_, ref_c) if cfg.ref_kind == "model" else (None, None)
         if cfg.weight_grad == "vocab" or (cfg.weight_grad == "auto" and need_w and acc != weight.dtype):
-            with _gather_ref(ref_w, ref_b):
-                grads = _backward_by_vocab(h, weight, bias, targets, lse, ref_h, ref_w, ref_b, ref_lse, g_logp, g_kl,
-                                           cfg, need_h, need_w, need_b)
+            with _gather_ref(*model_ref):
+                grads = _backward_by_vocab(h, weight, bias, targets, lse, (ref_a, ref_b_, ref_c), ref_stat, g_logp,
+                                           g_kl, cfg, need_h, need_w, need_b)
             return (*grads, None, None, None, None, None)
         grad_h = torch.empty_like(h) if need_h else None
         # weight gradients accumulate over chunks in ≥ fp32
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b and bias is not None else None
-        with _gather_ref(ref_w, ref_b):
+        with _gather_ref(*model_ref):
             for sl in _chunks(h.shape[0], cfg.chunk):
                 z_model, z = _logits(h[sl], weight, bias, cfg.transform)
                 q = torch.exp(z - lse[sl, None])
                 d = q * (-g_logp[sl, None])
                 d.scatter_add_(-1, targets[sl, None], g_logp[sl, None])
-                if ref_h is not None:
-                    log_p = _ref_logprobs(ref_h[sl], ref_w, ref_b, cfg.ref_transform)
+                if cfg.ref_kind == "model":
+                    log_p = _ref_logprobs(ref_a[sl], ref_b_, ref_c, cfg.ref_transform)
                     d += (q - log_p.exp()) * g_kl[sl, None]
+                elif cfg.ref_kind == "topm":
+                    p_t, mass = _topm_target(z, ref_stat[sl], ref_a[sl], ref_b_[sl], ref_c[sl], slice(0, z.shape[1]))
+                    d += (q * mass[:, None] - p_t) * g_kl[sl, None]
                 dx = cfg.transform.backward(z_model.to(d.dtype), d).to(h.dtype)
                 if grad_h is not None:
                     grad_h[sl] = dx @ weight
@@ -310,7 +362,7 @@ class _SelectedHead(torch.autograd.Function):
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
 
 
-def _backward_by_vocab(h, weight, bias, targets, lse, ref_h, ref_w, ref_b, ref_lse, g_logp, g_kl, cfg: _Cfg,
+def _backward_by_vocab(h, weight, bias, targets, lse, ref: tuple, ref_stat, g_logp, g_kl, cfg: _Cfg,
                        need_h: bool, need_w: bool, need_b: bool):
     """``(∂h, ∂W, ∂b)`` over blocks of the vocabulary (``WEIGHT_GRAD``'s "vocab"): per block, the logits of every
     selected position, ``∂z`` from the saved log-sum-exps (the model's and the reference's), then ``∂W`` and ``∂b``
@@ -326,10 +378,14 @@ def _backward_by_vocab(h, weight, bias, targets, lse, ref_h, ref_w, ref_b, ref_l
         w, b = weight[vs], None if bias is None else bias[vs]
         z_model, z = _logits(h, w, b, cfg.transform)
         d = torch.exp(z - lse[:, None])  # q
-        if ref_h is not None:
+        if cfg.ref_kind == "model":
+            ref_h, ref_w, ref_b = ref
             p = torch.exp(_logits(ref_h, ref_w[vs], None if ref_b is None else ref_b[vs], cfg.ref_transform)[1]
-                          - ref_lse[:, None])
+                          - ref_stat[:, None])
             d = d * (g_kl[:, None] - g_logp[:, None]) - p * g_kl[:, None]  # −g_logp·q + g_kl·(q − p)
+        elif cfg.ref_kind == "topm":
+            p, mass = _topm_target(z, ref_stat, *ref, vs)
+            d = d * (g_kl * mass - g_logp)[:, None] - p * g_kl[:, None]  # −g_logp·q + g_kl·(q·m − p̃)
         else:
             d = d * (-g_logp[:, None])
         inside = ((targets >= vs.start) & (targets < vs.stop)).nonzero().squeeze(-1)
@@ -354,3 +410,22 @@ def _kl(ref_h: Tensor, w: Tensor, b: Tensor | None, transform: HeadTransform, lo
     log_p = torch.log_softmax(z, dim=-1).to(log_q.dtype)
     p = log_p.exp()
     return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1), torch.logsumexp(z, dim=-1)
+
+
+def _logsumexp_outside(z: Tensor, ids: Tensor) -> Tensor:
+    """Per row, ``log Σ_{v ∉ ids} exp z_v`` (``-inf`` when ``ids`` holds every token)."""
+    return torch.logsumexp(z.scatter(-1, ids, float("-inf")), dim=-1)
+
+
+def _topm_target(z: Tensor, rest: Tensor, ids: Tensor, ref_logps: Tensor, ref_tail: Tensor, vs: slice
+                 ) -> tuple[Tensor, Tensor]:
+    """``(p̃ [n, v1 − v0], m [n])`` of :class:`_SelectedHead`'s backward for the vocabulary block ``vs`` (``z``: the
+    model's logits over that block): ``p̃`` is ``p_j`` at the cached ids and ``p_tail · exp(z_v − rest)`` at every
+    other token, so that ``∂KL/∂z = q · m − p̃`` with ``m = Σ_j p_j + p_tail``."""
+    p, p_tail = ref_logps.to(z.dtype).exp(), ref_tail.to(z.dtype).exp()
+    safe_rest = torch.where(p_tail > 0, rest, 0.0)  # rest is -inf only when the M ids are every token (p_tail = 0)
+    target = torch.where(p_tail[:, None] > 0, torch.exp(z - safe_rest[:, None]) * p_tail[:, None], 0.0)
+    inside = (ids >= vs.start) & (ids < vs.stop)
+    r, j = inside.nonzero(as_tuple=True)
+    target[r, ids[r, j] - vs.start] = p[r, j]
+    return target, p.sum(-1) + p_tail

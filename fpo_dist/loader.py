@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fpo_dist.lm_head import RefTopM
 from fpo_dist.logprobs import Selection
 from fpo_dist.losses import SparseCodes
 from fpo_dist.models import LAYOUTS, PairBatch, build_batch, pairs_from_batch
@@ -150,6 +151,9 @@ class MicroBatch:
     # [R, T] int64: the sequence of each position, -1 on padding; None: the padded layout's (row r = sequence r)
     sequence_ids: torch.Tensor | None = None
     shared: Selection | None = None  # the shared layout's scored positions (PairBatch.shared)
+    # the cache's top-M reference distributions of every response token, sequence by sequence (chosen rows, then
+    # rejected rows; each response's tokens in order): the order of every layout's selected positions
+    ref_topm: RefTopM | None = None
 
     def __post_init__(self) -> None:
         if self.sequence_ids is None:
@@ -183,6 +187,7 @@ class MicroBatch:
             sequence_ids=move(self.sequence_ids),
             position_ids=move(self.position_ids),
             shared=move(self.shared),
+            ref_topm=move(self.ref_topm),
             ref_logp_sum=move(self.ref_logp_sum),
             ref_n_tokens=move(self.ref_n_tokens),
             ref_codes_chosen=SparseCodes(*(move(t) for t in _fields(self.ref_codes_chosen))),
@@ -219,8 +224,18 @@ def make_micro_batch(batch: RowBatch, pad_id: int, layout: str = "padded", **pos
         ref_codes_rejected=_sparse(batch.rejected_codes),
         uids=[u.tobytes().hex() for u in batch.uid],
         rows=np.asarray(batch.index, dtype=np.int64),
+        ref_topm=cached_topm(batch),
         **position,
     )
+
+
+def cached_topm(batch: RowBatch) -> RefTopM | None:
+    """The rows' cached top-M distributions as one :class:`~fpo_dist.lm_head.RefTopM`, in sequence order."""
+    if batch.chosen_ref_topm is None:
+        return None
+    parts = [*batch.chosen_ref_topm, *batch.rejected_ref_topm]
+    return RefTopM(_tensor(np.concatenate([t.ids for t in parts])).long(),
+                   _tensor(np.concatenate([t.logps for t in parts])), _tensor(np.concatenate([t.tail for t in parts])))
 
 
 def _read_micro_batches(
@@ -233,6 +248,7 @@ def _read_micro_batches(
     epoch: int,
     consumed: int,
     stop: threading.Event | None,
+    ref_topm: bool = False,
 ) -> Iterator[MicroBatch]:
     """This rank's micro-batches from the (normalized) position ``(epoch, consumed)`` to the end of ``epochs``."""
     G = topo.global_batch
@@ -244,7 +260,7 @@ def _read_micro_batches(
                     return
                 # read_rows reads the rows in sorted order (one slice per run of consecutive rows) and returns
                 # them in the order asked.
-                batch = store.read_rows(rows[topo.micro_slice(p, m)])
+                batch = store.read_rows(rows[topo.micro_slice(p, m)], ref_topm=ref_topm)
                 yield make_micro_batch(batch, pad_id, layout, epoch=e, step_in_epoch=p // G, micro_step=m, sample_offset=p,
                                        is_step_end=m == topo.grad_accum - 1)
 
@@ -292,6 +308,7 @@ class CacheLoader:
         prefetch: int = 2,
         start_state: dict[str, Any] | None = None,
         storage_options: dict[str, Any] | None = None,
+        ref_topm: bool = False,
     ):
         retry = None
         if isinstance(store, CacheStore):
@@ -327,6 +344,7 @@ class CacheLoader:
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.layout = layout
+        self.ref_topm = ref_topm  # also read the cache's top-M reference distributions (offline TDPO)
         self.epochs = epochs
         self.prefetch = prefetch
         G = self.topology.global_batch
@@ -405,7 +423,7 @@ class CacheLoader:
     def _micro_batches(self, stop: threading.Event | None) -> Iterator[MicroBatch]:
         # Only what the reader needs, not ``self``: a thread holding the loader would keep it alive.
         return _read_micro_batches(self.store, self.order, self.topology, self.pad_id, self.layout, self.epochs,
-                                   self._epoch, self._consumed, stop)
+                                   self._epoch, self._consumed, stop, self.ref_topm)
 
     def _start(self) -> None:
         if self.prefetch == 0:

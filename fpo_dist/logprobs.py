@@ -213,3 +213,25 @@ def sequential_kl(ref_logits: Tensor, pol_logits: Tensor, response_mask: Tensor,
     """
     per_position = position_kl(ref_logits, pol_logits, chunk_size)
     return torch.where(prediction_mask(response_mask), per_position, 0.0).sum(-1)
+
+
+def topm_kl(z: Tensor, ids: Tensor, ref_logps: Tensor, ref_tail: Tensor, lse: Tensor | None = None
+            ) -> tuple[Tensor, Tensor]:
+    """Offline TDPO's per-position KL against a cached top-M reference: per row of the logits ``z [N, V]``
+    (log-sum-exp ``lse``, computed when not given), ``(kl [N], rest [N])`` with ``rest = log Σ_{v ∉ ids} exp z_v``
+    (``-inf`` when ``ids`` holds every token) and::
+
+        kl = Σ_j p_j (log p_j − log q_{ids_j}) + p_tail (log p_tail − log q_tail)
+
+    ``q = softmax(z)``, ``q_tail`` its mass outside the ``M`` ``ids [N, M]``; ``log p_j = ref_logps``,
+    ``log p_tail = ref_tail``; ``0 · log 0`` taken as 0.  The KL of both distributions coarsened to the M tokens and
+    one bucket: never above the exact KL, equal to it when the M ids are every token.  Differentiable (autograd); the
+    chunked head (:mod:`fpo_dist.lm_head`) computes it with its own backward.
+    """
+    lse = torch.logsumexp(z, dim=-1) if lse is None else lse
+    lp, tail = ref_logps.to(z.dtype), ref_tail.to(z.dtype)
+    log_q = z.gather(-1, ids) - lse[:, None]
+    rest = torch.logsumexp(z.scatter(-1, ids, float("-inf")), dim=-1)
+    p, p_tail = lp.exp(), tail.exp()
+    kl = torch.where(p > 0, p * (lp - log_q), 0.0).sum(-1)
+    return kl + torch.where(p_tail > 0, p_tail * (tail - (rest - lse)), 0.0), rest

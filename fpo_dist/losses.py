@@ -396,7 +396,8 @@ class LossSpec:
     ``needs``: where the reference values come from — the offline ``cache``, a resident ``reference_model``,
     or ``none`` (reference-free).  ``needs_sae``: pooled policy SAE codes at the cache's hook layer (the forward
     pass also hands over the cached reference codes).  ``needs_ref_logits``: full-vocabulary reference logits,
-    for the sequential KL.  ``choices``: allowed values of a hyper-parameter; ``domains``: the
+    for the sequential KL.  ``needs_ref_topm``: the sequential KL against the cache's top-M reference
+    distributions instead (``needs == "cache"``; a store built with ``--ref_topm M``).  ``choices``: allowed values of a hyper-parameter; ``domains``: the
     :class:`~fpo_dist.domains.Interval` of each numeric one (every int/float hyper-parameter must declare one — use
     ``fpo_dist.domains.ANY`` for an unconstrained one — and its default must lie in it), checked by the config before
     any work.
@@ -410,6 +411,7 @@ class LossSpec:
     inputs: Callable[[Quantities], tuple] = lambda q: (*q.logps, *_need(q.ref_logps, "ref_logps"))
     needs_sae: bool = False
     needs_ref_logits: bool = False
+    needs_ref_topm: bool = False
     defaults: Mapping[str, Any] = field(default_factory=dict)
     choices: Mapping[str, tuple] = field(default_factory=dict)
     domains: Mapping[str, Interval] = field(default_factory=dict)
@@ -423,6 +425,9 @@ class LossSpec:
             raise ValueError(f"loss {self.name!r}: needs must be cache/reference_model/none, got {self.needs!r}")
         if self.needs_ref_logits and self.needs != "reference_model":
             raise ValueError(f"loss {self.name!r}: full-vocabulary reference logits need a resident reference model")
+        if self.needs_ref_topm and (self.needs != "cache" or self.needs_ref_logits):
+            raise ValueError(f"loss {self.name!r}: the cached top-M reference distributions come from the cache "
+                             "(needs='cache', not with needs_ref_logits)")
         object.__setattr__(self, "domains", MappingProxyType(dict(self.domains)))
         params = self.hyper_parameters
         for key, default in params.items():
@@ -493,6 +498,12 @@ for _spec in (
              defaults={"beta": 0.1}, domains={"beta": POSITIVE}),
     LossSpec("tdpo2", partial(tdpo_loss, variant=2), "reference_model", inputs=_tdpo_inputs, needs_ref_logits=True,
              defaults={"beta": 0.1, "alpha": 0.5}, domains={"beta": POSITIVE, "alpha": NON_NEGATIVE}),
+    # offline TDPO: the same losses, the KL from the cache's top-M reference distributions + one tail bucket (a
+    # lower bound of the exact KL, equal to it when M is the vocabulary); no resident reference model
+    LossSpec("tdpo1-offline", partial(tdpo_loss, variant=1), "cache", inputs=_tdpo_inputs, needs_ref_topm=True,
+             defaults={"beta": 0.1}, domains={"beta": POSITIVE}),
+    LossSpec("tdpo2-offline", partial(tdpo_loss, variant=2), "cache", inputs=_tdpo_inputs, needs_ref_topm=True,
+             defaults={"beta": 0.1, "alpha": 0.5}, domains={"beta": POSITIVE, "alpha": NON_NEGATIVE}),
 ):
     register_loss(_spec)
 
@@ -501,8 +512,10 @@ def _names(names: Sequence[str]) -> str:
     return "/".join(names)
 
 
-def check_loss_requirements(name: str, have_cache: bool, have_reference_model: bool, have_sae: bool) -> LossSpec:
-    """Return ``LOSSES[name]``, or raise ``ValueError`` saying what to change if the run lacks what it needs."""
+def check_loss_requirements(name: str, have_cache: bool, have_reference_model: bool, have_sae: bool,
+                            cache_topm: int = 0) -> LossSpec:
+    """Return ``LOSSES[name]``, or raise ``ValueError`` saying what to change if the run lacks what it needs
+    (``cache_topm``: the M of the cache's top-M reference distributions, 0 without them)."""
     spec = LOSSES.get(name)
     if spec is None:
         raise ValueError(f"unknown loss {name!r}; choose one of {_names(list(LOSSES))}")
@@ -514,13 +527,20 @@ def check_loss_requirements(name: str, have_cache: bool, have_reference_model: b
         )
     if spec.needs == "reference_model" and not have_reference_model:
         why = (
-            " (the cache holds no full-vocabulary reference distributions)"
+            " (the cache holds no full-vocabulary reference distributions; "
+            f"{name}-offline trains on the cache's top-M ones, built with --ref_topm M)"
             if spec.needs_ref_logits
             else " (it computes reference log-probs online)"
         )
         raise ValueError(
             f"loss {name!r} needs a resident reference model{why}; pass --ref_model.name_or_path MODEL, "
             f"or choose {_names([n for n, s in LOSSES.items() if s.needs != 'reference_model'])}"
+        )
+    if spec.needs_ref_topm and not cache_topm:
+        raise ValueError(
+            f"loss {name!r} needs the reference's top-M next-token distributions in the cache, and the cache has "
+            f"none: rebuild it with --ref_topm M (e.g. 128), or train {name.removesuffix('-offline')} with a "
+            "resident reference model (--ref_model.name_or_path)"
         )
     if spec.needs_sae and not have_sae:
         raise ValueError(

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from fpo_dist.attention import expect_packed
-from fpo_dist.lm_head import row_sums, selected_forward, unwrap
-from fpo_dist.logprobs import Selection, predicted_token_logps
+from fpo_dist.lm_head import RefTopM, row_sums, selected_forward, unwrap
+from fpo_dist.logprobs import Selection, predicted_token_logps, upcast
 from fpo_dist.models import PairBatch, capture_block_output
 
 # SAE codes are computed in blocks of positions so that [positions, d_sae] fp32 stays under this many bytes.
@@ -39,17 +39,19 @@ class Scored:
     sequences: Tensor  # [N] the sequence of each selected position (each sequence's positions are contiguous)
     pooled: Tensor | None = None  # [2B, d_sae] fp32, when an SAE was given
     token_codes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None  # per sequence: (nnz, idx, val)
+    topm: RefTopM | None = None  # [N, M] / [N]: the model's top-M next-token distributions (``topm=M``)
 
 
 @torch.no_grad()
 def score_batch(model, batch: PairBatch, sae=None, layer: int | None = None, *, logits: str = "selected",
-                token_codes: bool = False) -> Scored:
+                token_codes: bool = False, topm: int = 0) -> Scored:
     """Score ``batch`` with ``model`` (a transformers causal LM, or an engine around one); see the module doc.
 
     ``logits="selected"`` computes the output layer only at the predicting positions
     (:func:`fpo_dist.lm_head.selected_forward`); ``"materialized"`` takes the model's full ``[R, T, vocab]``
     logits (the path it replaced; for tests and benchmarks).  ``token_codes``: also the sparse SAE codes of
-    every predicting position, per sequence.
+    every predicting position, per sequence.  ``topm=M``: also, at every predicting position, the model's M most
+    probable next tokens, their log-probs and the log of the remaining mass (what offline TDPO trains on).
     """
     if logits not in ("selected", "materialized"):
         raise ValueError(f"logits must be 'selected' or 'materialized', got {logits!r}")
@@ -58,8 +60,8 @@ def score_batch(model, batch: PairBatch, sae=None, layer: int | None = None, *, 
     n = batch.n_sequences
     capture = capture_block_output(unwrap(model), layer) if sae is not None else contextlib.nullcontext()
     with capture as cap:
-        logps = _response_logps(model, batch, sel, logits)
-    out = Scored(row_sums(logps, seqs, n), torch.bincount(seqs, minlength=n), logps, seqs)
+        logps, top = _response_logps(model, batch, sel, logits, topm)
+    out = Scored(row_sums(logps, seqs, n), torch.bincount(seqs, minlength=n), logps, seqs, topm=top)
     if sae is not None:
         out.pooled, out.token_codes = _pooled_codes(sae, sel.gather(cap.output), seqs, n, token_codes)
     return out
@@ -71,15 +73,23 @@ def nonzeros(vec: Tensor) -> tuple[np.ndarray, np.ndarray]:
     return nz.to(torch.int32).cpu().numpy(), vec[nz].float().cpu().numpy()
 
 
-def _response_logps(model, batch: PairBatch, sel: Selection, logits: str) -> Tensor:
-    """``logps [N]`` at the selected positions (in ``sel``'s order): the log-prob of the token each predicts."""
+def _response_logps(model, batch: PairBatch, sel: Selection, logits: str, topm: int) -> tuple[Tensor, RefTopM | None]:
+    """``logps [N]`` at the selected positions (in ``sel``'s order): the log-prob of the token each predicts; and
+    with ``topm`` the model's top-M there."""
     if logits == "selected":
-        return selected_forward(model, batch.input_ids, batch.attention_mask, sel, position_ids=batch.position_ids).logps
+        out = selected_forward(model, batch.input_ids, batch.attention_mask, sel, position_ids=batch.position_ids,
+                               topm=topm)
+        return out.logps, out.topm
     if batch.shared is not None:
         raise ValueError("logits: materialized runs the packed or padded layout, not shared")
     with expect_packed(batch.position_ids is not None):
         full = model(**batch.model_inputs()).logits
-    return predicted_token_logps(full, batch.input_ids, batch.response_mask)
+    logps = predicted_token_logps(full, batch.input_ids, batch.response_mask)
+    if not topm:
+        return logps, None
+    log_q = torch.log_softmax(upcast(full[batch.prediction_mask]), dim=-1)
+    vals, ids = torch.topk(log_q, topm, dim=-1)
+    return logps, RefTopM(ids, vals, torch.logsumexp(log_q.scatter(-1, ids, float("-inf")), dim=-1))
 
 
 def _pooled_codes(sae, hidden: Tensor, seqs: Tensor, n: int, per_token: bool):

@@ -125,6 +125,7 @@ class Trainer:
             self.spec = check_loss_requirements(
                 cfg.loss.name, have_cache=True, have_reference_model=bool(ref_cfg and ref_cfg.name_or_path),
                 have_sae=bool(cfg.sae.source or prov.get("sae", {}).get("source")),
+                cache_topm=self.store.options["ref_topm"],
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None
@@ -273,6 +274,7 @@ class Trainer:
             self.loader = CacheLoader(
                 self.store, topology=self.dist.topology(cfg.micro_batch_size, cfg.grad_accum), seed=cfg.seed,
                 pad_id=self.pad_id, layout=cfg.batch_layout, prefetch=cfg.prefetch, epochs=cfg.epochs,
+                ref_topm=self.spec.needs_ref_topm,
             )
         except ValueError as e:  # too few rows for one global batch, and the like
             raise ConfigError(f"cache {cfg.cache}: {e}") from None
@@ -341,10 +343,11 @@ class Trainer:
         from fpo_dist.scoring import nonzeros, score_batch
 
         rows = self.store.ok_rows()[: self.cfg.step0_rows].tolist()
-        batch = self.store.read_rows(rows)
+        batch = self.store.read_rows(rows, ref_topm=self.spec.needs_ref_topm)
         pb = build_batch(pairs_from_batch(batch), self.pad_id, self.cfg.batch_layout).to(self.device)
         self.policy.train(False)
         out = score_batch(self.policy, pb, self.sae, self.layer)  # what the cache worker computed, on this run
+        topm_kl = self._step0_topm_kl(batch, pb) if self.spec.needs_ref_topm else None
         self.policy.train(True)
         n = len(rows)
         pooled = None
@@ -354,6 +357,7 @@ class Trainer:
         lp = torch.stack([out.logp_sum[:n], out.logp_sum[n:]], 1).float().cpu().numpy()
         nt = torch.stack([out.n_tokens[:n], out.n_tokens[n:]], 1).cpu().numpy()
         cmp = compare(batch, lp, nt, pooled, self.sae.cfg.d_sae if self.sae is not None else 0)
+        cmp.max_topm_kl = topm_kl
         atol_logp = self.cfg.step0_atol_logp * (30 if self.bf16 else 1)
         rtol_mse = self.cfg.step0_rtol_mse * (100 if self.bf16 else 1)
         if self.is_main:
@@ -362,6 +366,17 @@ class Trainer:
         if not cmp.ok(atol_logp, rtol_mse):
             raise RuntimeError(f"step-0 check failed: the initial policy does not reproduce the cache ({cmp.describe()}). "
                                + self._step0_hint())
+
+    @torch.no_grad()
+    def _step0_topm_kl(self, batch, pb) -> float:
+        """Offline TDPO: the largest per-position KL of the cached top-M distributions against the policy's own (the
+        training forward's chunked head), at step 0 where the policy is the cache's reference: 0 up to rounding."""
+        from fpo_dist.lm_head import selected_forward
+        from fpo_dist.loader import cached_topm
+
+        kl = selected_forward(self.policy, pb.input_ids, pb.attention_mask, pb.selection,
+                              position_ids=pb.position_ids, ref=cached_topm(batch).to(self.device)).kl
+        return float(kl.max()) if kl.numel() else 0.0
 
     def _step0_hint(self) -> str:
         """What to check after a failed step-0 check; names both dtypes when the cache's and the run's differ."""

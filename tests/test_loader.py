@@ -302,11 +302,11 @@ def test_reader_error_surfaces_in_the_consumer(cache, monkeypatch):
     path, _, _ = cache
     real, calls = CacheStore.read_rows, []
 
-    def flaky(self, indices, extras=False):
+    def flaky(self, indices, extras=False, ref_topm=False):
         calls.append(1)
         if len(calls) == 3:
             raise OSError("disk went away")
-        return real(self, indices, extras)
+        return real(self, indices, extras, ref_topm)
 
     monkeypatch.setattr(CacheStore, "read_rows", flaky)
     loader = _loaders(path, 2, 2, 1, prefetch=2)[0]

@@ -21,6 +21,7 @@ def _base(tiny):
 def _batch(tiny):
     """A micro-batch of 3 pairs with arbitrary cached reference values (the loader's layout)."""
     from fpo_dist.data import TokenizedPair
+    from fpo_dist.lm_head import RefTopM
     from fpo_dist.loader import MicroBatch
     from fpo_dist.losses import SparseCodes
     from fpo_dist.models import build_batch
@@ -31,9 +32,12 @@ def _batch(tiny):
                         tuple(torch.randint(5, 400, (2 + i,), generator=g).tolist())) for i in range(3)]
     pb = build_batch(pairs, pad_id=0)
     codes = SparseCodes.from_dense(torch.rand(3, 128) * (torch.rand(3, 128) < 0.1))
+    n = int(pb.response_mask.sum())  # offline TDPO's cached top-8 (+ tail) per response token
+    dist = torch.log_softmax(torch.randn(n, 9, generator=g), -1)
+    topm = RefTopM(torch.stack([torch.randperm(400, generator=g)[:8] for _ in range(n)]), dist[:, :8], dist[:, 8])
     return MicroBatch(pb.input_ids, pb.attention_mask, pb.response_mask, -torch.rand(3, 2) * 20 - 5,
                       torch.tensor([[4, 3], [4, 4], [4, 5]]), codes, codes, ["x"] * 3, torch.arange(3).numpy(),
-                      0, 0, 0, 0, True)
+                      0, 0, 0, 0, True, ref_topm=topm)
 
 
 def test_lora_config_from_the_command_line():
@@ -74,7 +78,7 @@ def test_adapters_start_at_the_base_model_and_are_seeded(tiny):
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # all-linear
 
 
-@pytest.mark.parametrize("loss_name", ["fpo", "dpo", "simpo", "dpo-online", "tdpo1", "tdpo2"])
+@pytest.mark.parametrize("loss_name", ["fpo", "dpo", "simpo", "dpo-online", "tdpo1", "tdpo2", "tdpo2-offline"])
 def test_every_loss_trains_only_the_adapters(tiny, loss_name):
     from sae_lens import SAE
 

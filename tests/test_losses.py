@@ -543,12 +543,17 @@ def test_feature_term_monitor_window_and_once():
 
 
 def test_registry_entries():
-    assert set(LOSSES) == {"fpo", "dpo", "simpo", "dpo-online", "tdpo1", "tdpo2"}
+    assert set(LOSSES) == {"fpo", "dpo", "simpo", "dpo-online", "tdpo1", "tdpo2", "tdpo1-offline", "tdpo2-offline"}
     assert LOSSES["fpo"].needs == "cache" and LOSSES["fpo"].needs_sae
     assert LOSSES["dpo"].needs == "cache" and not LOSSES["dpo"].needs_sae
     assert LOSSES["simpo"].needs == "none" and LOSSES["simpo"].defaults["beta"] == 2.0
     assert LOSSES["dpo-online"].needs == "reference_model" and not LOSSES["dpo-online"].needs_ref_logits
     assert all(LOSSES[n].needs == "reference_model" and LOSSES[n].needs_ref_logits for n in ("tdpo1", "tdpo2"))
+    assert all(LOSSES[n].needs == "cache" and LOSSES[n].needs_ref_topm and not LOSSES[n].needs_ref_logits
+               for n in ("tdpo1-offline", "tdpo2-offline"))
+    for name in ("tdpo1", "tdpo2"):  # the offline losses are the same functions with the same defaults
+        assert LOSSES[f"{name}-offline"].fn.keywords == LOSSES[name].fn.keywords
+        assert LOSSES[f"{name}-offline"].defaults == LOSSES[name].defaults
     assert LOSSES["fpo"].defaults["k"] == 50 and LOSSES["fpo"].defaults["topk_mode"] == "union"
     # The registered functions accept their defaults: TDPO2 with its defaults equals the hand value above.
     pc, pr, rc, rr, kl_w, kl_l = _tdpo_inputs()

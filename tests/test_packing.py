@@ -203,7 +203,8 @@ def assert_same_loss_and_metrics(got, want) -> None:
 @pytest.mark.parametrize("layout", ["packed", "shared"])
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
 def test_reference_pass_packed_equals_padded(kind, layout):
-    """The cache worker's values (sums, counts, pooled codes, per-token log-probs and codes): packed and shared
+    """The cache worker's values (sums, counts, pooled codes, per-token log-probs and codes, top-M reference
+    distributions): packed and shared
     (varlen; shared is what the cache job runs by default) ≡ padded (transformers' sdpa)."""
     from fpo_dist.cache.worker import reference_pass
 
@@ -213,7 +214,7 @@ def test_reference_pass_packed_equals_padded(kind, layout):
     pairs = _pairs(5, seed=3)
     padded_model = _model(kind, "sdpa", dtype=torch.float32)
     out = {lay: reference_pass(m, sae, 1, pairs, pad_id=0, batch_size=3, per_token_logps=True,
-                               per_token_codes=True, layout=lay)
+                               per_token_codes=True, layout=lay, topm=8)
            for lay, m in ((layout, model), ("padded", padded_model))}
     a, b = out[layout], out["padded"]
     assert a.n_tokens == b.n_tokens
@@ -234,3 +235,10 @@ def test_reference_pass_packed_equals_padded(kind, layout):
         for (na, ia, va), (nb, ib, vb) in zip(ca, cb):
             assert (na == nb).all() and (ia == ib).all()
             assert_rounding_close(va, vb, dtype=torch.float32, depth=3, dim=None, msg="per-token codes")
+    for ta, tb in zip(a.ref_topm, b.ref_topm):  # offline TDPO's top-8 per response token (ids, log-probs, tail)
+        for (ia, la, tla), (ib, lb, tlb) in zip(ta, tb):
+            assert ia.shape == ib.shape == la.shape == (len(tla), 8)
+            np.testing.assert_allclose(la, lb, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(tla, tlb, rtol=1e-5, atol=1e-5)
+            untied = np.abs(np.diff(lb, axis=1)).min(1) > 1e-4 if len(lb) else np.zeros(0, bool)
+            assert (ia[untied] == ib[untied]).all()

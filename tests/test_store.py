@@ -390,11 +390,13 @@ def test_token_extras_round_trip(tmp_path, capsys):
     assert store.token_extras_info() == {
         "token_logps": {"values": 8, "bytes": store.token_extras_info()["token_logps"]["bytes"]},
         "token_codes": {"tokens": 8, "nnz": 8, "bytes": store.token_extras_info()["token_codes"]["bytes"]},
+        "ref_topm": None,
     }
     assert store.token_extras_info()["token_logps"]["bytes"] == sum(
         f.stat().st_size for f in (path / "shards/000000/token_logps").rglob("*") if f.is_file())
     out = _info_cli(path, capsys)
     assert "per-token log-probs: 8 values" in out and "per-token SAE codes: 8 tokens, 8 non-zeros" in out
+    assert "reference top-M distributions: none (built without --ref_topm)" in out
     assert "row 0: chosen 3 tokens, rejected 1" in out and "chosen code non-zeros 4" in out
 
     only_logps = tmp_path / "only-logps"

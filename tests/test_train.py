@@ -76,6 +76,7 @@ def cache(tiny, tmp_path_factory):
         "--sae.layer", str(tiny.hook_layer), "--data.source", str(data), "--output", str(root / "store"),
         "--rows_per_shard", "8", "--chunk_rows", "8", "--workers", "2", "--device", "cpu",
         "--data.max_length", "64", "--data.max_prompt_length", "32",
+        "--ref_topm", str(_vocab(tiny)),  # the whole vocabulary: offline TDPO's KL is then the exact one
     ])
     # a held-out cache: the same config, other pairs (as another data.split of a hub dataset would be)
     held_out = root / "held_out.jsonl"
@@ -98,6 +99,10 @@ def cache(tiny, tmp_path_factory):
     (root / "zero3_test.json").write_text(json.dumps(ds))
     return {"store": str(root / "store"), "eval_store": str(root / "eval_store"), "ds": str(root / "zero3_test.json"),
             "root": root, "tiny": tiny}
+
+
+def _vocab(tiny) -> int:
+    return json.loads((tiny.model_dir / "config.json").read_text())["vocab_size"]
 
 
 def train(cache, out: Path, *extra: str, nproc: int = 2, launcher: str = "torchrun", timeout: int = 420,
@@ -325,6 +330,36 @@ def test_tdpo2_selected_head_equals_materialized_under_zero3(cache):
             if key in a:
                 assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(b[key])), (a["step"], key, a[key], b[key])
     assert runs["selected"][1]["loss"] != runs["selected"][0]["loss"]  # it trained
+
+
+def test_offline_tdpo_at_full_vocabulary_equals_online_tdpo(cache):
+    """tdpo1/tdpo2-offline on a cache whose top-M is the whole vocabulary (no tail) ≡ tdpo1/tdpo2 with a resident
+    reference, 2 ranks under ZeRO-3 for 3 steps: losses, both KLs, rewards and gradient norms, without a reference
+    model; its step-0 check compares the cached distributions with the policy's."""
+    for variant in ("tdpo1", "tdpo2"):
+        runs = {}
+        for name in (variant, f"{variant}-offline"):
+            out = cache["root"] / name
+            rc, log = train(cache, out, "--loss.name", name, "--max_steps", "3", "--export", "false")
+            assert rc == 0, log[-6000:]
+            runs[name] = metrics(out)
+        assert "reference model: none" in log and "max top-M KL = " in log
+        step0 = next(line for line in log.splitlines() if line.startswith("step-0 check:"))
+        assert float(step0.split("max top-M KL = ")[1].split()[0].rstrip(",")) < 1e-5, step0
+        info = json.loads((cache["root"] / f"{variant}-offline" / "run_info.json").read_text())
+        assert info["reference_model_resident"] is False and len(info["resident_models"]) == 1
+        for a, b in zip(runs[variant], runs[f"{variant}-offline"]):
+            for key in ("loss", "kl_chosen", "kl_rejected", "rewards_chosen", "rewards_rejected", "grad_norm"):
+                assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (variant, a["step"], key, a[key], b[key])
+        assert runs[variant][-1]["kl_rejected"] > 1e-6  # the policy moved: the KL term is exercised
+
+
+def test_offline_tdpo_on_a_cache_without_topm_is_refused_in_one_line(cache, tmp_path):
+    rc, log = train(cache, tmp_path / "no-topm", "--cache", cache["eval_store"], "--loss.name", "tdpo2-offline",
+                    "--max_steps", "1", nproc=1)
+    assert rc == 2, log[-3000:]
+    err = [line for line in log.splitlines() if "--ref_topm" in line]
+    assert len(err) == 1 and "tdpo2-offline" in err[0] and "top-M" in err[0], log[-3000:]
 
 
 def test_a_loss_registered_in_a_test_file_trains(cache, tmp_path):

@@ -182,11 +182,14 @@ def _extras_lines(store, extras) -> list[str]:
     """``info`` lines on the per-token extras: present or not, their sizes, and one row read back."""
     if extras is None:
         return ["per-token extras: none (built without per_token_logps / per_token_codes)"]
-    lp, codes = extras["token_logps"], extras["token_codes"]
+    lp, codes, topm = extras["token_logps"], extras["token_codes"], extras["ref_topm"]
     lines = [f"per-token log-probs: {lp['values']} values, {lp['bytes'] / 1e6:.3f} MB" if lp else
              "per-token log-probs: none (built without per_token_logps)",
              f"per-token SAE codes: {codes['tokens']} tokens, {codes['nnz']} non-zeros, {codes['bytes'] / 1e6:.3f} MB"
-             if codes else "per-token SAE codes: none (built without per_token_codes)"]
+             if codes else "per-token SAE codes: none (built without per_token_codes)",
+             f"reference top-{topm['m']} distributions: {topm['tokens']} tokens, {topm['bytes'] / 1e6:.3f} MB, "
+             f"{topm['bytes'] / max(1, topm['tokens']):.0f} bytes per response token" if topm else
+             "reference top-M distributions: none (built without --ref_topm)"]
     import numpy as np
 
     ok = store.ok_rows()

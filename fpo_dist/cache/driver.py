@@ -62,6 +62,9 @@ def build_provenance(cfg: CacheConfig, source, tokenizer) -> dict:
         "n_rows": len(source),
     }
     return {
+        # the reference's top-M distributions per response position (also the store option ref_topm); absent
+        # without them, as in stores written before they existed
+        **({"ref_topm": cfg.ref_topm} if cfg.ref_topm else {}),
         "code_version": fpo_dist.__version__,
         "model": {**to_dict(cfg.model), "files": _model_files(cfg.model.name_or_path)},
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -168,7 +171,7 @@ def _run_job(cfg: CacheConfig, work_cfg: CacheConfig, lease, log, t_start: float
     provenance = build_provenance(cfg, source, tokenizer)
     store = create_store(
         cfg.output, provenance, n_rows=len(source), rows_per_shard=cfg.rows_per_shard, chunk_rows=cfg.chunk_rows,
-        options={"token_logps": cfg.per_token_logps, "token_codes": cfg.per_token_codes}, overwrite=cfg.overwrite,
+        options={"token_logps": cfg.per_token_logps, "token_codes": cfg.per_token_codes, "ref_topm": cfg.ref_topm}, overwrite=cfg.overwrite,
         storage_options=cfg.storage_options or None,
     )
     lease.beat()  # rewrites the lease if overwrite deleted it

@@ -47,6 +47,7 @@ class PairOutputs:
     pooled: list[tuple[tuple, tuple]]  # ((idx_c, val_c), (idx_r, val_r)) numpy arrays
     token_logps: list[tuple] | None = None
     token_codes: list[tuple] | None = None
+    ref_topm: list[tuple] | None = None  # per pair ((ids, logps, tail) chosen, (…) rejected), numpy
 
 
 @torch.no_grad()
@@ -61,6 +62,7 @@ def reference_pass(
     per_token_codes: bool = False,
     logits: str = "selected",
     layout: str = "padded",
+    topm: int = 0,
 ) -> PairOutputs:
     """Reference log-probs and pooled SAE codes for ``pairs`` (in the order given).
 
@@ -71,6 +73,7 @@ def reference_pass(
     any model).
     ``logits="selected"`` (what the cache job runs) computes the output layer only where a response token is
     predicted; ``"materialized"`` takes the model's full logits (the path it replaced; for tests and benchmarks).
+    ``topm=M``: also the reference's top-M next-token distributions at every response position.
     """
     order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i].prompt_ids) + max(len(pairs[i].chosen_ids), len(pairs[i].rejected_ids)), i))
     device = next(unwrap(model).parameters()).device
@@ -78,9 +81,12 @@ def reference_pass(
     for b0 in range(0, len(order), batch_size):
         idx = order[b0 : b0 + batch_size]
         batch = build_batch([pairs[i] for i in idx], pad_id, layout).to(device)
-        out = score_batch(model, batch, sae, layer, logits=logits, token_codes=per_token_codes)
+        out = score_batch(model, batch, sae, layer, logits=logits, token_codes=per_token_codes, topm=topm)
         sums, counts = out.logp_sum.float().cpu(), out.n_tokens.cpu()
         per_tok = torch.split(out.token_logps.float().cpu(), counts.tolist()) if per_token_logps else None
+        # each sequence's selected positions are contiguous, in sequence order (Selection): split by counts
+        top = [torch.split(t.cpu(), counts.tolist()) for t in (out.topm.ids.int(), out.topm.logps.float(),
+                                                                out.topm.tail.float())] if topm else None
         n = len(idx)
         for j, i in enumerate(idx):
             c, r = j, n + j
@@ -93,6 +99,8 @@ def reference_pass(
                 entry.append((per_tok[c].numpy(), per_tok[r].numpy()))
             if per_token_codes:
                 entry.append((out.token_codes[c], out.token_codes[r]))
+            if topm:
+                entry.append(tuple(tuple(t[s].numpy() for t in top) for s in (c, r)))
             results[i] = tuple(entry)
     ordered = [results[i] for i in range(len(pairs))]
     return PairOutputs(
@@ -100,7 +108,8 @@ def reference_pass(
         n_tokens=[r[1] for r in ordered],
         pooled=[r[2] for r in ordered],
         token_logps=[r[3] for r in ordered] if per_token_logps else None,
-        token_codes=[r[-1] for r in ordered] if per_token_codes else None,
+        token_codes=[r[4 if per_token_logps else 3] for r in ordered] if per_token_codes else None,
+        ref_topm=[r[-1] for r in ordered] if topm else None,
     )
 
 
@@ -149,11 +158,11 @@ class CacheWorker:
             return {"shard": shard, "error": str(e)}
         out = reference_pass(
             self.model, self.sae, self.cfg.sae.layer, rng.pairs, self.pad_id, self.cfg.batch_size,
-            self.cfg.per_token_logps, self.cfg.per_token_codes, layout=self.cfg.batch_layout,
+            self.cfg.per_token_logps, self.cfg.per_token_codes, layout=self.cfg.batch_layout, topm=self.cfg.ref_topm,
         )
         result = ShardResult.build(
             start, stop, rng.pairs, rng.bad, out.logp_sum, out.n_tokens, out.pooled,
-            token_logps=out.token_logps, token_codes=out.token_codes,
+            token_logps=out.token_logps, token_codes=out.token_codes, ref_topm=out.ref_topm, topm=self.cfg.ref_topm,
         )
         self.store.write_shard(shard, result)
         tokens = sum(len(p.prompt_ids) * 2 + len(p.chosen_ids) + len(p.rejected_ids) for p in rng.pairs)

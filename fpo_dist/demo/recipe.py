@@ -51,9 +51,11 @@ class Recipe:
     samples_per_prompt: int = 4
 
     def beta_for(self, loss: str) -> float:
-        if loss not in self.beta:
+        """β of ``loss``; an offline TDPO loss takes its online counterpart's (the same loss, another KL source)."""
+        base = loss.removesuffix("-offline")
+        if base not in self.beta:
             raise ValueError(f"the demo recipe has no β for loss {loss!r}; known: {sorted(self.beta)}")
-        return self.beta[loss]
+        return self.beta[base]
 
 
 RECIPE = Recipe()

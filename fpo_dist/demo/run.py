@@ -113,7 +113,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 # --------------------------------------------------------------------------------------------- stages
 
 
-def _cache_config(source: Path, store: Path, path: Path, manifest: dict) -> Path:
+def _cache_config(source: Path, store: Path, path: Path, manifest: dict, ref_topm: int = 0) -> Path:
     path.write_text(json.dumps({  # JSON is YAML
         "model": {"name_or_path": str(ASSETS / "model")},
         "sae": {"source": str(ASSETS / "sae"), "layer": manifest["sae"]["hook_layer"]},
@@ -121,16 +121,18 @@ def _cache_config(source: Path, store: Path, path: Path, manifest: dict) -> Path
                  "max_prompt_length": RECIPE.max_prompt_length},
         "output": str(store), "workers": 2, "cpus_per_worker": 1, "device": "cpu",
         "rows_per_shard": 256, "chunk_rows": 128, "batch_size": 64, "overwrite": True,
+        **({"ref_topm": ref_topm} if ref_topm else {}),
     }, indent=1))
     return path
 
 
-def build_cache(data: dict[str, Path], out: Path, manifest: dict) -> tuple[Path, Path]:
+def build_cache(data: dict[str, Path], out: Path, manifest: dict, ref_topm: int = 0) -> tuple[Path, Path]:
     """A Ray head on loopback (stopped by process group afterwards) and ``ray job submit`` of the cache job: the
-    training cache, then the held-out cache with the same config (what ``--eval_cache`` expects)."""
+    training cache, then the held-out cache with the same config (what ``--eval_cache`` expects); ``ref_topm``:
+    also the reference's top-M distributions (offline TDPO)."""
     store, eval_store = out / "cache", out / "eval_cache"
-    cfgs = [_cache_config(data["train"], store, out / "cache.yaml", manifest),
-            _cache_config(data["heldout"], eval_store, out / "eval_cache.yaml", manifest)]
+    cfgs = [_cache_config(data["train"], store, out / "cache.yaml", manifest, ref_topm),
+            _cache_config(data["heldout"], eval_store, out / "eval_cache.yaml", manifest, ref_topm)]
     ray_bin = str(Path(sys.executable).parent / "ray")
     with ray_head(out / "logs" / "ray_head.log") as (dash_url, env):
         for cfg, what in zip(cfgs, ("cache", "eval_cache")):
@@ -246,9 +248,11 @@ def train(loss: str, store: Path, out: Path, steps: int, seed: int = 0, tag: str
     return run_dir
 
 
-def evaluate_policy(policy: Path, heldout: Path, eval_dir: Path, manifest: dict, beta: float) -> dict:
+def evaluate_policy(policy: Path, heldout: Path, eval_dir: Path, manifest: dict, beta: float, kl: bool = False
+                    ) -> dict:
     """``fpo_dist.evaluate`` of one policy against the bundled reference on the held-out pairs (with the task's
-    judge, the recipe's sampling), plus the task's rule-follow rate of its samples."""
+    judge, the recipe's sampling), plus the task's rule-follow rate of its samples; ``kl``: also ``kl_ref``, the KL
+    to the reference per response token on the held-out responses (exact, over the vocabulary)."""
     from fpo_dist.config import DataConfig
     from fpo_dist.evaluate import GenerationConfig, evaluate
 
@@ -257,7 +261,7 @@ def evaluate_policy(policy: Path, heldout: Path, eval_dir: Path, manifest: dict,
                            seed=0, batch_size=64, samples_per_prompt=RECIPE.samples_per_prompt)
     m = evaluate(str(policy), data, reference_dir=str(ASSETS / "model"), sae_source=str(ASSETS / "sae"),
                  sae_layer=manifest["sae"]["hook_layer"], judge=task.pairwise_judge, generation=gen, beta=beta,
-                 out_dir=eval_dir)
+                 out_dir=eval_dir, kl=kl)
     outputs = json.loads((eval_dir / "policy_outputs.json").read_text())
     m["rule_follow"] = task.follow_rate([o["instruction"] for o in outputs], [o["output"] for o in outputs])
     return m

@@ -211,7 +211,7 @@ def statistics_of(per_seed: dict, baseline: str = "fpo", metrics=STUDY_METRICS) 
 def write_study_report(ci: dict, arms: list[Arm], steps: int, report_dir: Path, wall_s: float,
                        note: str = "", *, metrics=STUDY_METRICS, title: str = "FPO ablation study on the demo task",
                        command: str = "python -m fpo_dist.demo.study", batch_pairs: int = RECIPE.batch_pairs,
-                       extra: dict | None = None) -> Path:
+                       extra: dict | None = None, baseline: str = "fpo") -> Path:
     """``study.json``, ``study.png`` and ``study.md``; ``note`` (if any) is printed under the first paragraph and kept
     in the JSON; ``extra`` is kept in the JSON."""
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -224,8 +224,8 @@ def write_study_report(ci: dict, arms: list[Arm], steps: int, report_dir: Path, 
         "",
         f"`{command}` ({ci['seeds']} training seeds per arm, {steps} steps each, global batch "
         f"{batch_pairs} pairs, one process per run; wall time {wall_s / 60:.0f} min). Each cell: mean over "
-        f"seeds [95 % t-interval]; {ci['method']}. Differences pair seed i of each arm with seed i of fpo (same data "
-        "order).",
+        f"seeds [95 % t-interval]; {ci['method']}. Differences pair seed i of each arm with seed i of {baseline} (same "
+        "data order).",
         "",
         *([note, ""] if note else []),
         "| arm | what | " + " | ".join(t for _, t, _ in metrics) + " |",

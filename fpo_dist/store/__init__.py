@@ -29,7 +29,7 @@ The package, by concern (import everything from ``fpo_dist.store``; the modules 
 * :mod:`~fpo_dist.store.writer` — :class:`ShardResult`, a shard built and validated in memory;
 * :mod:`~fpo_dist.store.cache_store` — :func:`create_store`, :func:`open_store`, :class:`CacheStore`: the write
   protocol and the reports;
-* :mod:`~fpo_dist.store.reader` — reading rows: :class:`RowBatch`, :class:`Csr`, :class:`TokenExtras`;
+* :mod:`~fpo_dist.store.reader` — reading rows: :class:`RowBatch`, :class:`Csr`, :class:`TokenExtras`, :class:`TopM`;
 * :mod:`~fpo_dist.store.verify` — ``CacheStore.verify``;
 * :mod:`~fpo_dist.store.lease` — :func:`acquire_lease`: one writing cache job per store.
 """
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from fpo_dist.store.cache_store import CacheStore, create_store, open_store
 from fpo_dist.store.lease import WriterLease, acquire_lease
-from fpo_dist.store.reader import Csr, RowBatch, TokenExtras
+from fpo_dist.store.reader import Csr, RowBatch, TokenExtras, TopM
 from fpo_dist.store.schema import (
     COMPRESSOR,
     DEFAULT_RAGGED_CHUNK,
@@ -91,6 +91,7 @@ __all__ = [
     "StoreNotFoundError",
     "StoreUnreadableError",
     "TokenExtras",
+    "TopM",
     "WriterLease",
     "acquire_lease",
     "create_store",

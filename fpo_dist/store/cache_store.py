@@ -43,6 +43,7 @@ from fpo_dist.store.schema import (
     DEFAULT_RETRY,
     FORMAT_NAME,
     FORMAT_VERSION,
+    READ_VERSIONS,
     STATUS_BAD_BASE,
     STATUS_NOT_WRITTEN,
     STATUS_OK,
@@ -258,13 +259,13 @@ def _check_format(path: str, attrs: Mapping[str, Any]) -> None:
         raise StoreFormatError(f"{path} is not an {FORMAT_NAME} store (root attribute 'format' is "
                                f"{attrs.get('format')!r}); check the path")
     version = attrs.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         from fpo_dist import __version__
 
         todo = ("upgrade fpo-dist to a version that reads it, or rebuild the cache with this one"
                 if isinstance(version, int) and version > FORMAT_VERSION else "rebuild the cache with this fpo-dist")
         raise StoreFormatError(f"{path} has {FORMAT_NAME} format version {version!r}; fpo-dist {__version__} reads "
-                               f"version {FORMAT_VERSION}: {todo}")
+                               f"versions {', '.join(map(str, READ_VERSIONS))}: {todo}")
 
 
 def _store_is_empty(path: str, storage_options: dict | None) -> bool:
@@ -524,19 +525,22 @@ class CacheStore(_StoreReader, _StoreVerifier):
     def token_extras_info(self) -> dict[str, Any] | None:
         """Which per-token extras the store holds and how big they are: None when it was built with neither
         option, else ``{"token_logps": {"values", "bytes"} or None, "token_codes": {"tokens", "nnz", "bytes"} or
-        None}``.  ``values`` / ``tokens`` count the response tokens of the ok rows, ``nnz`` their code non-zeros,
+        None, "ref_topm": {"m", "tokens", "bytes"} or None}``.  ``values`` / ``tokens`` count the response tokens of the ok rows, ``nnz`` their code non-zeros,
         ``bytes`` what the extras' flat arrays store in committed shards.  Reads the per-row counts only;
         :meth:`read_token_extras` reads the values."""
         if not any(self.options.values()):
             return None
         ok = self._array("status")[:] == STATUS_OK
         n_tokens = int(self._array("n_tokens")[:][ok].sum())
-        out: dict[str, Any] = {"token_logps": None, "token_codes": None}
+        out: dict[str, Any] = {"token_logps": None, "token_codes": None, "ref_topm": None}
         if self.options["token_logps"]:
             out["token_logps"] = {"values": n_tokens, "bytes": self._flat_bytes("token_logps")}
         if self.options["token_codes"]:
             out["token_codes"] = {"tokens": n_tokens, "nnz": int(self._array("tok_nnz")[:][ok].sum()),
                                   "bytes": self._flat_bytes("tok_code_nnz", "tok_code_indices", "tok_code_values")}
+        if self.options["ref_topm"]:
+            out["ref_topm"] = {"m": self.options["ref_topm"], "tokens": n_tokens,
+                               "bytes": self._flat_bytes("ref_topm_ids", "ref_topm_logps", "ref_tail_logp")}
         return out
 
     def _flat_bytes(self, *names: str) -> int:

@@ -91,9 +91,22 @@ class RowBatch:
     rejected_token_logps: list[np.ndarray] | None = None
     chosen_token_codes: list[Csr] | None = None  # per row: one CSR row per response token
     rejected_token_codes: list[Csr] | None = None
+    # The reference's top-M next-token distributions (option ref_topm; read_rows(..., extras=True or ref_topm=True)).
+    chosen_ref_topm: list[TopM] | None = None
+    rejected_ref_topm: list[TopM] | None = None
 
     def __len__(self) -> int:
         return len(self.index)
+
+
+@dataclass(frozen=True)
+class TopM:
+    """One response's cached reference distributions: per response token ``t``, the M most probable next tokens
+    ``ids[t]`` (descending), their log-probs ``logps[t]``, and ``tail[t]``, the log of every other token's mass."""
+
+    ids: np.ndarray  # int32 [n_tokens, M]
+    logps: np.ndarray  # float32 [n_tokens, M]
+    tail: np.ndarray  # float32 [n_tokens]
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,8 @@ class TokenExtras:
     rejected_token_logps: list[np.ndarray] | None = None
     chosen_token_codes: list[Csr] | None = None
     rejected_token_codes: list[Csr] | None = None
+    chosen_ref_topm: list[TopM] | None = None
+    rejected_ref_topm: list[TopM] | None = None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -224,12 +239,15 @@ class _StoreReader:
     _verified: dict[int, _ShardDigests]
     path: str
 
-    def read_rows(self, indices: Sequence[int] | np.ndarray, extras: bool = False) -> RowBatch:
+    def read_rows(self, indices: Sequence[int] | np.ndarray, extras: bool = False, ref_topm: bool = False
+                  ) -> RowBatch:
         """Read rows by global index, in the order given (duplicates allowed).  Every row must be ok and in a
         committed shard, else :class:`RowsNotAvailableError`.  One slice per flat array per run of consecutive
-        rows; per-shard offsets are cached.  ``extras=True`` also returns the per-token extras the store has."""
+        rows; per-shard offsets are cached.  ``extras=True`` also returns the per-token extras the store has;
+        ``ref_topm=True`` only the top-M reference distributions (what offline TDPO trains on)."""
         idx = self._row_indices(indices)
-        read = self._read(idx, [n for n in self._flat_names if extras or _RAGGED_ARRAYS[n][2] is None])
+        opts = {None} | ({"ref_topm"} if ref_topm else set())
+        read = self._read(idx, [n for n in self._flat_names if extras or _RAGGED_ARRAYS[n][2] in opts])
         tokens = read.gather("token_ids")
         codes_i, codes_v = read.gather("code_indices"), read.gather("code_values")
         return RowBatch(
@@ -242,7 +260,7 @@ class _StoreReader:
             n_tokens=read.rows["n_tokens"][read.inverse],
             chosen_codes=Csr.from_rows([(i[0], v[0]) for i, v in zip(codes_i, codes_v)]),
             rejected_codes=Csr.from_rows([(i[1], v[1]) for i, v in zip(codes_i, codes_v)]),
-            **_token_extras(read),
+            **_token_extras(read, self.options["ref_topm"]),
         )
 
     def read_token_extras(self, indices: Sequence[int] | np.ndarray) -> TokenExtras | None:
@@ -254,7 +272,7 @@ class _StoreReader:
             return None
         idx = self._row_indices(indices)
         read = self._read(idx, names)
-        return TokenExtras(index=idx, n_tokens=read.rows["n_tokens"][read.inverse], **_token_extras(read))
+        return TokenExtras(index=idx, n_tokens=read.rows["n_tokens"][read.inverse], **_token_extras(read, self.options["ref_topm"]))
 
     # ------------------------------------------------------------------ internals
 
@@ -409,9 +427,14 @@ class _StoreReader:
         return f"bad ({self.bad_reasons[k]})" if 0 <= k < len(self.bad_reasons) else f"invalid status {code}"
 
 
-def _token_extras(read: _Read) -> dict[str, Any]:
-    """The ``chosen_/rejected_token_logps`` and ``chosen_/rejected_token_codes`` fields that ``read`` holds."""
+def _token_extras(read: _Read, m: int) -> dict[str, Any]:
+    """The ``chosen_/rejected_token_logps``, ``…_token_codes`` and ``…_ref_topm`` fields that ``read`` holds."""
     out: dict[str, Any] = {}
+    if "ref_topm_ids" in read.flat:
+        ids, lps, tail = (read.gather(n) for n in ("ref_topm_ids", "ref_topm_logps", "ref_tail_logp"))
+        for side, key in ((0, "chosen_ref_topm"), (1, "rejected_ref_topm")):
+            out[key] = [TopM(i[side].reshape(-1, m), v[side].reshape(-1, m), t[side])
+                        for i, v, t in zip(ids, lps, tail)]
     if "token_logps" in read.flat:
         lps = read.gather("token_logps")
         out.update(chosen_token_logps=[x[0] for x in lps], rejected_token_logps=[x[1] for x in lps])

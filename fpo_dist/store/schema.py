@@ -29,7 +29,11 @@ from zarr.codecs import BloscCodec
 from fpo_dist.data import BAD_REASONS, BadRow
 
 FORMAT_NAME = "fpo-dist-cache"
-FORMAT_VERSION = 1
+# Version 2 added the reference's top-M next-token distributions (option ``ref_topm``); a store built without them is
+# written as version 1, byte for byte what version 1 was, so readers of version 1 still read it.  This code reads
+# both.
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 
 # One compressor for every array.  Byte-shuffle + zstd compresses int32 ids and float32 values well;
 # integrity is checked by our own sha256 checksums, not by the codec.
@@ -42,7 +46,9 @@ STATUS_NOT_WRITTEN = 0
 STATUS_OK = 1
 STATUS_BAD_BASE = 2  # status = 2 + k  <=>  bad with reason bad_reasons[k]
 
-OPTIONS = ("token_logps", "token_codes")
+# Options: which optional arrays a store holds.  ``token_logps`` / ``token_codes`` are on/off; ``ref_topm`` is M, the
+# number of top reference tokens kept per response position (0: none).
+OPTIONS = ("token_logps", "token_codes", "ref_topm")
 
 # Per-row arrays: name -> (dtype, trailing shape, fill value, option that enables it or None).
 _ROW_ARRAYS: dict[str, tuple[str, tuple[int, ...], Any, str | None]] = {
@@ -53,6 +59,7 @@ _ROW_ARRAYS: dict[str, tuple[str, tuple[int, ...], Any, str | None]] = {
     "n_tokens": ("int32", (2,), 0, None),  # chosen, rejected response tokens in logp_sum
     "nnz": ("int32", (2,), 0, None),  # non-zeros of the pooled chosen / rejected SAE vector
     "tok_nnz": ("int32", (2,), 0, "token_codes"),  # total per-token code non-zeros, chosen / rejected
+    "topm_n": ("int32", (2,), 0, "ref_topm"),  # n_tokens · M, chosen / rejected: the top-M arrays' segment sizes
 }
 
 # Flat per-shard arrays: name -> (dtype, per-row array whose columns give each row's segment sizes, option).
@@ -65,6 +72,11 @@ _RAGGED_ARRAYS: dict[str, tuple[str, str, str | None]] = {
     "tok_code_nnz": ("int32", "n_tokens", "token_codes"),  # non-zeros per response token
     "tok_code_indices": ("int32", "tok_nnz", "token_codes"),
     "tok_code_values": ("float32", "tok_nnz", "token_codes"),
+    # per response token, chosen then rejected: the reference's M most probable next tokens (descending), their
+    # log-probs, and the log of the mass of every other token (the tail bucket; -inf when M is the vocabulary)
+    "ref_topm_ids": ("int32", "topm_n", "ref_topm"),
+    "ref_topm_logps": ("float32", "topm_n", "ref_topm"),
+    "ref_tail_logp": ("float32", "n_tokens", "ref_topm"),
 }
 
 
@@ -305,12 +317,23 @@ class Plan:
 # --------------------------------------------------------------------------------------------- options, provenance
 
 
-def _normalize_options(options: Mapping[str, bool] | None) -> dict[str, bool]:
+def _normalize_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Every option, with its default: ``token_logps`` / ``token_codes`` bool, ``ref_topm`` an int ≥ 0.  A
+    version-1 store's attributes (without ``ref_topm``) normalize to ``ref_topm = 0``."""
     options = dict(options or {})
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ValueError(f"unknown store option(s) {unknown}; valid options: {list(OPTIONS)}")
-    return {name: bool(options.get(name, False)) for name in OPTIONS}
+    topm = options.get("ref_topm") or 0
+    if isinstance(topm, bool) or not isinstance(topm, int) or topm < 0:
+        raise ValueError(f"store option ref_topm must be an integer >= 0 (tokens kept per position), got {topm!r}")
+    return {"token_logps": bool(options.get("token_logps", False)),
+            "token_codes": bool(options.get("token_codes", False)), "ref_topm": topm}
+
+
+def format_version(options: Mapping[str, Any]) -> int:
+    """The format version a store with ``options`` is written in: 2 with top-M reference data, else 1."""
+    return 2 if options.get("ref_topm") else 1
 
 
 def _array_names(options: Mapping[str, bool]) -> tuple[list[str], list[str]]:
@@ -328,10 +351,11 @@ def _root_config(provenance: Mapping[str, Any], plan: Plan, options: Mapping[str
         raise TypeError(f"provenance must be JSON-serialisable: {e}") from e
     return {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version(options),
         "provenance": provenance,
         "plan": plan.to_dict(),
-        "options": dict(options),
+        # version 1 stores never wrote ref_topm: leave it out when it is 0, so that they still resume
+        "options": {k: v for k, v in options.items() if k != "ref_topm" or v},
         "bad_reasons": list(BAD_REASONS),
     }
 
@@ -362,7 +386,8 @@ def _bad_rows_json(bad_rows: Iterable[BadRow]) -> list[list[Any]]:
 
 
 def _shard_checksum(start: int, stop: int, bad_rows: Iterable[BadRow], arrays: Mapping[str, np.ndarray]) -> bytes:
-    h = hashlib.sha256(f"{FORMAT_NAME}/{FORMAT_VERSION} shard\0".encode())
+    version = 2 if "ref_topm_ids" in arrays else 1  # format_version(options): the top-M arrays are there or not
+    h = hashlib.sha256(f"{FORMAT_NAME}/{version} shard\0".encode())
     header = {"start": int(start), "stop": int(stop), "bad_rows": _bad_rows_json(bad_rows)}
     h.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
     for name in (*_ROW_ARRAYS, *_RAGGED_ARRAYS):  # canonical order; absent optional arrays are skipped

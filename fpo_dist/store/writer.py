@@ -36,6 +36,7 @@ class ShardResult:
     rows: dict[str, np.ndarray]  # per-row arrays, each of length stop - start
     flat: dict[str, np.ndarray]  # flat shard arrays
     bad_rows: tuple[BadRow, ...]
+    ref_topm: int = 0  # M of the top-M reference arrays (0: none)
 
     @classmethod
     def build(
@@ -49,6 +50,8 @@ class ShardResult:
         pooled_codes: Sequence[tuple[tuple[Any, Any], tuple[Any, Any]]],
         token_logps: Sequence[tuple[Any, Any]] | None = None,
         token_codes: Sequence[tuple[tuple[Any, Any, Any], tuple[Any, Any, Any]]] | None = None,
+        ref_topm: Sequence[tuple[tuple[Any, Any, Any], tuple[Any, Any, Any]]] | None = None,
+        topm: int = 0,
     ) -> ShardResult:
         """Assemble a shard from per-pair outputs.  Everything per pair is aligned with ``pairs`` and is a
         (chosen, rejected) couple:
@@ -59,7 +62,10 @@ class ShardResult:
           (stored sorted by feature index);
         * ``token_logps`` (option): per pair ``(logps_c, logps_r)`` with ``n_tokens`` entries each;
         * ``token_codes`` (option): per pair ``((nnz_c, idx_c, val_c), (nnz_r, idx_r, val_r))``, a CSR over the
-          response's ``n_tokens`` tokens: ``nnz`` per token, then the concatenated indices and values.
+          response's ``n_tokens`` tokens: ``nnz`` per token, then the concatenated indices and values;
+        * ``ref_topm`` (option, with ``topm`` = M > 0): per pair ``((ids_c, logps_c, tail_c), (ids_r, …))``, per
+          response token the reference's M most probable next tokens ``[n_tokens, M]`` (int), their log-probs
+          ``[n_tokens, M]`` and the log of the remaining mass ``[n_tokens]``.
 
         Every row in ``[start, stop)`` must appear exactly once, in ``pairs`` or in ``bad``; order is free.
         """
@@ -70,7 +76,10 @@ class ShardResult:
         _check_coverage(start, stop, [p.index for p in pairs], [b.index for b in bad])
         logp_sum = _per_pair(logp_sum, "float32", "logp_sum", n_pairs)
         n_tokens = _per_pair(n_tokens, "int64", "n_tokens", n_pairs)
-        for name, value in (("pooled_codes", pooled_codes), ("token_logps", token_logps), ("token_codes", token_codes)):
+        if (ref_topm is not None) != (topm > 0):
+            raise ValueError(f"ref_topm data and topm={topm} disagree: give both (M > 0) or neither")
+        for name, value in (("pooled_codes", pooled_codes), ("token_logps", token_logps), ("token_codes", token_codes),
+                            ("ref_topm", ref_topm)):
             if value is not None and (len(value) != n_pairs or any(len(v) != 2 for v in value)):
                 raise ValueError(f"{name} must hold one (chosen, rejected) couple per pair ({n_pairs} pairs)")
 
@@ -94,11 +103,15 @@ class ShardResult:
         if token_codes is not None:
             rows["tok_nnz"], tok_flat = _token_codes(n, pairs, order, local, n_tokens, token_codes)
             flat.update(tok_flat)
-        return cls(start, stop, rows, flat, tuple(sorted(bad, key=lambda b: b.index)))
+        if ref_topm is not None:
+            rows["topm_n"] = rows["n_tokens"] * np.int32(topm)
+            flat.update(_ref_topm(pairs, order, n_tokens, ref_topm, topm))
+        return cls(start, stop, rows, flat, tuple(sorted(bad, key=lambda b: b.index)), topm)
 
     @property
-    def options(self) -> dict[str, bool]:
-        return {"token_logps": "token_logps" in self.flat, "token_codes": "tok_code_nnz" in self.flat}
+    def options(self) -> dict[str, Any]:
+        return {"token_logps": "token_logps" in self.flat, "token_codes": "tok_code_nnz" in self.flat,
+                "ref_topm": self.ref_topm}
 
     def checksum(self) -> bytes:
         """sha256 over the canonical serialisation of everything this shard writes (see docs/cache-format.md)."""
@@ -262,3 +275,24 @@ def _token_codes(n: int, pairs: Sequence[TokenizedPair], order: list[int], local
     flat = {"tok_code_nnz": _cat(nnz_parts, "int32"), "tok_code_indices": _cat(idx_parts, "int32"),
             "tok_code_values": _cat(val_parts, "float32")}
     return tok_nnz, flat
+
+
+def _ref_topm(pairs: Sequence[TokenizedPair], order: list[int], n_tokens: np.ndarray,
+              ref_topm: Sequence[tuple[tuple[Any, Any, Any], tuple[Any, Any, Any]]], m: int) -> dict[str, np.ndarray]:
+    """Flat ``ref_topm_ids`` / ``ref_topm_logps`` (``n_tokens · M`` per response, row-major ``[token, rank]``) and
+    ``ref_tail_logp`` (``n_tokens`` per response), chosen then rejected per row."""
+    ids_parts, lp_parts, tail_parts = [], [], []
+    for j, i in enumerate(order):
+        for side, (ids, lps, tail) in enumerate(ref_topm[i]):
+            what = f"row {pairs[j].index} {_side(side)} ref_topm"
+            n = int(n_tokens[j, side])
+            ids, lps = np.asarray(ids, dtype="int32"), np.asarray(lps, dtype="float32")
+            tail = _as_1d(tail, "float32", what)
+            if ids.shape != (n, m) or lps.shape != (n, m) or tail.shape != (n,):
+                raise ValueError(f"{what}: need ids and log-probs of shape ({n}, {m}) (n_tokens, M) and {n} tail "
+                                 f"log-masses; got {ids.shape}, {lps.shape}, {tail.shape}")
+            ids_parts.append(ids.reshape(-1))
+            lp_parts.append(lps.reshape(-1))
+            tail_parts.append(tail)
+    return {"ref_topm_ids": _cat(ids_parts, "int32"), "ref_topm_logps": _cat(lp_parts, "float32"),
+            "ref_tail_logp": _cat(tail_parts, "float32")}
