@@ -66,17 +66,17 @@ bench-peer: install
 	$(PY) -m bench.peer --preset realshape $(PEER_ARGS)
 
 # offline TDPO (issue 23) at the real shape: tdpo2-offline (the cache's top-128 reference + tail, no reference model)
-# beside tdpo2 (resident ZeRO-3 reference) and fpo, 2 ranks (~15 min) → bench/results/tdpo-offline-cpu.{json,md},
+# beside tdpo2 (resident ZeRO-3 reference) and fpo, 2 ranks (~8 min) → bench/results/tdpo-offline-cpu.{json,md},
 # its ratios merged into bench/results/cpu.json
 bench-tdpo-offline: install
 	OMP_NUM_THREADS=1 $(PY) -m bench.tdpo_offline $(TDPO_OFFLINE_ARGS)
 
 # how good the top-M reference is on Gemma 3 270M, M in {8, 32, 128, 512}: the sequential KL, the TDPO2 loss and its
-# gradient against the exact computation, and the cache's bytes per token (~15 min) → docs/results/tdpo-offline/approx.*
+# gradient against the exact computation, and the cache's bytes per token (~6 min) → docs/results/tdpo-offline/approx.*
 tdpo-topm-approx: install
 	OMP_NUM_THREADS=2 $(PY) -m bench.topm_approx $(TOPM_APPROX_ARGS)
 
-# offline TDPO2 (the cache's top-8) against online TDPO2 on the demo task, 10 training seeds (~10 min on 2 cores)
+# offline TDPO2 (the cache's top-8) against online TDPO2 on the demo task, 10 training seeds (~5 min on 2 cores)
 # → docs/results/tdpo-offline/demo/ (study.md, study.json, study.png); a rerun resumes from tdpo_offline_out/
 tdpo-offline-demo: install
 	OMP_NUM_THREADS=1 $(PY) -m fpo_dist.demo.tdpo_offline $(TDPO_OFFLINE_DEMO_ARGS)

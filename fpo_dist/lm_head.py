@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from fpo_dist.attention import expect_packed
-from fpo_dist.logprobs import Selection, topm_kl
+from fpo_dist.logprobs import Selection, logsumexp_outside, topm_kl
 
 # fp32 bytes one chunk of [chunk, vocab] logits may take (Gemma's 262k vocabulary: 64 positions).
 HEAD_CHUNK_BYTES = 64 * 2**20
@@ -315,7 +315,7 @@ class _SelectedHead(torch.autograd.Function):
                 if cfg.topm:
                     top_logps[sl], top_ids[sl] = torch.topk(z, cfg.topm, dim=-1)
                     top_logps[sl] -= lse[sl, None]
-                    top_tail[sl] = _logsumexp_outside(z, top_ids[sl]) - lse[sl]
+                    top_tail[sl] = logsumexp_outside(z, top_ids[sl]) - lse[sl]
         ctx.save_for_backward(h, weight, bias, targets, lse, ref_a, ref_b_, ref_c, ref_stat)
         ctx.cfg = cfg
         ctx.mark_non_differentiable(top_ids, top_logps, top_tail)
@@ -410,11 +410,6 @@ def _kl(ref_h: Tensor, w: Tensor, b: Tensor | None, transform: HeadTransform, lo
     log_p = torch.log_softmax(z, dim=-1).to(log_q.dtype)
     p = log_p.exp()
     return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1), torch.logsumexp(z, dim=-1)
-
-
-def _logsumexp_outside(z: Tensor, ids: Tensor) -> Tensor:
-    """Per row, ``log Σ_{v ∉ ids} exp z_v`` (``-inf`` when ``ids`` holds every token)."""
-    return torch.logsumexp(z.scatter(-1, ids, float("-inf")), dim=-1)
 
 
 def _topm_target(z: Tensor, rest: Tensor, ids: Tensor, ref_logps: Tensor, ref_tail: Tensor, vs: slice

@@ -215,6 +215,11 @@ def sequential_kl(ref_logits: Tensor, pol_logits: Tensor, response_mask: Tensor,
     return torch.where(prediction_mask(response_mask), per_position, 0.0).sum(-1)
 
 
+def logsumexp_outside(z: Tensor, ids: Tensor) -> Tensor:
+    """Per row of ``z [N, V]``, ``log Σ_{v ∉ ids} exp z_v`` (``-inf`` when ``ids [N, M]`` holds every token)."""
+    return torch.logsumexp(z.scatter(-1, ids, float("-inf")), dim=-1)
+
+
 def topm_kl(z: Tensor, ids: Tensor, ref_logps: Tensor, ref_tail: Tensor, lse: Tensor | None = None
             ) -> tuple[Tensor, Tensor]:
     """Offline TDPO's per-position KL against a cached top-M reference: per row of the logits ``z [N, V]``
@@ -231,7 +236,7 @@ def topm_kl(z: Tensor, ids: Tensor, ref_logps: Tensor, ref_tail: Tensor, lse: Te
     lse = torch.logsumexp(z, dim=-1) if lse is None else lse
     lp, tail = ref_logps.to(z.dtype), ref_tail.to(z.dtype)
     log_q = z.gather(-1, ids) - lse[:, None]
-    rest = torch.logsumexp(z.scatter(-1, ids, float("-inf")), dim=-1)
+    rest = logsumexp_outside(z, ids)
     p, p_tail = lp.exp(), tail.exp()
     kl = torch.where(p > 0, p * (lp - log_q), 0.0).sum(-1)
     return kl + torch.where(p_tail > 0, p_tail * (tail - (rest - lse)), 0.0), rest

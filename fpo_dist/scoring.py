@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fpo_dist.attention import expect_packed
 from fpo_dist.lm_head import RefTopM, row_sums, selected_forward, unwrap
-from fpo_dist.logprobs import Selection, predicted_token_logps, upcast
+from fpo_dist.logprobs import Selection, logsumexp_outside, predicted_token_logps, upcast
 from fpo_dist.models import PairBatch, capture_block_output
 
 # SAE codes are computed in blocks of positions so that [positions, d_sae] fp32 stays under this many bytes.
@@ -89,7 +89,7 @@ def _response_logps(model, batch: PairBatch, sel: Selection, logits: str, topm: 
         return logps, None
     log_q = torch.log_softmax(upcast(full[batch.prediction_mask]), dim=-1)
     vals, ids = torch.topk(log_q, topm, dim=-1)
-    return logps, RefTopM(ids, vals, torch.logsumexp(log_q.scatter(-1, ids, float("-inf")), dim=-1))
+    return logps, RefTopM(ids, vals, logsumexp_outside(log_q, ids))
 
 
 def _pooled_codes(sae, hidden: Tensor, seqs: Tensor, n: int, per_token: bool):

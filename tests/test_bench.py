@@ -246,3 +246,55 @@ def test_realshape_time_ratio_interval_pairs_steps():
     assert math.isclose(paired["lo"], 0.5) and math.isclose(paired["hi"], 0.5)
     assert paired_ratio_interval({"step_times_s": [1.0]}, {"step_times_s": [2.0]}) is None
     assert paired_ratio_interval(None, {"step_times_s": [1.0, 2.0]}) is None
+
+
+def test_tdpo_offline_bench_ratios_merge_and_markdown(tmp_path):
+    """bench/tdpo_offline.py: its ratios (memory above the post-setup baseline judged, as measured beside it; the
+    step-time interval paired by step), its targets, its part merged into an existing cpu.json (and kept by the next
+    bench.run) and both markdowns."""
+    import json
+
+    from bench import report, tdpo_offline
+    from bench.run import merge_previous
+
+    def run(steps, peak, after_setup, cpu, models):
+        r = _fake_run(sum(steps) / len(steps), peak, after_setup, cpu)
+        return {**r, "step_times_s": steps, "resident_models": [{"class": c} for c in models]}
+
+    losses = {"tdpo2": run([20.0, 22.0, 21.0], 8000.0, 3000.0, 40.0, ["Gemma", "Gemma"]),
+              "tdpo2-offline": run([10.0, 11.5, 10.0], 6500.0, 2500.0, 20.0, ["Gemma"]),
+              "fpo": run([10.0, 10.0, 10.0], 6600.0, 2600.0, 19.0, ["Gemma"])}
+    rat = tdpo_offline.ratios({"losses": losses})
+    assert rat["tdpo_offline_time_vs_online"] == pytest.approx(10.5 / 21.0)  # of the median-free fake: means
+    assert rat["tdpo_offline_mem_vs_online"] == pytest.approx(4000 / 5000)  # above setup: judged
+    assert rat["tdpo_offline_mem_vs_online_measured"] == pytest.approx(6500 / 8000)
+    iv = rat["tdpo_offline_time_vs_online_interval"]
+    geo = (10 / 20 * 11.5 / 22 * 10 / 21) ** (1 / 3)  # the geometric mean of the per-step ratios
+    assert iv["n"] == 3 and iv["lo"] < iv["mean"] < iv["hi"] and iv["mean"] == pytest.approx(geo, rel=1e-9)
+    met = {t["key"]: t["met"] for t in report.check_targets_of(rat, tdpo_offline.TARGETS, tdpo_offline.SECOND_VALUE)}
+    assert met == {"tdpo_offline_time_vs_online": True, "tdpo_offline_mem_vs_online": False}
+
+    previous = {"sizes": {"name": "cpu"}, "command": "python -m bench.run", "train": {}, "ratios": {}, "targets": [],
+                "machine": {"device": "cpu", "cpu_model": "x", "cpu_cores": 2, "ram_gib": 24, "python": "3.11",
+                            "versions": dict.fromkeys(report.PACKAGES, "1"), "date_utc": "d",
+                            "git": {"commit": "abc", "dirty": False}},
+                "wall_s": 1.0, "host_load": {"others_cores": 0.0}}
+    (tmp_path / "cpu.json").write_text(json.dumps({**previous, "sizes": None}))
+    entry = {"command": "python -m bench.tdpo_offline", "date_utc": "d", "commit": "abc", "cpu_model": "x",
+             "ratios": rat}
+    assert report.merge_part("tdpo_offline", entry, tmp_path) == tmp_path / "cpu.json"
+    merged = json.loads((tmp_path / "cpu.json").read_text())
+    assert merged["ratios"]["tdpo_offline_time_vs_online"] == pytest.approx(10.5 / 21.0)
+    assert {t["key"] for t in merged["targets"]} >= {"tdpo_offline_time_vs_online", "tdpo_offline_mem_vs_online"}
+    md = (tmp_path / "cpu.md").read_text()
+    assert "## Offline TDPO2 (cached top-M reference) vs online TDPO2" in md and "tdpo-offline-cpu.md" in md
+    assert merge_previous({"command": "new"}, merged, ran_base=True, ran_realshape=True)["tdpo_offline"] == entry
+    assert report.merge_part("tdpo_offline", entry, tmp_path / "nowhere") is None
+
+    res = {"command": "python -m bench.tdpo_offline", "date_utc": "d", "commit": "abc", "cpu_model": "x",
+           "wall_s": 1.0, "topm": 128, "ratios": rat, "sizes": {"rows": 12, "micro_batch": 1, "measure_steps": 3,
+                                                              "warmup_steps": 1},
+           "train": {"losses": losses}, "cache": {"topm_bytes_per_token": 600.0, "store_bytes_per_response_token": 650.0}}
+    text = tdpo_offline.markdown(res)
+    assert "| tdpo2-offline | 10.500 |" in text and "**met**" in text and "**missed**" in text
+    assert "top-128" in text and "600 bytes per response token" in text

@@ -198,6 +198,11 @@ def test_store_round_trip_and_format_versions(tmp_path):
             assert np.array_equal(t.logps, lps) and np.array_equal(t.tail, tail)
     assert stores[True].verify() == []
     assert stores[True].token_extras_info()["ref_topm"]["m"] == m
+    from fpo_dist.cache.__main__ import _extras_lines  # what `python -m fpo_dist.cache info` prints about extras
+
+    lines = _extras_lines(stores[True], stores[True].token_extras_info())
+    assert any(x.startswith("reference top-4 distributions: 13 tokens") and "bytes per response token" in x
+               for x in lines), lines
     with pytest.raises(ValueError, match=r"\(2, 4\) \(n_tokens, M\)"):
         ShardResult.build(0, 3, pairs, [], np.zeros((3, 2)), n_tok, pooled,
                           ref_topm=[(tm(c + 1), tm(r)) for c, r in n_tok], topm=m)
@@ -213,3 +218,32 @@ def test_a_cache_without_topm_refuses_offline_tdpo_in_one_line():
         assert check_loss_requirements(name, True, False, False, cache_topm=8).needs_ref_topm
     with pytest.raises(ValueError, match="tdpo2-offline trains on the cache's top-M"):
         check_loss_requirements("tdpo2", have_cache=True, have_reference_model=False, have_sae=False)
+
+
+def test_the_approximation_study_folds_a_larger_topm_into_a_smaller_one():
+    """``bench.topm_approx`` measures every M from one top-512: the first M entries and the rest folded into the
+    tail equal what a cache built with that M stores (the head's own top-M)."""
+    from bench.topm_approx import _fold
+
+    model = build_gemma3(vocab_size=VOCAB, softcap=3.0, seed=2).eval()
+    ids, att, resp = _batch()
+    pm = prediction_mask(resp)
+    with torch.no_grad():
+        big = selected_forward(model, ids, att, pm, topm=40).topm
+        small = selected_forward(model, ids, att, pm, topm=6).topm
+    folded = _fold(big, 6)
+    assert torch.equal(folded.ids, small.ids)
+    torch.testing.assert_close(folded.logps, small.logps, rtol=0, atol=0)
+    torch.testing.assert_close(folded.tail, small.tail, rtol=0, atol=2e-6)
+
+
+def test_the_step0_comparison_fails_on_a_topm_kl_above_the_tolerance():
+    """The step-0 check's top-M term: the KL of the cached distributions against the policy's is bounded by the
+    largest log-prob difference, so it shares the log-prob tolerance; above it the check fails, and says it."""
+    from fpo_dist.consistency import CacheComparison
+
+    cmp = CacheComparison([0, 1], 0.0, 0.0, 0.0, 0.0, True, max_topm_kl=5e-4)
+    assert cmp.ok(1e-3, 1e-4) and "max top-M KL = 0.0005" in cmp.describe()
+    cmp.max_topm_kl = 2e-3
+    assert not cmp.ok(1e-3, 1e-4)
+    assert CacheComparison([0], 0.0, 0.0, 0.0, 0.0, True).ok(1e-3, 1e-4)  # no top-M term: as before

@@ -86,8 +86,10 @@ def arm_train_args(arm: Arm, store: Path, run_dir: Path, steps: int, seed: int) 
 # --------------------------------------------------------------------------------------------- one job
 
 
-def run_job(job_file: Path) -> int:
-    """Train and evaluate one (arm, seed) in this process; write ``result.json`` into its evaluation directory."""
+def run_job(job_file: Path, arms: dict[str, Arm] | None = None, kl: bool = False) -> int:
+    """Train and evaluate one (arm, seed) in this process; write ``result.json`` into its evaluation directory.
+    ``arms``: the arm of each name (default :data:`ARM_BY_NAME`); ``kl``: also evaluate ``kl_ref``, the KL to the
+    reference per response token."""
     from fpo_dist import trainer
 
     job = json.loads(job_file.read_text())
@@ -96,9 +98,9 @@ def run_job(job_file: Path) -> int:
     rc = trainer.main(job["argv"])
     if rc != 0:
         return rc
-    arm = ARM_BY_NAME[job["arm"]]
+    arm = (arms or ARM_BY_NAME)[job["arm"]]
     beta = float(arm.params.get("beta", RECIPE.beta_for(arm.loss)))
-    m = evaluate_policy(run_dir / "hf", Path(job["heldout"]), eval_dir, job["manifest"], beta)
+    m = evaluate_policy(run_dir / "hf", Path(job["heldout"]), eval_dir, job["manifest"], beta, kl=kl)
     s = report.train_stats(run_dir)
     m.update(step_s=s["median_step_s"], peak_memory_mb=s["peak_memory_mb"])
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only the exported policy is kept
@@ -208,17 +210,21 @@ def statistics_of(per_seed: dict, baseline: str = "fpo", metrics=STUDY_METRICS) 
     return ci
 
 
+# the metrics study.png plots (key, title)
+PLOT_KEYS = (("win_rate", "judge win rate vs ref"), ("rule_follow", "rule-follow"), ("feature_mse", "feature MSE vs ref"))
+
+
 def write_study_report(ci: dict, arms: list[Arm], steps: int, report_dir: Path, wall_s: float,
                        note: str = "", *, metrics=STUDY_METRICS, title: str = "FPO ablation study on the demo task",
                        command: str = "python -m fpo_dist.demo.study", batch_pairs: int = RECIPE.batch_pairs,
-                       extra: dict | None = None, baseline: str = "fpo") -> Path:
+                       extra: dict | None = None, baseline: str = "fpo", plot_keys=PLOT_KEYS) -> Path:
     """``study.json``, ``study.png`` and ``study.md``; ``note`` (if any) is printed under the first paragraph and kept
     in the JSON; ``extra`` is kept in the JSON."""
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "study.json").write_text(json.dumps(
         {**ci, "arms": {a.name: {"loss": a.loss, "params": a.params, "what": a.what} for a in arms},
          "steps": steps, "wall_s": wall_s, **({"note": note} if note else {}), **(extra or {})}, indent=1))
-    plot_study(ci, report_dir / "study.png")
+    plot_study(ci, report_dir / "study.png", plot_keys, baseline)
     lines = [
         f"# {title}",
         "",
@@ -236,7 +242,7 @@ def write_study_report(ci: dict, arms: list[Arm], steps: int, report_dir: Path, 
         lines.append(f"| {arm.name} | {arm.what} | " + " | ".join(
             report._cell(ivs[k], spec) for k, _, spec in metrics) + " |")
     lines += ["", *report.difference_rows(ci, {k: s for k, _, s in metrics}, {k: t for k, t, _ in metrics}),
-              "", "Plot: `study.png` (win rate, rule-follow and feature MSE per arm, mean and 95 % t-interval). "
+              "", f"Plot: `study.png` ({', '.join(t for _, t in plot_keys)} per arm, mean and 95 % t-interval). "
               "Per-seed values: `study.json`.", ""]
     path = report_dir / "study.md"
     path.write_text("\n".join(lines))
@@ -259,15 +265,14 @@ def rederive_report(report_dir: Path, metrics, write) -> Path:
     return write(statistics_of(old["per_seed"], metrics=metrics), arms, old, note)
 
 
-def plot_study(ci: dict, path: Path) -> Path:
+def plot_study(ci: dict, path: Path, keys=PLOT_KEYS, baseline: str = "fpo") -> Path:
     plt = report._pyplot()
     names = list(ci["intervals"])
-    keys = [("win_rate", "judge win rate vs ref"), ("rule_follow", "rule-follow"), ("feature_mse", "feature MSE vs ref")]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4.2), squeeze=False)
     for ax, (key, title) in zip(axes[0], keys):
         report._errorbars(ax, [ci["intervals"][n][key] for n in names])
-        if "fpo" in ci["intervals"]:
-            ax.axhline(ci["intervals"]["fpo"][key]["mean"], color="C0", lw=0.6, ls="--")
+        if baseline in ci["intervals"]:
+            ax.axhline(ci["intervals"][baseline][key]["mean"], color="C0", lw=0.6, ls="--")
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
         ax.set_title(f"{title} (mean, 95 % t-interval)", fontsize=10)
         ax.grid(alpha=0.3)

@@ -21,21 +21,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from fpo_dist.demo import report, task
+from fpo_dist.demo import task
 from fpo_dist.demo.recipe import RECIPE
-from fpo_dist.demo.run import ASSETS, ROOT, build_cache, evaluate_policy, say
+from fpo_dist.demo.run import ASSETS, ROOT, build_cache, say
 from fpo_dist.demo.study import (
     Arm,
     _cache_complete,
     arm_train_args,
     arms_and_workdir,
+    run_job,
     run_jobs,
     study_statistics,
     write_study_report,
@@ -51,25 +51,6 @@ ARM_BY_NAME = {a.name: a for a in ARMS}
 METRICS = (("win_rate", "judge win rate vs ref", ".3f"), ("rule_follow", "rule-follow", ".3f"),
            ("kl_ref", "KL to ref per token", ".4f"), ("entropy", "entropy", ".3f"),
            ("step_s", "median step (s)", ".3f"), ("peak_memory_mb", "peak memory (MB)", ".0f"))
-
-
-def run_job(job_file: Path) -> int:
-    """Train and evaluate one (arm, seed) (as ``fpo_dist.demo.study.run_job``, with ``kl_ref``)."""
-    from fpo_dist import trainer
-
-    job = json.loads(job_file.read_text())
-    run_dir, eval_dir = Path(job["run_dir"]), Path(job["eval_dir"])
-    shutil.rmtree(run_dir, ignore_errors=True)
-    rc = trainer.main(job["argv"])
-    if rc != 0:
-        return rc
-    m = evaluate_policy(run_dir / "hf", Path(job["heldout"]), eval_dir, job["manifest"],
-                        RECIPE.beta_for(ARM_BY_NAME[job["arm"]].loss), kl=True)
-    s = report.train_stats(run_dir)
-    m.update(step_s=s["median_step_s"], peak_memory_mb=s["peak_memory_mb"])
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    (eval_dir / "result.json").write_text(json.dumps(m, indent=1))
-    return 0
 
 
 def missing_mass(store: Path) -> dict:
@@ -116,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-dir", default=str(ROOT / "docs" / "results" / "tdpo-offline" / "demo"))
     p.add_argument("--job", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.job:
-        return run_job(Path(a.job))
+    if a.job:  # one (arm, seed), as the demo's study runs it, with kl_ref
+        return run_job(Path(a.job), ARM_BY_NAME, kl=True)
     arms, out = arms_and_workdir(p, a, ARM_BY_NAME)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.time()
@@ -130,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     path = write_study_report(ci, arms, a.steps, Path(a.report_dir), time.time() - t0, note, metrics=METRICS,
                               title="Offline TDPO2 (cached top-M reference) against online TDPO2 on the demo task",
                               command="python -m fpo_dist.demo.tdpo_offline", extra={"missing_mass": mass},
-                              baseline="tdpo2")
+                              baseline="tdpo2", plot_keys=[(k, t) for k, t, _ in METRICS[:3]])
     print()
     print(path.read_text())
     say(f"report: {path}")
