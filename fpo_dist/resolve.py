@@ -96,6 +96,7 @@ class ModelInfo:
     path: str  # local directory
     n_layers: int
     hidden_size: int
+    vocab_size: int | None = None
 
 
 def resolve_model(name_or_path: str, revision: str | None = None, gguf_file: str | None = None,
@@ -117,7 +118,8 @@ def resolve_model(name_or_path: str, revision: str | None = None, gguf_file: str
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
     if not n_layers or not hidden:
         raise ResolveError(f"'{key}': the config in {path} names no num_hidden_layers / hidden_size")
-    return ModelInfo(path, int(n_layers), int(hidden))
+    vocab = getattr(text, "vocab_size", None)
+    return ModelInfo(path, int(n_layers), int(hidden), int(vocab) if vocab else None)
 
 
 # --------------------------------------------------------------------------------------------- SAEs
@@ -265,5 +267,8 @@ def resolve_cache_config(cfg):
     tokenizer = (resolve_dir(m.tokenizer, m.revision, "tokenizer", "model.tokenizer") if m.tokenizer else None)
     sae = resolve_sae(cfg.sae.source, cfg.sae.sae_id)
     check_fit(cfg.sae.layer, model, sae)
+    if cfg.ref_topm and model.vocab_size and cfg.ref_topm > model.vocab_size:
+        raise ResolveError(f"'ref_topm' {cfg.ref_topm} is more than the model's vocabulary ({model.vocab_size} tokens, "
+                           f"{model.path}): choose M <= {model.vocab_size}")
     return replace(cfg, model=replace(m, name_or_path=model.path, tokenizer=tokenizer),
                    sae=replace(cfg.sae, source=sae.path, sae_id=None))

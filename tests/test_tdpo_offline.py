@@ -247,3 +247,20 @@ def test_the_step0_comparison_fails_on_a_topm_kl_above_the_tolerance():
     cmp.max_topm_kl = 2e-3
     assert not cmp.ok(1e-3, 1e-4)
     assert CacheComparison([0], 0.0, 0.0, 0.0, 0.0, True).ok(1e-3, 1e-4)  # no top-M term: as before
+
+
+def test_a_topm_larger_than_the_vocabulary_stops_the_cache_job_before_any_work(tiny, tmp_path):
+    """Checked with the model's config when the job resolves its inputs (before the store or Ray), naming both."""
+    import json
+
+    from fpo_dist.config import CacheConfig, load_config
+    from fpo_dist.resolve import ResolveError, resolve_cache_config
+
+    vocab = json.loads((tiny.model_dir / "config.json").read_text())["vocab_size"]
+    args = ["--model.name_or_path", str(tiny.model_dir), "--sae.source", str(tiny.sae_dir), "--sae.layer",
+            str(tiny.hook_layer), "--data.source", str(tmp_path / "x.jsonl"), "--output", str(tmp_path / "store")]
+    with pytest.raises(ResolveError, match=f"'ref_topm' {vocab + 1} is more than the model's vocabulary "
+                                           f"\\({vocab} tokens"):
+        resolve_cache_config(load_config(CacheConfig, None, [*args, "--ref_topm", str(vocab + 1)]))
+    assert resolve_cache_config(load_config(CacheConfig, None, [*args, "--ref_topm", str(vocab)])).ref_topm == vocab
+    assert not (tmp_path / "store").exists()
