@@ -67,6 +67,17 @@ def score_batch(model, batch: PairBatch, sae=None, layer: int | None = None, *, 
     return out
 
 
+@torch.no_grad()
+def max_topm_kl(model, batch: PairBatch, topm: RefTopM) -> float:
+    """The largest per-position KL of cached top-M reference distributions ``topm`` (one per selected position of
+    ``batch``, in its order) against ``model``'s own, coarsened alike (the training forward's chunked head): 0 up to
+    rounding when ``model`` is the reference the cache was built with (the step-0 check, ``cache verify
+    --recompute``)."""
+    kl = selected_forward(model, batch.input_ids, batch.attention_mask, batch.selection,
+                          position_ids=batch.position_ids, ref=topm).kl
+    return float(kl.max()) if kl.numel() else 0.0
+
+
 def nonzeros(vec: Tensor) -> tuple[np.ndarray, np.ndarray]:
     """``(indices int32, values fp32)`` of a pooled vector's non-zeros, as the store keeps them."""
     nz = vec.nonzero().squeeze(-1)

@@ -339,15 +339,16 @@ class Trainer:
         if not self.cfg.step0_check or self.step > 0:
             return
         from fpo_dist.consistency import compare
+        from fpo_dist.loader import cached_topm
         from fpo_dist.models import build_batch, pairs_from_batch
-        from fpo_dist.scoring import nonzeros, score_batch
+        from fpo_dist.scoring import max_topm_kl, nonzeros, score_batch
 
         rows = self.store.ok_rows()[: self.cfg.step0_rows].tolist()
         batch = self.store.read_rows(rows, ref_topm=self.spec.needs_ref_topm)
         pb = build_batch(pairs_from_batch(batch), self.pad_id, self.cfg.batch_layout).to(self.device)
         self.policy.train(False)
         out = score_batch(self.policy, pb, self.sae, self.layer)  # what the cache worker computed, on this run
-        topm_kl = self._step0_topm_kl(batch, pb) if self.spec.needs_ref_topm else None
+        topm_kl = max_topm_kl(self.policy, pb, cached_topm(batch).to(self.device)) if self.spec.needs_ref_topm else None
         self.policy.train(True)
         n = len(rows)
         pooled = None
@@ -366,17 +367,6 @@ class Trainer:
         if not cmp.ok(atol_logp, rtol_mse):
             raise RuntimeError(f"step-0 check failed: the initial policy does not reproduce the cache ({cmp.describe()}). "
                                + self._step0_hint())
-
-    @torch.no_grad()
-    def _step0_topm_kl(self, batch, pb) -> float:
-        """Offline TDPO: the largest per-position KL of the cached top-M distributions against the policy's own (the
-        training forward's chunked head), at step 0 where the policy is the cache's reference: 0 up to rounding."""
-        from fpo_dist.lm_head import selected_forward
-        from fpo_dist.loader import cached_topm
-
-        kl = selected_forward(self.policy, pb.input_ids, pb.attention_mask, pb.selection,
-                              position_ids=pb.position_ids, ref=cached_topm(batch).to(self.device)).kl
-        return float(kl.max()) if kl.numel() else 0.0
 
     def _step0_hint(self) -> str:
         """What to check after a failed step-0 check; names both dtypes when the cache's and the run's differ."""

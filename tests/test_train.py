@@ -354,6 +354,17 @@ def test_offline_tdpo_at_full_vocabulary_equals_online_tdpo(cache):
         assert runs[variant][-1]["kl_rejected"] > 1e-6  # the policy moved: the KL term is exercised
 
 
+def test_cache_verify_recomputes_the_topm_distributions(cache):
+    """``cache verify --recompute`` on a store with top-M arrays also compares them with the recomputed reference's
+    (their KL: 0 up to rounding here, where the store's M is the whole vocabulary)."""
+    res = subprocess.run([sys.executable, "-m", "fpo_dist.cache", "verify", cache["store"], "--recompute", "3",
+                          "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0 and "verify: OK" in res.stdout, res.stdout + res.stderr
+    line = next(x for x in res.stdout.splitlines() if x.startswith("recomputed "))
+    assert float(line.split("max top-M KL = ")[1].split()[0]) < 1e-5, line
+
+
 def test_offline_tdpo_on_a_cache_without_topm_is_refused_in_one_line(cache, tmp_path):
     rc, log = train(cache, tmp_path / "no-topm", "--cache", cache["eval_store"], "--loss.name", "tdpo2-offline",
                     "--max_steps", "1", nproc=1)
