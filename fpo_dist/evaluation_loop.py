@@ -38,13 +38,15 @@ DATA_IDENTITY = ("source", "split", "revision", "content_sha256", "n_rows", "max
 
 
 def provenance_differences(train: dict, held_out: dict) -> list[str]:
-    """Fields where a held-out cache was built differently from the training cache (empty = comparable)."""
+    """Fields where a held-out cache was built differently from the training cache (empty = comparable).  The
+    top-M reference distributions (``ref_topm``) only matter to the offline TDPO losses, which the trainer checks
+    on their own (:func:`topm_difference`)."""
     diffs: list[str] = []
 
     def walk(a: Any, b: Any, where: str) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
-                if where == "data." and key in DATA_IDENTITY or where == "" and key == "batch_size":
+                if where == "data." and key in DATA_IDENTITY or where == "" and key in ("batch_size", "ref_topm"):
                     continue  # the data's identity; the cache job's batch size changes only padding
                 walk(a.get(key), b.get(key), f"{where}{key}.")
         elif a != b:
@@ -52,6 +54,16 @@ def provenance_differences(train: dict, held_out: dict) -> list[str]:
 
     walk(train, held_out, "")
     return diffs
+
+
+def topm_difference(train_topm: int, eval_topm: int, eval_cache: str) -> str | None:
+    """For a loss on the cache's top-M reference distributions: why the held-out cache cannot be evaluated with it
+    (it holds none, or another M than the training cache), else None."""
+    if eval_topm == train_topm:
+        return None
+    held = f"the top-{eval_topm}" if eval_topm else "no top-M reference distributions"
+    return (f"the eval cache {eval_cache} holds {held}, the training cache the top-{train_topm}: rebuild it with "
+            f"--ref_topm {train_topm}")
 
 
 def rank_rows(ok_rows: np.ndarray, rank: int, world: int) -> np.ndarray:

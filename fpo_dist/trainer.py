@@ -129,6 +129,12 @@ class Trainer:
             )
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if self.eval_store is not None and self.spec.needs_ref_topm:
+            from fpo_dist.evaluation_loop import topm_difference
+
+            why = topm_difference(self.store.options["ref_topm"], self.eval_store.options["ref_topm"], cfg.eval_cache)
+            if why:
+                raise ConfigError(why)
         policy_cfg, ref_cfg = self._resolve(policy_cfg, ref_cfg, prov)
         self._setup_models(policy_cfg, ref_cfg, prov)
         self._setup_loader()

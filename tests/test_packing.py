@@ -155,12 +155,13 @@ def loss_setup():
     sae = build_sae(d_in=32, d_sae=128, hook_layer=1, threshold=0.2)
     sae.to(torch.float64)
     pairs = _pairs(3, seed=2)
-    ref = score_batch(reference, build_batch(pairs, 0, "padded"), sae, 1)
+    # the reference's top-16 too (offline TDPO): one per response token in sequence order, as every layout selects
+    ref = score_batch(reference, build_batch(pairs, 0, "padded"), sae, 1, topm=16)
     n = len(pairs)
     mbs = {}
     for layout in ("shared", "packed", "padded"):
         mb = _micro_batch(build_batch(pairs, 0, layout), ref.logp_sum, ref.pooled)
-        mbs[layout] = replace(mb, ref_n_tokens=torch.stack([ref.n_tokens[:n], ref.n_tokens[n:]], 1))
+        mbs[layout] = replace(mb, ref_n_tokens=torch.stack([ref.n_tokens[:n], ref.n_tokens[n:]], 1), ref_topm=ref.topm)
     return models, sae, mbs
 
 

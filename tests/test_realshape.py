@@ -143,6 +143,8 @@ def _every_loss_both_layouts(model, tok, sae, cached) -> dict:
     ntok = torch.tensor(cached.n_tokens[:2])
     out = {}
     for name, spec in LOSSES.items():
+        if spec.needs_ref_topm:  # offline TDPO: the same layouts and head as tdpo1/tdpo2 (test_packing.py, tiny model)
+            continue
         runs = {}
         for layout, impl in (("packed", "varlen"), ("shared", "varlen"), ("padded", "sdpa")):
             mb = replace(_micro_batch(build_batch(pairs, tok.pad_token_id, layout), ref_logps, dense), ref_n_tokens=ntok)

@@ -371,6 +371,13 @@ def test_offline_tdpo_on_a_cache_without_topm_is_refused_in_one_line(cache, tmp_
     assert rc == 2, log[-3000:]
     err = [line for line in log.splitlines() if "--ref_topm" in line]
     assert len(err) == 1 and "tdpo2-offline" in err[0] and "top-M" in err[0], log[-3000:]
+    # an eval cache without them, beside a training cache with them: refused for the offline losses only (FPO's runs
+    # in this file evaluate on that cache)
+    rc, log = train(cache, tmp_path / "no-topm-eval", "--eval_cache", cache["eval_store"], "--loss.name",
+                    "tdpo2-offline", "--max_steps", "1", nproc=1)
+    assert rc == 2, log[-3000:]
+    err = [line for line in log.splitlines() if "holds no top-M reference distributions" in line]
+    assert len(err) == 1 and f"--ref_topm {_vocab(cache['tiny'])}" in err[0], log[-3000:]
 
 
 def test_a_loss_registered_in_a_test_file_trains(cache, tmp_path):
