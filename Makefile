@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 demo: install
 	$(PY) -m fpo_dist.demo $(DEMO_ARGS)
 
-# FPO's parts ablated on the demo task (10 arms x 10 training seeds, 2 jobs at a time; ~25 min on 2 idle cores) → docs/results/study/ (study.md, study.json, study.png); a rerun resumes from study_out/
+# FPO's parts ablated on the demo task (10 arms x 10 training seeds, 2 jobs at a time; ~15 min on 2 idle cores) → docs/results/study/ (study.md, study.json, study.png); a rerun resumes from study_out/
 study: install
 	OMP_NUM_THREADS=1 $(PY) -m fpo_dist.demo.study $(STUDY_ARGS)
 
