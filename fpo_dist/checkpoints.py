@@ -31,8 +31,10 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "fpo_state.json"
 
 
-def resume_target(cfg: TrainConfig, log=print) -> tuple[str, str, int] | None:
-    """``(directory, tag, world size it was saved with)`` of the checkpoint ``cfg.resume`` names, or None."""
+def resume_target(cfg: TrainConfig, log=print) -> tuple[str, str, dict] | None:
+    """``(directory, tag, its state file)`` of the checkpoint ``cfg.resume`` names, or None.  The state file holds
+    the world size it was saved with, its ZeRO stage and the optimizer's parameter names (``optimizer_params``;
+    absent from checkpoints written before they were recorded)."""
     if not cfg.resume:
         return None
     if cfg.resume == "auto":
@@ -55,7 +57,7 @@ def resume_target(cfg: TrainConfig, log=print) -> tuple[str, str, int] | None:
     if diffs:
         raise ConfigError(f"resuming {load_dir / tag} with different settings would continue another "
                           "experiment:\n  " + "\n  ".join(diffs))
-    return str(load_dir), tag, int(saved["world_size"])
+    return str(load_dir), tag, saved
 
 
 def commit(root: Path, tag: str, meta: dict, keep_last: int) -> None:

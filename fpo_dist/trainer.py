@@ -227,12 +227,21 @@ class Trainer:
         if note:
             self._print(note)
         self.resume_from = ckpt.resume_target(self.cfg, log=self._print)
-        if self.resume_from is not None and self.resume_from[2] != self.world:
-            # another data-parallel world: DeepSpeed's universal checkpoint re-partitions optimizer state
-            load_dir, tag, _ = self.resume_from
-            universal = eng.to_universal_checkpoint(load_dir, tag, self.is_main)
-            self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
-            self.resume_from = (load_dir, universal, self.world)
+        if self.resume_from is not None:
+            load_dir, tag, saved = self.resume_from
+            layout, now = eng.checkpoint_layout(Path(load_dir) / tag, saved.get("layout")), eng.engine_layout(self.ds_config)
+            try:
+                convert = eng.resume_conversion(layout, saved["world_size"], saved.get("zero_stage"), now, self.world,
+                                                eng.zero_stage(self.ds_config), "optimizer_params" in saved)
+            except ConfigError as e:
+                raise ConfigError(f"resume {load_dir}/{tag}: {e}") from None
+            if convert:  # DeepSpeed's universal checkpoint re-partitions the optimizer state
+                self._print(f"resume: converting {load_dir}/{tag} ({layout}, world {saved['world_size']}) to DeepSpeed's "
+                            f"universal format for this run ({now}, world {self.world})")
+                tag = eng.to_universal_checkpoint(load_dir, tag, self.is_main, saved.get("optimizer_params"))
+                if now == eng.PARTITIONED:
+                    self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+            self.resume_from = (load_dir, tag, saved)
 
     def _setup_models(self, policy_cfg: ModelConfig, ref_cfg: ModelConfig | None, prov: dict) -> None:
         from fpo_dist import engine as eng
@@ -317,12 +326,14 @@ class Trainer:
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])
         rng = ckpt.rng_file(load_dir, tag, self.rank)
-        if rng.exists():  # absent when the world size changed: ranks have no predecessor
+        if rng.exists():  # absent in a converted checkpoint (another world or layout)
             ckpt.set_rng(torch.load(rng, weights_only=True))
         if self.is_main:
             print(f"resumed from {load_dir}/{tag}: step {self.step}, loader {state['loader']}", flush=True)
 
     def save_checkpoint(self) -> None:
+        from fpo_dist import engine as eng
+
         root = Path(self.cfg.output_dir) / ckpt.CHECKPOINTS
         tag = f"step_{self.step}"
         state = {"step": self.step, "loader": self.loader.state_dict(), "config": public_dict(self.cfg)}
@@ -332,7 +343,9 @@ class Trainer:
         self.dist.barrier()
         if self.is_main:
             meta = {"step": self.step, "world_size": self.world, "loader": state["loader"], "loss": self.cfg.loss.name,
-                    "run": ckpt.resume_fields(self.cfg)}
+                    "run": ckpt.resume_fields(self.cfg), "zero_stage": eng.zero_stage(self.ds_config),
+                    "layout": eng.engine_layout(self.ds_config),
+                    "optimizer_params": [n for n, p in self.policy.module.named_parameters() if p.requires_grad]}
             ckpt.commit(root, tag, meta, self.cfg.keep_last)
             print(f"checkpoint {root / tag}", flush=True)
         self.dist.barrier()
