@@ -284,10 +284,14 @@ def engine_layout(ds_config: dict) -> str:
     return PLAIN_BF16 if ds_config.get("bf16", {}).get("enabled") else PLAIN
 
 
-def checkpoint_layout(ckpt_dir: str | Path, recorded: str | None) -> str:
-    """A checkpoint's layout: as recorded with it, or for one saved before layouts were recorded, from its files
-    (a no-ZeRO bf16 one then reads as PLAIN)."""
-    return recorded or (PARTITIONED if any(Path(ckpt_dir).glob("*optim_states.pt")) else PLAIN)
+def checkpoint_layout(ckpt_dir: str | Path, recorded: str | None, now: str) -> str:
+    """A checkpoint's layout: as recorded with it, or for one saved before layouts were recorded, from its files —
+    where they show no ZeRO, this run's no-ZeRO layout ``now`` when it has one (fp32 or bf16: the files do not say)."""
+    if recorded:
+        return recorded
+    if any(Path(ckpt_dir).glob("*optim_states.pt")):
+        return PARTITIONED
+    return now if now in (PLAIN, PLAIN_BF16) else PLAIN
 
 
 def resume_conversion(saved: str, saved_world: int, saved_stage: int | None, now: str, world: int, stage: int,

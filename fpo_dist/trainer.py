@@ -229,7 +229,8 @@ class Trainer:
         self.resume_from = ckpt.resume_target(self.cfg, log=self._print)
         if self.resume_from is not None:
             load_dir, tag, saved = self.resume_from
-            layout, now = eng.checkpoint_layout(Path(load_dir) / tag, saved.get("layout")), eng.engine_layout(self.ds_config)
+            now = eng.engine_layout(self.ds_config)
+            layout = eng.checkpoint_layout(Path(load_dir) / tag, saved.get("layout"), now)
             try:
                 convert = eng.resume_conversion(layout, saved["world_size"], saved.get("zero_stage"), now, self.world,
                                                 eng.zero_stage(self.ds_config), "optimizer_params" in saved)

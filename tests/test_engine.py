@@ -197,9 +197,16 @@ def test_one_rank_bf16_without_the_gradient_all_reduce_equals_with_it(tmp_path):
         assert new[name].dtype == torch.bfloat16 and torch.equal(new[name], old[name]), name
 
 
-def test_resume_conversion_decides_by_layout_world_and_stage():
-    """What resumes as it is, what goes through DeepSpeed's universal format, and what is refused in one line."""
-    from fpo_dist.engine import PARTITIONED, PLAIN, PLAIN_BF16, resume_conversion
+def test_resume_conversion_decides_by_layout_world_and_stage(tmp_path):
+    """What resumes as it is, what goes through DeepSpeed's universal format, and what is refused in one line; the
+    layout of a checkpoint saved before layouts were recorded, from its files."""
+    from fpo_dist.engine import PARTITIONED, PLAIN, PLAIN_BF16, checkpoint_layout, resume_conversion
+
+    assert checkpoint_layout(tmp_path, PLAIN_BF16, PARTITIONED) == PLAIN_BF16  # recorded
+    assert checkpoint_layout(tmp_path, None, PLAIN_BF16) == PLAIN_BF16  # no ZeRO files: fp32 or bf16, as this run
+    assert checkpoint_layout(tmp_path, None, PARTITIONED) == PLAIN
+    (tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    assert checkpoint_layout(tmp_path, None, PLAIN) == PARTITIONED
 
     assert resume_conversion(PLAIN, 1, 0, PLAIN, 8, 0, True) is False  # whole state: any world
     assert resume_conversion(PLAIN_BF16, 1, 0, PLAIN_BF16, 4, 0, False) is False
