@@ -284,12 +284,16 @@ def engine_layout(ds_config: dict) -> str:
     return PLAIN_BF16 if ds_config.get("bf16", {}).get("enabled") else PLAIN
 
 
+def _has_zero_files(ckpt_dir: str | Path) -> bool:
+    return any(Path(ckpt_dir).glob("*optim_states.pt"))
+
+
 def checkpoint_layout(ckpt_dir: str | Path, recorded: str | None, now: str) -> str:
     """A checkpoint's layout: as recorded with it, or for one saved before layouts were recorded, from its files —
     where they show no ZeRO, this run's no-ZeRO layout ``now`` when it has one (fp32 or bf16: the files do not say)."""
     if recorded:
         return recorded
-    if any(Path(ckpt_dir).glob("*optim_states.pt")):
+    if _has_zero_files(ckpt_dir):
         return PARTITIONED
     return now if now in (PLAIN, PLAIN_BF16) else PLAIN
 
@@ -329,7 +333,7 @@ def to_universal_checkpoint(load_dir: str, tag: str, is_main: bool, trainable: l
         tmp = final.with_name(f"{target}.tmp-{os.getpid()}")  # renamed only when complete
         shutil.rmtree(tmp, ignore_errors=True)
         source = Path(load_dir) / tag
-        if not any(source.glob("*optim_states.pt")):  # PLAIN (PLAIN_BF16 is refused by resume_conversion)
+        if not _has_zero_files(source):  # PLAIN (PLAIN_BF16 is refused by resume_conversion)
             _plain_to_universal(source, tmp, trainable or [])
         else:
             workers = str(max(1, min(8, (os.cpu_count() or 1) // 2)))
@@ -348,7 +352,8 @@ def _plain_to_universal(source: Path, out: Path, trainable: list[str]) -> None:
     trainable parameter ``zero/<name>/fp32.pt`` and one file per optimizer state (``{"param": full tensor}``) and
     ``step.pt``; the optimizer's hyper-parameters and step in ``zero/optimizer_state.pt``; and the model-states file
     without module and optimizer (lr scheduler, step counters, client state) under both names a loading engine
-    looks for (ZeRO-3: ``zero_pp_rank_0_…``; ZeRO-1/2: ``mp_rank_00_…``)."""
+    looks for (ZeRO-3: ``zero_pp_rank_0_…``; ZeRO-1/2: ``mp_rank_00_…``).  Tested into ZeRO-3
+    (``test_train.py``); a ZeRO-1/2 target reads the same files through DeepSpeed's loader, untested here."""
     sd = torch.load(source / PLAIN_STATES, map_location="cpu", weights_only=True)
     opt = sd["optimizer"]
     order = [i for group in opt["param_groups"] for i in group["params"]]
