@@ -25,11 +25,40 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 NETNS_NOTE = "FPO_TEST_NETNS=0" if os.environ.get("FPO_TEST_NETNS") == "0" else None
 
 
+# SLURM for test_cluster.py: the local harness installs slurm-wlm + munge with apt-get where they are missing, which
+# cannot reach a package mirror from inside the private namespace; so it is done here first, on the host's network,
+# when the run may include test_cluster.py (what failed, if anything, is reported by that module's fixture).
+SLURM_INSTALL_NOTE: str | None = None
+
+
+def _may_run_cluster_tests(config) -> bool:
+    for arg in config.args or ["tests"]:
+        path = Path(arg.split("::", 1)[0])
+        if path.name == "test_cluster.py" or path.is_dir():
+            return True
+    return False
+
+
+def _install_slurm_first(config) -> None:
+    global SLURM_INSTALL_NOTE
+    import shutil
+    import subprocess
+
+    if (os.geteuid() != 0 or shutil.which("slurmctld") or not shutil.which("apt-get")
+            or os.environ.get("FPO_SLURM_INSTALL") == "0" or not _may_run_cluster_tests(config)):
+        return
+    harness = Path(__file__).resolve().parents[1] / "cluster" / "local" / "slurm-cluster.sh"
+    p = subprocess.run(["bash", str(harness), "install"], capture_output=True, text=True, timeout=900)
+    if p.returncode != 0:
+        SLURM_INSTALL_NOTE = f"`{harness} install` -> {p.returncode}:\n{p.stderr[-3000:]}"
+
+
 def pytest_configure(config):
     global NETNS_NOTE
     if NETNS_NOTE is None:
         from fpo_dist.netns import enter_private_network
 
+        _install_slurm_first(config)
         NETNS_NOTE = enter_private_network()
 
 

@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import conftest
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -350,6 +351,11 @@ def cluster(tiny):
         pytest.skip("the local SLURM harness needs root")
     if not shutil.which("slurmctld") and not shutil.which("apt-get"):
         pytest.skip("no SLURM and no apt-get to install it")
+    if not shutil.which("slurmctld") and conftest.NETNS_NOTE is None:  # in the private namespace: no mirror here
+        pytest.fail("slurm-wlm/munge are not installed and this run cannot install them from its private network "
+                    "namespace: `bash cluster/local/slurm-cluster.sh install` (root) first; the suite does it before "
+                    "it enters the namespace, and said: " + (conftest.SLURM_INSTALL_NOTE or "(it did not try: "
+                    "FPO_SLURM_INSTALL=0, or test_cluster.py was not among pytest's arguments)"))
     work = Path(tempfile.mkdtemp(prefix="fpo-cl-"))  # short: unix socket paths live under it
     work.chmod(0o755)  # munged wants every directory above its socket searchable by all
     write_job_files(work, tiny)

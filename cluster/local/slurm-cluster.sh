@@ -2,6 +2,8 @@
 # slurm-cluster.sh: a real, private SLURM cluster on this one machine, for CI and local runs of cluster/slurm/*.
 #
 #   slurm-cluster.sh up [--nodes N] [--cpus C]   install (if missing) and start munged + slurmctld + N slurmd
+#   slurm-cluster.sh install                     only install slurm-wlm + munge (if missing; apt-get, root): needs
+#                                                the package mirror, so run it before entering a private namespace
 #   slurm-cluster.sh down                        cancel its jobs, stop everything it started (by PID), keep logs
 #   slurm-cluster.sh status                      its daemons (pid, alive/dead) and sinfo
 #   slurm-cluster.sh env                         print `export SLURM_CONF=...`; use: eval "$(slurm-cluster.sh env)"
@@ -92,8 +94,21 @@ install_pkgs() {
   [ "$INSTALL" = 1 ] || die "missing packages: ${need[*]} (FPO_SLURM_INSTALL=0)"
   command -v apt-get >/dev/null || die "missing packages ${need[*]} and no apt-get: install SLURM + munge yourself"
   log "apt-get install ${need[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # a package mirror that does not resolve or answer for a moment (seen: "Temporary failure resolving
+  # 'deb.debian.org'" minutes after a machine started) is retried, 5 tries over ~2 min, before giving up
+  local try wait=5
+  for try in 1 2 3 4 5; do
+    if apt-get -o Acquire::Retries=2 update -qq \
+      && DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Retries=2 install -y -qq --no-install-recommends \
+        "${need[@]}" >/dev/null; then
+      return 0
+    fi
+    [ "$try" = 5 ] && break
+    log "apt-get failed (try $try of 5): again in ${wait}s"
+    sleep "$wait"
+    wait=$((wait * 2))
+  done
+  die "apt-get could not install ${need[*]} after 5 tries (its messages above): install them yourself or retry"
 }
 
 start_munge() {   # a munged of our own: own key, socket and pid file under $DIR/munge
@@ -255,9 +270,10 @@ cmd_status() {
 
 case ${1:-} in
   up) shift; cmd_up "$@" ;;
+  install) [ "$(id -u)" = 0 ] || die "install: needs root (apt-get)"; install_pkgs ;;
   down) cmd_down ;;
   status) cmd_status ;;
   env) echo "export SLURM_CONF=$CONF" ;;
   exec) shift; [ $# -gt 0 ] || die "exec: no command"; in_net "$@" ;;
-  *) sed -n '2,39p' "$0"; exit 2 ;;
+  *) sed -n '2,40p' "$0"; exit 2 ;;
 esac
