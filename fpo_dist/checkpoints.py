@@ -33,8 +33,8 @@ STATE_FILE = "fpo_state.json"
 
 def resume_target(cfg: TrainConfig, log=print) -> tuple[str, str, dict] | None:
     """``(directory, tag, its state file)`` of the checkpoint ``cfg.resume`` names, or None.  The state file holds
-    the world size it was saved with, its ZeRO stage and the optimizer's parameter names (``optimizer_params``;
-    absent from checkpoints written before they were recorded)."""
+    the world size it was saved with, its ZeRO stage, the optimizer's parameter names (``optimizer_params``) and its
+    step count (``optimizer_step``; both absent from checkpoints written before they were recorded)."""
     if not cfg.resume:
         return None
     if cfg.resume == "auto":

@@ -269,9 +269,10 @@ def gathered(params: list[torch.Tensor]):
 # A checkpoint's layout, as DeepSpeed writes it:
 # - PLAIN: no ZeRO, fp32 (no --deepspeed): the module and the torch optimizer's state whole, in one
 #   ``mp_rank_00_model_states.pt``, the same on every rank — it loads as it is on any number of ranks;
-# - PLAIN_BF16: no ZeRO, bf16: the same file, holding DeepSpeed's bf16 optimizer wrapper (fp32 master weights);
+# - PLAIN_BF16: no ZeRO, bf16: the same file, holding DeepSpeed's bf16 optimizer wrapper (``FP16_UnfusedOptimizer``
+#   for a torch optimizer: an fp32 master copy of each parameter, ``fp32_groups``, and the optimizer's state over them);
 # - PARTITIONED: ZeRO stage 1-3: DeepSpeed's optimizer-state files (``*_optim_states.pt``), split by rank.
-# Between PLAIN and PARTITIONED, or for PARTITIONED on another world size or ZeRO stage, a checkpoint goes through
+# Between any two of them, or for PARTITIONED on another world size or ZeRO stage, a checkpoint goes through
 # DeepSpeed's universal format (one directory per parameter, ``zero/<name>/{fp32,exp_avg,exp_avg_sq}.pt``).
 PLAIN, PLAIN_BF16, PARTITIONED = "plain", "plain-bf16", "partitioned"
 PLAIN_STATES = "mp_rank_00_model_states.pt"
@@ -305,12 +306,7 @@ def resume_conversion(saved: str, saved_world: int, saved_stage: int | None, now
     (False); a :class:`ConfigError` for what cannot be converted."""
     if saved == now and (saved != PARTITIONED or (saved_world == world and saved_stage in (None, stage))):
         return False
-    if PLAIN_BF16 in (saved, now):
-        raise ConfigError(f"this checkpoint was saved {'without ZeRO in bf16' if saved == PLAIN_BF16 else saved} and "
-                          f"this run is {'without ZeRO in bf16' if now == PLAIN_BF16 else now}: converting DeepSpeed's "
-                          "no-ZeRO bf16 optimizer state is not supported; resume it with the layout it was saved "
-                          "with (a no-ZeRO checkpoint resumes on any number of ranks)")
-    if saved == PLAIN and not has_names:
+    if saved in (PLAIN, PLAIN_BF16) and not has_names:
         raise ConfigError("this checkpoint was saved without ZeRO by an older fpo-dist that did not record its "
                           "optimizer's parameters: resume it without --deepspeed")
     return True
@@ -333,7 +329,7 @@ def to_universal_checkpoint(load_dir: str, tag: str, is_main: bool, trainable: l
         tmp = final.with_name(f"{target}.tmp-{os.getpid()}")  # renamed only when complete
         shutil.rmtree(tmp, ignore_errors=True)
         source = Path(load_dir) / tag
-        if not _has_zero_files(source):  # PLAIN (PLAIN_BF16 is refused by resume_conversion)
+        if not _has_zero_files(source):  # PLAIN or PLAIN_BF16
             _plain_to_universal(source, tmp, trainable or [])
         else:
             workers = str(max(1, min(8, (os.cpu_count() or 1) // 2)))
@@ -347,32 +343,53 @@ def to_universal_checkpoint(load_dir: str, tag: str, is_main: bool, trainable: l
     return target
 
 
-def _plain_to_universal(source: Path, out: Path, trainable: list[str]) -> None:
-    """Write a PLAIN checkpoint in DeepSpeed's universal format, as ``ds_to_universal`` writes a ZeRO one: per
-    trainable parameter ``zero/<name>/fp32.pt`` and one file per optimizer state (``{"param": full tensor}``) and
-    ``step.pt``; the optimizer's hyper-parameters and step in ``zero/optimizer_state.pt``; and the model-states file
-    without module and optimizer (lr scheduler, step counters, client state) under both names a loading engine
-    looks for (ZeRO-3: ``zero_pp_rank_0_…``; ZeRO-1/2: ``mp_rank_00_…``).  Tested into ZeRO-3
-    (``test_train.py``); a ZeRO-1/2 target reads the same files through DeepSpeed's loader, untested here."""
-    sd = torch.load(source / PLAIN_STATES, map_location="cpu", weights_only=True)
-    opt = sd["optimizer"]
-    order = [i for group in opt["param_groups"] for i in group["params"]]
+def _plain_optimizer(sd: dict, trainable: list[str], where: Path) -> tuple[dict, torch.Tensor, list]:
+    """A no-ZeRO checkpoint's optimizer, per parameter: ``({name: ({"fp32": weight, "exp_avg": …}, step)}, step,
+    param_groups)``.  PLAIN: the torch optimizer's state of each parameter and the module's weight.  PLAIN_BF16
+    (DeepSpeed's ``FP16_UnfusedOptimizer`` in bf16, the wrapper a torch optimizer gets): its fp32 master copy of
+    each parameter (``fp32_groups``, the weights the optimizer steps) and the torch optimizer's state over them."""
+    opt, module = sd["optimizer"], sd["module"]
+    if "fp32_groups_flat" in opt:
+        raise ConfigError(f"{where}: saved by DeepSpeed's flat bf16/fp16 optimizer wrapper (a DeepSpeed fused "
+                          "optimizer, not what fpo-dist builds); it cannot be converted to another layout")
+    masters = opt.get("fp32_groups")
+    inner = opt["optimizer_state_dict"] if masters is not None else opt
+    groups = inner["param_groups"]
+    order = [i for group in groups for i in group["params"]]
     if len(order) != len(trainable):
-        raise ConfigError(f"{source}: its optimizer holds {len(order)} parameters but the checkpoint names "
+        raise ConfigError(f"{where}: its optimizer holds {len(order)} parameters but the checkpoint names "
                           f"{len(trainable)}; it cannot be converted to resume with another DeepSpeed layout")
-    keys = {k for state in opt["state"].values() for k, v in state.items() if k != "step"}
-    step = next((state["step"] for state in opt["state"].values() if "step" in state), torch.tensor(0.0))
-    for index, name in zip(order, trainable):
+    weights = [w for group in masters for w in group] if masters is not None else [module[n] for n in trainable]
+    keys = {k for state in inner["state"].values() for k in state if k != "step"}
+    step = next((state["step"] for state in inner["state"].values() if "step" in state), torch.tensor(0.0))
+    out: dict[str, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
+    for index, name, weight in zip(order, trainable, weights):
+        if weight.shape != module[name].shape:
+            raise ConfigError(f"{where}: optimizer parameter {index} has shape {tuple(weight.shape)} but {name} is "
+                              f"{tuple(module[name].shape)}; it cannot be converted")
+        state = inner["state"].get(index, {})  # a parameter that never had a gradient has no state: zeros, as fresh
+        weight = weight.float()
+        out[name] = ({"fp32": weight, **{k: state.get(k, torch.zeros_like(weight)).float() for k in sorted(keys)}},
+                     state.get("step", step))
+    return out, step, groups
+
+
+def _plain_to_universal(source: Path, out: Path, trainable: list[str]) -> None:
+    """Write a PLAIN or PLAIN_BF16 checkpoint in DeepSpeed's universal format, as ``ds_to_universal`` writes a ZeRO
+    one: per trainable parameter ``zero/<name>/fp32.pt`` (the fp32 weight; bf16: its fp32 master) and one file per
+    optimizer state (``{"param": full tensor}``) and ``step.pt``; the optimizer's hyper-parameters and step in
+    ``zero/optimizer_state.pt``; and the model-states file without module and optimizer (lr scheduler, step counters,
+    client state) under both names a loading engine looks for (ZeRO-3: ``zero_pp_rank_0_…``; ZeRO-1/2:
+    ``mp_rank_00_…``).  Tested into ZeRO-3 and back (``test_train.py``); a ZeRO-1/2 target reads the same files
+    through DeepSpeed's loader, untested here."""
+    sd = torch.load(source / PLAIN_STATES, map_location="cpu", weights_only=True)
+    params, step, groups = _plain_optimizer(sd, trainable, source)
+    for name, (tensors, param_step) in params.items():
         folder = out / "zero" / name
         folder.mkdir(parents=True)
-        weight = sd["module"][name]
-        torch.save({"param": weight.float()}, folder / "fp32.pt")
-        state = opt["state"].get(index, {})  # a parameter that never had a gradient has no state: zeros, as fresh
-        for key in sorted(keys):
-            torch.save({"param": state.get(key, torch.zeros_like(weight, dtype=torch.float32)).float()},
-                       folder / f"{key}.pt")
-        torch.save(state.get("step", step), folder / "step.pt")
-    groups = opt["param_groups"]
+        for key, value in tensors.items():
+            torch.save({"param": value}, folder / f"{key}.pt")
+        torch.save(param_step, folder / "step.pt")
     torch.save({"param_groups": groups, "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups},
                 "ds_version": sd.get("ds_version"), "clip_grad": float(sd["ds_config"].get("gradient_clipping", 0.0))},
                out / "zero" / "optimizer_state.pt")
@@ -463,39 +480,72 @@ class Engine:
         # the caller writes `latest` once its own state files are in place
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
 
-    def load(self, directory: str, tag: str | None) -> dict:
-        if tag is not None and (Path(directory) / tag / "zero").is_dir() and engine_layout(self.ds_config) == PLAIN:
-            return self._load_universal_plain(Path(directory) / tag)
+    def optimizer_step(self) -> float | None:
+        """The step count the innermost torch optimizer holds (Adam's ``t``; None before its first step).  It can
+        differ from the engine's: DeepSpeed's bf16 wrapper without ZeRO takes one step with zero gradients at set-up.
+        Recorded with each checkpoint, so that a no-ZeRO engine loading the universal form goes on from it."""
+        inner = self.optimizer
+        while getattr(inner, "optimizer", None) is not None:  # DeepSpeed's wrappers (ZeRO, bf16) hold the torch one
+            inner = inner.optimizer
+        steps = [float(state["step"]) for state in getattr(inner, "state", {}).values() if "step" in state]
+        return max(steps) if steps else None
+
+    def load(self, directory: str, tag: str | None, optimizer_step: float | None = None) -> dict:
+        """Load checkpoint ``tag``; ``optimizer_step``: the saved optimizer's step count, recorded with it
+        (:meth:`optimizer_step`), for a universal checkpoint loaded without ZeRO."""
+        if tag is not None and (Path(directory) / tag / "zero").is_dir() and engine_layout(self.ds_config) != PARTITIONED:
+            return self._load_universal_plain(Path(directory) / tag, optimizer_step)
         path, client_state = self.engine.load_checkpoint(directory, tag=tag)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint found in {directory} (tag {tag})")
         return client_state or {}
 
-    def _load_universal_plain(self, folder: Path) -> dict:
-        """A universal checkpoint into an engine without ZeRO (fp32; DeepSpeed cannot load one there): each trainable
-        parameter's fp32 weight and its optimizer state (``exp_avg``…, at the checkpoint's step count), the lr
-        scheduler and DeepSpeed's step counters; returns the client state saved with the checkpoint."""
+    def _load_universal_plain(self, folder: Path, optimizer_step: float | None = None) -> dict:
+        """A universal checkpoint into an engine without ZeRO (DeepSpeed cannot load one there): each trainable
+        parameter's fp32 weight and its optimizer state (``exp_avg``…, at the checkpoint's step count) — in bf16, into
+        DeepSpeed's bf16 optimizer wrapper: its fp32 master copies and their state, the bf16 weights rounded from the
+        masters as its step does — the lr scheduler and DeepSpeed's step counters; returns the client state
+        saved with the checkpoint."""
         states = sorted(folder.glob("*model_states.pt"))[0]  # every rank's copy holds the same client state
         sd = torch.load(states, map_location="cpu", weights_only=True)
         steps = int(sd["global_steps"])
-        keys = {"fp32", "step"}
-        named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        names = {id(p): n for n, p in self.module.named_parameters() if p.requires_grad}
+        # the saved optimizer's own step count (Adam's t): per parameter where the universal form has step.pt
+        # (written from a no-ZeRO checkpoint), else as recorded with the checkpoint (:meth:`optimizer_step`), else
+        # the engine's; they can differ (DeepSpeed's bf16 wrapper counts one more: its set-up takes an optimizer
+        # step with zero gradients)
+        saved_step = float(steps if optimizer_step is None else optimizer_step)
+
+        def read(param: torch.Tensor) -> dict[str, torch.Tensor]:
+            where = folder / "zero" / names[id(param)]
+            if not where.is_dir():
+                raise FileNotFoundError(f"{folder}: no universal state for parameter {names[id(param)]}")
+            out = {}
+            for path in where.glob("*.pt"):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+                obj = obj["param"] if isinstance(obj, dict) else obj
+                out[path.stem] = obj if path.stem == "step" else obj.reshape(param.shape)
+            return out
+
+        def step_of(state: dict, like: torch.Tensor) -> torch.Tensor:
+            step = float(state.pop("step", saved_step))
+            return torch.tensor(step, dtype=torch.float32, device=like.device if fused else "cpu")
+
+        wrapped = hasattr(self.optimizer, "fp32_groups")  # PLAIN_BF16: DeepSpeed's FP16_UnfusedOptimizer (bf16)
+        inner = self.optimizer.optimizer if wrapped else self.optimizer
+        fused = bool(inner.defaults.get("fused"))
+        pairs = ([(p, m) for ps, ms in zip(self.optimizer.fp16_groups, self.optimizer.fp32_groups)
+                  for p, m in zip(ps, ms)] if wrapped else
+                 [(p, p) for p in self.module.parameters() if p.requires_grad])
         with torch.no_grad():
-            for name, param in named:
-                where = folder / "zero" / name
-                if not where.is_dir():
-                    raise FileNotFoundError(f"{folder}: no universal state for parameter {name}")
-
-                def read(key: str, like: torch.Tensor = param) -> torch.Tensor:
-                    obj = torch.load(where / f"{key}.pt", map_location="cpu", weights_only=True)
-                    return (obj["param"] if isinstance(obj, dict) else obj).reshape(like.shape)
-
-                param.copy_(read("fp32"))
-                state = {p.stem: read(p.stem).to(param.device, torch.float32) for p in where.glob("*.pt")
-                         if p.stem not in keys}
-                state["step"] = torch.tensor(float(steps), dtype=torch.float32,
-                                             device=param.device if self.optimizer.defaults.get("fused") else "cpu")
-                self.optimizer.state[param] = state
+            for param, master in pairs:  # master: the fp32 tensor the optimizer steps (the parameter itself in fp32)
+                state = read(param)
+                master.copy_(state.pop("fp32"))
+                if master is not param:
+                    param.copy_(master)  # rounded to bf16, as the wrapper's step does
+                step = step_of(state, master)
+                inner.state[master] = {**{k: v.to(master.device, torch.float32) for k, v in state.items()},
+                                       "step": step}
         if self.lr_scheduler is not None and sd.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(sd["lr_scheduler"])
         self.engine.global_steps = steps

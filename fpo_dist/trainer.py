@@ -322,8 +322,8 @@ class Trainer:
     def maybe_resume(self) -> None:
         if self.resume_from is None:
             return
-        load_dir, tag, _ = self.resume_from
-        state = self.policy.load(load_dir, tag)
+        load_dir, tag, saved = self.resume_from
+        state = self.policy.load(load_dir, tag, saved.get("optimizer_step"))
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])
         rng = ckpt.rng_file(load_dir, tag, self.rank)
@@ -342,8 +342,9 @@ class Trainer:
         torch.save(ckpt.get_rng(), ckpt.rng_file(root, tag, self.rank))
         ckpt.sync_tree(root / tag)  # this rank's files are on disk before rank 0 may commit the checkpoint
         self.dist.barrier()
+        optimizer_step = self.policy.optimizer_step()
         if self.is_main:
-            meta = {"step": self.step, "world_size": self.world, "loader": state["loader"], "loss": self.cfg.loss.name,
+            meta = {"step": self.step, "optimizer_step": optimizer_step, "world_size": self.world, "loader": state["loader"], "loss": self.cfg.loss.name,
                     "run": ckpt.resume_fields(self.cfg), "zero_stage": eng.zero_stage(self.ds_config),
                     "layout": eng.engine_layout(self.ds_config),
                     "optimizer_params": [n for n, p in self.policy.module.named_parameters() if p.requires_grad]}

@@ -230,6 +230,21 @@ def test_optimizer_bench_writes_its_ratio(tmp_path):
     assert "optimizer_fused_vs_per_tensor" in (tmp_path / "optimizer-cpu.md").read_text()
 
 
+def test_head_grad_bench_runs_both_paths_and_they_agree(tmp_path):
+    """``python -m bench.head_grad`` (a part of the GPU session, bench/gpu_session.sh) at a small shape: both weight-
+    gradient paths run, their gradients agree to bf16 rounding, the ratios and the markdown are written."""
+    from bench.head_grad import main
+
+    result = main(["--vocab", "65536", "--d", "64", "--positions", "32", "--rounds", "1", "--device", "cpu",
+                   "--out", str(tmp_path)])
+    # one fp32 sum per entry on both paths, rounded once to bf16: at most one bf16 ulp (2⁻⁷ of the value) apart
+    assert 0 < result["weight_grad_max_abs"]
+    assert result["weight_grad_max_abs_diff"] <= 2**-7 * result["weight_grad_max_abs"], result
+    assert set(result["ratios"]) == {"head_grad_mem_vocab_vs_positions", "head_grad_time_vocab_vs_positions"}
+    assert json.loads((tmp_path / "head-grad-cpu.json").read_text())["ratios"] == result["ratios"]
+    assert "head_grad_mem_vocab_vs_positions" in (tmp_path / "head-grad-cpu.md").read_text()
+
+
 def test_realshape_time_ratio_interval_pairs_steps():
     """Per-step time ratios are paired by step (same pairs in both runs); the interval is the t-interval of their
     log's mean, on the ratio scale; fewer than 2 steps: none."""
