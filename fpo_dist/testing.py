@@ -382,6 +382,29 @@ def assert_rounding_close(actual, expected, *, dtype, depth: int, dim: int | Non
     return ratio
 
 
+def assert_codes_close(a, b, *, dtype, depth: int, min_support: int = 1, msg: str = "") -> None:
+    """Pooled SAE codes (per pair, (chosen, rejected) sparse ``(indices, values)`` vectors) equal up to rounding,
+    the scale being each vector's largest entry; JumpReLU is discontinuous, so a feature whose pre-activation sits
+    within rounding of its threshold at some token may be in one support and not the other (platform notes):
+    outside the bound, only such flips are allowed, at most 1 % of the support (a wrong block or a mask leak
+    changes most of it).  ``min_support``: the fewest active features a vector must have (real, dense-enough codes)."""
+    import numpy as np
+
+    for pa, pb in zip(a, b, strict=True):
+        for (ia, va), (ib, vb) in zip(pa, pb, strict=True):
+            ia, ib = np.asarray(ia, np.int64), np.asarray(ib, np.int64)
+            assert len(ia) >= min_support and len(ib) >= min_support, f"{msg}: supports {len(ia)}, {len(ib)}"
+            width = int(max(ia.max(initial=-1), ib.max(initial=-1))) + 1
+            da, db = np.zeros(width), np.zeros(width)
+            da[ia], db[ib] = np.asarray(va, np.float64), np.asarray(vb, np.float64)
+            tol = rounding_tolerance(float(np.abs(db).max(initial=0.0)), dtype, depth)
+            off = np.flatnonzero(np.abs(da - db) > tol)
+            flips = set(ia.tolist()) ^ set(ib.tolist())
+            assert set(off.tolist()) <= flips, f"{msg}: features {sorted(set(off.tolist()) - flips)[:5]} differ by " \
+                f"more than {tol:.3g} (max |Δ| {np.abs(da - db)[off].max():.3g})"
+            assert len(flips) <= max(1, len(ib) // 100), f"{msg}: {len(flips)} of {len(ib)} features flipped"
+
+
 def flip_byte_silently(store_path: str | os.PathLike, chunk: str | os.PathLike, rows) -> int:
     """Fault injection for tests: flip one byte of the stored file ``chunk`` of the cache at ``store_path`` such that
     the chunk still DECODES (to other values) — the silent corruption only a checksum catches.  Tries payload bytes

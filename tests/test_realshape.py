@@ -20,6 +20,8 @@ import pytest
 import torch
 from test_train import metrics, train  # the real launcher (torchrun, own process group)
 
+from fpo_dist.testing import assert_codes_close
+
 pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
 
 LAYER = 9
@@ -82,28 +84,6 @@ def _assert_logps_close(a, b, n_tokens, max_logit: float, depth: int, msg: str) 
 
     assert_rounding_close(torch.tensor(a), torch.tensor(b), dtype=torch.float32, depth=depth,
                           scale=2 * max_logit * torch.tensor(n_tokens, dtype=torch.float64), msg=msg)
-
-
-def _assert_codes_close(a, b, depth: int, msg: str) -> None:
-    """Pooled SAE codes (per pair, (chosen, rejected) sparse vectors) equal up to rounding, the scale being each
-    vector's largest entry; JumpReLU is discontinuous, so a feature whose pre-activation sits within rounding of
-    its threshold at some token may be in one support and not the other (platform notes): outside the bound, only
-    such flips are allowed, at most 1 % of the support (a wrong block or a mask leak changes most of it)."""
-    import numpy as np
-
-    from fpo_dist.testing import rounding_tolerance
-
-    for pa, pb in zip(a, b):
-        for (ia, va), (ib, vb) in zip(pa, pb):
-            assert len(ia) > 50 and len(ib) > 50, msg  # real, dense-enough codes
-            da, db = np.zeros(1 << 14), np.zeros(1 << 14)
-            da[np.asarray(ia, np.int64)], db[np.asarray(ib, np.int64)] = va, vb
-            tol = rounding_tolerance(float(np.abs(db).max()), torch.float32, depth)
-            off = np.flatnonzero(np.abs(da - db) > tol)
-            flips = set(np.asarray(ia).tolist()) ^ set(np.asarray(ib).tolist())
-            assert set(off.tolist()) <= flips, f"{msg}: features {sorted(set(off.tolist()) - flips)[:5]} differ by " \
-                f"more than {tol:.3g} (max |Δ| {np.abs(da - db)[off].max():.3g})"
-            assert len(flips) <= max(1, len(ib) // 100), f"{msg}: {len(flips)} of {len(ib)} features flipped"
 
 
 # continuous metrics only: reward_accuracy and topk_overlap jump when a margin or a rank crosses a tie, and at
@@ -243,7 +223,8 @@ def test_gemma3_cache_packed_equals_padded(realshape, layout):
                         f"{layout} vs padded log-prob sums")
     # blocks 0-9 and the SAE encoder → depth 11, per vector 1.0·10⁻⁵ of its largest entry (~100-320: ≤ 3·10⁻³;
     # measured ≤ 1.8·10⁻⁴), threshold flips aside
-    _assert_codes_close(pk.pooled, pd.pooled, LAYER + 2, f"{layout} vs padded pooled codes")
+    assert_codes_close(pk.pooled, pd.pooled, dtype=torch.float32, depth=LAYER + 2, min_support=51,
+                       msg=f"{layout} vs padded pooled codes")
 
 
 @pytest.mark.parametrize("layout", ["packed", "shared"])
