@@ -344,8 +344,9 @@ class Trainer:
         self.dist.barrier()
         optimizer_step = self.policy.optimizer_step()
         if self.is_main:
-            meta = {"step": self.step, "optimizer_step": optimizer_step, "world_size": self.world, "loader": state["loader"], "loss": self.cfg.loss.name,
+            meta = {"step": self.step, "world_size": self.world, "loader": state["loader"], "loss": self.cfg.loss.name,
                     "run": ckpt.resume_fields(self.cfg), "zero_stage": eng.zero_stage(self.ds_config),
+                    "optimizer_step": optimizer_step,
                     "layout": eng.engine_layout(self.ds_config),
                     "optimizer_params": [n for n, p in self.policy.module.named_parameters() if p.requires_grad]}
             ckpt.commit(root, tag, meta, self.cfg.keep_last)
