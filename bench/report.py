@@ -183,6 +183,7 @@ def ratios(results: dict) -> dict:
         "mem_fpo_dpo": r("fpo", "dpo", "peak_memory_mb"),
         "mem_fpo_lora_fpo": r("fpo-lora", "fpo", "peak_memory_mb"),
         "time_fpo_lora_fpo": r("fpo-lora", "fpo", "step_time_s"),
+        "mfu_fpo": t.get("fpo", {}).get("mfu"),  # not a ratio of two runs: the FPO step's MFU (bench.mfu; GPU only)
         "cache_reference_pass_vs_bare": cache["ratio_reference_pass_vs_bare"] if cache else None,
         "cache_reference_pass_vs_bare_cpu": cache["compute"].get("ratio_cpu") if cache else None,
         "cache_worker_vs_bare": cache["ratio_worker_vs_bare"] if cache else None,
@@ -229,6 +230,8 @@ TARGETS = (
      "padded for the bare forward; same threads)", ">=", 0.90),
     ("cache_worker_vs_bare", "cache job: tokens/s per worker (fewest workers) / bare forward", ">=", 0.90),
     ("loader_overhead", "loader overhead: streaming vs in memory", "<=", 0.02),
+    ("mfu_fpo", "MFU of the FPO step (bench/mfu.py: 6·N_body·tokens + 6·d·V·scored positions over the dense bf16 "
+     "peak; a lower bound; GPU bf16 only)", ">=", 0.35),
 )
 CPU_TIME_KEY = {"time_fpo_dpo_online": "cpu_fpo_dpo_online", "time_fpo_simpo": "cpu_fpo_simpo",
                 "cache_reference_pass_vs_bare": "cache_reference_pass_vs_bare_cpu", "loader_overhead": "loader_overhead_cpu"}

@@ -125,6 +125,21 @@ def launch(loss: str, store: str, root: Path, sizes, nproc: int, device: str) ->
         raise RuntimeError(f"training {loss} {'timed out' if rc is None else f'failed (exit {rc})'}:\n{tail}")
 
 
+def _mfu(measured: list[dict], info: dict) -> float | None:
+    """The median over the measured steps of each step's MFU (``bench.mfu``; None off a known GPU or in fp32)."""
+    import torch
+
+    from bench.mfu import mfu
+
+    shape, policy = info.get("policy_shape"), next((m for m in info["resident_models"] if m["trainable"]), None)
+    if shape is None or policy is None or not str(info["device"]).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    values = [mfu(policy["numel"], shape, r["tokens_per_s"], r.get("scored_tokens_per_s", 0.0), info["world_size"],
+                  name, info["dtype"]) for r in measured]
+    return None if None in values else statistics.median(values)
+
+
 def summarize(loss: str, out: Path, sizes) -> dict:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     n = sizes.warmup_steps + sizes.measure_steps
@@ -159,10 +174,12 @@ def summarize(loss: str, out: Path, sizes) -> dict:
         "min_step_time_s": min(r["step_time_s"] for r in measured),
         "cpu_s_per_step": statistics.median(cpu) if cpu else None,
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in measured),
+        "scored_tokens_per_s": statistics.median(r.get("scored_tokens_per_s", 0.0) for r in measured),
+        "mfu": _mfu(measured, info),
         "peak_memory_mb": max(r["peak_memory_mb"] for r in measured),
         "world_size": info["world_size"], "dtype": info["dtype"], "zero_stage": info["zero_stage"],
         "reference_model_resident": info["reference_model_resident"], "sae_resident": info["sae_resident"],
-        "resident_models": info["resident_models"],
+        "resident_models": info["resident_models"], "policy_shape": info.get("policy_shape"),
         "memory_by_rank": [r["memory"] for r in ranks],
         "phases": phases,
         "profile_top": (out / "profile.txt").read_text() if (out / "profile.txt").exists() else None,

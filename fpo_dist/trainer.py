@@ -82,6 +82,7 @@ class StepStats:
     metrics: dict = field(default_factory=dict)
     tokens: int = 0  # the sequences' own tokens
     computed: int = 0  # positions the forward ran (tokens + padding)
+    scored: int = 0  # response tokens predicted (the positions the output layer scores)
     micro: int = 0
     rows: list = field(default_factory=list)
 
@@ -163,6 +164,16 @@ class Trainer:
                               "(only the data source/split may differ):\n  " + "\n  ".join(diffs))
         self.eval_summary = EvalSummary(cfg.eval_cache, cfg.eval_every)
 
+    def _policy_shape(self) -> dict:
+        """The policy's width, vocabulary and whether its output layer is its input embedding (what a FLOP count
+        needs beside the parameter count)."""
+        from fpo_dist.lm_head import output_layer, unwrap
+
+        inner = unwrap(self.policy.module)
+        head, emb = output_layer(inner).weight, inner.get_input_embeddings().weight
+        return {"d_model": int(getattr(head, "ds_shape", head.shape)[1]),
+                "vocab": int(getattr(head, "ds_shape", head.shape)[0]), "tied_head": head is emb}
+
     def _write_run_info(self) -> None:
         models = self.dist.resident_models()
         info = {
@@ -173,6 +184,7 @@ class Trainer:
             "trainable_numel": sum(int(getattr(p, "ds_numel", p.numel())) for p in self.policy.module.parameters()
                                    if p.requires_grad),
             "lora": to_dict(self.cfg.policy.lora) if self.cfg.policy.lora.rank else None,
+            "policy_shape": self._policy_shape(),
         }
         self.run_info = info
         if self.is_main:
@@ -424,6 +436,7 @@ class Trainer:
                 stats.metrics[k] = stats.metrics.get(k, 0.0) + float(v)
             stats.computed += mb.input_ids.numel()
             stats.tokens += mb.input_ids.numel() - mb.padding_tokens
+            stats.scored += int(mb.ref_n_tokens.sum())
             stats.micro += 1
             stats.rows.extend(int(r) for r in mb.rows)
             if not boundary:
@@ -461,12 +474,13 @@ class Trainer:
     def _reduce(self, s: StepStats, seconds: float) -> dict:
         keys = sorted(s.metrics)
         vec = self.dist.sum([s.loss / s.micro] + [s.metrics[k] / s.micro for k in keys]
-                            + [float(s.computed), float(s.tokens)])
-        means = [v / self.world for v in vec[:-2]]
+                            + [float(s.scored), float(s.computed), float(s.tokens)])
+        means = [v / self.world for v in vec[:-3]]
         record = {"step": self.step, "loss": means[0]}
         record.update(dict(zip(keys, means[1:])))
         record.update(
             lr=self.policy.lr(), grad_norm=self.policy.grad_norm(), tokens_per_s=vec[-1] / max(seconds, 1e-9),
+            scored_tokens_per_s=vec[-3] / max(seconds, 1e-9),
             padding_share=1.0 - vec[-1] / max(vec[-2], 1.0),
             step_time_s=seconds, peak_memory_mb=self.dist.max(self.dist.peak_memory_mb()), epoch=self._epoch_of_step,
         )

@@ -58,6 +58,10 @@ def test_bench_quick_runs_every_part(tmp_path):
         assert r["cpu_s_per_step"] > 0 and r["zero_stage"] == 3 and r["world_size"] == 1, name
         assert r["phases"]["seconds"]["policy_forward"] > 0 and r["phases"]["seconds"]["backward"] > 0, name
         assert len(r["steps_measured"]) == res["sizes"]["measure_steps"], name
+        # the response tokens the head scores: some of the rows' tokens, never more; no MFU off a GPU
+        assert 0 < r["scored_tokens_per_s"] < r["tokens_per_s"] and r["mfu"] is None, name
+        sz = res["sizes"]  # the bench's Llama: untied head; the shape read from the ZeRO-3 partitioned policy
+        assert r["policy_shape"] == {"d_model": sz["hidden"], "vocab": sz["vocab"], "tied_head": False}, name
     # what each loss holds: FPO the SAE and no reference model; tdpo2 a resident reference and its KL
     assert train["fpo"]["sae_resident"] and not train["fpo"]["reference_model_resident"]
     assert train["tdpo2"]["reference_model_resident"] and not train["tdpo2"]["sae_resident"]
@@ -243,6 +247,27 @@ def test_head_grad_bench_runs_both_paths_and_they_agree(tmp_path):
     assert set(result["ratios"]) == {"head_grad_mem_vocab_vs_positions", "head_grad_time_vocab_vs_positions"}
     assert json.loads((tmp_path / "head-grad-cpu.json").read_text())["ratios"] == result["ratios"]
     assert "head_grad_mem_vocab_vs_positions" in (tmp_path / "head-grad-cpu.md").read_text()
+
+
+def test_mfu_counts_the_body_per_token_and_the_head_per_scored_position():
+    """bench.mfu, hand-derived: 6 FLOPs per weight and token for the body (the embedding and the head taken out of the
+    parameter count: once when tied, twice when not), 6·d·V per scored position for the head; over the peak of the
+    named device in bf16 only."""
+    from bench.mfu import mfu, peak_flops, step_model_flops
+
+    d, v, body = 4, 10, 100
+    assert step_model_flops(body + 2 * d * v, d, v, False, tokens=7, scored=3) == 6 * 100 * 7 + 6 * 40 * 3 == 4920
+    assert step_model_flops(body + d * v, d, v, True, tokens=7, scored=3) == 4920
+    with pytest.raises(ValueError, match="cannot hold"):
+        step_model_flops(d * v, d, v, False, tokens=1, scored=1)
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4e12
+    assert peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12 and peak_flops("NVIDIA H200", "bfloat16") == 989.4e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", "float32") is None and peak_flops(None, "bfloat16") is None
+    assert peak_flops("Some Future GPU", "bfloat16") is None
+    shape = {"d_model": d, "vocab": v, "tied_head": True}
+    assert mfu(body + d * v, shape, 7e12, 3e12, 2, "NVIDIA H100 80GB HBM3", "bfloat16") == pytest.approx(
+        4920e12 / (2 * 989.4e12))
+    assert mfu(body + d * v, shape, 7e12, 3e12, 2, None, "bfloat16") is None
 
 
 def test_realshape_time_ratio_interval_pairs_steps():

@@ -266,6 +266,7 @@ def test_gemma3_cache_zero3_fpo_export_generate(realshape, caches, dtype):
     assert LR / 10 < records[0]["lr"] <= LR, records[0]["lr"]  # and is the one applied
     info = json.loads((out / "run_info.json").read_text())
     assert info["dtype"] == dtype and info["zero_stage"] == 3 and info["reference_model_resident"] is False
+    assert info["policy_shape"] == {"d_model": 640, "vocab": 262144, "tied_head": True}  # read under ZeRO-3
     (policy,) = info["resident_models"]
     assert policy["local_numel"] < 0.6 * policy["numel"]  # really partitioned over the 2 ranks
     assert not (out / "checkpoints").exists()  # --save_final false: no optimizer checkpoint written
