@@ -34,7 +34,7 @@ def _backward(h, weight, targets, mode: str, device: str) -> dict:
     cfg = _Cfg(HeadTransform(), None, auto_head_chunk(weight.shape[0]), mode)
     h = h.detach().requires_grad_(True)
     weight.grad = None
-    logp = _SelectedHead.apply(h, weight, None, targets, None, None, None, cfg)[0]  # (logp, kl, top-M ids, ...)
+    logp = _SelectedHead.apply(h, weight, None, targets, None, None, None, cfg, None)[0]  # (logp, kl, top-M ids, ...)
     loss = (logp * torch.linspace(-1, 1, len(logp), device=device)).sum()
     if cuda:
         torch.cuda.synchronize()

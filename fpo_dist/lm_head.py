@@ -29,6 +29,10 @@ output layer's ``forward`` replaced for that one call: DeepSpeed's module hooks 
 the output layer's call and its backward, exactly as for an ordinary ``nn.Linear``, tied or not.  The reference
 head's weight (frozen, another engine) is gathered explicitly through :func:`fpo_dist.engine.gathered`.
 
+Tied weights.  Where the output layer shares its weight with the input embedding and that weight is trained, the
+embedding module's ``forward`` is replaced for the call too (:class:`TiedGrad`): both halves of the weight's gradient
+go into one ``[vocab, d]`` buffer instead of autograd's three (the head's, the embedding's dense one, their sum).
+
 Why ours and not TRL's ``add_fused_lm_head`` (TRL 1.16, used as a test oracle in ``tests/test_lm_head.py``): TRL
 scores every position off-GPU (its compact selection is for Triton devices only), patches ``model.forward``
 permanently, has no KL against a second model's head, and gathers a ZeRO-3 head in a context that, by its own
@@ -185,6 +189,8 @@ def selected_forward(
     targets = sel.targets
     rows = sel.positions // input_ids.shape[1]
     box: dict[str, Any] = {}
+    embedding = _tied_embedding(inner, layer)
+    tied = TiedGrad() if embedding is not None else None
 
     def head_forward(h: Tensor):
         w, b = layer.weight, getattr(layer, "bias", None)
@@ -197,7 +203,11 @@ def selected_forward(
             kl_args, ref_kind = (None, None, None), None
         return _SelectedHead.apply(h, w, b, targets, *kl_args,
                                    _Cfg(transform, getattr(ref, "transform", None), chunk, weight_grad, ref_kind,
-                                        topm))
+                                        topm), tied)
+
+    def embedding_forward(ids: Tensor) -> Tensor:
+        return _TiedEmbedding.apply(ids, embedding.weight, getattr(embedding, "embed_scale", None),
+                                    embedding.padding_idx, tied)
 
     def model_forward(*args, **kwargs):
         kwargs["use_cache"] = False
@@ -211,7 +221,11 @@ def selected_forward(
     call_kwargs = dict(input_ids=input_ids, attention_mask=attention_mask)
     if position_ids is not None:
         call_kwargs["position_ids"] = position_ids
-    with _instance_forward(inner, model_forward), expect_packed(position_ids is not None):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_instance_forward(inner, model_forward))
+        stack.enter_context(expect_packed(position_ids is not None))
+        if embedding is not None:
+            stack.enter_context(_instance_forward(embedding, embedding_forward))
         logps, kl, top_ids, top_logps, top_tail = model(**call_kwargs)
     return SelectedOutput(logps, kl if ref is not None else None, box["hidden"], rows,
                           RefTopM(top_ids, top_logps, top_tail) if topm else None)
@@ -293,7 +307,7 @@ class _SelectedHead(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, ref_a, ref_b_, ref_c, cfg: _Cfg):
+    def forward(ctx, h, weight, bias, targets, ref_a, ref_b_, ref_c, cfg: _Cfg, tied: "TiedGrad | None"):
         n = h.shape[0]
         acc = torch.promote_types(h.dtype, torch.float32)
         logp = torch.empty(n, dtype=acc, device=h.device)
@@ -317,7 +331,7 @@ class _SelectedHead(torch.autograd.Function):
                     top_logps[sl] -= lse[sl, None]
                     top_tail[sl] = logsumexp_outside(z, top_ids[sl]) - lse[sl]
         ctx.save_for_backward(h, weight, bias, targets, lse, ref_a, ref_b_, ref_c, ref_stat)
-        ctx.cfg = cfg
+        ctx.cfg, ctx.tied = cfg, tied
         ctx.mark_non_differentiable(top_ids, top_logps, top_tail)
         if cfg.ref_kind is None:
             ctx.mark_non_differentiable(kl)
@@ -332,9 +346,9 @@ class _SelectedHead(torch.autograd.Function):
         model_ref = (ref_b_, ref_c) if cfg.ref_kind == "model" else (None, None)
         if cfg.weight_grad == "vocab" or (cfg.weight_grad == "auto" and need_w and acc != weight.dtype):
             with _gather_ref(*model_ref):
-                grads = _backward_by_vocab(h, weight, bias, targets, lse, (ref_a, ref_b_, ref_c), ref_stat, g_logp,
-                                           g_kl, cfg, need_h, need_w, need_b)
-            return (*grads, None, None, None, None, None)
+                grad_h, grad_w, grad_b = _backward_by_vocab(h, weight, bias, targets, lse, (ref_a, ref_b_, ref_c),
+                                                            ref_stat, g_logp, g_kl, cfg, need_h, need_w, need_b)
+            return grad_h, _hand_over(ctx.tied, grad_w), grad_b, None, None, None, None, None, None
         grad_h = torch.empty_like(h) if need_h else None
         # weight gradients accumulate over chunks in ≥ fp32
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
@@ -358,8 +372,93 @@ class _SelectedHead(torch.autograd.Function):
                     grad_w.addmm_(dx.t().to(acc), h[sl].to(acc))
                 if grad_b is not None:
                     grad_b += dx.to(acc).sum(0)
-        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+        return (grad_h, _hand_over(ctx.tied, None if grad_w is None else grad_w.to(weight.dtype)),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A tied input/output embedding's gradient in one buffer
+# ---------------------------------------------------------------------------------------------------------
+
+# Input embeddings whose forward is ``nn.Embedding``'s times ``self.embed_scale`` in the weight's dtype (transformers'
+# Gemma family), besides ``nn.Embedding`` itself.  Anything else keeps its own forward and backward.
+SCALED_EMBEDDINGS = ("GemmaTextScaledWordEmbedding", "Gemma2TextScaledWordEmbedding", "Gemma3TextScaledWordEmbedding",
+                     "VaultGemmaTextScaledWordEmbedding")
+
+
+class TiedGrad:
+    """Where the output layer's backward leaves its weight gradient when the input embedding shares the weight.
+
+    Autograd would hold the output layer's ``[vocab, d]`` gradient until the input embedding's backward (the last
+    node) has produced a second dense ``[vocab, d]`` gradient, then add the two: two or three such buffers at the end
+    of every backward pass (Gemma 3 270M in fp32: 0.67 GB each).  Instead, the output layer's backward hands its
+    gradient over here and returns none for the weight; the input embedding's backward (always later: its output is
+    upstream of everything) adds its few touched rows into that buffer in place and returns it as the weight's whole
+    gradient.  Autograd, DeepSpeed's gradient hooks and the optimizer see one gradient, as before."""
+
+    def __init__(self):
+        self.grad: Tensor | None = None
+
+
+def _hand_over(tied: TiedGrad | None, grad_w: Tensor | None) -> Tensor | None:
+    """The weight gradient the output layer's backward returns: ``grad_w``, or none once ``tied`` holds it."""
+    if tied is None or grad_w is None:
+        return grad_w
+    tied.grad = grad_w
+    return None
+
+
+def _tied_embedding(model: nn.Module, layer: nn.Module) -> nn.Embedding | None:
+    """The input embedding whose weight the output layer shares, where this backward pass will train it and
+    :class:`_TiedEmbedding` computes exactly its forward; else None."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if (emb is None or getattr(emb, "weight", None) is not layer.weight or not layer.weight.requires_grad
+            or not torch.is_grad_enabled()):
+        return None
+    if not (type(emb) is nn.Embedding or (type(emb).__name__ in SCALED_EMBEDDINGS and hasattr(emb, "embed_scale"))):
+        return None
+    if emb.max_norm is not None or emb.scale_grad_by_freq or emb.sparse:
+        return None
+    return emb
+
+
+class _TiedEmbedding(torch.autograd.Function):
+    """``embedding(ids, W) [· scale]`` as the module computes it; backward adds ``∂W`` into the :class:`TiedGrad`
+    buffer the output layer left (a fresh zero one if it left none) and returns that buffer.  ``∂W``'s rows are summed
+    over positions in ≥ fp32 and rounded once to the weight's dtype (what ``embedding_dense_backward`` does on its
+    own buffer); the padding index gets no gradient, as in ``nn.Embedding``."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, scale, padding_idx, tied: TiedGrad):
+        out = nn.functional.embedding(ids, weight, padding_idx)
+        if scale is not None:
+            out = out * scale.to(weight.dtype)
+        ctx.save_for_backward(ids)
+        ctx.meta = (weight.shape, weight.dtype, weight.device, None if scale is None else scale.to(weight.dtype),
+                    padding_idx, tied)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (ids,) = ctx.saved_tensors
+        shape, dtype, device, scale, padding_idx, tied = ctx.meta
+        grad, tied.grad = tied.grad, None
+        if not ctx.needs_input_grad[1]:
+            return None, None, None, None, None
+        if scale is not None:
+            grad_out = grad_out * scale
+        flat, rows = ids.reshape(-1), grad_out.reshape(-1, shape[1])
+        if padding_idx is not None:
+            keep = flat != padding_idx
+            flat, rows = flat[keep], rows[keep]
+        touched, where = torch.unique(flat, return_inverse=True)
+        acc = torch.promote_types(dtype, torch.float32)
+        sums = torch.zeros(touched.shape[0], shape[1], dtype=acc, device=device).index_add_(0, where, rows.to(acc))
+        if grad is None:
+            grad = torch.zeros(shape, dtype=dtype, device=device)
+        grad.index_add_(0, touched, sums.to(dtype))
+        return None, grad, None, None, None
 
 
 def _backward_by_vocab(h, weight, bias, targets, lse, ref: tuple, ref_stat, g_logp, g_kl, cfg: _Cfg,

@@ -92,8 +92,10 @@ def build_llama(
     max_position_embeddings: int = 512,
     seed: int = 0,
     tokenizer=None,
+    tied: bool = False,
 ):
-    """A randomly initialised ``LlamaForCausalLM`` (deterministic for a seed), saved in HF format."""
+    """A randomly initialised ``LlamaForCausalLM`` (deterministic for a seed), saved in HF format; ``tied`` ties the
+    head to the embeddings (a plain ``nn.Embedding``)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -106,7 +108,7 @@ def build_llama(
         num_key_value_heads=num_heads,
         max_position_embeddings=max_position_embeddings,
         rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         bos_token_id=getattr(tokenizer, "bos_token_id", 1),
         eos_token_id=getattr(tokenizer, "eos_token_id", 2),
         pad_token_id=getattr(tokenizer, "pad_token_id", 0),
@@ -117,7 +119,8 @@ def build_llama(
     # and head so log-probs, features and losses have real spread in tests.
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(25.0)
-        model.lm_head.weight.mul_(25.0)
+        if not tied:
+            model.lm_head.weight.mul_(25.0)
     return _finish(model, out_dir, tokenizer)
 
 

@@ -246,3 +246,76 @@ def test_the_vocab_blocks_hold_no_more_than_one_position_chunk():
     blocks = [s for s in mode.shapes if len(s) == 2 and s[0] == n and s[1] not in (d, VOCAB)]
     assert blocks and max(s[1] for s in blocks) < VOCAB
     assert max(s[0] * s[1] for s in blocks) <= chunk * VOCAB
+
+
+class _FreshTensors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that return a new tensor of ``shape`` (not one of their inputs written in place)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if (isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape
+                    and t.untyped_storage().data_ptr() not in inputs):
+                self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["llama-tied", "gemma-tied-softcap"])
+def test_tied_embedding_gradient_in_one_buffer(kind, dtype, monkeypatch):
+    """A head tied to the input embedding (a plain ``nn.Embedding``: Llama; Gemma 3's scaled one): the output
+    layer's weight gradient and the input embedding's go into one ``[vocab, d]`` buffer.  Every parameter gradient
+    equals autograd's own (the embedding's dense gradient added to the head's: ``_tied_embedding`` switched off,
+    the control) within a few roundings of its magnitude, with repeated tokens and the padding index in the batch
+    (no embedding gradient for it, as ``nn.Embedding``); the backward creates one tensor of the weight's shape,
+    autograd's two or more."""
+    from fpo_dist import lm_head
+
+    if kind == "llama-tied":
+        model = build_llama(vocab_size=VOCAB, tied=True)
+    else:
+        model = build_gemma3(vocab_size=VOCAB, softcap=3.0)
+    model = model.to(dtype).requires_grad_(True)
+    head = model.get_output_embeddings().weight
+    assert head is model.get_input_embeddings().weight
+    assert model.get_input_embeddings().padding_idx == 0
+    ids, att, resp = _batch()
+    ids[0, 2] = ids[3, 6] = 0  # the padding index inside sequences
+    ids[1, 3] = ids[2, 4] = ids[2, 8] = 7  # one token three times
+    pm = prediction_mask(resp)
+    w = torch.linspace(-1, 2, int(pm.sum()), dtype=torch.float32)
+    grads, fresh = {}, {}
+    for name in ("one buffer", "autograd"):
+        if name == "autograd":
+            monkeypatch.setattr(lm_head, "_tied_embedding", lambda *_: None)
+        with _FreshTensors(head.shape) as mode:
+            out = selected_forward(model, ids, att, pm, chunk_size=3)
+            grads[name] = torch.autograd.grad((out.logps * w).sum(), list(model.parameters()))
+        fresh[name] = mode.count
+    assert fresh["one buffer"] == 1 and fresh["autograd"] >= 2, fresh
+    eps = torch.finfo(dtype).eps
+    for (pname, _), a, b in zip(model.named_parameters(), grads["one buffer"], grads["autograd"]):
+        assert a.dtype == dtype
+        assert float((a.double() - b.double()).abs().max()) <= 4 * eps * float(b.double().abs().max()), pname
+    emb_rows = grads["autograd"][0].double().abs().sum(-1)
+    assert float(emb_rows[7]) > 0 and float(emb_rows[0]) > 0  # the head's share reaches every row
+
+
+def test_tied_embedding_gradient_not_used_without_a_trained_tied_weight():
+    """Only where the shared weight gets a gradient: not for an untied head, a frozen one or without grad mode."""
+    from fpo_dist.lm_head import _tied_embedding, output_layer
+
+    tied = build_gemma3(vocab_size=VOCAB).requires_grad_(True)
+    assert _tied_embedding(tied, output_layer(tied)) is tied.get_input_embeddings()
+    with torch.no_grad():
+        assert _tied_embedding(tied, output_layer(tied)) is None
+    untied = build_gemma3(vocab_size=VOCAB, tied=False).requires_grad_(True)
+    assert _tied_embedding(untied, output_layer(untied)) is None
+    frozen = build_llama(vocab_size=VOCAB, tied=True).requires_grad_(False)
+    assert _tied_embedding(frozen, output_layer(frozen)) is None
