@@ -171,8 +171,8 @@ class Trainer:
 
         inner = unwrap(self.policy.module)
         head, emb = output_layer(inner).weight, inner.get_input_embeddings().weight
-        return {"d_model": int(getattr(head, "ds_shape", head.shape)[1]),
-                "vocab": int(getattr(head, "ds_shape", head.shape)[0]), "tied_head": head is emb}
+        vocab, d_model = (int(n) for n in getattr(head, "ds_shape", head.shape))  # ds_shape: ZeRO-3 partitioned
+        return {"d_model": d_model, "vocab": vocab, "tied_head": head is emb}
 
     def _write_run_info(self) -> None:
         models = self.dist.resident_models()

@@ -3,7 +3,7 @@ step-0 check, on CUDA (``-m gpu``; skipped without CUDA; ``bench/gpu_session.sh`
 kit).  The fused attention kernels on CUDA: test_attention_kernels.py.
 
 - the selected head ≡ the materialized logits (fp64 to 1e-10 with every gradient; fp32 with every gradient and bf16
-  values within rounding), as test_lm_head.py on the CPU;
+  values within rounding), as test_lm_head.py on the CPU; a tied head's gradient in one buffer ≡ autograd's;
 - the shared-prefix layout ≡ the packed one (fp32 and bf16, within rounding), as test_prefix_sharing.py;
 - the cache worker's reference pass on the GPU ≡ on the CPU (fp32: log-prob sums, per-token log-probs and pooled
   codes within rounding, threshold flips aside);
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_lm_head import _batch, _materialized, _models, _selected
+from test_lm_head import _batch, _materialized, _models, _selected, check_tied_gradient_in_one_buffer
 from test_packing import VOCAB, _model, _pairs
 
 from fpo_dist.models import build_batch
@@ -69,6 +69,14 @@ def test_selected_head_equals_materialized_on_gpu(kind, dtype):
     if dtype == torch.float32:  # 2 blocks, the head and the loss, forward and back
         for (name, _), a, b in zip(model.named_parameters(), g_a, g_b):
             assert_rounding_close(b, a, dtype=dtype, depth=8, dim=None, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["llama-tied", "gemma-tied-softcap"])
+def test_tied_embedding_gradient_in_one_buffer_on_gpu(kind, dtype, monkeypatch):
+    """The tied head's weight gradient in one buffer on CUDA (the embedding's rows added with ``index_add_``, atomics
+    there): every gradient within a few roundings of autograd's own, one ``[vocab, d]`` tensor created."""
+    check_tied_gradient_in_one_buffer(kind, dtype, "cuda", monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

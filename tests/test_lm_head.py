@@ -275,29 +275,35 @@ def test_tied_embedding_gradient_in_one_buffer(kind, dtype, monkeypatch):
     the control) within a few roundings of its magnitude, with repeated tokens and the padding index in the batch
     (no embedding gradient for it, as ``nn.Embedding``); the backward creates one tensor of the weight's shape,
     autograd's two or more."""
+    check_tied_gradient_in_one_buffer(kind, dtype, "cpu", monkeypatch)
+
+
+def check_tied_gradient_in_one_buffer(kind: str, dtype: torch.dtype, device: str, monkeypatch) -> None:
     from fpo_dist import lm_head
 
     if kind == "llama-tied":
         model = build_llama(vocab_size=VOCAB, tied=True)
     else:
         model = build_gemma3(vocab_size=VOCAB, softcap=3.0)
-    model = model.to(dtype).requires_grad_(True)
+    model = model.to(device, dtype).requires_grad_(True)
     head = model.get_output_embeddings().weight
     assert head is model.get_input_embeddings().weight
     assert model.get_input_embeddings().padding_idx == 0
     ids, att, resp = _batch()
     ids[0, 2] = ids[3, 6] = 0  # the padding index inside sequences
     ids[1, 3] = ids[2, 4] = ids[2, 8] = 7  # one token three times
+    ids, att, resp = ids.to(device), att.to(device), resp.to(device)
     pm = prediction_mask(resp)
-    w = torch.linspace(-1, 2, int(pm.sum()), dtype=torch.float32)
+    w = torch.linspace(-1, 2, int(pm.sum()), dtype=torch.float32, device=device)
     grads, fresh = {}, {}
-    for name in ("one buffer", "autograd"):
-        if name == "autograd":
-            monkeypatch.setattr(lm_head, "_tied_embedding", lambda *_: None)
-        with _FreshTensors(head.shape) as mode:
-            out = selected_forward(model, ids, att, pm, chunk_size=3)
-            grads[name] = torch.autograd.grad((out.logps * w).sum(), list(model.parameters()))
-        fresh[name] = mode.count
+    with monkeypatch.context() as patch:
+        for name in ("one buffer", "autograd"):
+            if name == "autograd":
+                patch.setattr(lm_head, "_tied_embedding", lambda *_: None)
+            with _FreshTensors(head.shape) as mode:
+                out = selected_forward(model, ids, att, pm, chunk_size=3)
+                grads[name] = torch.autograd.grad((out.logps * w).sum(), list(model.parameters()))
+            fresh[name] = mode.count
     assert fresh["one buffer"] == 1 and fresh["autograd"] >= 2, fresh
     eps = torch.finfo(dtype).eps
     for (pname, _), a, b in zip(model.named_parameters(), grads["one buffer"], grads["autograd"]):
