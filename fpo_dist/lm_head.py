@@ -426,8 +426,8 @@ def _tied_embedding(model: nn.Module, layer: nn.Module) -> nn.Embedding | None:
 class _TiedEmbedding(torch.autograd.Function):
     """``embedding(ids, W) [· scale]`` as the module computes it; backward adds ``∂W`` into the :class:`TiedGrad`
     buffer the output layer left (a fresh zero one if it left none) and returns that buffer.  ``∂W``'s rows are summed
-    over positions in ≥ fp32 and rounded once to the weight's dtype (what ``embedding_dense_backward`` does on its
-    own buffer); the padding index gets no gradient, as in ``nn.Embedding``."""
+    over positions in ≥ fp32, rounded once to the weight's dtype and added (equal to autograd's path within a few
+    roundings: ``tests/test_lm_head.py``); the padding index gets no gradient, as in ``nn.Embedding``."""
 
     @staticmethod
     def forward(ctx, ids, weight, scale, padding_idx, tied: TiedGrad):
