@@ -183,6 +183,20 @@ def build_tiny_artifacts(root: str | os.PathLike, hook_layer: int = 1, num_layer
     return TinyArtifacts(model_dir=model_dir, sae_dir=sae_dir, hook_layer=hook_layer)
 
 
+def tiny_cache_config(tiny: TinyArtifacts, data: str | os.PathLike, output: str | os.PathLike, workers: int = 2,
+                      extra: tuple[str, ...] | list[str] = ()):
+    """The tests' cache-job config for the tiny artifacts: ``data`` (JSONL pairs) into the store ``output`` on the CPU,
+    8-row shards and chunks, lengths 64 (prompt 32); ``extra``: more command-line overrides."""
+    from fpo_dist.config import CacheConfig, load_config
+
+    return load_config(CacheConfig, None, [
+        "--model.name_or_path", str(tiny.model_dir), "--sae.source", str(tiny.sae_dir),
+        "--sae.layer", str(tiny.hook_layer), "--data.source", str(data), "--output", str(output),
+        "--rows_per_shard", "8", "--chunk_rows", "8", "--workers", str(workers), "--device", "cpu",
+        "--data.max_length", "64", "--data.max_prompt_length", "32", *extra,
+    ])
+
+
 def toy_pairs(n: int, topics: int = 7) -> list[dict]:
     """``n`` preference rows ``{"prompt", "chosen", "rejected"}`` for the tiny model's tests: short prompts over
     ``topics`` topics, chosen and rejected responses of a few uneven lengths."""

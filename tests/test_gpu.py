@@ -145,17 +145,11 @@ def test_step0_check_and_a_step_on_gpu_against_a_cpu_cache(tiny, tmp_path):
     import ray
 
     from fpo_dist.cache.driver import run_cache_job
-    from fpo_dist.config import CacheConfig, load_config
-    from fpo_dist.testing import toy_pairs
+    from fpo_dist.testing import tiny_cache_config, toy_pairs
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in toy_pairs(8)))
-    cfg = load_config(CacheConfig, None, [
-        "--model.name_or_path", str(tiny.model_dir), "--sae.source", str(tiny.sae_dir),
-        "--sae.layer", str(tiny.hook_layer), "--data.source", str(data), "--output", str(tmp_path / "store"),
-        "--rows_per_shard", "8", "--chunk_rows", "8", "--workers", "1", "--device", "cpu",
-        "--data.max_length", "64", "--data.max_prompt_length", "32",
-    ])
+    cfg = tiny_cache_config(tiny, data, tmp_path / "store", workers=1)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         run_cache_job(cfg, log=lambda *_: None)

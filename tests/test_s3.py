@@ -65,15 +65,10 @@ def s3(tmp_path_factory):
 
 
 def _cache_config(tiny, data, output, creds=None, workers=2):
-    from fpo_dist.config import CacheConfig, load_config
+    from fpo_dist.testing import tiny_cache_config
 
     extra = ["--storage_options", f"@{creds}"] if creds else []  # no creds: FPO_STORAGE_OPTIONS, if set
-    return load_config(CacheConfig, None, [
-        "--model.name_or_path", str(tiny.model_dir), "--sae.source", str(tiny.sae_dir),
-        "--sae.layer", str(tiny.hook_layer), "--data.source", str(data), "--output", str(output),
-        "--rows_per_shard", "8", "--chunk_rows", "8", "--workers", str(workers), "--device", "cpu",
-        "--data.max_length", "64", "--data.max_prompt_length", "32", *extra,
-    ])
+    return tiny_cache_config(tiny, data, output, workers=workers, extra=extra)
 
 
 def _assert_same_rows(a, b):

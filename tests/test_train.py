@@ -64,30 +64,19 @@ def cache(tiny, tmp_path_factory):
     import ray
 
     from fpo_dist.cache.driver import run_cache_job
-    from fpo_dist.config import CacheConfig, load_config
-    from fpo_dist.testing import toy_pairs
+    from fpo_dist.testing import tiny_cache_config, toy_pairs
 
     root = tmp_path_factory.mktemp("train")
     rows = toy_pairs(N_ROWS)
     data = root / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    cfg = load_config(CacheConfig, None, [
-        "--model.name_or_path", str(tiny.model_dir), "--sae.source", str(tiny.sae_dir),
-        "--sae.layer", str(tiny.hook_layer), "--data.source", str(data), "--output", str(root / "store"),
-        "--rows_per_shard", "8", "--chunk_rows", "8", "--workers", "2", "--device", "cpu",
-        "--data.max_length", "64", "--data.max_prompt_length", "32",
-        "--ref_topm", str(_vocab(tiny)),  # the whole vocabulary: offline TDPO's KL is then the exact one
-    ])
+    # --ref_topm: the whole vocabulary, so offline TDPO's KL is then the exact one
+    cfg = tiny_cache_config(tiny, data, root / "store", workers=2, extra=["--ref_topm", str(_vocab(tiny))])
     # a held-out cache: the same config, other pairs (as another data.split of a hub dataset would be)
     held_out = root / "held_out.jsonl"
     held_out.write_text("\n".join(json.dumps({"prompt": f"Held-out question {i}?", "chosen": f"A careful reply {i}.",
                                               "rejected": f"No {i}." + " Meh" * i}) for i in range(N_EVAL)))
-    eval_cfg = load_config(CacheConfig, None, [
-        "--model.name_or_path", str(tiny.model_dir), "--sae.source", str(tiny.sae_dir),
-        "--sae.layer", str(tiny.hook_layer), "--data.source", str(held_out), "--output", str(root / "eval_store"),
-        "--rows_per_shard", "8", "--chunk_rows", "8", "--workers", "2", "--device", "cpu",
-        "--data.max_length", "64", "--data.max_prompt_length", "32",
-    ])
+    eval_cfg = tiny_cache_config(tiny, held_out, root / "eval_store", workers=2)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         run_cache_job(cfg, log=lambda *_: None)
