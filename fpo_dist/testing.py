@@ -8,6 +8,7 @@ is built from its config.  All three are saved in the formats the real loading c
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -449,6 +450,33 @@ def flip_byte_silently(store_path: str | os.PathLike, chunk: str | os.PathLike, 
 # ---------------------------------------------------------------------------------------------------------
 # The real Gemma 3 270M, from PyPI (tests and the realshape benchmark)
 # ---------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def private_tmpdir(prefix: str):
+    """Make a fresh directory the ``TMPDIR`` of every process started from here until exit, then restore the
+    environment and remove the directory with whatever was left in it; yields its path.
+
+    What a process killed on purpose made in its temp directory (wandb's two import-time directories in every
+    process that imports sae-lens, multiprocessing's ``pymp-*``) and what torchrun never removes (its default
+    ``torchelastic_*`` log directory) go with it.  This process keeps the temp directory it has (read first);
+    Ray's directories stay where Ray would put them without it (``RAY_TMPDIR``)."""
+    import shutil
+    import tempfile
+
+    saved = {k: os.environ.get(k) for k in ("TMPDIR", "RAY_TMPDIR")}
+    private = tempfile.mkdtemp(prefix=prefix, dir=tempfile.gettempdir())  # short: AF_UNIX socket paths under it
+    os.environ["RAY_TMPDIR"] = saved["RAY_TMPDIR"] or saved["TMPDIR"] or "/tmp"  # Ray's own rule without RAY_TMPDIR
+    os.environ["TMPDIR"] = private
+    try:
+        yield Path(private)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def artifact_cache_dir() -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -23,6 +24,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # process the tests start inherits it.  Fallback (not root, not Linux, or FPO_TEST_NETNS=0): the host's network,
 # named in the header; Ray's and moto's own sockets stay on 127.0.0.1 either way (test_cache, test_s3).
 NETNS_NOTE = "FPO_TEST_NETNS=0" if os.environ.get("FPO_TEST_NETNS") == "0" else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Temporary files: every process the tests start gets a private TMPDIR, removed when the run ends
+# ---------------------------------------------------------------------------------------------------------
+
+# Why: a process a test kills on purpose (a cache worker, a driver, a training rank) cannot remove what it made in the
+# temp directory, and torchrun never removes its default log directory (``fpo_dist.testing.private_tmpdir``).
+_PRIVATE_TMP = contextlib.ExitStack()
 
 
 # SLURM for test_cluster.py: the local harness installs slurm-wlm + munge with apt-get where they are missing, which
@@ -55,11 +65,18 @@ def _install_slurm_first(config) -> None:
 
 def pytest_configure(config):
     global NETNS_NOTE
+    from fpo_dist.testing import private_tmpdir
+
+    _PRIVATE_TMP.enter_context(private_tmpdir("fpo-tests-"))
     if NETNS_NOTE is None:
         from fpo_dist.netns import enter_private_network
 
         _install_slurm_first(config)
         NETNS_NOTE = enter_private_network()
+
+
+def pytest_unconfigure(config):
+    _PRIVATE_TMP.close()
 
 
 def _network_line() -> str:

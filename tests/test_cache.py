@@ -66,13 +66,36 @@ def cache_config(tiny, dataset, output, **over) -> CacheConfig:
 @pytest.fixture(scope="module")
 def ray_session():
     """One local Ray instance (2 CPUs, listening on loopback only, Ray's default token authentication, capped object
-    store) for the in-process builds: started as the cache driver starts its own (``init_local_ray``)."""
+    store) for the in-process builds: started as the cache driver starts its own (``init_local_ray``).
+
+    Its processes, and every process this module's tests start, get a private ``TMPDIR`` (:func:`workers_tmp`),
+    removed at the end: what the deliberately killed workers and drivers leave goes with it, and a test can see what
+    a job's workers left behind.  Ray's own directory stays where it would have been (``RAY_TMPDIR``)."""
     from fpo_dist.cache import init_local_ray
+    from fpo_dist.testing import private_tmpdir
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray = init_local_ray(num_cpus=2, include_dashboard=False, object_store_memory=128 << 20, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    with private_tmpdir("fpo-test-cache-"):
+        ray = init_local_ray(num_cpus=2, include_dashboard=False, object_store_memory=128 << 20, log_to_driver=False)
+        yield ray
+        ray.shutdown()
+
+
+def workers_tmp() -> Path:
+    """The temp directory of this module's Ray workers and subprocesses (set by :func:`ray_session`)."""
+    return Path(os.environ["TMPDIR"])
+
+
+def assert_workers_left_no_temporary_files(before: set[str], timeout_s: float = 15.0) -> None:
+    """No file or directory the job's processes made in their temp directory outlives them (their exit is
+    asynchronous: allow it ``timeout_s``).  torch's compile cache (``torchinductor_<user>``) is kept on purpose."""
+    deadline = time.time() + timeout_s
+    while True:
+        left = {p for p in os.listdir(workers_tmp()) if not p.startswith("torchinductor_")} - before
+        if not left or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    assert not left, f"left in the workers' temp directory {workers_tmp()}: {sorted(left)}"
 
 
 def build(cfg, ray_session):
@@ -119,10 +142,13 @@ def test_local_ray_instance_listens_on_loopback_only(ray_session):
 def test_one_worker_equals_two_workers(one_worker_store, tiny, dataset, ray_session, tmp_path):
     out1, summary1 = one_worker_store
     assert summary1["counts"] == {"ok": N_ROWS - 2, "not_written": 0, "bad": {"identical_responses": 1, "empty_field": 1}}
+    before = set(os.listdir(workers_tmp()))
     summary2 = build(cache_config(tiny, dataset, tmp_path / "w2", workers=2, per_token_logps="true"), ray_session)
     assert len(summary2["workers"]) == 2  # both actors really did shards
     assert all(w["shards"] > 0 for w in summary2["workers"].values())
     assert_same_store(out1, tmp_path / "w2")
+    # the actors exit gracefully (ray.kill would leave wandb's two import-time directories per actor)
+    assert_workers_left_no_temporary_files(before)
 
 
 def test_cached_values_match_plain_transformers_and_sae_lens(one_worker_store, tiny):

@@ -255,12 +255,23 @@ def _run_pool(cfg: CacheConfig, store, pending: list[int], log, lease) -> list[d
         bar.close()
         for fut, (actor, _) in running.items():
             ray.cancel(fut, force=True)
-        for actor in idle + [a for a, _ in running.values()]:
-            try:
-                ray.kill(actor)
-            except Exception:  # already dead
-                pass
+        _end_actors(ray, idle, [a for a, _ in running.values()])
     return results
+
+
+def _end_actors(ray, idle: list, busy: list, timeout_s: float = 30.0) -> None:
+    """Idle actors leave through Ray's graceful exit (:meth:`CacheWorker.exit`), which runs their ``atexit``
+    handlers: the temporary directories libraries make when imported (two per process from wandb, which sae-lens
+    imports) go with them, where ``ray.kill`` would leave them in the node's temp directory. Busy actors (their shard
+    cancelled after an error) are killed."""
+    exits = [actor.exit.remote() for actor in idle]
+    if exits:  # resolves (as the actor's death) once each has begun to exit
+        ray.wait(exits, num_returns=len(exits), timeout=timeout_s)
+    for actor in busy:
+        try:
+            ray.kill(actor)
+        except Exception:  # already gone
+            pass
 
 
 def _summary(cfg, store, source, results: list[dict], wall: float, done_before: int) -> dict:

@@ -146,6 +146,13 @@ class CacheWorker:
             pass
         return info
 
+    def exit(self) -> None:
+        """End this actor through Ray's graceful exit (``ray.actor.exit_actor``): its ``atexit`` handlers run, so the
+        temporary directories made at import (wandb's, pulled in by sae-lens) are removed. Only under Ray."""
+        import ray
+
+        ray.actor.exit_actor()
+
     def process(self, shard: int) -> dict:
         """Tokenize, run and write shard ``shard``; return what the driver needs to commit and report."""
         from fpo_dist.store import ShardResult

@@ -152,7 +152,8 @@ def ray_head(log: Path, num_cpus: int = 2, object_store_bytes: int = 128 << 20):
     ``ray start --head`` turns token authentication on only if a token already exists (``~/.ray/auth_token``), so
     the head is given a fresh token of its own: ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH`` (a 0600 file in
     the head's private temp dir), in the environment of the head and of ``ray job submit``; the job's driver
-    inherits it from the head."""
+    inherits it from the head.  That temp dir is also the ``TMPDIR`` of every process of the head, the job and its
+    actors, and is removed with what they left there once the head is stopped."""
     import secrets
     import urllib.request
 
@@ -162,7 +163,8 @@ def ray_head(log: Path, num_cpus: int = 2, object_store_bytes: int = 128 << 20):
     token_file = Path(ray_tmp) / "auth_token"
     with os.fdopen(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
         f.write(token)
-    env = {**_env(), **LOCAL_RAY_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+    env = {**_env(), **LOCAL_RAY_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
+           "TMPDIR": ray_tmp}  # what the head's processes, the job and its actors leave goes with ray_tmp
     env.pop("RAY_AUTH_TOKEN", None)  # would take precedence over the file
     ray_bin = str(Path(sys.executable).parent / "ray")
     say(f"starting a Ray head on {LOOPBACK_NODE_IP}:{port} (dashboard 127.0.0.1:{dash}, {num_cpus} CPUs, "
