@@ -540,6 +540,7 @@ def test_ray_job_submit_against_a_head_on_loopback(tiny, dataset, tmp_path, one_
     ray_bin = Path(sys.executable).parent / "ray"
     cfg = cache_config(tiny, dataset, tmp_path / "submitted", workers=2, per_token_logps="true")
     cfg_file = _yaml(cfg, tmp_path / "job.yaml")
+    before = set(os.listdir(workers_tmp()))
     with ray_head(tmp_path / "head.log") as (url, env):
         head_pid = next(p for p in descendants(os.getpid()) if "ray start --head" in _cmdline(p))
         with pytest.raises(urllib.error.HTTPError) as refused:  # no token: refused
@@ -570,6 +571,8 @@ def test_ray_job_submit_against_a_head_on_loopback(tiny, dataset, tmp_path, one_
     assert n_actor_samples >= 1, "no sample caught a cache actor alive"
     assert not leaks, leaks
     assert_same_store(one_worker_store[0], tmp_path / "submitted")
+    # the head, the job and its actors kept their temporary files in the head's own temp dir, removed with it
+    assert_workers_left_no_temporary_files(before, timeout_s=0)
 
 
 def _cmdline(pid: int) -> str:
