@@ -131,7 +131,7 @@ def markdown(res: dict, cpu: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.report import cpu_model
+    from fpo_dist.machine import cpu_model
 
     p = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")

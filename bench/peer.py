@@ -294,8 +294,8 @@ def check_targets(rat: dict) -> list[dict]:
 
 
 def cpu_info() -> dict:
-    """The CPU (model and ISA extensions, ``bench.report.cpu_model``) and its core count."""
-    from bench.report import cpu_model
+    """The CPU (model and ISA extensions, ``fpo_dist.machine.cpu_model``) and its core count."""
+    from fpo_dist.machine import cpu_model
 
     return {"model": cpu_model(), "cores": os.cpu_count()}
 

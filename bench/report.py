@@ -16,34 +16,13 @@ from importlib import metadata
 from pathlib import Path
 
 from bench import realshape
+from fpo_dist.machine import cpu_model, usable_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "deepspeed", "transformers", "sae-lens", "ray", "zarr", "numpy")
 
 
 # --------------------------------------------------------------------------------------------- machine
-
-
-# ISA extensions that move CPU kernels' speed and rounding (named with every CPU figure): /proc/cpuinfo flag → name
-ISA_FLAGS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX-512 BF16"), ("amx_tile", "AMX"))
-
-
-def cpu_model() -> str:
-    """The CPU's model name and the ISA extensions of :data:`ISA_FLAGS` it has, e.g. ``… (AVX2, AVX-512, AMX)``."""
-    name, flags = None, set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name is None:
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    name = name or platform.processor() or platform.machine()
-    isa = [label for flag, label in ISA_FLAGS if flag in flags]
-    return f"{name} ({', '.join(isa)})" if isa else name
-
-
 
 
 def _ram_gib() -> float | None:
@@ -74,7 +53,7 @@ def machine_info(device: str) -> dict:
         "hostname": platform.node(),
         "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_cores_usable": usable_cores(),
         "ram_gib": _ram_gib(),
         "python": platform.python_version(),
         "versions": {p: _version(p) for p in PACKAGES},

@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/fpo-topm-approx")
     p.add_argument("--out", default="docs/results/tdpo-offline")
     a = p.parse_args(argv)
-    from bench.report import cpu_model
+    from fpo_dist.machine import cpu_model
 
     torch.set_num_threads(a.threads)
     ms = sorted(int(x) for x in a.ms.split(","))

@@ -22,6 +22,7 @@ from fpo_dist import checkpoints as ckpt
 from fpo_dist.config import ConfigError, ModelConfig, TrainConfig, public_dict, storage_options_for, to_dict, to_yaml
 from fpo_dist.diagnostics import FeatureTermMonitor
 from fpo_dist.losses import LOSSES, check_loss_requirements
+from fpo_dist.machine import describe
 
 
 class TrainingDiverged(RuntimeError):
@@ -184,7 +185,7 @@ class Trainer:
             "trainable_numel": sum(int(getattr(p, "ds_numel", p.numel())) for p in self.policy.module.parameters()
                                    if p.requires_grad),
             "lora": to_dict(self.cfg.policy.lora) if self.cfg.policy.lora.rank else None,
-            "policy_shape": self._policy_shape(),
+            "policy_shape": self._policy_shape(), "machine": describe(str(self.device)),
         }
         self.run_info = info
         if self.is_main:

@@ -47,8 +47,10 @@ def test_report_and_rederive(tmp_path):
     pairs = {"train": {"prompts": 135, "rows": 100, "reference_rule_follow": 0.25, "no_following_sample": 30,
                        "no_violating_sample": 5}, "heldout": {"prompts": 45, "rows": 44}}
     ci = statistics_of(per_seed, metrics=METRICS)
-    path = write_report(ci, arms, 24, tmp_path, 60.0, pairs)
+    machine = {"cpu": "AMD EPYC 7B13 (AVX2)", "cpu_cores": 2, "cpu_cores_usable": 2, "torch": "2.13.0", "gpu": None}
+    path = write_report(ci, arms, 24, tmp_path, 60.0, pairs, machine=machine)
     text = path.read_text()
+    assert "wall time 1 min on AMD EPYC 7B13 (AVX2), 2 cores)" in text  # the step times' machine, named
     for _, title, _ in METRICS:
         assert title in text
     assert "100 from 135 questions" in text and "| dpo |" in text
@@ -57,7 +59,9 @@ def test_report_and_rederive(tmp_path):
     assert main(["--rederive", "--report-dir", str(tmp_path)]) == 0
     again = json.loads((tmp_path / "study.json").read_text())
     assert again["intervals"] == first["intervals"] and again["differences"] == first["differences"]
+    assert again["machine"] == machine  # where the runs ran, not where the statistics were re-derived
     assert "re-derived" in (tmp_path / "study.md").read_text()
+    assert "on AMD EPYC 7B13 (AVX2), 2 cores" in (tmp_path / "study.md").read_text()
 
 
 def test_term_scale_reads_each_fpo_runs_logged_terms(tmp_path):

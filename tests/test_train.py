@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import torch
 
+from fpo_dist.machine import cpu_model
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,6 +170,7 @@ def test_fpo_two_rank_zero3_run(run_a, tiny):
 
     info = json.loads((out / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["zero_stage"] == 3
+    assert info["machine"]["cpu"] == cpu_model() and info["machine"]["torch"] == torch.__version__  # the timings' CPU
     assert info["ds_config"]["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     assert info["reference_model_resident"] is False
     assert [x["class"] for x in info["resident_models"]] == ["LlamaForCausalLM"]  # the policy, nothing else

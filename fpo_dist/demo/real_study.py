@@ -52,6 +52,7 @@ from fpo_dist.demo.study import (
     study_statistics,
     write_study_report,
 )
+from fpo_dist.machine import describe
 
 REAL_SAE = ROOT / "docs" / "results" / "real-sae"
 
@@ -255,7 +256,7 @@ def term_scale(out: Path, arms: list[Arm], seeds: int) -> dict[str, list[float]]
 
 
 def write_report(ci: dict, arms: list[Arm], steps: int, report_dir: Path, wall_s: float, pairs: dict,
-                 note: str = "", scale: dict | None = None) -> Path:
+                 note: str = "", scale: dict | None = None, machine: dict | None = None) -> Path:
     setup = {k: getattr(SETUP, k) for k in SETUP.__dataclass_fields__}
     about = (f"Gemma 3 270M (pretrained) with the real SAE (block 9, 4,096 latents, `docs/results/real-sae`) on the "
              f"count task (`fpo_dist/demo/count_task.py`). Training pairs: {pairs['train']['rows']} from "
@@ -269,7 +270,7 @@ def write_report(ci: dict, arms: list[Arm], steps: int, report_dir: Path, wall_s
     return write_study_report(ci, arms, steps, report_dir, wall_s, "\n\n".join(x for x in (about, note) if x),
                               metrics=METRICS, title="FPO and its baselines on Gemma 3 270M with a real SAE",
                               command="python -m fpo_dist.demo.real_study", batch_pairs=SETUP.batch_pairs,
-                              extra={"setup": setup, "pairs": pairs, "term_scale": scale or {}})
+                              extra={"setup": setup, "pairs": pairs, "term_scale": scale or {}}, machine=machine)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,14 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.rederive:
         print(rederive_report(Path(a.report_dir), METRICS, lambda ci, arms, old, note: write_report(
             ci, arms, old["steps"], Path(a.report_dir), old["wall_s"], old["pairs"], note,
-            old.get("term_scale"))).read_text())
+            old.get("term_scale"), old.get("machine"))).read_text())
         return 0
     arms, out = arms_and_workdir(p, a, ARM_BY_NAME)
     t0 = time.time()
     dirs, pairs = run_study(arms, a.seeds, a.steps, a.parallel, out)
     ci = study_statistics(dirs, metrics=METRICS, from_result=tuple(k for k, _, _ in METRICS))
     path = write_report(ci, arms, a.steps, Path(a.report_dir), time.time() - t0, pairs,
-                        scale=term_scale(out, arms, a.seeds))
+                        scale=term_scale(out, arms, a.seeds), machine=describe(_device()))
     print()
     print(path.read_text())
     say(f"study report: {path}")

@@ -47,6 +47,7 @@ from fpo_dist.demo.run import (
     say,
     train_args,
 )
+from fpo_dist.machine import describe, label
 
 
 @dataclass(frozen=True)
@@ -217,19 +218,23 @@ PLOT_KEYS = (("win_rate", "judge win rate vs ref"), ("rule_follow", "rule-follow
 def write_study_report(ci: dict, arms: list[Arm], steps: int, report_dir: Path, wall_s: float,
                        note: str = "", *, metrics=STUDY_METRICS, title: str = "FPO ablation study on the demo task",
                        command: str = "python -m fpo_dist.demo.study", batch_pairs: int = RECIPE.batch_pairs,
-                       extra: dict | None = None, baseline: str = "fpo", plot_keys=PLOT_KEYS) -> Path:
+                       extra: dict | None = None, baseline: str = "fpo", plot_keys=PLOT_KEYS,
+                       machine: dict | None = None) -> Path:
     """``study.json``, ``study.png`` and ``study.md``; ``note`` (if any) is printed under the first paragraph and kept
-    in the JSON; ``extra`` is kept in the JSON."""
+    in the JSON; ``extra`` is kept in the JSON; ``machine`` (``fpo_dist.machine.describe`` where the runs ran; None:
+    not known) is named beside the wall time and kept in the JSON."""
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "study.json").write_text(json.dumps(
         {**ci, "arms": {a.name: {"loss": a.loss, "params": a.params, "what": a.what} for a in arms},
-         "steps": steps, "wall_s": wall_s, **({"note": note} if note else {}), **(extra or {})}, indent=1))
+         "steps": steps, "wall_s": wall_s, **({"note": note} if note else {}), **(extra or {}),
+         **({"machine": machine} if machine else {})}, indent=1))
     plot_study(ci, report_dir / "study.png", plot_keys, baseline)
     lines = [
         f"# {title}",
         "",
         f"`{command}` ({ci['seeds']} training seeds per arm, {steps} steps each, global batch "
-        f"{batch_pairs} pairs, one process per run; wall time {wall_s / 60:.0f} min). Each cell: mean over "
+        f"{batch_pairs} pairs, one process per run; wall time {wall_s / 60:.0f} min"
+        f"{f' on {label(machine)}' if machine else ''}). Each cell: mean over "
         f"seeds [95 % t-interval]; {ci['method']}. Differences pair seed i of each arm with seed i of {baseline} (same "
         "data order).",
         "",
@@ -252,7 +257,7 @@ def write_study_report(ci: dict, arms: list[Arm], steps: int, report_dir: Path, 
 def rederive(report_dir: Path) -> Path:
     """Rewrite ``study.md``, ``study.json`` and ``study.png`` from ``study.json``'s per-seed values (no training)."""
     return rederive_report(report_dir, STUDY_METRICS, lambda ci, arms, old, note: write_study_report(
-        ci, arms, old["steps"], report_dir, old["wall_s"], note))
+        ci, arms, old["steps"], report_dir, old["wall_s"], note, machine=old.get("machine")))
 
 
 def rederive_report(report_dir: Path, metrics, write) -> Path:
@@ -323,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     dirs = run_study(arms, a.seeds, a.steps, a.parallel, out)
     ci = study_statistics(dirs)
-    path = write_study_report(ci, arms, a.steps, Path(a.report_dir), time.time() - t0)
+    path = write_study_report(ci, arms, a.steps, Path(a.report_dir), time.time() - t0, machine=describe())
     print()
     print(path.read_text())
     say(f"study report: {path}")

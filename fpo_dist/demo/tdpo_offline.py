@@ -40,6 +40,7 @@ from fpo_dist.demo.study import (
     study_statistics,
     write_study_report,
 )
+from fpo_dist.machine import describe
 
 DEFAULT_TOPM = 8
 ARMS = (
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     path = write_study_report(ci, arms, a.steps, Path(a.report_dir), time.time() - t0, note, metrics=METRICS,
                               title="Offline TDPO2 (cached top-M reference) against online TDPO2 on the demo task",
                               command="python -m fpo_dist.demo.tdpo_offline", extra={"missing_mass": mass},
-                              baseline="tdpo2", plot_keys=[(k, t) for k, t, _ in METRICS[:3]])
+                              baseline="tdpo2", plot_keys=[(k, t) for k, t, _ in METRICS[:3]], machine=describe())
     print()
     print(path.read_text())
     say(f"report: {path}")
