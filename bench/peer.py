@@ -261,6 +261,8 @@ def compare(ours: dict | None, trl: dict | None) -> dict:
 
 def ratios(runs: dict) -> dict:
     """``runs[world][name]`` (name: dpo, fpo, trl) → the peer ratios (None where a run is missing)."""
+    from bench.realshape import paired_ratio_interval
+
     out: dict = {}
 
     def r(world, a, b, key):
@@ -282,6 +284,9 @@ def ratios(runs: dict) -> dict:
                           ("fpo", "dpo", f"peer_time_fpo_vs_dpo_{tag}_paired")):
             x, y = (w.get(a) or {}).get("step_times_s"), (w.get(b) or {}).get("step_times_s")
             out[key] = statistics.median(p / q for p, q in zip(x, y)) if x and y and len(x) == len(y) else None
+            # the judged time ratio's interval: the per-step ratios' geometric mean, 95 % t-interval over the steps
+            out[key.removesuffix("_paired") + "_interval"] = (paired_ratio_interval(w.get(a), w.get(b))
+                                                              if x and y and len(x) == len(y) else None)
         out[f"peer_loss_max_abs_diff_{tag}"] = compare(w.get("dpo"), w.get("trl"))["loss_max_abs_diff"]
     return out
 
@@ -308,6 +313,8 @@ def _f(x, fmt=".3f"):
 
 
 def markdown(res: dict) -> str:
+    from bench.report import target_row
+
     cpu = res["cpu"]
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in (cpu.get("flags") or {}).items())  # older files
     p = res["plan"]
@@ -321,14 +328,13 @@ def markdown(res: dict) -> str:
              f"Model: {res['model']}. {res['data']}", "",
              "## Targets", "",
              "| target | measured | threshold | | CPU seconds / peaks as measured |", "|---|---:|---:|---|---:|"]
-    for t in res["targets"]:
-        verdict = "not run" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
-        lines.append(f"| {t['what']} | {_f(t['value'])} | {t['op']} {t['threshold']} | {verdict} | {_f(t['second'])} |")
     rat = res.get("ratios") or {}
+    lines += [target_row(t, rat) for t in res["targets"]]
     paired = "; ".join(f"{k.removeprefix('peer_time_').removesuffix('_paired').replace('_', ' ')} {_f(v)}"
                        for k, v in rat.items() if k.endswith("_paired") and v is not None)
     lines += ["", "Time ratios: median wall-clock step time over the measured steps (CPU seconds of the ranks next to "
-                  "them)" + (f"; the median of the per-step ratios (the same pair on both sides at each step): {paired}"
+                  "them); in brackets the 95 % t-interval of the geometric mean of the per-step ratios (the same pair "
+                  "on both sides at each step; valid at the number of steps measured)" + (f"; the median of the per-step ratios (the same pair on both sides at each step): {paired}"
                              if paired else "") + ". Memory ratios: per rank, the training steps' peak RSS minus that "
                   "rank's RSS after setup (fpo-dist: after `Trainer.setup`; TRL: at `on_train_begin`, after its engine, optimizer and "
                   "precompute pass), max over ranks; the peaks as measured next to them.", "",

@@ -231,6 +231,19 @@ def check_targets_of(rat: dict, targets, second: dict) -> list[dict]:
     return out
 
 
+def target_row(t: dict, rat: dict) -> str:
+    """A judged target (:func:`check_targets_of`) as a markdown row: what, the value — with the bench's
+    ``<key>_interval`` of ``rat`` in brackets where it gives one (per-step ratios, paired by step), and "not separated"
+    beside the verdict where that interval holds the threshold —, the threshold, the verdict, the second value."""
+    verdict = "not run" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
+    value, iv = _f(t["value"]), rat.get(t["key"] + "_interval")
+    if iv and t["value"] is not None:
+        value += f" [{iv['lo']:.3f}, {iv['hi']:.3f}]"
+        if iv["lo"] <= t["threshold"] <= iv["hi"]:
+            verdict += " (the interval holds the threshold: not separated)"
+    return f"| {t['what']} | {value} | {t['op']} {t['threshold']} | {verdict} | {_f(t.get('value_cpu_time'))} |"
+
+
 def check_targets(rat: dict) -> list[dict]:
     """The base preset's targets, then the real shape's (``realshape_*``; None until a realshape run) and those of
     the benches in :data:`MERGED_PARTS` (``peer_*``: bench/peer.py, ``tdpo_offline_*``: bench/tdpo_offline.py)."""
@@ -355,6 +368,13 @@ def _time_finding(losses: dict, a: str, b: str) -> list[str]:
     return lines
 
 
+def _phase_peaks(na: str, nb: str, pa: dict, pb: dict) -> list[str]:
+    """The six phases of the profiled step with the highest peak above their start, in either run (ties by name)."""
+    keys = sorted(set(pa) | set(pb), key=lambda k: (-max(pa.get(k, 0), pb.get(k, 0)), k))[:6]
+    return [f"- peak above each phase's start in the profiled step ({na} / {nb}, MB): " + ", ".join(
+        f"{k} {_f(pa.get(k), '.0f')} / {_f(pb.get(k), '.0f')}" for k in keys)] if keys else []
+
+
 def _mem_finding(results: dict, a: str, b: str) -> list[str]:
     losses = results["train"]["losses"]
     if a not in losses or b not in losses:
@@ -376,9 +396,7 @@ def _mem_finding(results: dict, a: str, b: str) -> list[str]:
     pa_mem = (losses[na].get("phases") or {}).get("peak_above_start_mb") or {}
     pb_mem = (losses[nb].get("phases") or {}).get("peak_above_start_mb") or {}
     if pa_mem and pb_mem:
-        keys = sorted(set(pa_mem) | set(pb_mem), key=lambda k: -max(pa_mem.get(k, 0), pb_mem.get(k, 0)))[:6]
-        lines.append(f"- peak above each phase's start in the profiled step ({na} / {nb}, MB): " + ", ".join(
-            f"{k} {_f(pa_mem.get(k), '.0f')} / {_f(pb_mem.get(k), '.0f')}" for k in keys))
+        lines += _phase_peaks(na, nb, pa_mem, pb_mem)
     assets, sizes = results.get("assets") or {}, results["sizes"]
     rows, T = 2 * sizes["micro_batch"], sizes["max_length"]
     mib = lambda x: f"{x / 2**20:.0f} MB"  # noqa: E731
@@ -409,9 +427,7 @@ def _merged_markdown(results: dict, part: str) -> list[str]:
              f"details and runs: [{details}]({details}).", "",
              "| target | measured | threshold | | CPU seconds / peaks as measured |", "|---|---:|---:|---|---:|"]
     for t in (t for t in results["targets"] if t["key"].startswith(part + "_")):
-        verdict = "not run" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
-        lines.append(f"| {t['what']} | {_f(t['value'])} | {t['op']} {t['threshold']} | {verdict} | "
-                     f"{_f(t['value_cpu_time'])} |")
+        lines.append(target_row(t, results.get("ratios") or {}))
     checks = p.get("checks") or {}
     lines += ["", *(["Loss sequences, TRL vs fpo-dist DPO (max |Δ loss| over the steps): " + ", ".join(
         f"{tag} {_f(c.get('loss_max_abs_diff'), '.2e')} ({'check passed' if c.get('ok') else 'CHECK FAILED'})"
@@ -598,9 +614,7 @@ def _realshape_finding(results: dict, key: str) -> list[str]:
     if key == "realshape_mem_fpo_vs_materialized":
         pa = (losses.get("fpo", {}).get("phases") or {}).get("peak_above_start_mb") or {}
         pb = (losses.get("fpo-materialized", {}).get("phases") or {}).get("peak_above_start_mb") or {}
-        keys = sorted(set(pa) | set(pb), key=lambda k: -max(pa.get(k, 0), pb.get(k, 0)))[:6]
-        return ["- peak above each phase's start in the profiled step (fpo / fpo-materialized, MB): " + ", ".join(
-            f"{k} {_f(pa.get(k), '.0f')} / {_f(pb.get(k), '.0f')}" for k in keys)] if keys else []
+        return _phase_peaks("fpo", "fpo-materialized", pa, pb)
     if key == "realshape_cache_vs_bare_forward":
         parts = ((rs.get("cache") or {}).get("compute") or {}).get("reference_pass_parts_s") or {}
         tot = parts.get("total") or 1.0

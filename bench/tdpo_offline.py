@@ -62,7 +62,7 @@ def _f(x, fmt=".3f"):
 
 
 def markdown(res: dict) -> str:
-    from bench.report import check_targets_of
+    from bench.report import check_targets_of, target_row
 
     rat, t = res["ratios"], res["train"]["losses"]
     lines = [
@@ -77,10 +77,7 @@ def markdown(res: dict) -> str:
         "",
         "| target | measured | threshold | | CPU seconds / peaks as measured |", "|---|---:|---:|---|---:|",
     ]
-    for tg in check_targets_of(rat, TARGETS, SECOND_VALUE):
-        verdict = "not run" if tg["met"] is None else ("**met**" if tg["met"] else "**missed**")
-        lines.append(f"| {tg['what']} | {_f(tg['value'])} | {tg['op']} {tg['threshold']} | {verdict} | "
-                     f"{_f(tg['value_cpu_time'])} |")
+    lines += [target_row(tg, rat) for tg in check_targets_of(rat, TARGETS, SECOND_VALUE)]
     iv = rat.get("tdpo_offline_time_vs_online_interval")
     ivf = rat.get("tdpo_offline_time_vs_fpo_interval")
     lines += ["", "Step-time ratios as geometric means of the per-step ratios (paired by step) with 95 % t-intervals: "
