@@ -2,6 +2,7 @@
 
     python -m bench.peer [--preset realshape|quick] [--steps 4] [--warmup 1] [--out bench/results]
                          [--worlds 1,2] [--lr 1e-6] [--keep] [--workdir DIR]
+    python -m bench.peer --rederive bench/results/peer-cpu.json   # checks, ratios, targets, .md from its runs
 
 One cache store (the real Ray cache job, ``bench.cache.bench_cache_job``) holds the token ids and the reference
 log-prob sums; then, one launch each (torchrun on 127.0.0.1, gloo, in its own process group, killed as a group):
@@ -534,6 +535,17 @@ def finish(res: dict) -> dict:
     return res
 
 
+def rederive(path: Path) -> dict:
+    """Recompute a results file's checks, ratios, targets and notes from its runs (no training), rewrite it and its
+    markdown, and merge a realshape run's ratios into ``cpu.json`` beside it."""
+    res = finish(json.loads(path.read_text()))
+    path.write_text(json.dumps(res, indent=1, default=str) + "\n")
+    path.with_suffix(".md").write_text(markdown(res))
+    if res.get("preset") == "realshape":
+        merge_into_bench_results(res, path.parent)
+    return res
+
+
 def merge_into_bench_results(res: dict, out: Path) -> Path | None:
     """Put this run's ratios, targets and checks into ``out/cpu.json`` (``bench.report.merge_part``)."""
     from bench import report
@@ -556,12 +568,17 @@ def main(argv: list[str] | None = None) -> dict:
                          "can tell the two sides apart)")
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--timeout", type=int, default=None, help="seconds per launch (default: realshape 900, quick 300)")
+    ap.add_argument("--rederive", metavar="FILE", help="recompute FILE's ratios, targets and markdown from its runs")
     ap.add_argument("--trl_keep_precompute_engine", action="store_true",
                     help="development: skip TRL's ZeRO-3 workaround (destroying its precompute engine)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args(argv)
+    if a.rederive:
+        res = rederive(Path(a.rederive))
+        print(markdown(res))
+        return res
     worlds = tuple(int(x) for x in a.worlds.split(",") if x.strip())
     if not set(worlds) <= {1, 2}:
         ap.error("--worlds: 1 and/or 2")

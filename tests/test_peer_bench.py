@@ -33,7 +33,7 @@ def _fake(step, cpu, peak, after, losses=None, margins=None, **extra):
             "losses": losses or [LN2, 0.69, 0.68], "margins": margins or [0.0, 0.006, 0.02], **extra}
 
 
-def test_ratios_targets_and_markdown_on_made_up_numbers():
+def test_ratios_targets_and_markdown_on_made_up_numbers(tmp_path):
     from bench import peer
 
     trl1 = _fake(10.0, 20.0, 6000, 4000, losses=[LN2, 0.69001, 0.68], tokens_match_order=True)
@@ -100,6 +100,16 @@ def test_ratios_targets_and_markdown_on_made_up_numbers():
             "<= 1.05 | **missed** (the interval holds the threshold: not separated) |") in md
     assert "| 1 process: fpo-dist DPO (no DeepSpeed config) / TRL DPOTrainer (precomputed reference), step time | " \
            "0.800 [0.800, 0.800] | <= 0.85 | **met** |" in md
+
+    # --rederive: a results file's ratios, targets and markdown recomputed from its runs (made with older code here)
+    path = tmp_path / "peer-cpu-quick.json"
+    for w in timed:  # what notes() reads of a TRL run
+        timed[w]["trl"].update(attn_implementation="sdpa", world_size=w, distributed_type="NO", optimizer="AdamW",
+                               optim="adamw_torch_fused", threads=1, precompute_and_init_s=1.0)
+    path.write_text(json.dumps({**res, "preset": "quick", "runs": {str(w): v for w, v in timed.items()}}))
+    again = peer.rederive(path)
+    assert again["ratios"] == json.loads(path.read_text())["ratios"] == rat
+    assert path.with_suffix(".md").read_text() == peer.markdown(again)
 
 
 def test_the_global_order_is_the_loaders():
