@@ -314,7 +314,7 @@ def _f(x, fmt=".3f"):
 
 
 def markdown(res: dict) -> str:
-    from bench.report import target_row
+    from bench.report import PER_STEP_NOTE, target_row
 
     cpu = res["cpu"]
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in (cpu.get("flags") or {}).items())  # older files
@@ -333,10 +333,11 @@ def markdown(res: dict) -> str:
     lines += [target_row(t, rat) for t in res["targets"]]
     paired = "; ".join(f"{k.removeprefix('peer_time_').removesuffix('_paired').replace('_', ' ')} {_f(v)}"
                        for k, v in rat.items() if k.endswith("_paired") and v is not None)
+    per_step = any(v for k, v in rat.items() if k.endswith("_interval"))
     lines += ["", "Time ratios: median wall-clock step time over the measured steps (CPU seconds of the ranks next to "
-                  "them); in brackets the 95 % t-interval of the geometric mean of the per-step ratios (the same pair "
-                  "on both sides at each step; valid at the number of steps measured)" + (f"; the median of the per-step ratios (the same pair on both sides at each step): {paired}"
-                             if paired else "") + ". Memory ratios: per rank, the training steps' peak RSS minus that "
+                  "them)" + (f"; {PER_STEP_NOTE}" if per_step else "")
+              + (f"; the median of the per-step ratios (the same pair on both sides at each step): {paired}"
+                 if paired else "") + ". Memory ratios: per rank, the training steps' peak RSS minus that "
                   "rank's RSS after setup (fpo-dist: after `Trainer.setup`; TRL: at `on_train_begin`, after its engine, optimizer and "
                   "precompute pass), max over ranks; the peaks as measured next to them.", "",
               "## Same training on both sides: the loss sequences", ""]

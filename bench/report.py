@@ -231,17 +231,31 @@ def check_targets_of(rat: dict, targets, second: dict) -> list[dict]:
     return out
 
 
+# what target_row's "(per step …)" after a time ratio is (said under every table that shows one)
+PER_STEP_NOTE = ("\"per step\": the geometric mean of the per-step time ratios (step i of both runs on the same pairs) "
+                 "and its 95 % t-interval, valid at the number of steps measured")
+
+
+def verdict(t: dict) -> str:
+    """A judged target's verdict cell: **met**, **missed** or not run."""
+    return "not run" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
+
+
 def target_row(t: dict, rat: dict) -> str:
-    """A judged target (:func:`check_targets_of`) as a markdown row: what, the value — with the bench's
-    ``<key>_interval`` of ``rat`` in brackets where it gives one (per-step ratios, paired by step), and "not separated"
-    beside the verdict where that interval holds the threshold —, the threshold, the verdict, the second value."""
-    verdict = "not run" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
-    value, iv = _f(t["value"]), rat.get(t["key"] + "_interval")
-    if iv and t["value"] is not None:
-        value += f" [{iv['lo']:.3f}, {iv['hi']:.3f}]"
+    """A judged target (:func:`check_targets_of`) as a markdown row: what; the value judged (a ratio of medians),
+    followed, where the bench gives ``<key>_interval`` in ``rat``, by the geometric mean of the per-step ratios
+    (paired by step) and its 95 % t-interval; the threshold; the verdict, qualified where that interval holds the
+    threshold (not separated) or lies wholly on the other side of it; the second value."""
+    value, cell, note = t["value"], _f(t["value"]), ""
+    iv = rat.get(t["key"] + "_interval")
+    if iv and value is not None:
+        cell += f" (per step {iv['mean']:.3f} [{iv['lo']:.3f}, {iv['hi']:.3f}])"
         if iv["lo"] <= t["threshold"] <= iv["hi"]:
-            verdict += " (the interval holds the threshold: not separated)"
-    return f"| {t['what']} | {value} | {t['op']} {t['threshold']} | {verdict} | {_f(t.get('value_cpu_time'))} |"
+            note = " (not separated: the per-step interval holds the threshold)"
+        elif _met(iv["mean"], t["op"], t["threshold"]) != t["met"]:
+            note = " (the per-step interval lies on the other side of the threshold)"
+    return (f"| {t['what']} | {cell} | {t['op']} {t['threshold']} | {verdict(t)}{note} | "
+            f"{_f(t.get('value_cpu_time'))} |")
 
 
 def check_targets(rat: dict) -> list[dict]:
@@ -426,8 +440,11 @@ def _merged_markdown(results: dict, part: str) -> list[str]:
              f"`{p['command']}` on {p['date_utc']}, code {(p.get('commit') or '?')[:12]}, {p.get('cpu_model', '')}; "
              f"details and runs: [{details}]({details}).", "",
              "| target | measured | threshold | | CPU seconds / peaks as measured |", "|---|---:|---:|---|---:|"]
+    rat = results.get("ratios") or {}
     for t in (t for t in results["targets"] if t["key"].startswith(part + "_")):
-        lines.append(target_row(t, results.get("ratios") or {}))
+        lines.append(target_row(t, rat))
+    if any(rat.get(t["key"] + "_interval") for t in results["targets"] if t["key"].startswith(part + "_")):
+        lines += ["", PER_STEP_NOTE + "."]
     checks = p.get("checks") or {}
     lines += ["", *(["Loss sequences, TRL vs fpo-dist DPO (max |Δ loss| over the steps): " + ", ".join(
         f"{tag} {_f(c.get('loss_max_abs_diff'), '.2e')} ({'check passed' if c.get('ok') else 'CHECK FAILED'})"
@@ -484,8 +501,7 @@ def markdown(results: dict) -> str:
     for t in (t for t in results["targets"] if not t["key"].startswith(("realshape_", "peer_"))):
         fmt = _pct if t["key"] == "loader_overhead" else _f
         thr = _pct(t["threshold"]) if t["key"] == "loader_overhead" else f"{t['threshold']:.2f}"
-        verdict = "not run" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
-        row = f"| {t['what']} | {fmt(t['value'])} | {t['op']} {thr} | {verdict} |"
+        row = f"| {t['what']} | {fmt(t['value'])} | {t['op']} {thr} | {verdict(t)} |"
         if cpu_col:
             row += ("" if t["value_cpu_time"] is None else
                     f" {fmt(t['value_cpu_time'])} ({'met' if t['met_cpu_time'] else 'missed'})") + " |"
