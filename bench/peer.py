@@ -2,6 +2,7 @@
 
     python -m bench.peer [--preset realshape|quick] [--steps 4] [--warmup 1] [--out bench/results]
                          [--worlds 1,2] [--lr 1e-6] [--keep] [--workdir DIR]
+    python -m bench.peer --rederive bench/results/peer-cpu.json   # checks, ratios, targets, .md from its runs
 
 One cache store (the real Ray cache job, ``bench.cache.bench_cache_job``) holds the token ids and the reference
 log-prob sums; then, one launch each (torchrun on 127.0.0.1, gloo, in its own process group, killed as a group):
@@ -261,6 +262,8 @@ def compare(ours: dict | None, trl: dict | None) -> dict:
 
 def ratios(runs: dict) -> dict:
     """``runs[world][name]`` (name: dpo, fpo, trl) → the peer ratios (None where a run is missing)."""
+    from bench.realshape import paired_ratio_interval
+
     out: dict = {}
 
     def r(world, a, b, key):
@@ -282,6 +285,9 @@ def ratios(runs: dict) -> dict:
                           ("fpo", "dpo", f"peer_time_fpo_vs_dpo_{tag}_paired")):
             x, y = (w.get(a) or {}).get("step_times_s"), (w.get(b) or {}).get("step_times_s")
             out[key] = statistics.median(p / q for p, q in zip(x, y)) if x and y and len(x) == len(y) else None
+            # the judged time ratio's interval: the per-step ratios' geometric mean, 95 % t-interval over the steps
+            out[key.removesuffix("_paired") + "_interval"] = (paired_ratio_interval(w.get(a), w.get(b))
+                                                              if x and y and len(x) == len(y) else None)
         out[f"peer_loss_max_abs_diff_{tag}"] = compare(w.get("dpo"), w.get("trl"))["loss_max_abs_diff"]
     return out
 
@@ -308,6 +314,8 @@ def _f(x, fmt=".3f"):
 
 
 def markdown(res: dict) -> str:
+    from bench.report import PER_STEP_NOTE, target_row
+
     cpu = res["cpu"]
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in (cpu.get("flags") or {}).items())  # older files
     p = res["plan"]
@@ -321,15 +329,15 @@ def markdown(res: dict) -> str:
              f"Model: {res['model']}. {res['data']}", "",
              "## Targets", "",
              "| target | measured | threshold | | CPU seconds / peaks as measured |", "|---|---:|---:|---|---:|"]
-    for t in res["targets"]:
-        verdict = "not run" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
-        lines.append(f"| {t['what']} | {_f(t['value'])} | {t['op']} {t['threshold']} | {verdict} | {_f(t['second'])} |")
     rat = res.get("ratios") or {}
+    lines += [target_row(t, rat) for t in res["targets"]]
     paired = "; ".join(f"{k.removeprefix('peer_time_').removesuffix('_paired').replace('_', ' ')} {_f(v)}"
                        for k, v in rat.items() if k.endswith("_paired") and v is not None)
+    per_step = any(v for k, v in rat.items() if k.endswith("_interval"))
     lines += ["", "Time ratios: median wall-clock step time over the measured steps (CPU seconds of the ranks next to "
-                  "them)" + (f"; the median of the per-step ratios (the same pair on both sides at each step): {paired}"
-                             if paired else "") + ". Memory ratios: per rank, the training steps' peak RSS minus that "
+                  "them)" + (f"; {PER_STEP_NOTE}" if per_step else "")
+              + (f"; the median of the per-step ratios (the same pair on both sides at each step): {paired}"
+                 if paired else "") + ". Memory ratios: per rank, the training steps' peak RSS minus that "
                   "rank's RSS after setup (fpo-dist: after `Trainer.setup`; TRL: at `on_train_begin`, after its engine, optimizer and "
                   "precompute pass), max over ranks; the peaks as measured next to them.", "",
               "## Same training on both sides: the loss sequences", ""]
@@ -528,6 +536,17 @@ def finish(res: dict) -> dict:
     return res
 
 
+def rederive(path: Path) -> dict:
+    """Recompute a results file's checks, ratios, targets and notes from its runs (no training), rewrite it and its
+    markdown, and merge a realshape run's ratios into ``cpu.json`` beside it."""
+    res = finish(json.loads(path.read_text()))
+    path.write_text(json.dumps(res, indent=1, default=str) + "\n")
+    path.with_suffix(".md").write_text(markdown(res))
+    if res.get("preset") == "realshape":
+        merge_into_bench_results(res, path.parent)
+    return res
+
+
 def merge_into_bench_results(res: dict, out: Path) -> Path | None:
     """Put this run's ratios, targets and checks into ``out/cpu.json`` (``bench.report.merge_part``)."""
     from bench import report
@@ -550,12 +569,17 @@ def main(argv: list[str] | None = None) -> dict:
                          "can tell the two sides apart)")
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--timeout", type=int, default=None, help="seconds per launch (default: realshape 900, quick 300)")
+    ap.add_argument("--rederive", metavar="FILE", help="recompute FILE's ratios, targets and markdown from its runs")
     ap.add_argument("--trl_keep_precompute_engine", action="store_true",
                     help="development: skip TRL's ZeRO-3 workaround (destroying its precompute engine)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args(argv)
+    if a.rederive:
+        res = rederive(Path(a.rederive))
+        print(markdown(res))
+        return res
     worlds = tuple(int(x) for x in a.worlds.split(",") if x.strip())
     if not set(worlds) <= {1, 2}:
         ap.error("--worlds: 1 and/or 2")

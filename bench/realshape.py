@@ -216,26 +216,15 @@ def markdown(rs: dict | None, rat: dict, device: str, cores: int | None = None) 
     lines = [f"## Real shape: {title}", "", shape_text(rs), "",
              f"| target | measured | threshold | | {'as measured (peak, baseline included)' if device == 'cpu' else 'peak'}"
              " / in CPU seconds |", "|---|---:|---:|---|---|"]
-    from bench.report import check_targets_of
+    from bench.report import PER_STEP_NOTE, check_targets_of, target_row
 
-    for t in check_targets_of(rat, TARGETS, SECOND_VALUE):
-        verdict = "not run" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
-        iv = rat.get(t["key"] + "_interval")
-        value = _f(t["value"])
-        if iv:
-            value += f" [{iv['lo']:.3f}, {iv['hi']:.3f}]"
-            if iv["lo"] <= t["threshold"] <= iv["hi"]:
-                verdict += " (the interval holds the threshold: not separated)"
-        lines.append(f"| {t['what']} | {value} | {t['op']} {t['threshold']} | {verdict} | "
-                     f"{_f(t.get('value_cpu_time'))} |")
+    lines += [target_row(t, rat) for t in check_targets_of(rat, TARGETS, SECOND_VALUE)]
     lines += ["", f"Memory targets are judged above the post-setup baseline: per rank, the training steps' peak {unit} "
                   f"minus that rank's {unit} after `Trainer.setup` and before the first step (weights, optimizer state, "
                   "resident reference or SAE" + (", and the ~0.5 GB of the process's imports" if device == "cpu" else "")
                   + "), max over ranks; the last column gives the same ratio on the peaks as measured. Time targets "
-                  "are judged on wall-clock step time (median over the measured steps); in brackets the 95 % "
-                  "t-interval of the geometric mean of the per-step ratios (step i of both runs on the same pairs; "
-                  "valid at the number of steps measured); the last column gives the same ratio in CPU seconds of "
-                  "the ranks.", ""]
+                  f"are judged on wall-clock step time (median over the measured steps); {PER_STEP_NOTE}; the last "
+                  "column gives the same ratio in CPU seconds of the ranks.", ""]
     if losses:
         lines += [f"| run | logits | layout | step time (s), median [min] | CPU s/step | peak {unit} (MB/rank) | "
                   f"after setup (MB) | peak − after setup (MB) | padding share | host load (cores) |",

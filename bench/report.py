@@ -231,6 +231,33 @@ def check_targets_of(rat: dict, targets, second: dict) -> list[dict]:
     return out
 
 
+# what target_row's "(per step …)" after a time ratio is (said under every table that shows one)
+PER_STEP_NOTE = ("\"per step\": the geometric mean of the per-step time ratios (step i of both runs on the same pairs) "
+                 "and its 95 % t-interval, valid at the number of steps measured")
+
+
+def verdict(t: dict) -> str:
+    """A judged target's verdict cell: **met**, **missed** or not run."""
+    return "not run" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
+
+
+def target_row(t: dict, rat: dict) -> str:
+    """A judged target (:func:`check_targets_of`) as a markdown row: what; the value judged (a ratio of medians),
+    followed, where the bench gives ``<key>_interval`` in ``rat``, by the geometric mean of the per-step ratios
+    (paired by step) and its 95 % t-interval; the threshold; the verdict, qualified where that interval holds the
+    threshold (not separated) or lies wholly on the other side of it; the second value."""
+    value, cell, note = t["value"], _f(t["value"]), ""
+    iv = rat.get(t["key"] + "_interval")
+    if iv and value is not None:
+        cell += f" (per step {iv['mean']:.3f} [{iv['lo']:.3f}, {iv['hi']:.3f}])"
+        if iv["lo"] <= t["threshold"] <= iv["hi"]:
+            note = " (not separated: the per-step interval holds the threshold)"
+        elif _met(iv["mean"], t["op"], t["threshold"]) != t["met"]:
+            note = " (the per-step interval lies on the other side of the threshold)"
+    return (f"| {t['what']} | {cell} | {t['op']} {t['threshold']} | {verdict(t)}{note} | "
+            f"{_f(t.get('value_cpu_time'))} |")
+
+
 def check_targets(rat: dict) -> list[dict]:
     """The base preset's targets, then the real shape's (``realshape_*``; None until a realshape run) and those of
     the benches in :data:`MERGED_PARTS` (``peer_*``: bench/peer.py, ``tdpo_offline_*``: bench/tdpo_offline.py)."""
@@ -355,6 +382,13 @@ def _time_finding(losses: dict, a: str, b: str) -> list[str]:
     return lines
 
 
+def _phase_peaks(na: str, nb: str, pa: dict, pb: dict) -> list[str]:
+    """The six phases of the profiled step with the highest peak above their start, in either run (ties by name)."""
+    keys = sorted(set(pa) | set(pb), key=lambda k: (-max(pa.get(k, 0), pb.get(k, 0)), k))[:6]
+    return [f"- peak above each phase's start in the profiled step ({na} / {nb}, MB): " + ", ".join(
+        f"{k} {_f(pa.get(k), '.0f')} / {_f(pb.get(k), '.0f')}" for k in keys)] if keys else []
+
+
 def _mem_finding(results: dict, a: str, b: str) -> list[str]:
     losses = results["train"]["losses"]
     if a not in losses or b not in losses:
@@ -376,9 +410,7 @@ def _mem_finding(results: dict, a: str, b: str) -> list[str]:
     pa_mem = (losses[na].get("phases") or {}).get("peak_above_start_mb") or {}
     pb_mem = (losses[nb].get("phases") or {}).get("peak_above_start_mb") or {}
     if pa_mem and pb_mem:
-        keys = sorted(set(pa_mem) | set(pb_mem), key=lambda k: -max(pa_mem.get(k, 0), pb_mem.get(k, 0)))[:6]
-        lines.append(f"- peak above each phase's start in the profiled step ({na} / {nb}, MB): " + ", ".join(
-            f"{k} {_f(pa_mem.get(k), '.0f')} / {_f(pb_mem.get(k), '.0f')}" for k in keys))
+        lines += _phase_peaks(na, nb, pa_mem, pb_mem)
     assets, sizes = results.get("assets") or {}, results["sizes"]
     rows, T = 2 * sizes["micro_batch"], sizes["max_length"]
     mib = lambda x: f"{x / 2**20:.0f} MB"  # noqa: E731
@@ -408,10 +440,11 @@ def _merged_markdown(results: dict, part: str) -> list[str]:
              f"`{p['command']}` on {p['date_utc']}, code {(p.get('commit') or '?')[:12]}, {p.get('cpu_model', '')}; "
              f"details and runs: [{details}]({details}).", "",
              "| target | measured | threshold | | CPU seconds / peaks as measured |", "|---|---:|---:|---|---:|"]
+    rat = results.get("ratios") or {}
     for t in (t for t in results["targets"] if t["key"].startswith(part + "_")):
-        verdict = "not run" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
-        lines.append(f"| {t['what']} | {_f(t['value'])} | {t['op']} {t['threshold']} | {verdict} | "
-                     f"{_f(t['value_cpu_time'])} |")
+        lines.append(target_row(t, rat))
+    if any(rat.get(t["key"] + "_interval") for t in results["targets"] if t["key"].startswith(part + "_")):
+        lines += ["", PER_STEP_NOTE + "."]
     checks = p.get("checks") or {}
     lines += ["", *(["Loss sequences, TRL vs fpo-dist DPO (max |Δ loss| over the steps): " + ", ".join(
         f"{tag} {_f(c.get('loss_max_abs_diff'), '.2e')} ({'check passed' if c.get('ok') else 'CHECK FAILED'})"
@@ -468,8 +501,7 @@ def markdown(results: dict) -> str:
     for t in (t for t in results["targets"] if not t["key"].startswith(("realshape_", "peer_"))):
         fmt = _pct if t["key"] == "loader_overhead" else _f
         thr = _pct(t["threshold"]) if t["key"] == "loader_overhead" else f"{t['threshold']:.2f}"
-        verdict = "not run" if t["met"] is None else ("**met**" if t["met"] else "**missed**")
-        row = f"| {t['what']} | {fmt(t['value'])} | {t['op']} {thr} | {verdict} |"
+        row = f"| {t['what']} | {fmt(t['value'])} | {t['op']} {thr} | {verdict(t)} |"
         if cpu_col:
             row += ("" if t["value_cpu_time"] is None else
                     f" {fmt(t['value_cpu_time'])} ({'met' if t['met_cpu_time'] else 'missed'})") + " |"
@@ -598,9 +630,7 @@ def _realshape_finding(results: dict, key: str) -> list[str]:
     if key == "realshape_mem_fpo_vs_materialized":
         pa = (losses.get("fpo", {}).get("phases") or {}).get("peak_above_start_mb") or {}
         pb = (losses.get("fpo-materialized", {}).get("phases") or {}).get("peak_above_start_mb") or {}
-        keys = sorted(set(pa) | set(pb), key=lambda k: -max(pa.get(k, 0), pb.get(k, 0)))[:6]
-        return ["- peak above each phase's start in the profiled step (fpo / fpo-materialized, MB): " + ", ".join(
-            f"{k} {_f(pa.get(k), '.0f')} / {_f(pb.get(k), '.0f')}" for k in keys)] if keys else []
+        return _phase_peaks("fpo", "fpo-materialized", pa, pb)
     if key == "realshape_cache_vs_bare_forward":
         parts = ((rs.get("cache") or {}).get("compute") or {}).get("reference_pass_parts_s") or {}
         tot = parts.get("total") or 1.0

@@ -62,7 +62,7 @@ def _f(x, fmt=".3f"):
 
 
 def markdown(res: dict) -> str:
-    from bench.report import check_targets_of
+    from bench.report import PER_STEP_NOTE, check_targets_of, target_row
 
     rat, t = res["ratios"], res["train"]["losses"]
     lines = [
@@ -77,15 +77,10 @@ def markdown(res: dict) -> str:
         "",
         "| target | measured | threshold | | CPU seconds / peaks as measured |", "|---|---:|---:|---|---:|",
     ]
-    for tg in check_targets_of(rat, TARGETS, SECOND_VALUE):
-        verdict = "not run" if tg["met"] is None else ("**met**" if tg["met"] else "**missed**")
-        lines.append(f"| {tg['what']} | {_f(tg['value'])} | {tg['op']} {tg['threshold']} | {verdict} | "
-                     f"{_f(tg['value_cpu_time'])} |")
-    iv = rat.get("tdpo_offline_time_vs_online_interval")
+    lines += [target_row(tg, rat) for tg in check_targets_of(rat, TARGETS, SECOND_VALUE)]
     ivf = rat.get("tdpo_offline_time_vs_fpo_interval")
-    lines += ["", "Step-time ratios as geometric means of the per-step ratios (paired by step) with 95 % t-intervals: "
-              + (f"tdpo2-offline / tdpo2 {iv['mean']:.3f} [{iv['lo']:.3f}, {iv['hi']:.3f}]" if iv else "—") + "; "
-              + (f"tdpo2-offline / fpo {ivf['mean']:.3f} [{ivf['lo']:.3f}, {ivf['hi']:.3f}]" if ivf else "—")
+    lines += ["", PER_STEP_NOTE + ". tdpo2-offline / fpo step time: per step "
+              + (f"{ivf['mean']:.3f} [{ivf['lo']:.3f}, {ivf['hi']:.3f}]" if ivf else "—")
               + f". tdpo2-offline / fpo peak memory above setup {_f(rat.get('tdpo_offline_mem_vs_fpo'))} (as measured "
               f"{_f(rat.get('tdpo_offline_mem_vs_fpo_measured'))}).", "",
               "| run | step time (s) | CPU s / step | peak above setup (MB / rank) | peak (MB / rank) | resident models |",

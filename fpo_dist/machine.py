@@ -1,7 +1,7 @@
 """What machine a figure was measured on: the CPU (model and the ISA extensions that move CPU kernels' speed and
-rounding), its cores, and the GPU where one is used.  Named beside every step time and memory figure (the trainer's
-``run_info.json``, the studies' reports, ``bench/``): the same code's step times, and even its ratios, differ between
-an AMD EPYC and an Intel Xeon with AMX."""
+rounding), its cores, and the GPU where one is used.  Recorded beside the step times and memory figures of the
+trainer's ``run_info.json``, the studies' reports (``fpo_dist.demo.study``, ``real_study``, ``tdpo_offline``) and
+``bench/``: the same code's step times, and even its ratios, differ between an AMD EPYC and an Intel Xeon with AMX."""
 
 from __future__ import annotations
 
@@ -37,11 +37,14 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def describe(device: str = "cpu") -> dict:
+def describe(device: str | None = None) -> dict:
     """``{"cpu", "cpu_cores", "cpu_cores_usable", "torch", "gpu"}``; ``gpu`` is the CUDA device's name when
-    ``device`` is a CUDA device, else None."""
+    ``device`` is a CUDA device, else None; ``device`` None: CUDA where available (where the trainer runs by
+    default), else the CPU."""
     import torch
 
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = None
     if str(device).startswith("cuda") and torch.cuda.is_available():
         gpu = torch.cuda.get_device_name(torch.device(device))

@@ -452,21 +452,32 @@ def flip_byte_silently(store_path: str | os.PathLike, chunk: str | os.PathLike, 
 # ---------------------------------------------------------------------------------------------------------
 
 
+# Ray's longest AF_UNIX socket path below ``$RAY_TMPDIR``: ``/ray/session_<date>_<time>_<µs>_<pid>/sockets/<name>``,
+# the longest name a dashboard module's ``dash_TaskEventsHead`` (≤ 75 bytes with a 7-digit pid; 80 kept); Linux allows 107
+# bytes in all (``ray._private.utils.validate_socket_filepath``)
+RAY_SOCKET_TAIL, AF_UNIX_MAX = 80, 107
+
+
 @contextlib.contextmanager
-def private_tmpdir(prefix: str):
+def private_tmpdir(prefix: str, *, ray: bool = False):
     """Make a fresh directory the ``TMPDIR`` of every process started from here until exit, then restore the
     environment and remove the directory with whatever was left in it; yields its path.
 
     What a process killed on purpose made in its temp directory (wandb's two import-time directories in every
     process that imports sae-lens, multiprocessing's ``pymp-*``) and what torchrun never removes (its default
-    ``torchelastic_*`` log directory) go with it.  This process keeps the temp directory it has (read first);
-    Ray's directories stay where Ray would put them without it (``RAY_TMPDIR``)."""
+    ``torchelastic_*`` log directory) go with it.  This process keeps the temp directory it has (read first).
+    ``ray``: Ray's directory too (``RAY_TMPDIR`` = the directory, so ``<dir>/ray``: the session directories, their
+    logs and sockets, which Ray never removes), where its socket paths stay within the kernel's limit; otherwise, and
+    without ``ray``, Ray's directories stay where Ray would put them without this directory."""
     import shutil
     import tempfile
 
     saved = {k: os.environ.get(k) for k in ("TMPDIR", "RAY_TMPDIR")}
     private = tempfile.mkdtemp(prefix=prefix, dir=tempfile.gettempdir())  # short: AF_UNIX socket paths under it
-    os.environ["RAY_TMPDIR"] = saved["RAY_TMPDIR"] or saved["TMPDIR"] or "/tmp"  # Ray's own rule without RAY_TMPDIR
+    if ray and len(private.encode()) + RAY_SOCKET_TAIL <= AF_UNIX_MAX:
+        os.environ["RAY_TMPDIR"] = private
+    else:
+        os.environ["RAY_TMPDIR"] = saved["RAY_TMPDIR"] or saved["TMPDIR"] or "/tmp"  # Ray's own rule
     os.environ["TMPDIR"] = private
     try:
         yield Path(private)

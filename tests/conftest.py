@@ -27,12 +27,14 @@ NETNS_NOTE = "FPO_TEST_NETNS=0" if os.environ.get("FPO_TEST_NETNS") == "0" else 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Temporary files: every process the tests start gets a private TMPDIR, removed when the run ends
+# Temporary files: every process the tests start gets a private TMPDIR, Ray's directory in it, removed when the run ends
 # ---------------------------------------------------------------------------------------------------------
 
 # Why: a process a test kills on purpose (a cache worker, a driver, a training rank) cannot remove what it made in the
-# temp directory, and torchrun never removes its default log directory (``fpo_dist.testing.private_tmpdir``).
+# temp directory, torchrun never removes its default log directory, and Ray never removes a session's directory
+# (its logs and sockets, ~8 per run of the suite) (``fpo_dist.testing.private_tmpdir``).
 _PRIVATE_TMP = contextlib.ExitStack()
+SUITE_TMP: Path | None = None  # that directory, while the run lasts
 
 
 # SLURM for test_cluster.py: the local harness installs slurm-wlm + munge with apt-get where they are missing, which
@@ -64,10 +66,10 @@ def _install_slurm_first(config) -> None:
 
 
 def pytest_configure(config):
-    global NETNS_NOTE
+    global NETNS_NOTE, SUITE_TMP
     from fpo_dist.testing import private_tmpdir
 
-    _PRIVATE_TMP.enter_context(private_tmpdir("fpo-tests-"))
+    SUITE_TMP = _PRIVATE_TMP.enter_context(private_tmpdir("fpo-tests-", ray=True))
     if NETNS_NOTE is None:
         from fpo_dist.netns import enter_private_network
 

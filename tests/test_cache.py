@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def ray_session():
 
     Its processes, and every process this module's tests start, get a private ``TMPDIR`` (:func:`workers_tmp`),
     removed at the end: what the deliberately killed workers and drivers leave goes with it, and a test can see what
-    a job's workers left behind.  Ray's own directory stays where it would have been (``RAY_TMPDIR``)."""
+    a job's workers left behind.  Ray's own directory stays the suite's (``RAY_TMPDIR``, set by conftest)."""
     from fpo_dist.cache import init_local_ray
     from fpo_dist.testing import private_tmpdir
 
@@ -96,6 +97,36 @@ def assert_workers_left_no_temporary_files(before: set[str], timeout_s: float = 
             break
         time.sleep(0.1)
     assert not left, f"left in the workers' temp directory {workers_tmp()}: {sorted(left)}"
+
+
+def test_the_suites_ray_sessions_go_with_its_private_temp_dir(ray_session, tmp_path):
+    """Ray never removes a session's directory (logs, sockets): the suite's Ray instances keep theirs under the suite's
+    private temp directory (``RAY_TMPDIR``, conftest), which is removed at the end; so is every cache job's local
+    instance started from here, which inherits it.  Where that directory's path would make Ray's socket paths too long
+    for the kernel, Ray's directory stays where Ray puts it (then this test is skipped, after checking that rule)."""
+    import conftest
+
+    from fpo_dist.testing import AF_UNIX_MAX, RAY_SOCKET_TAIL, private_tmpdir
+
+    outer = os.environ["RAY_TMPDIR"]
+    deep = tmp_path / ("d" * (AF_UNIX_MAX - RAY_SOCKET_TAIL))
+    deep.mkdir()
+    kept, tempfile.tempdir = tempfile.tempdir, str(deep)  # where private_tmpdir makes its directory
+    try:
+        with private_tmpdir("x-", ray=True) as d:
+            assert d.parent == deep and os.environ["RAY_TMPDIR"] == outer  # too long: where Ray would put it
+            assert os.environ["TMPDIR"] == str(d)
+    finally:
+        tempfile.tempdir = kept
+    assert os.environ["RAY_TMPDIR"] == outer and not d.exists()
+
+    assert conftest.SUITE_TMP is not None
+    if outer != str(conftest.SUITE_TMP):
+        pytest.skip(f"the suite's temp directory {conftest.SUITE_TMP} is too long for Ray's sockets under it")
+    session = Path(ray_session._private.worker._global_node.get_session_dir_path())
+    assert session.is_relative_to(conftest.SUITE_TMP / "ray"), session
+    longest = max(len(str(p).encode()) for p in (session / "sockets").iterdir())
+    assert longest <= len(outer.encode()) + RAY_SOCKET_TAIL <= AF_UNIX_MAX  # the margin holds here
 
 
 def build(cfg, ray_session):

@@ -33,7 +33,7 @@ def _fake(step, cpu, peak, after, losses=None, margins=None, **extra):
             "losses": losses or [LN2, 0.69, 0.68], "margins": margins or [0.0, 0.006, 0.02], **extra}
 
 
-def test_ratios_targets_and_markdown_on_made_up_numbers():
+def test_ratios_targets_and_markdown_on_made_up_numbers(tmp_path):
     from bench import peer
 
     trl1 = _fake(10.0, 20.0, 6000, 4000, losses=[LN2, 0.69001, 0.68], tokens_match_order=True)
@@ -81,6 +81,42 @@ def test_ratios_targets_and_markdown_on_made_up_numbers():
            "**met** | 0.917 |" in md
     assert "max |Δ loss| TRL vs fpo-dist DPO over 3 steps **1.00e-05**" in md and "**do not match**" in md
     assert "| 2 | 0.6900000 | 0.6900100 |" in md and "- a note" in md
+
+    # per-step times (the same pair on both sides at each step): the judged time ratios get an interval
+    timed = {w: {k: dict(v) for k, v in r.items()} for w, r in runs.items()}
+    timed[2]["dpo"]["step_times_s"], timed[2]["fpo"]["step_times_s"] = [13.0, 26.0, 13.5], [14.0, 30.0, 13.0]
+    timed[1]["dpo"]["step_times_s"], timed[1]["trl"]["step_times_s"] = [8.0, 16.0, 4.0], [10.0, 20.0, 5.0]
+    rat = peer.ratios(timed)
+    iv = rat["peer_time_fpo_vs_dpo_2ranks_interval"]
+    logs = [math.log(14 / 13), math.log(30 / 26), math.log(13 / 13.5)]
+    assert iv["n"] == 3 and iv["mean"] == pytest.approx(math.exp(sum(logs) / 3))
+    assert iv["lo"] < 1.05 < iv["hi"]  # three steps this far apart do not separate the ratio from the threshold
+    same = rat["peer_time_dpo_vs_trl_1proc_interval"]  # 0.8 at every step: a point
+    assert same["lo"] == pytest.approx(0.8) and same["hi"] == pytest.approx(0.8)
+    assert rat["peer_time_fpo_vs_dpo_1proc_interval"] is None  # no per-step times: none
+    md = peer.markdown({**res, "runs": {str(w): v for w, v in timed.items()}, "ratios": rat,
+                        "targets": peer.check_targets(rat)})
+    assert (f"| 2 ranks, ZeRO-3: fpo-dist FPO / fpo-dist DPO, step time | 1.077 (per step {iv['mean']:.3f} "
+            f"[{iv['lo']:.3f}, {iv['hi']:.3f}]) | <= 1.05 | **missed** (not separated: the per-step interval holds the "
+            "threshold) |") in md
+    assert "| 1 process: fpo-dist DPO (no DeepSpeed config) / TRL DPOTrainer (precomputed reference), step time | " \
+           "0.800 (per step 0.800 [0.800, 0.800]) | <= 0.85 | **met** |" in md
+    # the median's verdict and the per-step interval on opposite sides of the threshold: said
+    timed[1]["fpo"]["step_times_s"], timed[1]["dpo"]["step_times_s"] = [9.0, 9.0, 9.0], [8.0, 8.0, 8.0]
+    md = peer.markdown({**res, "ratios": peer.ratios(timed), "targets": peer.check_targets(peer.ratios(timed))})
+    assert ("| 1 process: fpo-dist FPO / fpo-dist DPO, step time | 1.025 (per step 1.125 [1.125, 1.125]) | <= 1.05 | "
+            "**met** (the per-step interval lies on the other side of the threshold) |") in md
+
+    # --rederive: a results file's ratios, targets and markdown recomputed from its runs (made with older code here)
+    path = tmp_path / "peer-cpu-quick.json"
+    for w in timed:  # what notes() reads of a TRL run
+        timed[w]["trl"].update(attn_implementation="sdpa", world_size=w, distributed_type="NO", optimizer="AdamW",
+                               optim="adamw_torch_fused", threads=1, precompute_and_init_s=1.0)
+    path.write_text(json.dumps({**res, "preset": "quick", "runs": {str(w): v for w, v in timed.items()}}))
+    again = peer.rederive(path)
+    assert again["ratios"] == json.loads(path.read_text())["ratios"] == peer.ratios(timed)
+    assert "| 2 ranks, ZeRO-3: fpo-dist FPO / fpo-dist DPO, step time | 1.077 (per step " in \
+        path.with_suffix(".md").read_text()  # the markdown rewritten beside it, with the intervals
 
 
 def test_the_global_order_is_the_loaders():
