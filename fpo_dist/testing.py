@@ -452,9 +452,9 @@ def flip_byte_silently(store_path: str | os.PathLike, chunk: str | os.PathLike, 
 # ---------------------------------------------------------------------------------------------------------
 
 
-# Ray's longest AF_UNIX socket path below ``$RAY_TMPDIR``: ``/ray/session_<date>_<time>_<µs>_<pid>/sockets/<name>``,
-# the longest name a dashboard module's ``dash_TaskEventsHead`` (≤ 75 bytes with a 7-digit pid; 80 kept); Linux allows 107
-# bytes in all (``ray._private.utils.validate_socket_filepath``)
+# Ray's longest AF_UNIX socket path below ``$RAY_TMPDIR``: ``/ray/session_<date>_<time>_<µs>_<pid>/sockets/<name>``
+# with the longest name, a dashboard module's ``dash_TaskEventsHead``: ≤ 75 bytes with a 7-digit pid (80 kept);
+# Linux allows 107 bytes in all (``ray._private.utils.validate_socket_filepath``)
 RAY_SOCKET_TAIL, AF_UNIX_MAX = 80, 107
 
 
