@@ -60,8 +60,8 @@ bench-realshape: install
 	OMP_NUM_THREADS=1 $(PY) -m bench.run --preset cpu,realshape $(BENCH_ARGS)
 
 # the peer bench (issue 22): TRL 1.16's DPOTrainer (dev extra) beside fpo-dist's DPO and FPO on the same cached token
-# ids, order and batch, 1 process and 2 ranks under ZeRO-3, Gemma 3 270M (~10 min) → bench/results/peer-cpu.{json,md},
-# its ratios merged into bench/results/cpu.json
+# ids, order and batch, 1 process and 2 ranks under ZeRO-3, Gemma 3 270M, 2 interleaved rounds of 1 + 5 steps per run
+# (~25 min) → bench/results/peer-cpu.{json,md}, its ratios merged into bench/results/cpu.json
 bench-peer: install
 	$(PY) -m bench.peer --preset realshape $(PEER_ARGS)
 

@@ -1,11 +1,13 @@
 """Peer benchmark (issue 22): TRL 1.16's ``DPOTrainer`` side by side with fpo-dist's DPO and FPO, in one run.
 
-    python -m bench.peer [--preset realshape|quick] [--steps 4] [--warmup 1] [--out bench/results]
+    python -m bench.peer [--preset realshape|quick] [--steps 5] [--rounds 2] [--warmup 1] [--out bench/results]
                          [--worlds 1,2] [--lr 1e-6] [--keep] [--workdir DIR]
     python -m bench.peer --rederive bench/results/peer-cpu.json   # checks, ratios, targets, .md from its runs
 
 One cache store (the real Ray cache job, ``bench.cache.bench_cache_job``) holds the token ids and the reference
-log-prob sums; then, one launch each (torchrun on 127.0.0.1, gloo, in its own process group, killed as a group):
+log-prob sums; then ``--rounds`` launches of each run (torchrun on 127.0.0.1, gloo, in its own process group, killed
+as a group), interleaved ABC CBA … with the other runs' so that a drift of the host's speed falls on both sides of
+every ratio (``launch_order``, ``pool_rounds``):
 
 - 1 process: fpo-dist ``dpo`` and ``fpo`` without a DeepSpeed config (ZeRO stage 0: what one device runs), and TRL's
   ``DPOTrainer`` on plain PyTorch;
@@ -23,7 +25,7 @@ fpo-dist's DPO reads the reference log-prob sums from the cache; TRL computes th
 per-step loss and reward margin (mean over ranks), compared between TRL and fpo-dist's DPO as a check that both
 train the same thing.  A launch measured while other processes kept more than 0.25 cores busy is run once more
 and the quieter attempt kept.  Writes ``OUT/peer-cpu.json`` and ``.md`` (``--preset quick``: ``peer-cpu-quick.*``);
-``realshape`` (Gemma 3 270M, the realshape preset's rows) takes ~10 min on 2 cores.
+``realshape`` (Gemma 3 270M, the realshape preset's rows, 2 rounds of 1 + 5 steps) takes ~25 min on 2 cores.
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ class Plan:
     """What every run shares."""
 
     warmup: int
-    steps: int  # measured
+    steps: int  # measured, per launch
     lr: float
     beta: float
     seed: int = 0
@@ -161,6 +163,7 @@ class Plan:
     fused: bool = True
     timeout_s: int = 900
     trl_keep_precompute_engine: bool = False  # skip TRL's ZeRO-3 workaround (to see whether it is still needed)
+    rounds: int = 1  # launches per run, interleaved with the other runs' (launch_order)
 
     @property
     def total(self) -> int:
@@ -185,6 +188,58 @@ def trl_args(dataset: Path, model_dir: str, out: Path, world: int, plan: Plan) -
             "--steps", str(plan.total), "--deepspeed", str(ZERO3) if world > 1 else "", "--lr", str(plan.lr),
             "--beta", str(plan.beta), "--grad_clip", str(plan.grad_clip), "--seed", str(plan.seed),
             "--fused", str(plan.fused).lower(), *(["--keep_precompute_engine"] if plan.trl_keep_precompute_engine else [])]
+
+
+# --------------------------------------------------------------------------------------------- rounds
+
+
+def launch_order(names: tuple[str, ...], rounds: int) -> list[tuple[int, str]]:
+    """``(round, run)`` in launch order: the runs forwards in even rounds and backwards in odd ones (ABC CBA ABC …).
+    A run's launches are each paired with the other runs' of the same round, minutes apart, so a drift of the
+    host's speed over the bench's half hour falls on both sides of every ratio; with an even number of rounds
+    every two runs go first equally often, so a trend within a round cancels too."""
+    return [(k, n) for k in range(rounds) for n in (names if k % 2 == 0 else tuple(reversed(names)))]
+
+
+ROUND_KEYS = ("step_time_s", "step_times_s", "cpu_s_per_step", "peak_memory_mb", "peak_above_setup_mb", "after_setup_mb",
+              "host_load", "launch_s")
+
+
+def _after_setup_mb(r: dict) -> float | None:
+    mem = r.get("memory_by_rank") or []
+    return max(m["after_setup"]["rss_mb"] for m in mem) if mem else None
+
+
+def pool_rounds(launches: list[dict]) -> dict:
+    """One run's launches (each from scratch on the same pairs in the same order) as one run: the measured steps of
+    every round in round order (step ``i`` of round ``k`` pairs with the other runs' step ``i`` of round ``k``), the
+    median step time over all of them, the median over rounds of CPU seconds and of each memory figure; the losses,
+    margins and the rest of round 0, and ``rounds_loss_max_abs_diff``: how far the other rounds' losses are from
+    round 0's (the same training again: 0 where it is deterministic).  ``rounds`` keeps each launch's figures.
+    One launch is returned as it is."""
+    if len(launches) == 1:
+        return launches[0]
+    first = launches[0]
+    times = [t for r in launches for t in r["step_times_s"]]
+
+    def med(key):
+        xs = [r.get(key) for r in launches]
+        return statistics.median(xs) if all(x is not None for x in xs) else None
+
+    for r in launches:
+        r.setdefault("after_setup_mb", _after_setup_mb(r))
+    diffs = [max_abs_diff(first["losses"], r["losses"]) for r in launches[1:]]
+    pooled = {**first, "step_times_s": times, "step_time_s": statistics.median(times), "min_step_time_s": min(times),
+              "cpu_s_per_step": med("cpu_s_per_step"), "peak_memory_mb": med("peak_memory_mb"),
+              "peak_above_setup_mb": med("peak_above_setup_mb"), "after_setup_mb": med("after_setup_mb"),
+              "host_load": {"others_cores": max(r["host_load"]["others_cores"] for r in launches)},
+              "launch_s": sum(r["launch_s"] for r in launches),
+              "rounds_loss_max_abs_diff": None if None in diffs else max(diffs),
+              "rounds": [{k: r.get(k) for k in ROUND_KEYS} for r in launches]}
+    if "tokens_match_order" in first:  # TRL's: every round's tokens checked
+        pooled["tokens_match_order"] = all(r["tokens_match_order"] for r in launches)
+        pooled["ranks_off_order"] = sorted({x for r in launches for x in r["ranks_off_order"]})
+    return pooled
 
 
 # --------------------------------------------------------------------------------------------- summaries
@@ -365,13 +420,25 @@ def markdown(res: dict) -> str:
         for name, r in runs.items():
             if not r:
                 continue
-            after = max(m["after_setup"]["rss_mb"] for m in r["memory_by_rank"])
+            after = r.get("after_setup_mb") or _after_setup_mb(r)
             label = {"dpo": "fpo-dist dpo", "fpo": "fpo-dist fpo", "trl": "TRL DPOTrainer"}[name]
-            steps = ", ".join(f"{x:.2f}" for x in r.get("step_times_s") or [])
+            steps = " / ".join(", ".join(f"{x:.2f}" for x in q["step_times_s"])  # the rounds apart
+                               for q in r.get("rounds") or [r] if q.get("step_times_s"))
             lines.append(f"| {world} | {label} | {r.get('zero_stage')} | {r['step_time_s']:.2f} [{r['min_step_time_s']:.2f}] "
                          f"| {steps} | {_f(r.get('cpu_s_per_step'), '.1f')} | {r['peak_memory_mb']:.0f} | {after:.0f} | "
                          f"{_f(r.get('peak_above_setup_mb'), '.0f')} | {_f((r.get('host_load') or {}).get('others_cores'), '.2f')} |")
-    lines += ["", f"Steps: {p['warmup']} warm-up + {p['steps']} measured per run; 1 pair per rank per step, grad_accum 1; "
+    rounds = p.get("rounds", 1)
+    if rounds > 1:
+        same = [f"{WORLD_NAME.get(int(w), w)} {name} {_f(r.get('rounds_loss_max_abs_diff'), '.1e')}"
+                for w, runs in res["runs"].items() for name, r in runs.items() if r]
+        how = (f"{rounds} launches per run, each from scratch on the same pairs, in the order "
+               f"{' '.join(res.get('order') or [])} (run and round) at each world size: a drift of the host's speed "
+               "falls on both sides of every ratio; the measured steps of all rounds are pooled (step i of round k "
+               "paired with the other runs' step i of round k), memory and CPU seconds are the median over rounds. "
+               f"The rounds train the same: max |Δ loss| from round 0's: {'; '.join(same)}. ")
+    else:
+        how = ""
+    lines += ["", f"Steps: {how}{p['warmup']} warm-up + {p['steps']} measured per launch; 1 pair per rank per step, grad_accum 1; "
                   f"lr {p['lr']:g} constant (no warm-up), β {p['beta']:g}, grad clip {p['grad_clip']:g}, weight decay 0, "
                   f"AdamW (0.9, 0.999, 1e-8) {'fused' if p['fused'] else 'per-tensor'} on both sides, fp32, seed "
                   f"{p['seed']}. Threads: {res['threads_note']}. Host load: cores other processes kept busy during the "
@@ -446,10 +513,10 @@ def build_store(sizes, root: Path, log) -> tuple[str, str, dict]:
 
 def run(preset: str, plan: Plan, root: Path, worlds: tuple[int, ...], log=print,
         names: tuple[str, ...] = ("dpo", "trl", "fpo"), rerun_loaded: bool = True) -> dict:
-    """Every run of ``names`` at each world size, one launch each.  ``rerun_loaded``: a launch measured while other
-    processes kept more than ``bench.report.LOADED_CORES`` cores busy (with 2 threads on 2 cores a third busy
-    process inflates a step several-fold) is run once more at the end and the quieter attempt kept (both listed
-    under ``attempts``)."""
+    """Every run of ``names`` at each world size, ``plan.rounds`` launches each in :func:`launch_order`, pooled by
+    :func:`pool_rounds`.  ``rerun_loaded``: a launch measured while other processes kept more than
+    ``bench.report.LOADED_CORES`` cores busy (with 2 threads on 2 cores a third busy process inflates a step
+    several-fold) is run once more at the end and the quieter attempt kept (both listed under ``attempts``)."""
     from bench.presets import preset_named
     from bench.report import LOADED_CORES, HostLoad
     from fpo_dist.store import open_store
@@ -457,7 +524,7 @@ def run(preset: str, plan: Plan, root: Path, worlds: tuple[int, ...], log=print,
     sizes = preset_named(preset, "cpu")
     store, model_dir, built = build_store(sizes, root, log)
     ok = open_store(store).ok_rows()
-    runs: dict = {}
+    launches: dict = {}  # world → name → round → the launch's summary (None: failed)
     epochs: dict = {}
     failed: dict = {}
     pairs_by_world: dict = {}
@@ -475,35 +542,47 @@ def run(preset: str, plan: Plan, root: Path, worlds: tuple[int, ...], log=print,
                               plan.timeout_s)
                 r = summarize_ours(where / f"train_{name}", plan, name)
         except (RuntimeError, OSError, KeyError, ValueError) as e:
-            log(f"world {world} {name}: {str(e).splitlines()[0]}")
+            log(f"world {world} {name}{tag}: {str(e).splitlines()[0]}")
             failed[f"{WORLD_NAME.get(world, world)}_{name}{tag}"] = str(e)[-3000:]
             return None
         r.update(host_load=load.stop(), launch_s=wall)
-        log(f"world {world} {name}: {r['step_time_s']:.3f} s/step (median of {plan.steps}), peak "
+        log(f"world {world} {name}{tag}: {r['step_time_s']:.3f} s/step (median of {plan.steps}), peak "
             f"{r['peak_memory_mb']:.0f} MB/rank, above setup {_f(r['peak_above_setup_mb'], '.0f')} MB, launch "
             f"{wall:.0f} s, other processes {r['host_load']['others_cores']:.2f} cores, losses "
             f"{[round(x, 6) for x in r['losses']]}")
         return r
 
+    def where(world: int, k: int, name: str, sub: str = "") -> tuple[Path, str]:
+        tag = f"_round{k}" if plan.rounds > 1 else ""
+        return root / sub / f"w{world}" / (f"r{k}" if plan.rounds > 1 else "") / name, tag
+
     for world in worlds:
         rows, epochs[world] = global_order(ok, plan.seed, world, plan.total)
         datasets[world] = root / f"dataset_w{world}"
         pairs_by_world[world] = write_dataset(store, rows, datasets[world])
-        runs[world] = {name: attempt(world, name, root / f"w{world}" / name) for name in names}
-    loaded = [(w, n) for w in worlds for n in names
-              if rerun_loaded and runs[w][n] and runs[w][n]["host_load"]["others_cores"] > LOADED_CORES]
-    for world, name in loaded:
-        log(f"world {world} {name}: other processes kept {runs[world][name]['host_load']['others_cores']:.2f} cores "
-            "busy; measuring once more")
-        first, again = runs[world][name], attempt(world, name, root / "rerun" / f"w{world}" / name, "_rerun")
+        launches[world] = {name: [None] * plan.rounds for name in names}
+        for k, name in launch_order(names, plan.rounds):
+            launches[world][name][k] = attempt(world, name, *where(world, k, name))
+    loaded = [(w, n, k) for w in worlds for n in names for k in range(plan.rounds)
+              if rerun_loaded and launches[w][n][k] and launches[w][n][k]["host_load"]["others_cores"] > LOADED_CORES]
+    for world, name, k in loaded:
+        first = launches[world][name][k]
+        log(f"world {world} {name}: other processes kept {first['host_load']['others_cores']:.2f} cores busy; "
+            "measuring once more")
+        path, tag = where(world, k, name, "rerun")
+        again = attempt(world, name, path, tag + "_rerun")
         if again is None:
             continue
         keep = min((first, again), key=lambda r: r["host_load"]["others_cores"])
-        keep["attempts"] = [{k: r[k] for k in ("step_time_s", "step_times_s", "cpu_s_per_step", "peak_memory_mb",
-                                               "peak_above_setup_mb", "host_load")} for r in (first, again)]
-        runs[world][name] = keep
+        keep["attempts"] = [{key: r[key] for key in ("step_time_s", "step_times_s", "cpu_s_per_step", "peak_memory_mb",
+                                                     "peak_above_setup_mb", "host_load")} for r in (first, again)]
+        launches[world][name][k] = keep
+    runs = {w: {n: None if None in ls else pool_rounds(ls) for n, ls in by_name.items()}
+            for w, by_name in launches.items()}
     return {"sizes": sizes.to_dict(), "built": built, "store": store, "model_dir": model_dir, "runs": runs,
-            "epochs": epochs, "failed": failed, "rerun": [f"{WORLD_NAME[w]}_{n}" for w, n in loaded],
+            "epochs": epochs, "failed": failed,
+            "rerun": [f"{WORLD_NAME[w]}_{n}" + (f"_round{k}" if plan.rounds > 1 else "") for w, n, k in loaded],
+            "order": [f"{n}{k}" for k, n in launch_order(names, plan.rounds)],
             "rows": {WORLD_NAME.get(w, w): [p["row"] for p in ps] for w, ps in pairs_by_world.items()}}
 
 
@@ -559,7 +638,10 @@ def merge_into_bench_results(res: dict, out: Path) -> Path | None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.peer", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="realshape", choices=("realshape", "quick"))
-    ap.add_argument("--steps", type=int, default=None, help="measured steps per run (default: realshape 4, quick 2)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="measured steps per launch (default: realshape 5, quick 2)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="launches per run, interleaved ABC CBA … with the other runs' (default: realshape 2, quick 1)")
     ap.add_argument("--warmup", type=int, default=1, help="steps skipped before the measured ones")
     ap.add_argument("--worlds", default="1,2", help="comma-separated world sizes among 1 and 2")
     ap.add_argument("--runs", default="dpo,trl,fpo", help="comma-separated subset of dpo, trl, fpo (development)")
@@ -598,12 +680,16 @@ def main(argv: list[str] | None = None) -> dict:
     log = lambda msg: print(f"[peer {time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
     log("network: " + ("a private namespace (only lo)" if netns is None else f"the host's ({netns})"))
     real = a.preset == "realshape"
-    plan = Plan(warmup=a.warmup, steps=a.steps or (4 if real else 2), lr=a.lr or (1e-6 if real else 1e-4), beta=a.beta,
-                timeout_s=a.timeout or (900 if real else 300), trl_keep_precompute_engine=a.trl_keep_precompute_engine)
+    plan = Plan(warmup=a.warmup, steps=a.steps or (5 if real else 2), lr=a.lr or (1e-6 if real else 1e-4), beta=a.beta,
+                timeout_s=a.timeout or (900 if real else 300), trl_keep_precompute_engine=a.trl_keep_precompute_engine,
+                rounds=a.rounds or (2 if real else 1))
+    if plan.rounds < 1 or plan.steps < 1:
+        ap.error("--rounds and --steps: at least 1")
     command = " ".join(["python -m bench.peer", *(shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))])
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="fpo-peer-", dir=a.workdir))
-    log(f"preset {a.preset}, worlds {worlds}, {plan.warmup}+{plan.steps} steps per run; work dir {tmp}")
+    log(f"preset {a.preset}, worlds {worlds}, {plan.rounds} round(s) of {plan.warmup}+{plan.steps} steps per run; "
+        f"work dir {tmp}")
     try:
         r = run(a.preset, plan, tmp, worlds, log, names)
     finally:
@@ -623,7 +709,8 @@ def main(argv: list[str] | None = None) -> dict:
         "threads_note": f"{os.cpu_count()} per process at 1 process, {max(1, (os.cpu_count() or 2) // 2)} per rank at 2 "
                         "ranks (OMP_NUM_THREADS), the same on both sides",
         "runs": {str(w): v for w, v in r["runs"].items()}, "epochs": {str(w): v for w, v in r["epochs"].items()},
-        "rows": r["rows"], "failed": r["failed"], "rerun": r["rerun"], "sizes": r["sizes"], "cache_job": r["built"]["cache_job"],
+        "rows": r["rows"], "failed": r["failed"], "rerun": r["rerun"], "order": r["order"], "sizes": r["sizes"],
+        "cache_job": r["built"]["cache_job"],
         "wall_s": time.perf_counter() - t0,
     }
     finish(res)

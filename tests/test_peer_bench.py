@@ -119,6 +119,63 @@ def test_ratios_targets_and_markdown_on_made_up_numbers(tmp_path):
         path.with_suffix(".md").read_text()  # the markdown rewritten beside it, with the intervals
 
 
+def test_rounds_are_interleaved_and_pooled_round_by_round():
+    """``--rounds``: ABC CBA (every two runs go first once in two rounds), and a run's launches pooled so that step
+    i of round k stays paired with the other runs' step i of round k."""
+    import itertools
+
+    from bench import peer
+
+    names = ("dpo", "trl", "fpo")
+    order = peer.launch_order(names, 2)
+    assert order == [(0, "dpo"), (0, "trl"), (0, "fpo"), (1, "fpo"), (1, "trl"), (1, "dpo")]
+    for a, b in itertools.combinations(names, 2):
+        first = [[n for k, n in order if k == rnd].index(a) < [n for k, n in order if k == rnd].index(b)
+                 for rnd in range(2)]
+        assert sorted(first) == [False, True], (a, b)
+    assert peer.launch_order(names, 1) == [(0, n) for n in names]
+
+    def launch(times, cpu, peak, after, losses, others=0.01, **extra):
+        return _fake(sorted(times)[len(times) // 2], cpu, peak, after, losses=losses, step_times_s=times,
+                     host_load={"others_cores": others}, launch_s=10.0, **extra)
+
+    one = launch([2.0, 4.0, 3.0], 5.0, 6000, 4000, [LN2, 0.69, 0.68])
+    assert peer.pool_rounds([one]) is one  # one round: as it is
+    dpo = peer.pool_rounds([one, launch([1.0, 2.0, 1.5], 3.0, 6400, 4200, [LN2, 0.69, 0.6801], others=0.2),
+                            launch([3.0, 6.0, 4.5], 7.0, 6100, 4050, [LN2, 0.69, 0.68])])
+    assert dpo["step_times_s"] == [2.0, 4.0, 3.0, 1.0, 2.0, 1.5, 3.0, 6.0, 4.5]  # round by round
+    assert dpo["step_time_s"] == 3.0 and dpo["min_step_time_s"] == 1.0
+    assert dpo["cpu_s_per_step"] == 5.0 and dpo["peak_memory_mb"] == 6100  # medians over the rounds
+    assert dpo["peak_above_setup_mb"] == 2050 and dpo["after_setup_mb"] == 4050
+    assert dpo["losses"] == [LN2, 0.69, 0.68] and dpo["rounds_loss_max_abs_diff"] == pytest.approx(1e-4)
+    assert dpo["host_load"]["others_cores"] == 0.2 and dpo["launch_s"] == 30.0 and len(dpo["rounds"]) == 3
+    # TRL's token check: one round off the order puts the pooled run off it
+    trl = peer.pool_rounds([launch([2.0, 4.0, 3.0], 5.0, 6000, 4000, [LN2], tokens_match_order=True,
+                                   ranks_off_order=[]),
+                            launch([2.0, 4.0, 3.0], 5.0, 6000, 4000, [LN2], tokens_match_order=False,
+                                   ranks_off_order=[1])])
+    assert trl["tokens_match_order"] is False and trl["ranks_off_order"] == [1]
+
+    # the pooled steps pair round by round: a host twice as slow in round 1 for both runs leaves the ratio at 0.5
+    fpo = peer.pool_rounds([launch([1.0, 2.0, 1.5], 2.5, 6000, 4000, [LN2]),
+                            launch([2.0, 4.0, 3.0], 5.0, 6000, 4000, [LN2])])
+    slow = peer.pool_rounds([launch([2.0, 4.0, 3.0], 5.0, 6000, 4000, [LN2]),
+                             launch([4.0, 8.0, 6.0], 10.0, 6000, 4000, [LN2])])
+    iv = peer.ratios({2: {"fpo": fpo, "dpo": slow}})["peer_time_fpo_vs_dpo_2ranks_interval"]
+    assert iv["n"] == 6 and iv["lo"] == pytest.approx(0.5) and iv["hi"] == pytest.approx(0.5)
+
+    res = {"command": "python -m bench.peer --rounds 3", "date_utc": "2026-12-07T00:00:00Z", "commit": "abc",
+           "cpu": {"model": "Some CPU", "cores": 2}, "versions": {"trl": "1.16.0"}, "model": "m", "data": "d",
+           "plan": {"warmup": 1, "steps": 3, "lr": 1e-5, "beta": 0.1, "grad_clip": 1.0, "fused": True, "seed": 0,
+                    "rounds": 3},
+           "order": ["dpo0", "dpo1", "dpo2"], "threads_note": "2", "wall_s": 1.0, "runs": {"1": {"dpo": dpo}},
+           "checks": {}, "targets": [], "notes": [], "failed": {}, "epochs": {}}
+    md = peer.markdown(res)
+    assert "| 2.00, 4.00, 3.00 / 1.00, 2.00, 1.50 / 3.00, 6.00, 4.50 |" in md
+    assert "3 launches per run" in md and "in the order dpo0 dpo1 dpo2" in md and "1proc dpo 1.0e-04" in md
+    assert "| 4050 | 2050 |" in md  # after setup and above it: the rounds' medians
+
+
 def test_the_global_order_is_the_loaders():
     from bench.peer import global_order
     from fpo_dist.loader import SampleOrder, Topology
