@@ -7,7 +7,7 @@
 One cache store (the real Ray cache job, ``bench.cache.bench_cache_job``) holds the token ids and the reference
 log-prob sums; then ``--rounds`` launches of each run (torchrun on 127.0.0.1, gloo, in its own process group, killed
 as a group), interleaved ABC CBA … with the other runs' so that a drift of the host's speed falls on both sides of
-every ratio (``launch_order``, ``pool_rounds``):
+every ratio (``bench.train.launch_order``, ``pool_rounds``):
 
 - 1 process: fpo-dist ``dpo`` and ``fpo`` without a DeepSpeed config (ZeRO stage 0: what one device runs), and TRL's
   ``DPOTrainer`` on plain PyTorch;
@@ -44,6 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+
+from bench.train import max_abs_diff
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO3 = ROOT / "ds_configs" / "zero3.json"
@@ -163,7 +165,7 @@ class Plan:
     fused: bool = True
     timeout_s: int = 900
     trl_keep_precompute_engine: bool = False  # skip TRL's ZeRO-3 workaround (to see whether it is still needed)
-    rounds: int = 1  # launches per run, interleaved with the other runs' (launch_order)
+    rounds: int = 1  # launches per run, interleaved with the other runs' (bench.train.launch_order)
 
     @property
     def total(self) -> int:
@@ -188,58 +190,6 @@ def trl_args(dataset: Path, model_dir: str, out: Path, world: int, plan: Plan) -
             "--steps", str(plan.total), "--deepspeed", str(ZERO3) if world > 1 else "", "--lr", str(plan.lr),
             "--beta", str(plan.beta), "--grad_clip", str(plan.grad_clip), "--seed", str(plan.seed),
             "--fused", str(plan.fused).lower(), *(["--keep_precompute_engine"] if plan.trl_keep_precompute_engine else [])]
-
-
-# --------------------------------------------------------------------------------------------- rounds
-
-
-def launch_order(names: tuple[str, ...], rounds: int) -> list[tuple[int, str]]:
-    """``(round, run)`` in launch order: the runs forwards in even rounds and backwards in odd ones (ABC CBA ABC …).
-    A run's launches are each paired with the other runs' of the same round, minutes apart, so a drift of the
-    host's speed over the bench's half hour falls on both sides of every ratio; with an even number of rounds
-    every two runs go first equally often, so a trend within a round cancels too."""
-    return [(k, n) for k in range(rounds) for n in (names if k % 2 == 0 else tuple(reversed(names)))]
-
-
-ROUND_KEYS = ("step_time_s", "step_times_s", "cpu_s_per_step", "peak_memory_mb", "peak_above_setup_mb", "after_setup_mb",
-              "host_load", "launch_s")
-
-
-def _after_setup_mb(r: dict) -> float | None:
-    mem = r.get("memory_by_rank") or []
-    return max(m["after_setup"]["rss_mb"] for m in mem) if mem else None
-
-
-def pool_rounds(launches: list[dict]) -> dict:
-    """One run's launches (each from scratch on the same pairs in the same order) as one run: the measured steps of
-    every round in round order (step ``i`` of round ``k`` pairs with the other runs' step ``i`` of round ``k``), the
-    median step time over all of them, the median over rounds of CPU seconds and of each memory figure; the losses,
-    margins and the rest of round 0, and ``rounds_loss_max_abs_diff``: how far the other rounds' losses are from
-    round 0's (the same training again: 0 where it is deterministic).  ``rounds`` keeps each launch's figures.
-    One launch is returned as it is."""
-    if len(launches) == 1:
-        return launches[0]
-    first = launches[0]
-    times = [t for r in launches for t in r["step_times_s"]]
-
-    def med(key):
-        xs = [r.get(key) for r in launches]
-        return statistics.median(xs) if all(x is not None for x in xs) else None
-
-    for r in launches:
-        r.setdefault("after_setup_mb", _after_setup_mb(r))
-    diffs = [max_abs_diff(first["losses"], r["losses"]) for r in launches[1:]]
-    pooled = {**first, "step_times_s": times, "step_time_s": statistics.median(times), "min_step_time_s": min(times),
-              "cpu_s_per_step": med("cpu_s_per_step"), "peak_memory_mb": med("peak_memory_mb"),
-              "peak_above_setup_mb": med("peak_above_setup_mb"), "after_setup_mb": med("after_setup_mb"),
-              "host_load": {"others_cores": max(r["host_load"]["others_cores"] for r in launches)},
-              "launch_s": sum(r["launch_s"] for r in launches),
-              "rounds_loss_max_abs_diff": None if None in diffs else max(diffs),
-              "rounds": [{k: r.get(k) for k in ROUND_KEYS} for r in launches]}
-    if "tokens_match_order" in first:  # TRL's: every round's tokens checked
-        pooled["tokens_match_order"] = all(r["tokens_match_order"] for r in launches)
-        pooled["ranks_off_order"] = sorted({x for r in launches for x in r["ranks_off_order"]})
-    return pooled
 
 
 # --------------------------------------------------------------------------------------------- summaries
@@ -295,12 +245,6 @@ def summarize_trl(out: Path, plan: Plan, world: int, pairs: list[dict]) -> dict:
         "attn_implementation": ranks[0]["attn_implementation"], "threads": ranks[0]["threads"],
         "versions": ranks[0]["versions"],
     }
-
-
-def max_abs_diff(a: list | None, b: list | None) -> float | None:
-    if not a or not b or len(a) != len(b) or any(x is None for x in a + b):
-        return None
-    return max(abs(x - y) for x, y in zip(a, b))
 
 
 def compare(ours: dict | None, trl: dict | None) -> dict:
@@ -412,6 +356,8 @@ def markdown(res: dict) -> str:
             lines.append(f"| {i + 1} | {a:.7f} | {b:.7f} | {_f(w['dpo']['margins'][i], '.6f')} | "
                          f"{_f(w['trl']['margins'][i], '.6f')} |")
         lines.append("")
+    from bench.train import after_setup_mb
+
     lines += ["## Runs", "",
               "| world | run | ZeRO stage | step time (s), median [min] | measured steps (s) | CPU s/step | peak RSS (MB/rank) "
               "| after setup (MB) | peak − after setup (MB) | host load (cores) |",
@@ -420,7 +366,7 @@ def markdown(res: dict) -> str:
         for name, r in runs.items():
             if not r:
                 continue
-            after = r.get("after_setup_mb") or _after_setup_mb(r)
+            after = r.get("after_setup_mb") or after_setup_mb(r)
             label = {"dpo": "fpo-dist dpo", "fpo": "fpo-dist fpo", "trl": "TRL DPOTrainer"}[name]
             steps = " / ".join(", ".join(f"{x:.2f}" for x in q["step_times_s"])  # the rounds apart
                                for q in r.get("rounds") or [r] if q.get("step_times_s"))
@@ -513,12 +459,13 @@ def build_store(sizes, root: Path, log) -> tuple[str, str, dict]:
 
 def run(preset: str, plan: Plan, root: Path, worlds: tuple[int, ...], log=print,
         names: tuple[str, ...] = ("dpo", "trl", "fpo"), rerun_loaded: bool = True) -> dict:
-    """Every run of ``names`` at each world size, ``plan.rounds`` launches each in :func:`launch_order`, pooled by
-    :func:`pool_rounds`.  ``rerun_loaded``: a launch measured while other processes kept more than
+    """Every run of ``names`` at each world size, ``plan.rounds`` launches each in ``bench.train.launch_order``,
+    pooled by ``bench.train.pool_rounds``.  ``rerun_loaded``: a launch measured while other processes kept more than
     ``bench.report.LOADED_CORES`` cores busy (with 2 threads on 2 cores a third busy process inflates a step
     several-fold) is run once more at the end and the quieter attempt kept (both listed under ``attempts``)."""
     from bench.presets import preset_named
     from bench.report import LOADED_CORES, HostLoad
+    from bench.train import launch_order, pool_rounds
     from fpo_dist.store import open_store
 
     sizes = preset_named(preset, "cpu")

@@ -65,6 +65,9 @@ class Sizes:
     # with sae="real": a calibrated random SAE of this width (to target_l0) runs FPO once more, on a cache of its
     # own, as a contrast (``fpo-random-sae``: the cost at Gemma Scope 2's width); 0 = none
     contrast_d_sae: int = 0
+    # launches per training run, interleaved ABC CBA … with the other runs' and pooled step by step
+    # (``bench.train.launch_order``, ``pool_rounds``): a drift of the host's speed falls on both sides of each ratio
+    train_rounds: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,7 +106,9 @@ PRESETS: dict[str, Sizes] = {
     # are scaled down ~4x to fit the CPU budget (a Gemma step costs ~20-40 s on 2 cores), keeping the several-fold
     # spread of response lengths (10th-90th percentile of a response: ~26-157 tokens) and independent chosen and
     # rejected lengths.  Steps: 1 warm-up + 4 measured (the per-step ratios give each time ratio a t-interval; 2
-    # measured steps moved the ratios by ±0.1 between runs) + 1 profiled (the phase split); 3 rounds of the cache pass.
+    # measured steps moved the ratios by ±0.1 between runs) + 1 profiled (the phase split), in 2 interleaved rounds
+    # of launches (8 measured steps per run; the host's speed drifted by up to ~2x within one half-hour run);
+    # 3 rounds of the cache pass.
     "realshape": Sizes(
         name="realshape", hidden=640, layers=18, heads=4, intermediate=2048, vocab=262144, hook_layer=9,
         d_sae=4096, target_l0=100, dtype="float32",
@@ -113,7 +118,7 @@ PRESETS: dict[str, Sizes] = {
         loader_steps=0, loader_rounds=0, train_timeout_s=480,
         model="gemma3-270m", prompt_tokens=(32, 0.5, 12, 96), response_tokens=(64, 0.7, 12, 256),
         calibration_rows=6, profile_steps=1, train_dtype="float32", cache_workers=(1,),
-        sae="real", contrast_d_sae=16384,
+        sae="real", contrast_d_sae=16384, train_rounds=2,
     ),
     # The same on one GPU (bf16, what every GPU run trains in): UltraFeedback's own scale of lengths, more rows.
     "realshape-gpu": Sizes(

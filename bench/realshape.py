@@ -5,9 +5,9 @@ real-sae``; a calibrated random 16k one as a contrast run, issue 21) and UltraFe
 - cache: ``reference_pass`` (the worker's default path: output layer at selected positions, packed rows) vs a bare
   transformers forward (full logits, padded batches) over the same rows, 1 thread on CPU; then the real Ray cache
   job (1 worker) builds the store the training runs read;
-- training (real trainer, ZeRO-3, one launch each, same store, batch and seed): ``fpo`` (the defaults: selected
-  logits, shared-prefix rows), ``fpo-packed`` (``--batch_layout packed``: the prompt computed once per sequence, the
-  layout sharing replaces), ``fpo-materialized`` (``--logits materialized --batch_layout padded``: full logits and
+- training (real trainer, ZeRO-3, ``train_rounds`` launches each interleaved ABC CBA, same store, batch and seed):
+  ``fpo`` (the defaults: selected logits, shared-prefix rows), ``fpo-packed`` (``--batch_layout packed``: the
+  prompt computed once per sequence, the layout sharing replaces), ``fpo-materialized`` (``--logits materialized --batch_layout padded``: full logits and
   padding, what the authors' code and TRL's default do) and ``dpo-online`` (a resident ZeRO-3 reference, on the
   new paths too); then ``fpo-random-sae``: fpo with the calibrated random SAE of Gemma Scope 2's width on a cache
   built with it (the real SAE is 4k wide: what the width costs).
@@ -42,7 +42,7 @@ def run(sizes, device: str, root: Path, nproc: int, log=print, rerun_loaded: boo
     compute.update(host_load=load, host_loads=loads)
     job = bench_cache.bench_cache_job(a, sizes, device, [1], root / "cache", retry=False, log=log)
     train = bench_train.run(job["store"], sizes, nproc, device, root / "train", list(LOSSES),
-                            rerun_loaded=rerun_loaded, log=log, keep_going=True)
+                            rerun_loaded=rerun_loaded, log=log, keep_going=True, rounds=sizes.train_rounds)
     if a.contrast_sae_dir is not None:  # FPO once more with the calibrated random SAE, on a cache of its own
         contrast = dataclasses.replace(a, sae_dir=a.contrast_sae_dir)
         cjob = bench_cache.bench_cache_job(contrast, sizes, device, [1], root / "cache-contrast", retry=False, log=log)
@@ -206,6 +206,7 @@ def markdown(rs: dict | None, rat: dict, device: str, cores: int | None = None) 
     if not rs:
         return []
     from bench.report import load_note
+    from bench.train import launch_order
 
     tr, cache = rs.get("train") or {}, rs.get("cache") or {}
     losses = tr.get("losses", {})
@@ -237,7 +238,7 @@ def markdown(rs: dict | None, rat: dict, device: str, cores: int | None = None) 
             pad = r.get("padding") or {}
             lines.append(f"| {n} | {r.get('logits')} | {r.get('batch_layout')} | {r['step_time_s']:.2f} "
                          f"[{r['min_step_time_s']:.2f}] | {_f(r.get('cpu_s_per_step'), '.1f')} | "
-                         f"{r['peak_memory_mb']:.0f} | {mem['after_setup'][key]:.0f} | "
+                         f"{r['peak_memory_mb']:.0f} | {r.get('after_setup_mb') or mem['after_setup'][key]:.0f} | "
                          f"{_f(r.get('peak_above_setup_mb'), '.0f')} | {_f(pad.get('share'), '.3f')} | "
                          f"{_f((r.get('host_load') or {}).get('others_cores'), '.2f')} |")
         if CONTRAST in losses:
@@ -245,9 +246,16 @@ def markdown(rs: dict | None, rat: dict, device: str, cores: int | None = None) 
                           f"real {rs['sizes']['d_sae']}-wide one): step time "
                           f"{_f(rat.get('realshape_time_fpo_random_sae_vs_real'))}, peak memory as measured "
                           f"{_f(rat.get('realshape_mem_fpo_random_sae_vs_real_measured'))}."]
+        rounds = tr.get("rounds", 1)
         lines += ["", f"{tr['nproc']} rank(s), `{tr['ds_config']}`, steps {rs['sizes']['warmup_steps'] + 1}–"
                       f"{rs['sizes']['warmup_steps'] + rs['sizes']['measure_steps']} measured (first "
-                      f"{rs['sizes']['warmup_steps']} skipped). Padding share: padding positions / computed positions "
+                      f"{rs['sizes']['warmup_steps']} skipped)"
+                      + (f" in each of {rounds} launches per run, interleaved "
+                         f"{' '.join(n for _, n in launch_order(LOSSES, rounds))} (the runs forwards, then backwards) so "
+                         "that a drift of the host's speed falls on both sides of each ratio; the rounds' steps pooled "
+                         "(step i of round k paired with the other runs' step i of round k), CPU seconds and memory the "
+                         "median over rounds" if rounds > 1 else "")
+                      + ". Padding share: padding positions / computed positions "
                       "of every micro-batch the run's trainer was handed (counted from the micro-batches).", ""]
         from bench.report import _phase_memory_table, _phase_table
 

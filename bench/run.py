@@ -20,6 +20,7 @@ UltraFeedback-like lengths; fpo vs fpo with materialized logits + padding vs dpo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -51,6 +52,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help=f"losses of part 1 (default: {','.join(LOSSES)}; with --quick: {','.join(QUICK_LOSSES)})")
     p.add_argument("--nproc", type=int, default=None,
                    help="training ranks (default: one per GPU; on CPU 2, with --quick 1)")
+    p.add_argument("--train_rounds", type=int, default=None,
+                   help="launches per training run, interleaved ABC CBA … with the other runs' and pooled step by step "
+                        "(default: the preset's; realshape 2, the others 1)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (models, stores, run logs)")
     p.add_argument("--workdir", default=None, help="where the temporary directory goes (default: the system's)")
     a = p.parse_args(argv)
@@ -72,6 +76,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         a.quick = True
     if a.quick and a.realshape:
         p.error("--quick and the realshape preset exclude each other (realshape loads Gemma 3 270M)")
+    if a.train_rounds is not None and a.train_rounds < 1:
+        p.error("--train_rounds: at least 1")
     return a
 
 
@@ -136,7 +142,7 @@ def run_base(args, sizes, device: str, nproc: int, tmp: Path, results: dict, log
     store = results["cache"]["store"]
     if "train" in args.parts:
         results["train"] = bench_train.run(store, sizes, nproc, device, tmp, args.losses,
-                                           rerun_loaded=not args.quick, log=log)
+                                           rerun_loaded=not args.quick, log=log, rounds=sizes.train_rounds)
     if "loader" in args.parts:
         from fpo_dist.models import ModelSpec, load_tokenizer
 
@@ -151,11 +157,13 @@ def run_base(args, sizes, device: str, nproc: int, tmp: Path, results: dict, log
         results["cache"] = None
 
 
-def run_realshape(device: str, nproc: int, tmp: Path, command: str, log) -> dict:
+def run_realshape(device: str, nproc: int, tmp: Path, command: str, log, rounds: int | None = None) -> dict:
     from bench import realshape, report
     from bench.presets import preset_named
 
     sizes = preset_named("realshape", device)
+    if rounds:
+        sizes = dataclasses.replace(sizes, train_rounds=rounds)
     log(f"device {device}, sizes {sizes.name}, {nproc} training rank(s); work dir {tmp}")
     load, t0 = report.HostLoad(), time.perf_counter()
     # measured once each (a re-run on a busy host adds ~5 min per launch; the host load is recorded per part)
@@ -191,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         print("--device cuda: no GPU visible to torch", file=sys.stderr)
         return 2
     sizes = preset_for(device, args.quick) if args.base else None
+    if sizes and args.train_rounds:
+        sizes = dataclasses.replace(sizes, train_rounds=args.train_rounds)
     nproc = args.nproc or (torch.cuda.device_count() if device == "cuda" else 1 if args.quick else 2)
     log = lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
     command = " ".join(["python -m bench.run", *(shlex.quote(x) for x in (argv or sys.argv[1:]))])
@@ -205,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         if sizes:
             run_base(args, sizes, device, nproc, tmp, results, log)
         if args.realshape:
-            results["realshape"] = run_realshape(device, nproc, tmp / "realshape", command, log)
+            results["realshape"] = run_realshape(device, nproc, tmp / "realshape", command, log, args.train_rounds)
     finally:
         if args.keep:
             log(f"kept {tmp}")

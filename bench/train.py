@@ -194,46 +194,115 @@ def above_setup(mem: dict) -> float:
     return mem["train_peak"]["hwm_mb"] - mem["after_setup"]["rss_mb"]
 
 
-def run(store: str, sizes, nproc: int, device: str, root: Path, losses=LOSSES, rerun_loaded: bool = True,
-        log=print, keep_going: bool = False) -> dict:
-    """Train each loss in its own launch.  On a shared host, a launch measured while other processes kept more
-    than ``LOADED_CORES`` cores busy is re-run once at the end (``rerun_loaded``), and the attempt with the quieter
-    host is kept (both are listed under ``attempts``).  ``keep_going``: a failed launch (e.g. killed by the kernel's
-    OOM killer when other processes hold the shared host's memory) is tried once more after the others, and if it
-    fails again it is listed under ``failed`` with its log's tail instead of ending the run."""
+def launch_order(names, rounds: int) -> list[tuple[int, str]]:
+    """``(round, run)`` in launch order: the runs forwards in even rounds and backwards in odd ones (ABC CBA ABC …).
+    A run's launches are each paired with the other runs' of the same round, minutes apart, so a drift of the
+    host's speed over a bench's half hour falls on both sides of every ratio; with an even number of rounds every
+    two runs go first equally often, so a trend within a round cancels too."""
+    names = tuple(names)
+    return [(k, n) for k in range(rounds) for n in (names if k % 2 == 0 else names[::-1])]
 
-    def attempt(loss: str, where: Path) -> dict:
+
+ROUND_KEYS = ("step_time_s", "step_times_s", "cpu_s_per_step", "peak_memory_mb", "peak_above_setup_mb", "after_setup_mb",
+              "host_load", "launch_s", "attempts")
+ROUND_MEDIANS = ("cpu_s_per_step", "peak_memory_mb", "peak_above_setup_mb", "after_setup_mb", "tokens_per_s",
+                 "scored_tokens_per_s")
+
+
+def after_setup_mb(r: dict) -> float | None:
+    """A run's memory after setup, max over ranks (RSS on CPU, allocated on GPU)."""
+    mem = r.get("memory_by_rank") or []
+    key = "allocated_mb" if mem and "allocated_mb" in mem[0]["after_setup"] else "rss_mb"
+    return max(m["after_setup"][key] for m in mem) if mem else None
+
+
+def max_abs_diff(a: list | None, b: list | None) -> float | None:
+    """max |a_i - b_i| of two sequences of equal length; None where either is missing, empty or holds a None."""
+    if not a or not b or len(a) != len(b) or any(x is None for x in a + b):
+        return None
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+def pool_rounds(launches: list[dict]) -> dict:
+    """One run's launches (each from scratch on the same pairs in the same order) as one run: the measured steps of
+    every round in round order (step ``i`` of round ``k`` pairs with the other runs' step ``i`` of round ``k``), the
+    median step time over all of them, the median over rounds of CPU seconds, throughput and each memory figure;
+    the rest of round 0 (losses, padding, phases, …), and ``rounds_loss_max_abs_diff``: how far the other rounds'
+    losses are from round 0's where a run has them (the same training again: 0 where it is deterministic).
+    ``rounds`` keeps each launch's own figures.  One launch is returned as it is."""
+    if len(launches) == 1:
+        return launches[0]
+    first = launches[0]
+    times = [t for r in launches for t in r["step_times_s"]]
+    for r in launches:
+        r.setdefault("after_setup_mb", after_setup_mb(r))
+    pooled = {**first, "step_times_s": times, "step_time_s": statistics.median(times), "min_step_time_s": min(times),
+              "host_load": {"others_cores": max(r["host_load"]["others_cores"] for r in launches)},
+              "launch_s": sum(r["launch_s"] for r in launches),
+              "rounds": [{k: r.get(k) for k in ROUND_KEYS} for r in launches]}
+    for key in ROUND_MEDIANS:
+        xs = [r.get(key) for r in launches]
+        pooled[key] = statistics.median(xs) if all(x is not None for x in xs) else None
+    if first.get("losses"):
+        diffs = [max_abs_diff(first["losses"], r.get("losses")) for r in launches[1:]]
+        pooled["rounds_loss_max_abs_diff"] = None if None in diffs else max(diffs)
+    if "tokens_match_order" in first:  # the peer bench's TRL runs: every round's tokens checked
+        pooled["tokens_match_order"] = all(r["tokens_match_order"] for r in launches)
+        pooled["ranks_off_order"] = sorted({x for r in launches for x in r["ranks_off_order"]})
+    return pooled
+
+
+def run(store: str, sizes, nproc: int, device: str, root: Path, losses=LOSSES, rerun_loaded: bool = True,
+        log=print, keep_going: bool = False, rounds: int = 1) -> dict:
+    """Train each loss in its own launch; ``rounds`` launches per loss, interleaved ABC CBA … (:func:`launch_order`)
+    and pooled step by step (:func:`pool_rounds`).  On a shared host, a launch measured while other processes kept
+    more than ``LOADED_CORES`` cores busy is re-run once at the end (``rerun_loaded``), and the attempt with the
+    quieter host is kept (both are listed under ``attempts``).  ``keep_going``: a failed launch (e.g. killed by the
+    kernel's OOM killer when other processes hold the shared host's memory) is tried once more after the others,
+    and if it fails again it is listed under ``failed`` with its log's tail instead of ending the run (with several
+    rounds the whole loss is left out then: its steps would no longer pair with the other losses')."""
+
+    def name(loss: str, k: int) -> str:
+        return f"{loss} round {k}" if rounds > 1 else loss
+
+    def place(k: int, sub: str = "") -> Path:
+        return root / sub / (f"r{k}" if rounds > 1 else "")
+
+    def attempt(loss: str, k: int, where: Path) -> dict:
         load, t0 = HostLoad(), time.perf_counter()
         launch(loss, store, where, sizes, nproc, device)
         r = {**summarize(loss, where / f"train_{loss}", sizes), "host_load": load.stop(),
              "launch_s": time.perf_counter() - t0}
-        log(f"train {loss}: {r['step_time_s']:.3f} s/step, {r['tokens_per_s']:.0f} tok/s, launch {r['launch_s']:.0f} s, "
-            f"peak {r['peak_memory_mb']:.0f} MB/rank (other processes: {r['host_load']['others_cores']:.2f} cores)")
+        log(f"train {name(loss, k)}: {r['step_time_s']:.3f} s/step, {r['tokens_per_s']:.0f} tok/s, launch "
+            f"{r['launch_s']:.0f} s, peak {r['peak_memory_mb']:.0f} MB/rank (other processes: "
+            f"{r['host_load']['others_cores']:.2f} cores)")
         return r
 
-    results, failed = {}, {}
-    for loss in losses:
+    launches, failed = {loss: [None] * rounds for loss in losses}, {}
+    for k, loss in launch_order(losses, rounds):
         try:
-            results[loss] = attempt(loss, root)
+            launches[loss][k] = attempt(loss, k, place(k))
         except RuntimeError as e:
             if not keep_going:
                 raise
-            log(f"train {loss}: {str(e).splitlines()[0]}; trying again after the others")
-            failed[loss] = str(e)[-3000:]
-    for loss in list(failed):
+            log(f"train {name(loss, k)}: {str(e).splitlines()[0]}; trying again after the others")
+            failed[(loss, k)] = str(e)[-3000:]
+    for loss, k in list(failed):
         try:
-            results[loss] = attempt(loss, root / "retry")
-            del failed[loss]
+            launches[loss][k] = attempt(loss, k, place(k, "retry"))
+            del failed[(loss, k)]
         except RuntimeError as e:
-            log(f"train {loss}: {str(e).splitlines()[0]} again; listed as failed")
-            failed[loss] = str(e)[-3000:]
-    losses = [n for n in losses if n in results]
-    loaded = [n for n in losses if rerun_loaded and results[n]["host_load"]["others_cores"] > LOADED_CORES]
-    for loss in reversed(loaded):
-        first, again = results[loss], attempt(loss, root / "rerun")
+            log(f"train {name(loss, k)}: {str(e).splitlines()[0]} again; listed as failed")
+            failed[(loss, k)] = str(e)[-3000:]
+    done = [(loss, k) for k, loss in launch_order(losses, rounds) if launches[loss][k] is not None]
+    loaded = [(loss, k) for loss, k in done
+              if rerun_loaded and launches[loss][k]["host_load"]["others_cores"] > LOADED_CORES]
+    for loss, k in reversed(loaded):
+        first, again = launches[loss][k], attempt(loss, k, place(k, "rerun"))
         keep = min((first, again), key=lambda r: r["host_load"]["others_cores"])
-        keep["attempts"] = [{k: r[k] for k in ("step_time_s", "cpu_s_per_step", "peak_memory_mb", "host_load")}
+        keep["attempts"] = [{key: r[key] for key in ("step_time_s", "cpu_s_per_step", "peak_memory_mb", "host_load")}
                             for r in (first, again)]
-        results[loss] = keep
-    return {"losses": results, "nproc": nproc, "rerun": loaded, "ds_config": str(ZERO3.relative_to(ROOT)),
-            "failed": failed}
+        launches[loss][k] = keep
+    results = {loss: pool_rounds(ls) for loss, ls in launches.items() if None not in ls}
+    return {"losses": results, "nproc": nproc, "rounds": rounds, "rerun": [name(loss, k) for loss, k in loaded],
+            "ds_config": str(ZERO3.relative_to(ROOT)), "failed": {name(loss, k): v for (loss, k), v in failed.items()}}

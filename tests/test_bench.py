@@ -9,6 +9,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,9 @@ def test_bench_quick_runs_every_part(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     # --workdir: models, stores and logs stay under tmp_path even if the run is killed
-    cmd = [sys.executable, "-m", "bench.run", "--quick", "--device", "cpu", "--out", str(out), "--workdir", str(tmp_path)]
+    # --train_rounds 2: each loss launched twice, interleaved fpo tdpo2 tdpo2 fpo, pooled step by step
+    cmd = [sys.executable, "-m", "bench.run", "--quick", "--device", "cpu", "--out", str(out), "--workdir", str(tmp_path),
+           "--train_rounds", "2", "--keep"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -52,12 +55,22 @@ def test_bench_quick_runs_every_part(tmp_path):
     assert m["versions"]["torch"] and m["versions"]["deepspeed"]
 
     train = res["train"]["losses"]
-    assert set(train) == QUICK_LOSSES
+    assert set(train) == QUICK_LOSSES and res["train"]["rounds"] == 2
+    # the launches ran in the order fpo, tdpo2, tdpo2, fpo (each round's run directory written when it ran)
+    kept = next(tmp_path.glob("fpo-bench-*"))
+    started = sorted((p.stat().st_mtime_ns, f"{p.parent.parent.name}/{p.parent.name}")
+                  for p in kept.glob("r*/train_*/config.yaml"))
+    assert [x for _, x in started] == ["r0/train_fpo", "r0/train_tdpo2", "r1/train_tdpo2", "r1/train_fpo"], started
     for name, r in train.items():
         assert r["step_time_s"] > 0 and r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0, name
         assert r["cpu_s_per_step"] > 0 and r["zero_stage"] == 3 and r["world_size"] == 1, name
         assert r["phases"]["seconds"]["policy_forward"] > 0 and r["phases"]["seconds"]["backward"] > 0, name
         assert len(r["steps_measured"]) == res["sizes"]["measure_steps"], name
+        # two rounds pooled: both rounds' measured steps in round order, their median; each round kept
+        assert [len(x["step_times_s"]) for x in r["rounds"]] == [res["sizes"]["measure_steps"]] * 2, name
+        assert r["step_times_s"] == r["rounds"][0]["step_times_s"] + r["rounds"][1]["step_times_s"], name
+        assert r["step_time_s"] == pytest.approx(statistics.median(r["step_times_s"])), name
+        assert r["peak_memory_mb"] == pytest.approx(statistics.median(x["peak_memory_mb"] for x in r["rounds"])), name
         # the response tokens the head scores: some of the rows' tokens, never more; no MFU off a GPU
         assert 0 < r["scored_tokens_per_s"] < r["tokens_per_s"] and r["mfu"] is None, name
         sz = res["sizes"]  # the bench's Llama: untied head; the shape read from the ZeRO-3 partitioned policy
@@ -89,7 +102,6 @@ def test_bench_quick_runs_every_part(tmp_path):
 
 def test_realshape_lengths_follow_the_stated_distribution():
     import random
-    import statistics
 
     from bench.assets import lognormal_lengths
 
@@ -102,7 +114,6 @@ def test_realshape_lengths_follow_the_stated_distribution():
 
 def test_realshape_rows_have_drawn_independent_lengths(tmp_path):
     import json
-    import statistics
 
     from bench.assets import length_stats
     from bench.presets import PRESETS
@@ -219,6 +230,18 @@ def test_realshape_ratios_targets_and_markdown():
     assert "| fpo-packed | selected | packed | 12.00 [12.00] |" in md
     assert "shared / packed time per pass 0.900 (median over the 1 rounds); positions computed 80 / 100 = 0.800" in md
     assert "above the post-setup baseline" in md and "0.333 | <= 0.6 | **met** | 0.667 |" in md
+    assert "launches per run" not in md  # one round: nothing to say
+
+    # two interleaved rounds: the order is stated; a re-run launch is named with its round and its attempts shown
+    fpo = losses["fpo"]
+    fpo["rounds"] = [{"step_time_s": 10.0}, {"step_time_s": 10.0, "attempts": [
+        {"step_time_s": 14.0, "host_load": {"others_cores": 0.6}}, {"step_time_s": 10.0, "host_load": {"others_cores": 0.0}}]}]
+    rs["train"].update(rounds=2, rerun=["fpo round 1"])
+    md = report.markdown({**results, "realshape": rs})
+    assert ("in each of 2 launches per run, interleaved fpo fpo-packed fpo-materialized dpo-online dpo-online "
+            "fpo-materialized fpo-packed fpo (the runs forwards, then backwards)") in md
+    assert report._rerun_note(rs["train"]) == (" Re-run because the host was busy, the quieter attempt kept: fpo round 1 "
+                                               "(14.000 s/step at 0.60 cores / 10.000 s/step at 0.00 cores).")
 
 
 def test_optimizer_bench_writes_its_ratio(tmp_path):

@@ -125,23 +125,24 @@ def test_rounds_are_interleaved_and_pooled_round_by_round():
     import itertools
 
     from bench import peer
+    from bench.train import launch_order, pool_rounds
 
     names = ("dpo", "trl", "fpo")
-    order = peer.launch_order(names, 2)
+    order = launch_order(names, 2)
     assert order == [(0, "dpo"), (0, "trl"), (0, "fpo"), (1, "fpo"), (1, "trl"), (1, "dpo")]
     for a, b in itertools.combinations(names, 2):
         first = [[n for k, n in order if k == rnd].index(a) < [n for k, n in order if k == rnd].index(b)
                  for rnd in range(2)]
         assert sorted(first) == [False, True], (a, b)
-    assert peer.launch_order(names, 1) == [(0, n) for n in names]
+    assert launch_order(names, 1) == [(0, n) for n in names]
 
     def launch(times, cpu, peak, after, losses, others=0.01, **extra):
         return _fake(sorted(times)[len(times) // 2], cpu, peak, after, losses=losses, step_times_s=times,
                      host_load={"others_cores": others}, launch_s=10.0, **extra)
 
     one = launch([2.0, 4.0, 3.0], 5.0, 6000, 4000, [LN2, 0.69, 0.68])
-    assert peer.pool_rounds([one]) is one  # one round: as it is
-    dpo = peer.pool_rounds([one, launch([1.0, 2.0, 1.5], 3.0, 6400, 4200, [LN2, 0.69, 0.6801], others=0.2),
+    assert pool_rounds([one]) is one  # one round: as it is
+    dpo = pool_rounds([one, launch([1.0, 2.0, 1.5], 3.0, 6400, 4200, [LN2, 0.69, 0.6801], others=0.2),
                             launch([3.0, 6.0, 4.5], 7.0, 6100, 4050, [LN2, 0.69, 0.68])])
     assert dpo["step_times_s"] == [2.0, 4.0, 3.0, 1.0, 2.0, 1.5, 3.0, 6.0, 4.5]  # round by round
     assert dpo["step_time_s"] == 3.0 and dpo["min_step_time_s"] == 1.0
@@ -150,16 +151,16 @@ def test_rounds_are_interleaved_and_pooled_round_by_round():
     assert dpo["losses"] == [LN2, 0.69, 0.68] and dpo["rounds_loss_max_abs_diff"] == pytest.approx(1e-4)
     assert dpo["host_load"]["others_cores"] == 0.2 and dpo["launch_s"] == 30.0 and len(dpo["rounds"]) == 3
     # TRL's token check: one round off the order puts the pooled run off it
-    trl = peer.pool_rounds([launch([2.0, 4.0, 3.0], 5.0, 6000, 4000, [LN2], tokens_match_order=True,
+    trl = pool_rounds([launch([2.0, 4.0, 3.0], 5.0, 6000, 4000, [LN2], tokens_match_order=True,
                                    ranks_off_order=[]),
                             launch([2.0, 4.0, 3.0], 5.0, 6000, 4000, [LN2], tokens_match_order=False,
                                    ranks_off_order=[1])])
     assert trl["tokens_match_order"] is False and trl["ranks_off_order"] == [1]
 
     # the pooled steps pair round by round: a host twice as slow in round 1 for both runs leaves the ratio at 0.5
-    fpo = peer.pool_rounds([launch([1.0, 2.0, 1.5], 2.5, 6000, 4000, [LN2]),
+    fpo = pool_rounds([launch([1.0, 2.0, 1.5], 2.5, 6000, 4000, [LN2]),
                             launch([2.0, 4.0, 3.0], 5.0, 6000, 4000, [LN2])])
-    slow = peer.pool_rounds([launch([2.0, 4.0, 3.0], 5.0, 6000, 4000, [LN2]),
+    slow = pool_rounds([launch([2.0, 4.0, 3.0], 5.0, 6000, 4000, [LN2]),
                              launch([4.0, 8.0, 6.0], 10.0, 6000, 4000, [LN2])])
     iv = peer.ratios({2: {"fpo": fpo, "dpo": slow}})["peer_time_fpo_vs_dpo_2ranks_interval"]
     assert iv["n"] == 6 and iv["lo"] == pytest.approx(0.5) and iv["hi"] == pytest.approx(0.5)
