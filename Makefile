@@ -55,13 +55,14 @@ bench: install
 	OMP_NUM_THREADS=1 $(PY) -m bench.run $(BENCH_ARGS)
 
 # the real shape (Gemma 3 270M + the real 4k SAE of `make real-sae`, a calibrated random 16k SAE as a contrast run,
-# UltraFeedback-like lengths; ~15 min on 2 cores) and the base CPU preset in one run → bench/results/cpu.{json,md}
+# UltraFeedback-like lengths, 2 interleaved launches per training run; ~22 min on 2 cores) and the base CPU preset
+# (~10 min more) in one run → bench/results/cpu.{json,md}
 bench-realshape: install
 	OMP_NUM_THREADS=1 $(PY) -m bench.run --preset cpu,realshape $(BENCH_ARGS)
 
 # the peer bench (issue 22): TRL 1.16's DPOTrainer (dev extra) beside fpo-dist's DPO and FPO on the same cached token
 # ids, order and batch, 1 process and 2 ranks under ZeRO-3, Gemma 3 270M, 2 interleaved rounds of 1 + 5 steps per run
-# (~25 min) → bench/results/peer-cpu.{json,md}, its ratios merged into bench/results/cpu.json
+# (~20 min) → bench/results/peer-cpu.{json,md}, its ratios merged into bench/results/cpu.json
 bench-peer: install
 	$(PY) -m bench.peer --preset realshape $(PEER_ARGS)
 

@@ -25,7 +25,7 @@ fpo-dist's DPO reads the reference log-prob sums from the cache; TRL computes th
 per-step loss and reward margin (mean over ranks), compared between TRL and fpo-dist's DPO as a check that both
 train the same thing.  A launch measured while other processes kept more than 0.25 cores busy is run once more
 and the quieter attempt kept.  Writes ``OUT/peer-cpu.json`` and ``.md`` (``--preset quick``: ``peer-cpu-quick.*``);
-``realshape`` (Gemma 3 270M, the realshape preset's rows, 2 rounds of 1 + 5 steps) takes ~25 min on 2 cores.
+``realshape`` (Gemma 3 270M, the realshape preset's rows, 2 rounds of 1 + 5 steps) takes ~20 min on 2 cores.
 """
 
 from __future__ import annotations

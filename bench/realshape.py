@@ -7,9 +7,9 @@ real-sae``; a calibrated random 16k one as a contrast run, issue 21) and UltraFe
   job (1 worker) builds the store the training runs read;
 - training (real trainer, ZeRO-3, ``train_rounds`` launches each interleaved ABC CBA, same store, batch and seed):
   ``fpo`` (the defaults: selected logits, shared-prefix rows), ``fpo-packed`` (``--batch_layout packed``: the
-  prompt computed once per sequence, the layout sharing replaces), ``fpo-materialized`` (``--logits materialized --batch_layout padded``: full logits and
-  padding, what the authors' code and TRL's default do) and ``dpo-online`` (a resident ZeRO-3 reference, on the
-  new paths too); then ``fpo-random-sae``: fpo with the calibrated random SAE of Gemma Scope 2's width on a cache
+  prompt computed once per sequence, the layout sharing replaces), ``fpo-materialized`` (``--logits materialized
+  --batch_layout padded``: full logits and padding, what the authors' code and TRL's default do) and ``dpo-online``
+  (a resident ZeRO-3 reference, on the new paths too); then ``fpo-random-sae``: fpo with the calibrated random SAE of Gemma Scope 2's width on a cache
   built with it (the real SAE is 4k wide: what the width costs).
 
 Memory on CPU is peak RSS per rank; each memory ratio is also given above the post-setup baseline (a rank's RSS

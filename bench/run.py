@@ -13,8 +13,9 @@ fpo and tdpo2 only, 1 rank on CPU: about a minute, for the smoke test).
 
 ``--preset realshape`` (bench/realshape.py): Gemma 3 270M (real weights) + the real 4k SAE of ``make real-sae``,
 UltraFeedback-like lengths; fpo vs fpo with materialized logits + padding vs dpo-online, fpo with a calibrated random
-16k SAE as a contrast, and the cache pass vs a bare forward (~11 min on 2 CPU cores).  ``--preset cpu,realshape`` runs both in one run.  A run that leaves out the base preset
-(or realshape) keeps that part of an existing ``OUT/{device}.json`` and says in the markdown that it ran separately.
+16k SAE as a contrast, and the cache pass vs a bare forward (~22 min on 2 CPU cores: 2 interleaved launches per
+training run).  ``--preset cpu,realshape`` runs both in one run.  A run that leaves out the base preset (or
+realshape) keeps that part of an existing ``OUT/{device}.json`` and says in the markdown that it ran separately.
 """
 
 from __future__ import annotations
