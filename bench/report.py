@@ -325,9 +325,12 @@ def _phase_memory_table(losses: dict, unit: str) -> list[str]:
 def _rerun_note(tr: dict) -> str:
     notes = []
     for n in tr.get("rerun") or []:
-        loss, _, k = n.partition(" round ")  # with several rounds: "<loss> round <k>", the attempts in that round's
+        loss, _, k = n.partition(" round ")  # with several rounds "<loss> round <k>": the attempts are that round's
         r = tr["losses"].get(loss) or {}
-        a = ((r.get("rounds") or [{}] * (int(k) + 1))[int(k)] if k else r).get("attempts") or []
+        if k:
+            rounds = r.get("rounds") or []
+            r = rounds[int(k)] if int(k) < len(rounds) else {}
+        a = r.get("attempts") or []
         notes.append(f"{n} (" + " / ".join(f"{x['step_time_s']:.3f} s/step at {x['host_load']['others_cores']:.2f} cores"
                                            for x in a) + ")")
     return (" Re-run because the host was busy, the quieter attempt kept: " + "; ".join(notes) + ".") if notes else ""
