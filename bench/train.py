@@ -232,10 +232,9 @@ def pool_rounds(launches: list[dict]) -> dict:
     ``rounds`` keeps each launch's own figures.  One launch is returned as it is."""
     if len(launches) == 1:
         return launches[0]
+    launches = [{**r, "after_setup_mb": r.get("after_setup_mb") or after_setup_mb(r)} for r in launches]  # copies
     first = launches[0]
     times = [t for r in launches for t in r["step_times_s"]]
-    for r in launches:
-        r.setdefault("after_setup_mb", after_setup_mb(r))
     pooled = {**first, "step_times_s": times, "step_time_s": statistics.median(times), "min_step_time_s": min(times),
               "host_load": {"others_cores": max(r["host_load"]["others_cores"] for r in launches)},
               "launch_s": sum(r["launch_s"] for r in launches),
