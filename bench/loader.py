@@ -11,7 +11,6 @@ spread over cores that other processes also use slow down many-fold, which measu
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 
@@ -51,10 +50,11 @@ class StandIn:
 
 
 def bench_loader(store: str, sizes, device: str, step_s: float, pad_id: int, nproc: int, log=print) -> dict:
+    from bench.train import threads_per_rank
     from fpo_dist.loader import CacheLoader
 
     if device == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
+        torch.set_num_threads(threads_per_rank(nproc))
     kwargs = dict(micro_batch_size=sizes.micro_batch, grad_accum=1, world_size=1, rank=0, seed=0, pad_id=pad_id)
     n = sizes.loader_steps
     with CacheLoader(store, prefetch=0, **kwargs) as loader:

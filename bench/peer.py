@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from bench.train import max_abs_diff
+from bench.train import max_abs_diff, threads_per_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO3 = ROOT / "ds_configs" / "zero3.json"
@@ -139,7 +139,7 @@ def launch(args: list[str], nproc: int, root: Path, name: str, timeout: int) -> 
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            "--log-dir", str(root / f"torchelastic_{name}"), *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc)),
+           "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": str(threads_per_rank(nproc)),
            "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "TQDM_DISABLE": "1",
            "HF_DATASETS_CACHE": str(root / "hf_datasets")}  # nothing of the run outside its directory
     env.pop("MASTER_PORT", None)
@@ -299,10 +299,11 @@ def check_targets(rat: dict) -> list[dict]:
 
 
 def cpu_info() -> dict:
-    """The CPU (model and ISA extensions, ``fpo_dist.machine.cpu_model``) and its core count."""
-    from fpo_dist.machine import cpu_model
+    """The CPU (model and ISA extensions, ``fpo_dist.machine.cpu_model``), its core count and the cores this process
+    may run on (``fpo_dist.machine.usable_cores``: the launches' threads are split from these)."""
+    from fpo_dist.machine import cpu_model, usable_cores
 
-    return {"model": cpu_model(), "cores": os.cpu_count()}
+    return {"model": cpu_model(), "cores": os.cpu_count(), "usable_cores": usable_cores()}
 
 
 # --------------------------------------------------------------------------------------------- markdown
@@ -317,11 +318,13 @@ def markdown(res: dict) -> str:
 
     cpu = res["cpu"]
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in (cpu.get("flags") or {}).items())  # older files
+    usable = ("" if cpu.get("usable_cores") in (None, cpu["cores"])  # older files name no affinity
+              else f" ({cpu['usable_cores']} usable by this process)")
     p = res["plan"]
     lines = [f"# Peer benchmark: fpo-dist vs TRL {res['versions'].get('trl')} DPOTrainer (CPU)", "",
              f"`{res['command']}` — {res['date_utc']}, commit {res.get('commit')}"
              f"{' (dirty tree)' if res.get('dirty') else ''}, {res['wall_s']:.0f} s in all.", "",
-             f"CPU: {cpu['model']}, {cpu['cores']} cores{f' ({flags})' if flags else ''}. torch "
+             f"CPU: {cpu['model']}, {cpu['cores']} cores{usable}{f' ({flags})' if flags else ''}. torch "
              f"{res['versions'].get('torch')}, "
              f"deepspeed {res['versions'].get('deepspeed')}, transformers {res['versions'].get('transformers')}, "
              f"trl {res['versions'].get('trl')}.", "",
@@ -653,7 +656,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dirty": git["dirty"], "cpu": cpu_info(), "network": "private namespace (lo only)" if netns is None else netns,
         "versions": {p: _version(p) for p in ("torch", "deepspeed", "transformers", "trl", "accelerate", "datasets")},
         "preset": a.preset, "plan": dataclasses.asdict(plan), "model": model, "data": data,
-        "threads_note": f"{os.cpu_count()} per process at 1 process, {max(1, (os.cpu_count() or 2) // 2)} per rank at 2 "
+        "threads_note": f"{threads_per_rank(1)} per process at 1 process, {threads_per_rank(2)} per rank at 2 "
                         "ranks (OMP_NUM_THREADS), the same on both sides",
         "runs": {str(w): v for w, v in r["runs"].items()}, "epochs": {str(w): v for w, v in r["epochs"].items()},
         "rows": r["rows"], "failed": r["failed"], "rerun": r["rerun"], "order": r["order"], "sizes": r["sizes"],

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from bench.report import LOADED_CORES, HostLoad
+from fpo_dist.machine import usable_cores
 
 LOSSES = ("fpo", "dpo", "simpo", "dpo-online", "tdpo2", "fpo-lora")  # the default list of the cpu/gpu presets
 # bench entries that are a registered loss with extra train flags: name → (loss.name, flags)
@@ -95,6 +96,12 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def threads_per_rank(nproc: int) -> int:
+    """CPU threads each of ``nproc`` processes gets (``OMP_NUM_THREADS``): the cores this process may run on
+    (its affinity mask: a cgroup or SLURM cpuset may allow fewer than the machine has), split evenly."""
+    return max(1, usable_cores() // nproc)
+
+
 def launch(loss: str, store: str, root: Path, sizes, nproc: int, device: str) -> None:
     """One launch training ``loss`` into ``root/train_{loss}`` (raises with the log's tail on failure)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -114,7 +121,7 @@ def launch(loss: str, store: str, root: Path, sizes, nproc: int, device: str) ->
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("MASTER_PORT", None)
     if device == "cpu":
-        env.update(OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // nproc)), DS_ACCELERATOR="cpu",
+        env.update(OMP_NUM_THREADS=str(threads_per_rank(nproc)), DS_ACCELERATOR="cpu",
                    CUDA_VISIBLE_DEVICES="")
     else:
         env.setdefault("OMP_NUM_THREADS", "4")

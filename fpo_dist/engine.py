@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from fpo_dist.config import ConfigError, TrainConfig
+from fpo_dist.machine import usable_cores
 
 # DeepSpeed 0.19 still calls the deprecated collective names once per partitioned parameter.
 warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
@@ -332,7 +333,7 @@ def to_universal_checkpoint(load_dir: str, tag: str, is_main: bool, trainable: l
         if not _has_zero_files(source):  # PLAIN or PLAIN_BF16
             _plain_to_universal(source, tmp, trainable or [])
         else:
-            workers = str(max(1, min(8, (os.cpu_count() or 1) // 2)))
+            workers = str(max(1, min(8, usable_cores() // 2)))
             subprocess.run(
                 [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
                  "--output_folder", str(tmp), "--num_extract_workers", workers, "--num_merge_workers", workers],

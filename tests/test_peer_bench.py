@@ -177,6 +177,28 @@ def test_rounds_are_interleaved_and_pooled_round_by_round():
     assert "| 4050 | 2050 |" in md  # after setup and above it: the rounds' medians
 
 
+def test_launch_threads_split_the_cores_this_process_may_use():
+    """The launches' OMP_NUM_THREADS come from the affinity mask (a cgroup or SLURM cpuset can allow fewer cores than
+    the machine has), split evenly, never below one; the peer JSON names both counts."""
+    import os
+
+    from bench.peer import cpu_info
+    from bench.train import threads_per_rank
+
+    allowed = len(os.sched_getaffinity(0))
+    assert threads_per_rank(1) == allowed
+    assert threads_per_rank(2) == max(1, allowed // 2)
+    assert threads_per_rank(allowed + 1) == 1
+    info = cpu_info()
+    assert info["usable_cores"] == allowed and info["cores"] == os.cpu_count()
+    mask = os.sched_getaffinity(0)
+    try:  # a process allowed one core gets one thread, whatever the machine has
+        os.sched_setaffinity(0, {min(mask)})
+        assert threads_per_rank(1) == 1 and cpu_info()["usable_cores"] == 1
+    finally:
+        os.sched_setaffinity(0, mask)
+
+
 def test_the_global_order_is_the_loaders():
     from bench.peer import global_order
     from fpo_dist.loader import SampleOrder, Topology
